@@ -1,0 +1,26 @@
+"""A small toy world, built once per test session in a temp dir through the same code as `python toyworld.py`."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import toyworld  # noqa: E402
+
+# Small enough to build in seconds; the model is barely trained: tests check plumbing, not accuracy.
+TINY_WORLD = ["--sft-images", "48", "--pool-size", "12", "--unseen-images", "8", "--val-images", "10",
+              "--pope-images", "3", "--vocab-size", "400", "--width", "32", "--vision-layers", "2",
+              "--text-layers", "1", "--patch-size", "16", "--vision-steps", "3", "--sft-epochs", "1",
+              "--sft-batch-size", "16", "--noise-check", "8"]
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """Path of a built tiny toy world (images, json files, model-init/, model-sft/)."""
+    out = str(tmp_path_factory.mktemp("toy"))
+    toyworld.build(toyworld.parse_args(["--out", out] + TINY_WORLD))
+    return out

@@ -1,0 +1,514 @@
+"""
+The toy world: synthetic scenes, questions about them, and a tiny LLaVA trained on them.
+
+No model or data set can be downloaded here, so SeVa runs end to end on a world we make ourselves:
+  toy/images/                      PNG scenes: 1-3 coloured shapes, sometimes a short written word
+  toy/scenes.json                  the scene graph of every image, so every answer can be checked
+  toy/sft.json                     the SFT split, LLaVA-665k conversation format (multi-turn)
+  toy/pool.json                    the pool SeVa samples from: SFT images and questions, as in the paper
+  toy/pool-unseen.json             the same from images the model never saw (an ablation)
+  toy/val.json                     held-out, labeled questions (same format)
+  toy/pope/{random,popular,adversarial}.jsonl   POPE-style yes/no probes
+  toy/model-sft/                   a tiny LLaVA (HF folder) that plays LLaVA-1.5: the model SeVa starts from
+
+`python toyworld.py` builds all of it in a few minutes on 2 CPU cores; finished parts are skipped
+(`--force` redoes them). Everything is deterministic given --seed.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import vlm
+
+# ----------------------------------------------------------------------------- the world's vocabulary
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (235, 210, 30), "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SHAPES = ["circle", "square", "triangle", "star"]
+SIZES = {"small": 9, "large": 12}  # half-width in pixels at 64 px
+WORDS = ["cat", "dog", "sun", "map", "key", "cup", "hat", "pen", "bus", "egg"]
+FAMILIES = ["colour", "shape", "count", "exist", "word"]
+IMAGE_SIZE = 64
+
+PHRASINGS = {
+    "colour": ["What color is the {shape}?", "What is the color of the {shape}?",
+               "Which color does the {shape} have?"],
+    "shape": ["What shape is the {colour} object?", "Which shape is {colour}?",
+              "What is the shape of the {colour} object?"],
+    "count": ["How many objects are there?", "How many shapes are in the image?",
+              "Count the objects in the image."],
+    "exist": ["Is there a {colour} {shape} in the image?", "Do you see a {colour} {shape}?",
+              "Is there a {colour} {shape}?"],
+    "word": ["What word is written in the image?", "What does the text say?",
+             "Read the word in the image."],
+}
+
+
+# ----------------------------------------------------------------------------- scenes
+def make_scene(rng):
+    """A random scene graph: background, 1-3 objects that do not overlap, maybe a word."""
+    grey = rng.randint(175, 245)  # pale, low-saturation backgrounds that never look like an object colour
+    scene = {"background": [grey + rng.randint(-10, 10) for _ in range(3)], "objects": [], "word": None}
+    if rng.random() < 0.5:
+        scene["word"] = rng.choice(WORDS)
+    top = 12 if scene["word"] is None else 0  # the word lives in the bottom band
+    boxes = []
+    for _ in range(rng.randint(1, 3)):
+        for _try in range(50):  # rejection sampling: objects never overlap, so none is occluded
+            size = rng.choice(list(SIZES))
+            r = SIZES[size]
+            cx, cy = rng.randint(r + 1, IMAGE_SIZE - r - 2), rng.randint(r + 1, IMAGE_SIZE - 20 + top - r)
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if all(box[2] < b[0] - 1 or box[0] > b[2] + 1 or box[3] < b[1] - 1 or box[1] > b[3] + 1
+                   for b in boxes):
+                boxes.append(box)
+                scene["objects"].append({"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
+                                         "size": size, "center": [cx, cy]})
+                break
+    return scene
+
+
+def render(scene, label_map=False):
+    """Draw a scene graph as a PIL image. With label_map, draw instead an 8-bit map in which object k
+    has value k + 1 and the word's box value 255 (stage 0 learns from it)."""
+    mode, background = ("L", 0) if label_map else ("RGB", tuple(scene["background"]))
+    image = Image.new(mode, (IMAGE_SIZE, IMAGE_SIZE), background)
+    draw = ImageDraw.Draw(image)
+    for k, obj in enumerate(scene["objects"]):
+        (cx, cy), r = obj["center"], SIZES[obj["size"]]
+        fill = k + 1 if label_map else COLOURS[obj["colour"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif obj["shape"] == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif obj["shape"] == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        else:  # a five-pointed star: outer and inner corners alternate
+            corners = [(cx + (r if j % 2 == 0 else 0.45 * r) * math.sin(j * math.pi / 5),
+                        cy - (r if j % 2 == 0 else 0.45 * r) * math.cos(j * math.pi / 5)) for j in range(10)]
+            draw.polygon(corners, fill=fill)
+    if scene["word"]:
+        font = ImageFont.load_default(size=15)
+        position = (IMAGE_SIZE // 2, IMAGE_SIZE - 9)
+        if label_map:
+            draw.rectangle(draw.textbbox(position, scene["word"], font=font, anchor="mm"), fill=255)
+        else:
+            draw.text(position, scene["word"], fill=(20, 20, 20), font=font, anchor="mm")
+    return image
+
+
+# ----------------------------------------------------------------------------- questions
+def answer(scene, family, slots):
+    """The true answer of a question about a scene: the one place answers are computed."""
+    objects = scene["objects"]
+    if family == "colour":
+        return next(o["colour"] for o in objects if o["shape"] == slots["shape"])
+    if family == "shape":
+        return next(o["shape"] for o in objects if o["colour"] == slots["colour"])
+    if family == "count":
+        return str(len(objects))
+    if family == "exist":
+        present = any(o["shape"] == slots["shape"] and o["colour"] == slots["colour"] for o in objects)
+        return "Yes" if present else "No"
+    if family == "word":
+        return scene["word"]
+    raise ValueError(family)
+
+
+def askable(scene, family):
+    """The slot fillings for which a question of this family has exactly one right answer."""
+    objects = scene["objects"]
+    shapes = [o["shape"] for o in objects]
+    colours = [o["colour"] for o in objects]
+    if family == "colour":
+        return [{"shape": s} for s in SHAPES if shapes.count(s) == 1]
+    if family == "shape":
+        return [{"colour": c} for c in COLOURS if colours.count(c) == 1]
+    if family == "exist":
+        return [{"shape": s, "colour": c} for s in SHAPES for c in COLOURS]
+    if family == "word":
+        return [{}] if scene["word"] else []
+    return [{}]
+
+
+def exist_slots(scene, rng):
+    """Half yes, half no, so the SFT data has no yes-bias."""
+    present = [{"shape": o["shape"], "colour": o["colour"]} for o in scene["objects"]]
+    if rng.random() < 0.5:
+        return rng.choice(present)
+    absent = [s for s in askable(scene, "exist") if s not in present]
+    return rng.choice(absent)
+
+
+def make_question(scene, family, rng):
+    """(question, answer) of a family about a scene, or None where the family has nothing to ask."""
+    slots = exist_slots(scene, rng) if family == "exist" else None
+    if slots is None:
+        options = askable(scene, family)
+        if not options:
+            return None
+        slots = rng.choice(options)
+    question = rng.choice(PHRASINGS[family]).format(**slots)
+    return question, answer(scene, family, slots)
+
+
+def conversation(scene, rng, max_turns):
+    """A LLaVA-665k style record body: up to max_turns questions of different families."""
+    families = rng.sample(FAMILIES, len(FAMILIES))
+    turns = []
+    for family in families:
+        qa = make_question(scene, family, rng)
+        if qa is not None:
+            turns.append((family, *qa))
+        if len(turns) == max_turns:
+            break
+    conversations = []
+    for i, (_, question, ans) in enumerate(turns):
+        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        conversations.append({"from": "gpt", "value": ans})
+    return {"conversations": conversations, "families": [f for f, _, _ in turns]}
+
+
+def pope_questions(scene, split, rng, popularity):
+    """POPE (Li et al. 2023): 3 questions about present objects, 3 about absent ones.
+
+    Objects are (colour, shape) pairs. Negatives: random (any absent pair), popular (the most frequent
+    pairs of the SFT data), adversarial (pairs that share a colour or a shape with a present object, the
+    toy world's analogue of frequently co-occurring objects).
+    """
+    present = [(o["colour"], o["shape"]) for o in scene["objects"]]
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    if split == "random":
+        negatives = rng.sample(absent, 3)
+    elif split == "popular":
+        negatives = sorted(absent, key=lambda pair: -popularity[pair])[:3]
+    elif split == "adversarial":
+        near = [p for p in absent if any(p[0] == q[0] or p[1] == q[1] for q in present)]
+        negatives = rng.sample(near, min(3, len(near)))
+        negatives += rng.sample([p for p in absent if p not in negatives], 3 - len(negatives))
+    else:
+        raise ValueError(split)
+    positives = [rng.choice(present) for _ in range(3)]
+    return [(f"Is there a {c} {s} in the image?", "yes") for c, s in positives] + \
+           [(f"Is there a {c} {s} in the image?", "no") for c, s in negatives]
+
+
+# ----------------------------------------------------------------------------- data files
+def scene_rng(seed, split, index):
+    return random.Random(f"{seed}/{split}/{index}")  # string seeds hash with sha512: stable across runs
+
+
+def write_json_atomic(obj, path, jsonl=False):
+    """Write to a temporary file, then rename: readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        if jsonl:
+            f.writelines(json.dumps(row) + "\n" for row in obj)
+        else:
+            json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def build_data(out, seed, sizes):
+    """Render every split's images and write the json files. Returns a small summary dict."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    os.makedirs(os.path.join(out, "pope"), exist_ok=True)
+    scenes, splits = {}, {}
+    for split in ["sft", "unseen", "val", "pope"]:
+        os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+        splits[split] = []
+        for index in tqdm(range(sizes[split]), desc=f"images/{split}", leave=False):
+            rng = scene_rng(seed, split, index)
+            scene = make_scene(rng)
+            while split == "pope" and len({(o["colour"], o["shape"]) for o in scene["objects"]}) < 3:
+                scene = make_scene(rng)  # POPE images hold 3 distinct objects, so 3 positives exist
+            name = f"{split}/{index:06d}.png"
+            render(scene).save(os.path.join(out, "images", name))
+            scenes[name] = scene
+            splits[split].append((name, rng))
+
+    def records(split, max_turns, prefix):
+        return [dict(id=f"{prefix}-{i:06d}", image=name, **conversation(scenes[name], rng, max_turns))
+                for i, (name, rng) in enumerate(splits[split])]
+
+    sft = records("sft", 3, "sft")
+    pool_rng = random.Random(f"{seed}/pool")
+    pool = sorted(pool_rng.sample(sft, sizes["pool"]), key=lambda r: r["id"])  # paper: the pool is the SFT data
+    unseen = records("unseen", 2, "unseen")
+    val = []
+    for i, (name, rng) in enumerate(splits["val"]):  # one question each, families in turn
+        for family in FAMILIES[i % len(FAMILIES):] + FAMILIES[:i % len(FAMILIES)]:
+            qa = make_question(scenes[name], family, rng)
+            if qa:
+                break
+        val.append({"id": f"val-{i:06d}", "image": name, "families": [family],
+                    "conversations": [{"from": "human", "value": "<image>\n" + qa[0]},
+                                      {"from": "gpt", "value": qa[1]}]})
+    popularity = {(c, s): 0 for c in COLOURS for s in SHAPES}
+    for name, _ in splits["sft"]:
+        for o in scenes[name]["objects"]:
+            popularity[(o["colour"], o["shape"])] += 1
+    for split in ["random", "popular", "adversarial"]:
+        rows = []
+        for name, _ in splits["pope"]:
+            rng = random.Random(f"{seed}/pope/{split}/{name}")
+            for text, label in pope_questions(scenes[name], split, rng, popularity):
+                rows.append({"question_id": len(rows), "image": name, "text": text, "label": label})
+        write_json_atomic(rows, os.path.join(out, "pope", f"{split}.jsonl"), jsonl=True)
+    write_json_atomic(sft, os.path.join(out, "sft.json"))
+    write_json_atomic(pool, os.path.join(out, "pool.json"))
+    write_json_atomic(unseen, os.path.join(out, "pool-unseen.json"))
+    write_json_atomic(val, os.path.join(out, "val.json"))
+    write_json_atomic(scenes, os.path.join(out, "scenes.json"))  # written last: marks the data as done
+    return {"images": len(scenes), "sft records": len(sft), "pool records": len(pool), "val questions": len(val)}
+
+
+# ----------------------------------------------------------------------------- tokenizer, processor, model
+# A chat template that renders exactly the llava_v1 (vicuna_v1) format the model is trained on:
+# "{system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT:", so `apply_chat_template` and
+# the authors' template give the same tokens (tested).
+CHAT_TEMPLATE = (
+    "{{ '" + vlm.LLAVA_V1_SYSTEM.replace("'", "\\'") + " ' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}"
+    "{% else %} ASSISTANT: {% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}"
+    "</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+def train_tokenizer(corpus, vocab_size):
+    """A byte-level BPE trained on the toy corpus, with Llama's special tokens and LLaVA's <image>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    # Like Llama's tokenizer, prepend <s> to every text (the toy tokenizer would add nothing by itself).
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   extra_special_tokens={"image_token": "<image>"})
+
+
+def build_processor(tokenizer, patch_size):
+    from transformers import LlavaProcessor
+    from transformers.models.llava import LlavaImageProcessorPil  # the default one wants torchvision
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    # num_additional_image_tokens=1: CLIP's CLS token, dropped by the "default" feature strategy.
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+
+
+def build_model(tokenizer, width, vision_layers, text_layers, patch_size):
+    """A random tiny LLaVA-1.5: CLIP vision tower, 2-layer MLP projector, Llama language model."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=patch_size)
+    text = LlamaConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer),
+                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=(IMAGE_SIZE // patch_size) ** 2)
+    model = LlavaForConditionalGeneration(config)
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"]:
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model
+
+
+# ----------------------------------------------------------------------------- stage 0: vision pretraining
+def patch_targets(scene, patch_size):
+    """What a pretrained CLIP would know about each patch: the colour, shape, object (colour x shape) and
+    word it mostly shows (class 0: none), read off the scene's label map; and the scene's object count."""
+    import torch
+    labels = torch.frombuffer(bytearray(render(scene, label_map=True).tobytes()), dtype=torch.uint8)
+    side = IMAGE_SIZE // patch_size
+    patches = labels.view(side, patch_size, side, patch_size).permute(0, 2, 1, 3).reshape(side * side, -1)
+    values = [v for v in patches.unique().tolist() if v > 0]
+    colour, shape, pair, word = (torch.zeros(side * side, dtype=torch.long) for _ in range(4))
+    if values:
+        coverage = torch.stack([(patches == v).sum(1) for v in values], dim=1)  # (P, labels): pixels of each
+        best = coverage.argmax(1)
+        for p in range(side * side):
+            if coverage[p, best[p]] < patch_size ** 2 // 8:  # under 1/8 of the patch: background
+                continue
+            value = values[best[p]]
+            if value == 255:
+                word[p] = 1 + WORDS.index(scene["word"])
+            else:
+                obj = scene["objects"][value - 1]
+                colour[p], shape[p] = 1 + list(COLOURS).index(obj["colour"]), 1 + SHAPES.index(obj["shape"])
+                pair[p] = (colour[p] - 1) * len(SHAPES) + shape[p]
+    return colour, shape, pair, word, len(scene["objects"]) - 1
+
+
+def pretrain_vision(model, processor, out, scenes, steps, batch_size, lr, seed):
+    """LLaVA starts from a pretrained CLIP; we pretrain ours with linear probes on the scene graphs:
+    per patch, what it shows (like a segmentation-pretrained encoder), reading the same layer (-2,
+    patch tokens) that LLaVA feeds its projector; and the object count from the pooled patches."""
+    import torch
+    torch.manual_seed(seed)
+    names = sorted(n for n in scenes if n.startswith("sft/"))
+    pixels = processor.image_processor([Image.open(os.path.join(out, "images", n)) for n in names],
+                                       return_tensors="pt")["pixel_values"]
+    patch_size = model.config.vision_config.patch_size
+    colour, shape, pair, word, count = (torch.stack(t) if isinstance(t[0], torch.Tensor) else torch.tensor(t)
+                                  for t in zip(*(patch_targets(scenes[n], patch_size) for n in names)))
+    tower = model.model.vision_tower
+    width = tower.config.hidden_size
+    heads = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, 1 + len(COLOURS)),
+                                 "shape": torch.nn.Linear(width, 1 + len(SHAPES)),
+                                 "pair": torch.nn.Linear(width, 1 + len(COLOURS) * len(SHAPES)),
+                                 "word": torch.nn.Linear(width, 1 + len(WORDS)), "count": torch.nn.Linear(width, 3)})
+    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    cross_entropy = torch.nn.functional.cross_entropy
+    progress = tqdm(range(steps), desc="stage 0: vision", leave=False)
+    for _ in progress:
+        idx = torch.randint(len(names), (batch_size,), generator=generator)
+        hidden = tower(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # (B, P, C): no CLS
+        loss = (cross_entropy(heads["colour"](hidden).flatten(0, 1), colour[idx].flatten())
+                + cross_entropy(heads["shape"](hidden).flatten(0, 1), shape[idx].flatten())
+                + cross_entropy(heads["pair"](hidden).flatten(0, 1), pair[idx].flatten())
+                + cross_entropy(heads["word"](hidden).flatten(0, 1), word[idx].flatten())
+                + cross_entropy(heads["count"](hidden.mean(1)), count[idx]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------- checks
+def first_question(record):
+    """(image, question, answer, family) of a record's first turn."""
+    human, gpt = record["conversations"][0], record["conversations"][1]
+    return record["image"], human["value"].replace("<image>", "").strip(), gpt["value"], record["families"][0]
+
+
+def vqa_accuracy(model, processor, records, image_folder, batch_size=64, pixel_transform=None):
+    """Greedy exact-match accuracy (case-insensitive) on the first question of each record, per family.
+    Returns ({family: accuracy, "overall": accuracy}, answers)."""
+    from generate import generate
+    rows = [first_question(r) for r in records]
+    images = [vlm.load_image(os.path.join(image_folder, image)) for image, _, _, _ in rows]
+    answers = generate(model, processor, images, [q for _, q, _, _ in rows], batch_size=batch_size,
+                       pixel_transform=pixel_transform, progress=True)
+    right = {}
+    for (_, _, truth, family), given in zip(rows, answers):
+        right.setdefault(family, []).append(given.lower() == truth.lower())
+    accuracy = {family: sum(r) / len(r) for family, r in sorted(right.items())}
+    accuracy["overall"] = sum(sum(r) for r in right.values()) / len(rows)
+    return accuracy, answers
+
+
+def noise_change_rate(model, processor, records, image_folder, noise_step, seed, batch_size=64):
+    """The fraction of questions whose greedy answer changes when the image gets diffusion noise."""
+    import augment
+    ids = [r["id"] for r in records]
+    _, clean = vqa_accuracy(model, processor, records, image_folder, batch_size)
+    noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[i] for i in rows], noise_step, seed)
+    _, noisy = vqa_accuracy(model, processor, records, image_folder, batch_size, pixel_transform=noise)
+    return sum(a != b for a, b in zip(clean, noisy)) / len(records)
+
+
+# ----------------------------------------------------------------------------- the whole build
+def build(args):
+    """Build every missing part of the toy world (all of it with --force); print the summary."""
+    import torch
+    import train_ddp
+    torch.set_num_threads(args.threads)
+    out = args.out
+    started = time.time()
+    os.makedirs(out, exist_ok=True)
+    sizes = dict(sft=args.sft_images, unseen=args.unseen_images, val=args.val_images, pope=args.pope_images,
+                 pool=args.pool_size)
+    if args.force or not os.path.exists(os.path.join(out, "scenes.json")):
+        print("data:", build_data(out, args.seed, sizes))
+    scenes = json.load(open(os.path.join(out, "scenes.json")))
+    init_dir, sft_dir = os.path.join(out, "model-init"), os.path.join(out, "model-sft")
+
+    if args.force or not os.path.exists(init_dir):
+        sft = json.load(open(os.path.join(out, "sft.json")))
+        corpus = [vlm.LLAVA_V1_SYSTEM + " USER: ASSISTANT:"] + [c["value"] for r in sft for c in r["conversations"]]
+        tokenizer = train_tokenizer(corpus, args.vocab_size)
+        processor = build_processor(tokenizer, args.patch_size)
+        torch.manual_seed(args.seed)
+        model = build_model(tokenizer, args.width, args.vision_layers, args.text_layers, args.patch_size)
+        loss = pretrain_vision(model, processor, out, scenes, args.vision_steps, 64, 2e-3, args.seed)
+        print(f"stage 0: vision tower pretrained, probe loss {loss:.3f}")
+        train_ddp.save_model_atomic(model, processor, init_dir)
+
+    if args.force or not os.path.exists(sft_dir):
+        run_dir = os.path.join(out, "sft-run")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        train_ddp.train(train_ddp.parse_args([
+            "--objective", "sft", "--model", init_dir, "--data", os.path.join(out, "sft.json"),
+            "--image-folder", os.path.join(out, "images"), "--out", run_dir, "--batch-size", str(args.sft_batch_size),
+            "--epochs", str(args.sft_epochs), "--lr", str(args.sft_lr), "--seed", str(args.seed), "--cache-data"]))
+        shutil.rmtree(sft_dir, ignore_errors=True)
+        os.replace(os.path.join(run_dir, "model"), sft_dir)
+
+    report_path = os.path.join(out, "report.json")
+    if args.force or not os.path.exists(report_path):
+        model, processor = vlm.load(sft_dir)
+        val = json.load(open(os.path.join(out, "val.json")))
+        pool = json.load(open(os.path.join(out, "pool.json")))[:args.noise_check]
+        accuracy, _ = vqa_accuracy(model, processor, val, os.path.join(out, "images"))
+        changed = noise_change_rate(model, processor, pool, os.path.join(out, "images"), 500, args.seed)
+        write_json_atomic({"val_accuracy": accuracy, "noise500_changed": changed}, report_path)
+    report = json.load(open(report_path))
+    accuracy, changed = report["val_accuracy"], report["noise500_changed"]
+    print(f"\ntoy world in {out}/ ({time.time() - started:.0f} s)")
+    print("greedy exact match on val.json: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+    print(f"  band 55%-90%: {'ok' if 0.55 <= accuracy['overall'] <= 0.90 else 'OUT OF BAND'}")
+    print(f"answers changed by diffusion noise at step 500 on pool questions: {changed:.1%}")
+    print(f"  band >= 15%: {'ok' if changed >= 0.15 else 'OUT OF BAND'}")
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="toy", help="folder to write the toy world to")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--force", action="store_true", help="rebuild every part, even finished ones")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    g = p.add_argument_group("data sizes")
+    g.add_argument("--sft-images", type=int, default=6000, help="images (records) of the SFT split")
+    g.add_argument("--pool-size", type=int, default=1000, help="SFT records copied into the SeVa pool")
+    g.add_argument("--unseen-images", type=int, default=1000, help="images of pool-unseen.json")
+    g.add_argument("--val-images", type=int, default=800, help="held-out images, one question each")
+    g.add_argument("--pope-images", type=int, default=100, help="POPE images (6 questions each, per split)")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary size")
+    g.add_argument("--width", type=int, default=128, help="hidden size of the vision tower and the language model")
+    g.add_argument("--vision-layers", type=int, default=3, help="CLIP layers (LLaVA reads layer -2)")
+    g.add_argument("--text-layers", type=int, default=2, help="Llama layers")
+    g.add_argument("--patch-size", type=int, default=8, help="CLIP patch size: (64/patch)^2 image tokens")
+    g.add_argument("--vision-steps", type=int, default=800, help="stage-0 vision pretraining steps")
+    g.add_argument("--sft-epochs", type=float, default=6, help="SFT passes over sft.json")
+    g.add_argument("--sft-batch-size", type=int, default=64, help="SFT examples per step")
+    g.add_argument("--sft-lr", type=float, default=1e-3, help="SFT peak learning rate")
+    g.add_argument("--noise-check", type=int, default=500, help="pool questions used to measure the noise band")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    build(parse_args())
