@@ -103,6 +103,15 @@ def merge_lora(model):
             module.merged = True
 
 
+def remove_lora(model):
+    """Merge every LoRA layer and put the plain nn.Linear back: a model any HF code can save and load."""
+    merge_lora(model)
+    for name, module in lora_modules(model):
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, module.base)
+    return model
+
+
 @torch.no_grad()
 def unmerge_lora(model):
     """Undo merge_lora (W -= scale * B @ A); no-op if not merged."""
@@ -239,3 +248,45 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 # ----------------------------------------------------------------------------- batches
+# A DPO batch holds the B chosen sequences, then the B rejected ones, each on the pair's ORIGINAL image
+# (Alg. 1 line 4: the augmented image only produced the rejected answer).
+def encode_pair(processor, image, question, chosen, rejected, template):
+    """A preference pair as two training sequences; labels cover each answer and its end-of-turn token."""
+    return {"chosen": vlm.encode(processor, image, [(question, chosen)], template),
+            "rejected": vlm.encode(processor, image, [(question, rejected)], template)}
+
+
+def collate(examples, pad_token_id):
+    """Right-pad encoded examples (vlm.encode) into one batch; image tensors are concatenated."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), length), pad_token_id),
+             "labels": torch.full((len(examples), length), -100),
+             "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = e["input_ids"], e["labels"], 1
+    for key in examples[0]:
+        if key not in batch:  # pixel_values, and whatever else a family's processor returns
+            batch[key] = torch.cat([e[key] for e in examples])
+    return batch
+
+
+def collate_pairs(pairs, pad_token_id):
+    """A batch of 2B sequences: rows 0..B-1 chosen, rows B..2B-1 rejected (one forward for both)."""
+    batch = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_token_id)
+    for key in ("reference_chosen_logps", "reference_rejected_logps"):
+        if key in pairs[0]:  # precomputed reference log-probs travel with the batch
+            batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def concatenated_forward(model, batch):
+    """log pi(chosen|x) and log pi(rejected|x), each (B,), from one forward over the 2B sequences."""
+    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("reference_")}
+    logits = model(**inputs).logits  # (2B, T, V)
+    logps = sequence_logps(logits, batch["labels"])  # (2B,)
+    return logps.chunk(2)
+
+
+# The pair forward is one replaceable function: train_ddp.py picks it by name (--pair-forward).
+PAIR_FORWARDS = {"concatenated": concatenated_forward}

@@ -16,19 +16,21 @@ import vlm
 
 @torch.no_grad()
 def generate(model, processor, images, questions, template="llava_v1", max_new_tokens=16, batch_size=8,
-             pixel_transform=None, progress=False):
+             pixel_transform=None, progress=False, return_ids=False):
     """Greedy-decode one answer per (image, question); returns the answers as strings.
 
     images: PIL images (already padded to square if wanted, see vlm.load_image).
     pixel_transform(pixel_values, indices) -> pixel_values: applied to each batch's image tensor, e.g.
         SeVa's diffusion noise; `indices` are the positions of the batch's rows in `images`.
+    return_ids: also return each answer's new token ids (a list of int lists, up to and including the
+        end-of-sequence token, without the padding that batching adds after it): (answers, ids).
     """
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
     device = next(model.parameters()).device
-    answers = []
+    answers, answer_ids = [], []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
         indices = list(range(start, min(start + batch_size, len(images))))
@@ -42,4 +44,33 @@ def generate(model, processor, images, questions, template="llava_v1", max_new_t
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new): generate returns prompt + answer
         answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers
+        if return_ids:
+            for row in new_tokens.tolist():  # rows that finished early are padded after their EOS
+                end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+                answer_ids.append(row[:end])
+    return (answers, answer_ids) if return_ids else answers
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy/model-sft", help="local HF model folder")
+    p.add_argument("--image", required=True, nargs="+", help="image file(s); one question is asked of each")
+    p.add_argument("--question", required=True, help="the question")
+    p.add_argument("--template", default="llava_v1", choices=vlm.TEMPLATES,
+                   help="llava_v1: the authors' prompt with its system prompt (paper); chat: the processor's chat template")
+    p.add_argument("--no-pad", dest="pad", action="store_false",
+                   help="do not pad images to a square with the CLIP mean colour (LLaVA-1.5 pads)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (authors: 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="answers generated at once")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    model, processor = vlm.load(args.model)
+    images = [vlm.load_image(path, pad=args.pad) for path in args.image]
+    answers = generate(model, processor, images, [args.question] * len(images), args.template,
+                       args.max_new_tokens, args.batch_size)
+    for path, answer in zip(args.image, answers):
+        print(f"{path}: {answer}")

@@ -1,14 +1,19 @@
 """
-Training on torchrun: supervised fine-tuning (how the toy world's LLaVA is made) and, later, SeVa's DPO.
+Training on torchrun: SeVa's DPO with LoRA (Alg. 1 line 4), and the supervised fine-tuning that makes
+the toy world's LLaVA.
 
-One process:   python train_ddp.py --objective sft --data toy/sft.json --out runs/sft
-N processes:   torchrun --standalone --nproc_per_node=N train_ddp.py ...   (gloo on CPU, NCCL on GPUs)
+    torchrun --standalone --nproc_per_node=2 train_ddp.py --pairs runs/seva/pairs.jsonl --out runs/dpo
+    python train_ddp.py --objective sft --data toy/sft.json --out runs/sft
 
 Distributed is switched on by torchrun's environment variables alone (RANK, WORLD_SIZE, LOCAL_RANK).
-A step consumes one global batch = per-device batch x gradient accumulation x world size, always the
-same examples in the same order for a given seed, so 1 process and N processes train the same model.
+A step consumes one global batch = per-device batch x gradient accumulation x world size: always the
+same examples for a given seed and step, and a loss normalised over the whole global batch, so 1
+process and N processes (DDP or FSDP2) train the same model, and a resumed run the same as an
+uninterrupted one.
 """
 import argparse
+import copy
+import hashlib
 import json
 import math
 import os
@@ -18,8 +23,13 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
+import dpo
 import vlm
 
 
@@ -27,9 +37,8 @@ import vlm
 def compute_init(seed=0):
     """Read torchrun's environment; return (rank, world_size, device). One place for 1 CPU or N GPUs."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -48,30 +57,38 @@ def autocast_dtype(device, precision):
     """bf16 autocast on CUDA with support, fp32 on CPU. fp16 is refused: we run no loss scaler."""
     if precision == "fp16":
         raise ValueError("fp16 is not supported (no loss scaler); use bf16 on GPUs or fp32")
-    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
     if precision == "bf16" and device.type == "cuda":
-        raise ValueError("this GPU has no bf16; use --precision fp32")
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16; use --precision fp32")
+        return torch.bfloat16
     return None  # fp32: no autocast
+
+
+def all_reduce_sum(values, world_size):
+    """Sum a list of floats over the ranks."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 # ----------------------------------------------------------------------------- data
 def read_records(path):
     """A LLaVA-665k style json list, or a jsonl file of records; errors name the file and line."""
     with open(path) as f:
-        if path.endswith(".jsonl"):
-            records = []
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: malformed json line: {e}") from e
-            return records
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed json: {e}") from e
+        if not path.endswith(".jsonl"):
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed json: {e}") from e
+        records = []
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: malformed json line: {e}") from e
+        return records
 
 
 def sft_turns(record):
@@ -81,13 +98,45 @@ def sft_turns(record):
             for human, gpt in zip(conversations[0::2], conversations[1::2])]
 
 
-class SFTDataset(torch.utils.data.Dataset):
-    """LLaVA-665k records tokenized on demand: labels cover the answers and their end-of-turn tokens."""
+def pair_turns(record):
+    """The chosen and rejected conversations of a seva.py pair."""
+    return [(record["question"], record["chosen"])], [(record["question"], record["rejected"])]
 
-    def __init__(self, records, image_folder, processor, template, max_length, cache=False):
-        self.records, self.image_folder = records, image_folder
-        self.processor, self.template, self.max_length = processor, template, max_length
+
+class TrainDataset(torch.utils.data.Dataset):
+    """SFT records or DPO pairs, tokenized on demand (labels: answers + end-of-turn tokens only).
+
+    Examples longer than max_length are reported and skipped up front, never truncated into the image.
+    """
+
+    def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False):
+        self.objective, self.image_folder = objective, image_folder
+        self.processor, self.template = processor, template
         self.cache = {} if cache else None
+        self.records, self.skipped = [], []
+        image_tokens = None
+        for index, record in enumerate(records):
+            name = record.get("id", index)
+            if image_tokens is None:  # every LLaVA-1.5 image becomes the same number of tokens
+                first = self.encode(record)
+                image_tokens = vlm.count_image_tokens((first if objective == "sft" else first["chosen"])["input_ids"],
+                                                      processor)
+            turns = [sft_turns(record)] if objective == "sft" else pair_turns(record)
+            length = max(vlm.sequence_length(processor, t, template, image_tokens) for t in turns)
+            if length > max_length:
+                self.skipped.append(name)
+                print0(f"skipping {name}: {length} tokens > --max-length {max_length}")
+            else:
+                self.records.append(record)
+
+    def encode(self, record):
+        image = vlm.load_image(os.path.join(self.image_folder, record["image"]))
+        if self.objective == "sft":
+            return vlm.encode(self.processor, image, sft_turns(record), self.template)
+        pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
+                               self.template)
+        pair.update({k: record[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in record})
+        return pair
 
     def __len__(self):
         return len(self.records)
@@ -95,60 +144,327 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        record = self.records[index]
-        image = vlm.load_image(os.path.join(self.image_folder, record["image"]))
-        example = vlm.encode(self.processor, image, sft_turns(record), self.template)
-        if len(example["input_ids"]) > self.max_length:
-            raise ValueError(f"record {record.get('id', index)} has {len(example['input_ids'])} tokens, "
-                             f"more than --max-length {self.max_length}")
+        example = self.encode(self.records[index])
         if self.cache is not None:
             self.cache[index] = example
         return example
 
-
-def collate(examples, pad_token_id):
-    """Right-pad a list of encoded examples into a batch."""
-    length = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), length), pad_token_id),
-             "labels": torch.full((len(examples), length), -100),
-             "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = e["input_ids"], e["labels"], 1
-    for key in examples[0]:
-        if key not in batch:  # image tensors: pixel_values (and what other families need)
-            batch[key] = torch.cat([e[key] for e in examples])
-    return batch
+    def collate(self, examples):
+        pad = self.processor.tokenizer.pad_token_id
+        return dpo.collate(examples, pad) if self.objective == "sft" else dpo.collate_pairs(examples, pad)
 
 
-def global_batches(num_examples, global_batch, num_steps, seed):
-    """The example indices of every optimizer step: a seeded permutation per epoch, last partial batch dropped."""
+def step_indices(step, num_examples, global_batch, seed):
+    """The example indices of optimizer step `step`: a seeded permutation per epoch, partial batch dropped."""
     steps_per_epoch = num_examples // global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{num_examples} examples are fewer than one global batch ({global_batch})")
-    for step in range(num_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        yield order[position * global_batch:(position + 1) * global_batch].tolist()
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * global_batch:(position + 1) * global_batch].tolist()
 
 
 def rank_micro_batches(indices, rank, world_size, accumulation):
-    """Split one global batch into this rank's micro-batches (rank-major: rank r gets a contiguous slice)."""
+    """Split one global batch into this rank's micro-batches (rank r gets a contiguous slice)."""
     per_rank = len(indices) // world_size
     mine = indices[rank * per_rank:(rank + 1) * per_rank]
     micro = per_rank // accumulation
     return [mine[i * micro:(i + 1) * micro] for i in range(accumulation)]
 
 
+# ----------------------------------------------------------------------------- model
+def prepare_model(args, device):
+    """Load the model, add LoRA (or not), freeze what SeVa never trains. Returns (model, processor)."""
+    model, processor = vlm.load(args.model, device)
+    if args.lora_r > 0:
+        dpo.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # freezes all but LoRA
+        vlm.freeze_vision(model, train_projector=args.train_projector)
+    else:  # full fine-tuning of the language model (and the projector, as LLaVA's SFT)
+        vlm.freeze_vision(model, train_projector=args.objective == "sft" or args.train_projector)
+    if args.objective == "dpo":  # paper: dropout off for DPO (it would make the reference noisy)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def wrap(model, args, world_size, device):
+    """DDP, or FSDP2 with one unit per decoder layer (bottom-up) and the rest in the root unit."""
+    if world_size == 1 and args.parallel == "ddp":
+        return model
+    if args.parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+    for layer in vlm.get_module(model, vlm.FAMILIES[vlm.family_of(model)]["decoder_layers"]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def grad_sync(model, last, args, world_size):
+    """Synchronise gradients on the last micro-step of a step only."""
+    if world_size == 1:
+        return nullcontext()
+    if args.parallel == "fsdp":
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+    return nullcontext() if last else model.no_sync()
+
+
 # ----------------------------------------------------------------------------- losses
-def sft_token_losses(model, batch):
-    """Summed next-token loss over the answer tokens of a batch, and the number of those tokens."""
+def sft_micro_step(model, batch):
+    """Summed next-token loss over the answer tokens of a micro-batch."""
     labels = batch.pop("labels")
     logits = model(**batch).logits  # (B, T, V)
-    shifted = labels[:, 1:]  # (B, T-1): token t is predicted from position t-1
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                              ignore_index=-100, reduction="sum")
-    return loss, int((shifted != -100).sum())
+    return loss, {"loss": loss.detach()}
+
+
+def reference_logps(raw_model, reference_model, batch, pair_forward):
+    """Reference log-probs: precomputed in the batch, a frozen copy (full fine-tuning), or the policy
+    with its adapters disabled (LoRA: no second model in memory)."""
+    if "reference_chosen_logps" in batch:
+        return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    with torch.no_grad(), (dpo.disable_adapter(raw_model) if reference_model is None else nullcontext()):
+        return pair_forward(raw_model if reference_model is None else reference_model, batch)
+
+
+def dpo_micro_step(model, raw_model, reference_model, batch, args):
+    """Summed DPO loss (Eq. 7) of a micro-batch of pairs, and the summed statistics we log."""
+    pair_forward = dpo.PAIR_FORWARDS[args.pair_forward]
+    reference_chosen, reference_rejected = reference_logps(raw_model, reference_model, batch, pair_forward)
+    policy_chosen, policy_rejected = pair_forward(model, batch)  # (B,), (B,)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(
+        policy_chosen, policy_rejected, reference_chosen.to(policy_chosen), reference_rejected.to(policy_chosen),
+        beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+    stats = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+             "rewards/margins": chosen_rewards - rejected_rewards,
+             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+             "logps/chosen": policy_chosen.detach(), "logps/rejected": policy_rejected.detach(),
+             "logps/ref_chosen": reference_chosen, "logps/ref_rejected": reference_rejected}
+    return losses.sum(), {k: v.sum() for k, v in stats.items()}
+
+
+@torch.no_grad()
+def precompute_reference(model, dataset, args, rank, world_size, device, amp_dtype):
+    """Reference log-probs of every pair, computed once (sharded over ranks) and stored beside the
+    pairs, so training runs no reference forward. Reused while model, template and precision match."""
+    key = hashlib.sha256(json.dumps([os.path.abspath(args.model), args.template, args.precision,
+                                     args.max_length]).encode()).hexdigest()[:12]
+    path = f"{os.path.splitext(args.data)[0]}.reference-{key}.jsonl"
+    if not os.path.exists(path):
+        print0(f"precomputing reference log-probs into {path}")
+        pair_forward, mine = dpo.PAIR_FORWARDS[args.pair_forward], list(range(rank, len(dataset), world_size))
+        rows = []
+        for start in tqdm(range(0, len(mine), args.batch_size), desc="reference", disable=rank != 0):
+            indices = mine[start:start + args.batch_size]
+            batch = {k: v.to(device) for k, v in dataset.collate([dataset[i] for i in indices]).items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                chosen, rejected = pair_forward(model, batch)
+            rows += [{"id": dataset.records[i]["id"], "reference_chosen_logps": c, "reference_rejected_logps": r}
+                     for i, c, r in zip(indices, chosen.tolist(), rejected.tolist())]
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if rank == 0:
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda row: row["id"]))
+            os.replace(path + ".tmp", path)
+        if world_size > 1:
+            dist.barrier()
+    reference = {row["id"]: row for row in read_records(path)}
+    for record in dataset.records:
+        record.update(reference[record["id"]])
+    if dataset.cache is not None:
+        dataset.cache.clear()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def trainable_names(raw_model):
+    return [name for name, p in raw_model.named_parameters() if p.requires_grad]
+
+
+def save_checkpoint(model, raw_model, optimizer, scheduler, step, args, rank, world_size):
+    """OUT/checkpoint-STEP/ written in a temporary folder and renamed, then OUT/latest points to it:
+    a crash at any moment leaves the last good checkpoint intact."""
+    names = set(trainable_names(raw_model))
+    weights = {k: v for k, v in get_model_state_dict(model, options=FULL).items() if k in names}
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)  # collective: every rank
+    final, tmp = os.path.join(args.out, f"checkpoint-{step:06d}"), os.path.join(args.out, f"checkpoint-{step:06d}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if world_size > 1:
+        dist.barrier()
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available()
+                else torch.empty(0, dtype=torch.uint8)}, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    if rank == 0:
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "scheduler": scheduler.state_dict(), "args": vars(args)}, f, indent=1)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        previous = latest_checkpoint(args.out)
+        os.replace(tmp, final)
+        with open(os.path.join(args.out, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
+        if previous and previous != final:
+            shutil.rmtree(previous, ignore_errors=True)
+    if world_size > 1:
+        dist.barrier()
+
+
+def latest_checkpoint(out):
+    try:
+        with open(os.path.join(out, "latest")) as f:
+            return os.path.join(out, f.read().strip())
+    except FileNotFoundError:
+        return None
+
+
+def load_checkpoint(model, optimizer, scheduler, path, rank):
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue at.
+    Nothing is unpickled: weights are safetensors, the rest loads with weights_only=True."""
+    set_model_state_dict(model, load_file(os.path.join(path, "trainable.safetensors")),
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True),
+                             options=StateDictOptions(full_state_dict=True))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and rng["cuda"].numel():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+def save_model_atomic(model, processor, out_dir):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a model."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def export(model, raw_model, processor, args, rank, device):
+    """The results: OUT/adapter/ (PEFT layout) and, with --merge, OUT/merged/; OUT/model/ for full
+    fine-tuning. Under FSDP the shards are gathered into a fresh copy on rank 0's CPU first."""
+    weights = get_model_state_dict(model, options=FULL)  # collective: every rank
+    if rank != 0:
+        return
+    if args.parallel == "fsdp":
+        raw_model, _ = prepare_model(args, torch.device("cpu"))
+        raw_model.load_state_dict(weights)
+    if args.lora_r > 0:
+        adapter_dir = os.path.join(args.out, "adapter")
+        dpo.save_lora(raw_model, adapter_dir, base_model_name_or_path=os.path.abspath(args.model))
+        others = {k: v for k, v in weights.items() if k in trainable_names(raw_model) and ".lora_" not in k}
+        if others:  # --train-projector: LLaVA's own name for the trained weights outside LoRA
+            save_file(others, os.path.join(adapter_dir, "non_lora_trainables.safetensors"))
+        if args.merge:
+            save_model_atomic(dpo.remove_lora(raw_model), processor, os.path.join(args.out, "merged"))
+    else:
+        save_model_atomic(raw_model, processor, os.path.join(args.out, "model"))
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(args):
+    """Train as args say; returns the trained model (unwrapped)."""
+    resolve_defaults(args)
+    rank, world_size, device = compute_init(args.seed)
+    amp_dtype = autocast_dtype(device, args.precision)
+    global_batch = args.batch_size * args.grad_accum * world_size
+    if args.global_batch and args.global_batch != global_batch:
+        raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch_size} x accumulation "
+                         f"{args.grad_accum} x world size {world_size} = {global_batch}")
+    if args.parallel == "fsdp" and world_size == 1:
+        args.parallel = "ddp"  # nothing to shard in one process
+
+    raw_model, processor = prepare_model(args, device)
+    dataset = TrainDataset(read_records(args.data), args.objective, args.image_folder, processor,
+                           args.template, args.max_length, args.cache_data)
+    reference_model = None
+    if args.objective == "dpo" and args.reference == "precomputed":
+        precompute_reference(raw_model, dataset, args, rank, world_size, device, amp_dtype)  # before any update
+    elif args.objective == "dpo" and args.lora_r == 0:  # full fine-tuning: the reference is a frozen copy
+        reference_model = copy.deepcopy(raw_model).requires_grad_(False)
+    num_steps = args.max_steps or int(len(dataset) * args.epochs) // global_batch
+    model = wrap(raw_model, args, world_size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(math.ceil(args.warmup_ratio * num_steps),
+                                                                       num_steps))
+    os.makedirs(args.out, exist_ok=True)
+    start_step = 0
+    if args.resume and latest_checkpoint(args.out):
+        start_step = load_checkpoint(model, optimizer, scheduler, latest_checkpoint(args.out), rank)
+        print0(f"resumed from {latest_checkpoint(args.out)} at step {start_step}")
+    print0(f"{args.objective}: {len(dataset)} examples ({len(dataset.skipped)} skipped), {num_steps} steps of "
+           f"{global_batch}, {world_size} process(es), {args.parallel}, "
+           f"{sum(p.numel() for p in params):,} trainable parameters")
+    if rank == 0:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    micro_step = sft_micro_step if args.objective == "sft" else (
+        lambda model, batch: dpo_micro_step(model, raw_model, reference_model, batch, args))
+
+    model.train()
+    progress = tqdm(total=num_steps, initial=start_step, disable=rank != 0 or not args.progress, desc=args.objective)
+    for step in range(start_step, num_steps):
+        t0 = time.time()
+        indices = step_indices(step, len(dataset), global_batch, args.seed)
+        batches = [dataset.collate([dataset[i] for i in micro])
+                   for micro in rank_micro_batches(indices, rank, world_size, args.grad_accum)]
+        # Normalise by the whole global batch: pairs for DPO, answer tokens for SFT (counted over ranks).
+        normaliser = global_batch if args.objective == "dpo" else all_reduce_sum(
+            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)], world_size)[0]
+        sums = {}
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with grad_sync(model, i == len(batches) - 1, args, world_size), \
+                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                objective, stats = micro_step(model, batch)
+                # DDP and FSDP average gradients over ranks: scale so the result is the global mean.
+                (objective * world_size / normaliser).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), world_size)))
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {step + 1}; nothing was updated, the last "
+                                     f"checkpoint ({latest_checkpoint(args.out)}) is intact")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, **{k: v / normaliser for k, v in totals.items()},
+               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in batches) * world_size / (time.time() - t0)}
+        if rank == 0:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        progress.set_postfix(loss=f"{row['loss']:.4f}")
+        progress.update()
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < num_steps:
+            save_checkpoint(model, raw_model, optimizer, scheduler, step + 1, args, rank, world_size)
+    progress.close()
+    export(model, raw_model, processor, args, rank, device)
+    if world_size > 1:
+        dist.barrier()
+    return raw_model
 
 
 def lr_lambda(warmup_steps, total_steps):
@@ -161,128 +477,76 @@ def lr_lambda(warmup_steps, total_steps):
     return factor
 
 
-# ----------------------------------------------------------------------------- saving
-def save_model_atomic(model, processor, out_dir):
-    """save_pretrained into a temporary folder, then rename: a crash never leaves half a model."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-
-
-# ----------------------------------------------------------------------------- the loop
-def train(args):
-    """Train as args say; returns the trained model (unwrapped) on rank 0's device."""
-    rank, world_size, device = compute_init(args.seed)
-    amp_dtype = autocast_dtype(device, args.precision)
-    global_batch = args.batch_size * args.grad_accum * world_size
-    if args.global_batch and args.global_batch != global_batch:
-        raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch_size} x accumulation "
-                         f"{args.grad_accum} x world size {world_size} = {global_batch}")
-
-    model, processor = vlm.load(args.model, device)
-    vlm.freeze_vision(model, train_projector=True)  # SFT trains projector + language model, as LLaVA
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    records = read_records(args.data)
-    dataset = SFTDataset(records, args.image_folder, processor, args.template, args.max_length, args.cache_data)
-    num_steps = args.max_steps or int(len(dataset) * args.epochs) // global_batch
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(math.ceil(args.warmup_ratio * num_steps), num_steps))
-    pad_id = processor.tokenizer.pad_token_id
-    print0(f"training {num_steps} steps of {global_batch} examples ({world_size} process(es), "
-           f"{sum(p.numel() for p in params):,} trainable parameters)")
-
-    os.makedirs(args.out, exist_ok=True)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
-    progress = tqdm(total=num_steps, disable=rank != 0 or not args.progress, desc="train")
-    model.train()
-    for step, indices in enumerate(global_batches(len(dataset), global_batch, num_steps, args.seed)):
-        t0 = time.time()
-        micro_batches = rank_micro_batches(indices, rank, world_size, args.grad_accum)
-        batches = [collate([dataset[i] for i in micro], pad_id) for micro in micro_batches]
-        # The loss is a mean over the answer tokens of the whole global batch, so the gradient does
-        # not depend on how the batch is split over ranks and micro-steps.
-        num_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
-        if world_size > 1:
-            dist.all_reduce(num_tokens)
-        loss_sum = 0.0
-        for micro_step, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            last = micro_step == len(batches) - 1
-            sync = nullcontext() if (last or world_size == 1) else model.no_sync()  # sync grads once
-            with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, _ = sft_token_losses(model, batch)
-                # DDP averages gradients over ranks; multiply by world_size to get the global mean.
-                (loss * world_size / num_tokens.item()).backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_total = torch.tensor(loss_sum)
-        if world_size > 1:
-            dist.all_reduce(loss_total)
-        row = {"step": step + 1, "loss": loss_total.item() / num_tokens.item(), "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm), "tokens_per_s": num_tokens.item() / (time.time() - t0)}
-        if metrics_file:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        progress.set_postfix(loss=f"{row['loss']:.3f}")
-        progress.update()
-    progress.close()
-
-    unwrapped = model.module if world_size > 1 else model
-    if rank == 0:
-        save_model_atomic(unwrapped, processor, os.path.join(args.out, "model"))
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        metrics_file.close()
-    if world_size > 1:
-        dist.barrier()
-    return unwrapped
-
-
 # ----------------------------------------------------------------------------- CLI
+# Defaults that run the toy world; the paper's values are named in each flag's help.
+OBJECTIVE_DEFAULTS = {
+    "dpo": dict(model="toy/model-sft", data="runs/seva/pairs.jsonl", out="runs/dpo", lr=5e-4, lora_r=32,
+                lora_alpha=64),
+    "sft": dict(model="toy/model-init", data="toy/sft.json", out="runs/sft", lr=1e-3, lora_r=0, lora_alpha=0),
+}
+
+
+def resolve_defaults(args):
+    for key, value in OBJECTIVE_DEFAULTS[args.objective].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and model")
-    g.add_argument("--objective", default="sft", choices=["sft"], help="what to train: sft (supervised fine-tuning)")
-    g.add_argument("--model", default="toy/model-sft", help="local HF model folder to start from")
-    g.add_argument("--data", default="toy/sft.json", help="LLaVA-665k format json (sft)")
+    g.add_argument("--objective", default="dpo", choices=["dpo", "sft"],
+                   help="dpo: SeVa's preference training on seva.py pairs; sft: supervised fine-tuning")
+    g.add_argument("--model", help="local HF model folder to start from (dpo: toy/model-sft; sft: toy/model-init)")
+    g.add_argument("--data", "--pairs", dest="data",
+                   help="dpo: pairs jsonl from seva.py (runs/seva/pairs.jsonl); sft: LLaVA-665k json (toy/sft.json)")
     g.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")
     g.add_argument("--template", default="llava_v1", choices=vlm.TEMPLATES,
                    help="prompt template: llava_v1 (the authors') or the processor's chat template")
-    g.add_argument("--max-length", type=int, default=2048, help="longest sequence in tokens (paper: 2048)")
+    g.add_argument("--max-length", type=int, default=2048, help="longer examples are skipped (paper: 2048)")
     g.add_argument("--cache-data", action="store_true", help="keep tokenized examples in memory (small data sets)")
-    g.add_argument("--out", default="runs/sft", help="output folder: metrics.jsonl, model/, args.json")
+    g.add_argument("--out", help="output folder: metrics.jsonl, args.json, checkpoints, adapter/ or model/")
+    g = p.add_argument_group("LoRA and DPO")
+    g.add_argument("--lora-r", type=int, help="LoRA rank, 0 = full fine-tuning (paper: 1024; toy: 32)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (paper: 2048, i.e. 2r; toy: 64)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (paper config 0.05, effectively 0)")
+    g.add_argument("--train-projector", action="store_true",
+                   help="also train the multimodal projector (the authors' code does; the paper does not say)")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO beta (paper: 0.1)")
+    g.add_argument("--loss-type", default="sigmoid", choices=dpo.LOSS_TYPES, help="sigmoid is Eq. 7 (paper)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (paper: 0)")
+    g.add_argument("--reference", default="adapter", choices=["adapter", "precomputed"],
+                   help="adapter: the policy with LoRA disabled (a frozen copy for full fine-tuning); "
+                        "precomputed: log-probs computed once, stored beside the pairs")
+    g.add_argument("--pair-forward", default="concatenated", choices=list(dpo.PAIR_FORWARDS),
+                   help="how a pair is scored: concatenated runs chosen and rejected as 2B sequences")
+    g.add_argument("--merge", action="store_true", help="also write OUT/merged/, the LoRA merged into the model")
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=16, help="examples per device per micro-step (paper: 16)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-step (paper: 16)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (paper: 1)")
     g.add_argument("--global-batch", type=int, default=0,
                    help="if set, checked against batch x accumulation x world size (paper: 128)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: 1)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: 1, over pairs listed twice)")
     g.add_argument("--max-steps", type=int, default=0, help="if set, train exactly this many steps")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (LLaVA SFT: 2e-5)")
+    g.add_argument("--lr", type=float, help="peak learning rate (paper: 2e-6; toy dpo: 5e-4, toy sft: 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
     g.add_argument("--warmup-ratio", type=float, default=0.03, help="warmup fraction of the steps (paper: 0.03)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (paper: 1.0)")
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"],
                    help="bf16 autocast on CUDA (paper: bf16); CPUs always run fp32; fp16 is refused")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (paper: on)")
+    g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="ddp, or fsdp (FSDP2, one unit per decoder layer; the paper used DeepSpeed ZeRO-3)")
     g.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only the end)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/latest if it exists")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    train(args)
+    train(parse_args())
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -165,6 +165,14 @@ def encode(processor, image, turns, template):
     return dict(input_ids=expanded, labels=labels, **inputs)
 
 
+def sequence_length(processor, turns, template, image_tokens):
+    """Tokens of a conversation once its image placeholder becomes `image_tokens` tokens, without
+    touching the image: cheap enough to check every example's length before training. (LLaVA-1.5 gives
+    every image the same count; a family with per-image counts is checked again when encoded.)"""
+    ids = processor.tokenizer("".join(text for text, _ in render_turns(processor, turns, template))).input_ids
+    return len(ids) + ids.count(image_token_id(processor)) * (image_tokens - 1)
+
+
 def image_token_id(processor):
     return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 

@@ -24,3 +24,25 @@ def toy_world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy"))
     toyworld.build(toyworld.parse_args(["--out", out] + TINY_WORLD))
     return out
+
+
+def wrong_answer(family, right, index):
+    """A plausible wrong answer of the same family (deterministic)."""
+    options = {"colour": list(toyworld.COLOURS), "shape": toyworld.SHAPES, "count": ["1", "2", "3"],
+               "exist": ["Yes", "No"], "word": toyworld.WORDS}[family]
+    wrong = [o for o in options if o != right]
+    return wrong[index % len(wrong)]
+
+
+@pytest.fixture(scope="session")
+def toy_pairs(toy_world):
+    """A pairs file in seva.py's format whose preferences are known to be right: chosen = the true
+    answer, rejected = a wrong answer of the same family."""
+    import json
+    path = os.path.join(toy_world, "true-pairs.jsonl")
+    with open(path, "w") as f:
+        for i, record in enumerate(json.load(open(os.path.join(toy_world, "sft.json")))):
+            _, question, answer, family = toyworld.first_question(record)
+            f.write(json.dumps({"id": record["id"] + "-0", "image": record["image"], "question": question,
+                                "chosen": answer, "rejected": wrong_answer(family, answer, i)}) + "\n")
+    return path

@@ -21,10 +21,11 @@ def sft_args(toy_world, out, *extra):
 
 def batch_loss(model, processor, toy_world, n=16):
     records = train_ddp.read_records(os.path.join(toy_world, "sft.json"))[:n]
-    dataset = train_ddp.SFTDataset(records, os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
-    batch = train_ddp.collate([dataset[i] for i in range(n)], processor.tokenizer.pad_token_id)
+    dataset = train_ddp.TrainDataset(records, "sft", os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
+    batch = dataset.collate([dataset[i] for i in range(n)])
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
-        loss, tokens = train_ddp.sft_token_losses(model, batch)
+        loss, _ = train_ddp.sft_micro_step(model, batch)
     return loss.item() / tokens
 
 
@@ -41,7 +42,7 @@ def test_a_few_sft_steps_lower_the_loss(toy_world, tmp_path):
 def test_labels_cover_only_answers(toy_world):
     _, processor = vlm.load(os.path.join(toy_world, "model-init"))
     record = train_ddp.read_records(os.path.join(toy_world, "sft.json"))[0]
-    dataset = train_ddp.SFTDataset([record], os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
+    dataset = train_ddp.TrainDataset([record], "sft", os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
     example = dataset[0]
     trained = processor.tokenizer.decode(example["labels"][example["labels"] != -100])
     eos = processor.tokenizer.eos_token

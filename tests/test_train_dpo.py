@@ -1,0 +1,166 @@
+"""train_ddp.py, objective dpo: LoRA-DPO learns the preference; 1 process == 2 (DDP, FSDP2);
+resumed == uninterrupted; precomputed reference == adapter-disabled reference; results load back."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpo
+import train_ddp
+import vlm
+from conftest import ROOT
+
+
+def dpo_args(toy_world, toy_pairs, out, *extra):
+    return ["--objective", "dpo", "--model", os.path.join(toy_world, "model-sft"), "--pairs", toy_pairs,
+            "--image-folder", os.path.join(toy_world, "images"), "--out", str(out), "--seed", "0",
+            "--lora-r", "8", "--lora-alpha", "16", "--lr", "2e-3", "--no-progress", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def adapter(out):
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)
+
+
+def test_pair_labels_cover_only_the_answers(toy_world):
+    _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
+    image = vlm.load_image(os.path.join(toy_world, "images", "val", "000000.png"))
+    pair = dpo.encode_pair(processor, image, "What color is the star?", "red", "deep blue", "llava_v1")
+    decode = lambda e: processor.tokenizer.decode(e["input_ids"][e["labels"] != -100])
+    assert decode(pair["chosen"]) == " red</s>" and decode(pair["rejected"]) == " deep blue</s>"
+    # same prompt and image tokens in both: they differ only after the prompt
+    n = int((pair["chosen"]["labels"] == -100).sum())
+    assert torch.equal(pair["chosen"]["input_ids"][:n], pair["rejected"]["input_ids"][:n])
+    assert torch.equal(pair["chosen"]["pixel_values"], pair["rejected"]["pixel_values"])
+
+
+def test_dpo_learns_the_preference(toy_world, toy_pairs, tmp_path):
+    """Two dozen steps on 8 right-way-round pairs: reward accuracy above 0.5 and a positive margin."""
+    few = tmp_path / "pairs.jsonl"
+    few.write_text("".join(open(toy_pairs).readlines()[:8]))
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, str(few), tmp_path, "--batch-size", "8",
+                                                  "--max-steps", "24", "--cache-data", "--lr", "1e-2")))
+    rows = metrics(tmp_path)
+    assert len(rows) == 24
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0: policy == reference
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # -log sigmoid(0)
+    assert rows[-1]["rewards/accuracies"] > 0.5
+    assert rows[-1]["rewards/margins"] > 0.05
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.02
+    with open(os.path.join(tmp_path, "adapter", "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+    assert all(k.startswith("base_model.model.") for k in adapter(tmp_path))
+
+
+def test_merged_model_loads_like_any_hf_model(toy_world, toy_pairs, tmp_path):
+    trained = train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4",
+                                                            "--max-steps", "3", "--merge", "--lr", "1e-2")))
+    merged, processor = vlm.load(os.path.join(tmp_path, "merged"))
+    assert not any(isinstance(m, dpo.LoRALinear) for m in merged.modules())
+    base, _ = vlm.load(os.path.join(toy_world, "model-sft"))
+    dpo.load_lora(base, os.path.join(tmp_path, "adapter"))  # the adapter on a fresh copy of the base model
+    batch = train_ddp.TrainDataset(train_ddp.read_records(toy_pairs)[:2], "dpo", os.path.join(toy_world, "images"),
+                                   processor, "llava_v1", 2048)
+    inputs = {k: v for k, v in batch.collate([batch[0], batch[1]]).items() if k != "labels"}
+    with torch.no_grad():
+        merged_logits, adapter_logits = merged(**inputs).logits, base(**inputs).logits
+        with dpo.disable_adapter(base):
+            base_logits = base(**inputs).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # training changed something
+
+
+def test_precomputed_reference_equals_adapter_reference(toy_world, toy_pairs, tmp_path):
+    common = ("--batch-size", "4", "--max-steps", "4")
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "adapter", *common)))
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "pre", *common,
+                                                  "--reference", "precomputed")))
+    assert list(os.path.dirname(toy_pairs) and [f for f in os.listdir(os.path.dirname(toy_pairs))
+                                                if f.startswith("true-pairs.reference-")])
+    for a, b in zip(metrics(tmp_path / "adapter"), metrics(tmp_path / "pre")):
+        for key in ("loss", "logps/ref_chosen", "logps/ref_rejected", "rewards/margins"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert_same_adapter(adapter(tmp_path / "adapter"), adapter(tmp_path / "pre"))
+
+
+def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatch):
+    common = ("--batch-size", "4", "--max-steps", "6", "--save-every", "2")
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "straight", *common)))
+
+    save = train_ddp.save_checkpoint
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        if args[4] == 4:  # the step: crash right after the second checkpoint
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_ddp, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common)))
+    monkeypatch.setattr(train_ddp, "save_checkpoint", save)
+    assert open(tmp_path / "crashed" / "latest").read() == "checkpoint-000004"
+    assert not os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # only the last is kept
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common, "--resume")))
+    assert_same_adapter(adapter(tmp_path / "straight"), adapter(tmp_path / "crashed"), rtol=0, atol=0)
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "crashed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(toy_world, toy_pairs, tmp_path, monkeypatch):
+    loss, calls = dpo.dpo_loss, []
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        losses, chosen, rejected = loss(*args, **kwargs)
+        return (losses * float("nan") if len(calls) > 2 else losses), chosen, rejected
+    monkeypatch.setattr(dpo, "dpo_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4",
+                                                      "--max-steps", "5", "--save-every", "1")))
+    checkpoint = train_ddp.latest_checkpoint(str(tmp_path))
+    assert checkpoint.endswith("checkpoint-000002")
+    assert json.load(open(os.path.join(checkpoint, "state.json")))["step"] == 2
+    assert load_file(os.path.join(checkpoint, "trainable.safetensors"))
+
+
+def test_too_long_pairs_are_skipped_not_truncated(toy_world, toy_pairs):
+    _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
+    records = train_ddp.read_records(toy_pairs)[:4]
+    records[1] = dict(records[1], chosen=" ".join(["red"] * 300))
+    dataset = train_ddp.TrainDataset(records, "dpo", os.path.join(toy_world, "images"), processor, "llava_v1", 400)
+    assert dataset.skipped == [records[1]["id"]] and len(dataset) == 3
+    for i in range(len(dataset)):  # the length check agrees with the real encoding
+        assert len(dataset[i]["chosen"]["input_ids"]) <= 400
+
+
+def run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
+    """Global batch 8: 1 process x 4 x accumulation 2 against 2 processes x 2 x accumulation 2."""
+    steps = ("--max-steps", "3", "--global-batch", "8", "--grad-accum", "2")
+    run([sys.executable, "train_ddp.py", *dpo_args(toy_world, toy_pairs, tmp_path / "one", "--batch-size", "4", *steps)])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py",
+         *dpo_args(toy_world, toy_pairs, tmp_path / "two", "--batch-size", "2", "--parallel", parallel, *steps)])
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)  # training moved B off zero
+    assert_same_adapter(one, two)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-7)
