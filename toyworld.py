@@ -433,6 +433,7 @@ def noise_change_rate(model, processor, records, image_folder, noise_step, seed,
 def build(args):
     """Build every missing part of the toy world (all of it with --force); print the summary."""
     import torch
+    import checkpoint
     import train_ddp
     torch.set_num_threads(args.threads)
     out = args.out
@@ -454,7 +455,7 @@ def build(args):
         model = build_model(tokenizer, args.width, args.vision_layers, args.text_layers, args.patch_size)
         loss = pretrain_vision(model, processor, out, scenes, args.vision_steps, 64, 2e-3, args.seed)
         print(f"stage 0: vision tower pretrained, probe loss {loss:.3f}")
-        train_ddp.save_model_atomic(model, processor, init_dir)
+        checkpoint.save_model_atomic(model, processor, init_dir)
 
     if args.force or not os.path.exists(sft_dir):
         run_dir = os.path.join(out, "sft-run")

@@ -17,18 +17,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
+import checkpoint
 import dpo
 import vlm
 
@@ -186,7 +182,7 @@ def prepare_model(args, device):
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
@@ -283,103 +279,6 @@ def precompute_reference(model, dataset, args, rank, world_size, device, amp_dty
         dataset.cache.clear()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def trainable_names(raw_model):
-    return [name for name, p in raw_model.named_parameters() if p.requires_grad]
-
-
-def save_checkpoint(model, raw_model, optimizer, scheduler, step, args, rank, world_size):
-    """OUT/checkpoint-STEP/ written in a temporary folder and renamed, then OUT/latest points to it:
-    a crash at any moment leaves the last good checkpoint intact."""
-    names = set(trainable_names(raw_model))
-    weights = {k: v for k, v in get_model_state_dict(model, options=FULL).items() if k in names}
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)  # collective: every rank
-    final, tmp = os.path.join(args.out, f"checkpoint-{step:06d}"), os.path.join(args.out, f"checkpoint-{step:06d}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if world_size > 1:
-        dist.barrier()
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available()
-                else torch.empty(0, dtype=torch.uint8)}, os.path.join(tmp, f"rng-rank{rank}.pt"))
-    if rank == 0:
-        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "scheduler": scheduler.state_dict(), "args": vars(args)}, f, indent=1)
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        previous = latest_checkpoint(args.out)
-        os.replace(tmp, final)
-        with open(os.path.join(args.out, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
-        if previous and previous != final:
-            shutil.rmtree(previous, ignore_errors=True)
-    if world_size > 1:
-        dist.barrier()
-
-
-def latest_checkpoint(out):
-    try:
-        with open(os.path.join(out, "latest")) as f:
-            return os.path.join(out, f.read().strip())
-    except FileNotFoundError:
-        return None
-
-
-def load_checkpoint(model, optimizer, scheduler, path, rank):
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue at.
-    Nothing is unpickled: weights are safetensors, the rest loads with weights_only=True."""
-    set_model_state_dict(model, load_file(os.path.join(path, "trainable.safetensors")),
-                         options=StateDictOptions(full_state_dict=True, strict=False))
-    set_optimizer_state_dict(model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True),
-                             options=StateDictOptions(full_state_dict=True))
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available() and rng["cuda"].numel():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"]
-
-
-def save_model_atomic(model, processor, out_dir):
-    """save_pretrained into a temporary folder, then rename: a crash never leaves half a model."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-
-
-def export(model, raw_model, processor, args, rank, device):
-    """The results: OUT/adapter/ (PEFT layout) and, with --merge, OUT/merged/; OUT/model/ for full
-    fine-tuning. Under FSDP the shards are gathered into a fresh copy on rank 0's CPU first."""
-    weights = get_model_state_dict(model, options=FULL)  # collective: every rank
-    if rank != 0:
-        return
-    if args.parallel == "fsdp":
-        raw_model, _ = prepare_model(args, torch.device("cpu"))
-        raw_model.load_state_dict(weights)
-    if args.lora_r > 0:
-        adapter_dir = os.path.join(args.out, "adapter")
-        dpo.save_lora(raw_model, adapter_dir, base_model_name_or_path=os.path.abspath(args.model))
-        others = {k: v for k, v in weights.items() if k in trainable_names(raw_model) and ".lora_" not in k}
-        if others:  # --train-projector: LLaVA's own name for the trained weights outside LoRA
-            save_file(others, os.path.join(adapter_dir, "non_lora_trainables.safetensors"))
-        if args.merge:
-            save_model_atomic(dpo.remove_lora(raw_model), processor, os.path.join(args.out, "merged"))
-    else:
-        save_model_atomic(raw_model, processor, os.path.join(args.out, "model"))
-
-
 # ----------------------------------------------------------------------------- the loop
 def train(args):
     """Train as args say; returns the trained model (unwrapped)."""
@@ -408,10 +307,10 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(math.ceil(args.warmup_ratio * num_steps),
                                                                        num_steps))
     os.makedirs(args.out, exist_ok=True)
-    start_step = 0
-    if args.resume and latest_checkpoint(args.out):
-        start_step = load_checkpoint(model, optimizer, scheduler, latest_checkpoint(args.out), rank)
-        print0(f"resumed from {latest_checkpoint(args.out)} at step {start_step}")
+    start_step, latest = 0, checkpoint.latest_checkpoint(args.out)
+    if args.resume and latest:
+        start_step = checkpoint.load_checkpoint(model, optimizer, scheduler, latest, rank)
+        print0(f"resumed from {latest} at step {start_step}")
     print0(f"{args.objective}: {len(dataset)} examples ({len(dataset.skipped)} skipped), {num_steps} steps of "
            f"{global_batch}, {world_size} process(es), {args.parallel}, "
            f"{sum(p.numel() for p in params):,} trainable parameters")
@@ -444,7 +343,7 @@ def train(args):
         totals = dict(zip(sums, all_reduce_sum(list(sums.values()), world_size)))
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"non-finite loss at step {step + 1}; nothing was updated, the last "
-                                     f"checkpoint ({latest_checkpoint(args.out)}) is intact")
+                                     f"checkpoint ({checkpoint.latest_checkpoint(args.out)}) is intact")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
         optimizer.step()
@@ -459,9 +358,10 @@ def train(args):
         progress.set_postfix(loss=f"{row['loss']:.4f}")
         progress.update()
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < num_steps:
-            save_checkpoint(model, raw_model, optimizer, scheduler, step + 1, args, rank, world_size)
+            checkpoint.save_checkpoint(model, raw_model, optimizer, scheduler, step + 1, args, rank, world_size)
     progress.close()
-    export(model, raw_model, processor, args, rank, device)
+    checkpoint.export(model, raw_model, processor, args, rank,
+                      fresh_model=lambda: prepare_model(args, torch.device("cpu"))[0])
     if world_size > 1:
         dist.barrier()
     return raw_model

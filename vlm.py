@@ -10,7 +10,6 @@ the processor into (336/14)^2 = 576 tokens, the image padded to a square with th
 LoRA on every linear layer of the language model except lm_head.
 """
 import os
-import re
 
 import torch
 from PIL import Image

@@ -9,13 +9,17 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 import toyworld  # noqa: E402
+
+torch.set_num_threads(1)  # the tests' models are tiny: one thread is fastest, and subprocess ranks use one too
 
 # Small enough to build in seconds; the model is barely trained: tests check plumbing, not accuracy.
 TINY_WORLD = ["--sft-images", "48", "--pool-size", "12", "--unseen-images", "8", "--val-images", "10",
               "--pope-images", "3", "--vocab-size", "400", "--width", "32", "--vision-layers", "2",
               "--text-layers", "1", "--patch-size", "16", "--vision-steps", "3", "--sft-epochs", "1",
-              "--sft-batch-size", "16", "--noise-check", "8"]
+              "--sft-batch-size", "16", "--noise-check", "8", "--threads", "1"]
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import dpo
 import train_ddp
 import vlm
@@ -67,8 +68,8 @@ def test_dpo_learns_the_preference(toy_world, toy_pairs, tmp_path):
 
 
 def test_merged_model_loads_like_any_hf_model(toy_world, toy_pairs, tmp_path):
-    trained = train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4",
-                                                            "--max-steps", "3", "--merge", "--lr", "1e-2")))
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4",
+                                                  "--max-steps", "3", "--merge", "--lr", "1e-2")))
     merged, processor = vlm.load(os.path.join(tmp_path, "merged"))
     assert not any(isinstance(m, dpo.LoRALinear) for m in merged.modules())
     base, _ = vlm.load(os.path.join(toy_world, "model-sft"))
@@ -101,15 +102,15 @@ def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatc
     common = ("--batch-size", "4", "--max-steps", "6", "--save-every", "2")
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "straight", *common)))
 
-    save = train_ddp.save_checkpoint
+    save = checkpoint.save_checkpoint
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
         if args[4] == 4:  # the step: crash right after the second checkpoint
             raise KeyboardInterrupt
-    monkeypatch.setattr(train_ddp, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common)))
-    monkeypatch.setattr(train_ddp, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert open(tmp_path / "crashed" / "latest").read() == "checkpoint-000004"
     assert not os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # only the last is kept
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common, "--resume")))
@@ -129,10 +130,10 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(toy_world, toy_pairs, tm
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
         train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4",
                                                       "--max-steps", "5", "--save-every", "1")))
-    checkpoint = train_ddp.latest_checkpoint(str(tmp_path))
-    assert checkpoint.endswith("checkpoint-000002")
-    assert json.load(open(os.path.join(checkpoint, "state.json")))["step"] == 2
-    assert load_file(os.path.join(checkpoint, "trainable.safetensors"))
+    latest = checkpoint.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("checkpoint-000002")
+    assert json.load(open(os.path.join(latest, "state.json")))["step"] == 2
+    assert load_file(os.path.join(latest, "trainable.safetensors"))
 
 
 def test_too_long_pairs_are_skipped_not_truncated(toy_world, toy_pairs):
@@ -164,3 +165,30 @@ def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-7)
+
+
+def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_pairs, tmp_path):
+    args = train_ddp.resolve_defaults(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path)))
+    model, _ = train_ddp.prepare_model(args, torch.device("cpu"))
+    trainable = checkpoint.trainable_names(model)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all("language_model" in n for n in trainable)  # never the vision tower or the projector
+    args.train_projector = True
+    model, _ = train_ddp.prepare_model(args, torch.device("cpu"))
+    extra = [n for n in checkpoint.trainable_names(model) if ".lora_" not in n]
+    assert extra and all(n.startswith("model.multi_modal_projector.") for n in extra)
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "run", "--batch-size", "4",
+                                                  "--max-steps", "2", "--train-projector")))
+    saved = load_file(os.path.join(tmp_path, "run", "adapter", "non_lora_trainables.safetensors"))
+    assert sorted(saved) == sorted(extra)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(toy_world, toy_pairs, tmp_path):
+    args = train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--gradient-checkpointing"))
+    model, _ = train_ddp.prepare_model(train_ddp.resolve_defaults(args), torch.device("cpu"))
+    assert model.is_gradient_checkpointing
+    common = ("--batch-size", "4", "--max-steps", "2")
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "plain", *common)))
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "ckpt", *common,
+                                                  "--gradient-checkpointing")))
+    assert_same_adapter(adapter(tmp_path / "plain"), adapter(tmp_path / "ckpt"), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,115 @@
+"""
+Saving a training run: checkpoints that survive a crash at any moment, resume, and the final results.
+
+A checkpoint is OUT/checkpoint-STEP/ (trainable weights in safetensors, optimizer, scheduler, RNG and
+step), written in a temporary folder and renamed, then OUT/latest is pointed at it. Every rank takes part
+(the state dicts of FSDP2 are gathered collectively); rank 0 writes. Nothing is ever unpickled on load:
+weights are safetensors and the rest loads with torch.load(..., weights_only=True).
+"""
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+import dpo
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def trainable_names(raw_model):
+    return [name for name, p in raw_model.named_parameters() if p.requires_grad]
+
+
+def save_checkpoint(model, raw_model, optimizer, scheduler, step, args, rank, world_size):
+    """OUT/checkpoint-STEP/ written in a temporary folder and renamed, then OUT/latest points to it:
+    a crash at any moment leaves the last good checkpoint intact."""
+    names = set(trainable_names(raw_model))
+    weights = {k: v for k, v in get_model_state_dict(model, options=FULL).items() if k in names}
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)  # collective: every rank
+    final, tmp = os.path.join(args.out, f"checkpoint-{step:06d}"), os.path.join(args.out, f"checkpoint-{step:06d}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if world_size > 1:
+        dist.barrier()
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available()
+                else torch.empty(0, dtype=torch.uint8)}, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    if rank == 0:
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "scheduler": scheduler.state_dict(), "args": vars(args)}, f, indent=1)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        previous = latest_checkpoint(args.out)
+        os.replace(tmp, final)
+        with open(os.path.join(args.out, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
+        if previous and previous != final:
+            shutil.rmtree(previous, ignore_errors=True)
+    if world_size > 1:
+        dist.barrier()
+
+
+def latest_checkpoint(out):
+    try:
+        with open(os.path.join(out, "latest")) as f:
+            return os.path.join(out, f.read().strip())
+    except FileNotFoundError:
+        return None
+
+
+def load_checkpoint(model, optimizer, scheduler, path, rank):
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue at.
+    Nothing is unpickled: weights are safetensors, the rest loads with weights_only=True."""
+    set_model_state_dict(model, load_file(os.path.join(path, "trainable.safetensors")),
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True),
+                             options=StateDictOptions(full_state_dict=True))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and rng["cuda"].numel():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+def save_model_atomic(model, processor, out_dir):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a model."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def export(model, raw_model, processor, args, rank, fresh_model):
+    """The results: OUT/adapter/ (PEFT layout) and, with --merge, OUT/merged/; OUT/model/ for full
+    fine-tuning. Under FSDP the shards are gathered into a fresh copy on rank 0's CPU first."""
+    weights = get_model_state_dict(model, options=FULL)  # collective: every rank
+    if rank != 0:
+        return
+    if args.parallel == "fsdp":
+        raw_model = fresh_model()  # an unsharded copy on CPU, to hold the gathered weights
+        raw_model.load_state_dict(weights)
+    if args.lora_r > 0:
+        adapter_dir = os.path.join(args.out, "adapter")
+        dpo.save_lora(raw_model, adapter_dir, base_model_name_or_path=os.path.abspath(args.model))
+        others = {k: v for k, v in weights.items() if k in trainable_names(raw_model) and ".lora_" not in k}
+        if others:  # --train-projector: LLaVA's own name for the trained weights outside LoRA
+            save_file(others, os.path.join(adapter_dir, "non_lora_trainables.safetensors"))
+        if args.merge:
+            save_model_atomic(dpo.remove_lora(raw_model), processor, os.path.join(args.out, "merged"))
+    else:
+        save_model_atomic(raw_model, processor, os.path.join(args.out, "model"))
