@@ -186,7 +186,7 @@ def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_p
 def test_gradient_checkpointing_changes_nothing_but_memory(toy_world, toy_pairs, tmp_path):
     args = train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--gradient-checkpointing"))
     model, _ = train_ddp.prepare_model(train_ddp.resolve_defaults(args), torch.device("cpu"))
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     common = ("--batch-size", "4", "--max-steps", "2")
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "plain", *common)))
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "ckpt", *common,
