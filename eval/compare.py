@@ -1,0 +1,303 @@
+"""
+The SFT model against the SeVa model (the same model + the DPO LoRA adapter) on every benchmark given:
+
+  * a table like paper Table 2: rows the models, columns the benchmarks, and a delta row;
+  * pair-wise win / lose / tie counts like paper Fig. 5: question by question, with the judge's scores
+    (MM-Vet, LLaVA-Bench), or against the labels (win = SeVa right and SFT wrong, lose = the reverse);
+  * answer consistency under sampling like paper Table 5: at each temperature, the share of sampled
+    answers equal to the model's greedy answer (the paper asks GPT-4 for a 1-10 consistency score; the
+    toy world's one-word answers can be compared exactly).
+
+Toy world (the default): POPE (3 splits), toy VQA clean and under diffusion noise at step 500, consistency:
+    python -m eval.compare --base toy/model-sft --adapter runs/dpo/adapter
+writes OUT/compare.md, OUT/compare.png, OUT/compare.json and every answer file under OUT/answers/{sft,seva}/
+(resumable: a rerun generates only what is missing). Under torchrun the questions are shared out.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import train_ddp
+from eval import judge as judge_lib
+from eval import multiple_choice, pope, runner, toyvqa
+
+MODELS = ("SFT", "SeVa")
+TEMPERATURES = "0.2,0.4,0.5,0.7,0.9,1.0"  # paper Table 5's rows
+
+
+# ----------------------------------------------------------------------------- one model, every benchmark
+def consistency(model, processor, model_id, records, image_folder, out_dir, temperatures, seed, rank=0,
+                world_size=1, **decoding):
+    """{temperature: {agreement, accuracy}}: sampled answers (seeded) against the greedy ones (paper Table 5)."""
+    questions = toyvqa.toy_questions(records)
+    common = dict(rank=rank, world_size=world_size, **decoding)
+    greedy = runner.answer_questions(model, processor, questions, os.path.join(out_dir, "toyvqa-clean.jsonl"),
+                                     model_id, image_folder, **common)
+    results = {}
+    for t in temperatures:
+        sampled = runner.answer_questions(model, processor, questions, os.path.join(out_dir, f"toyvqa-t{t}.jsonl"),
+                                          model_id, image_folder, temperature=t, seed=seed, **common)
+        results[str(t)] = dict(agreement=agreement(greedy, sampled),
+                               accuracy=toyvqa.vqa_scores(records, sampled)["overall"])
+    return results
+
+
+def agreement(greedy, sampled):
+    """The share of questions whose sampled answer equals the greedy one (case-insensitive)."""
+    return sum(a["text"].lower() == b["text"].lower() for a, b in zip(greedy, sampled)) / len(greedy)
+
+
+def evaluate_model(model, processor, model_id, out_dir, args, judge=None, rank=0, world_size=1):
+    """Every benchmark the arguments name, for one model; answers under out_dir."""
+    decoding = runner.decoding(args)
+    common = dict(rank=rank, world_size=world_size, **decoding)
+    results = {}
+    if args.pope_dir:
+        results["pope"] = pope.evaluate(model, processor, model_id, args.pope_dir, args.image_folder, out_dir,
+                                        args.pope_splits, args.prompt_suffix, **common)
+    if args.val:
+        results["toyvqa"] = toyvqa.evaluate(model, processor, model_id, args.val, args.image_folder, out_dir,
+                                            args.noise_step, args.seed, **common)
+    for name, path in args.mc:
+        results[f"mc/{name}"] = multiple_choice.evaluate(model, processor, model_id, path, args.mc_image_folder,
+                                                         out_dir, args.circular, args.lang, name, **common)
+    if args.mmvet_dir:
+        results["mmvet"] = judge_lib.evaluate_mmvet(model, processor, model_id, args.mmvet_dir, out_dir, judge,
+                                                    **common)
+    if args.llava_bench_dir:
+        results["llava-bench"] = judge_lib.evaluate_llava_bench(model, processor, model_id, args.llava_bench_dir,
+                                                                out_dir, judge, **common)
+    if args.val and args.temperatures:
+        results["consistency"] = consistency(model, processor, model_id, train_ddp.read_records(args.val),
+                                             args.image_folder, out_dir, args.temperatures, args.seed, **common)
+    return results
+
+
+# ----------------------------------------------------------------------------- pair-wise outcomes (paper Fig. 5)
+def outcomes(out_dir, args, results):
+    """{benchmark: {question: score}} of one model: 1.0 / 0.0 (right / wrong) from its answer files and
+    the labels, or the judge's score of each answer."""
+    per = {}
+    if args.pope_dir:
+        per["POPE"] = {}
+        for split in args.pope_splits:
+            rows = pope.read_pope(pope.split_file(args.pope_dir, split))
+            answers = runner.read_jsonl(os.path.join(out_dir, f"pope-{split}.jsonl"))
+            per["POPE"].update((f"{split}/{row['question_id']}", float(ok))
+                               for row, ok in zip(rows, pope.correctness(rows, answers)))
+    if args.val:
+        records = train_ddp.read_records(args.val)
+        files = {"VQA": "toyvqa-clean.jsonl"}
+        if args.noise_step is not None:
+            files["VQA-noisy"] = f"toyvqa-noise{args.noise_step}.jsonl"
+        for name, file in files.items():
+            answers = runner.read_jsonl(os.path.join(out_dir, file))
+            per[name] = {r["id"]: float(ok) for r, ok in zip(records, toyvqa.correctness(records, answers))}
+    for name, path in args.mc:
+        questions = [q for q in multiple_choice.read_questions(path) if q["answer"] is not None]
+        answers = runner.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
+        per[name] = {q["question_id"]: float(right) for q, (right, _) in
+                     zip(questions, multiple_choice.outcomes(questions, answers, args.circular))}
+    for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W")):
+        if results.get(key):
+            per[column] = results[key]["per_question"]
+    return per
+
+
+def win_lose_tie(sft, seva):
+    """Counts over the questions both have: win = SeVa scores higher, lose = lower, tie = equal."""
+    keys = [k for k in sft if k in seva]
+    return dict(win=sum(seva[k] > sft[k] for k in keys), lose=sum(seva[k] < sft[k] for k in keys),
+                tie=sum(seva[k] == sft[k] for k in keys))
+
+
+# ----------------------------------------------------------------------------- the table (paper Table 2)
+def table_columns(results):
+    """{column: value in percent} of one model, in the paper's order where it has the benchmark."""
+    columns = {}
+    if results.get("mmvet"):
+        columns["MMVet"] = results["mmvet"]["score"]
+    if results.get("llava-bench"):
+        columns["LLaVA-W"] = results["llava-bench"]["all"]["relative"]
+    for key, value in results.items():
+        if key.startswith("mc/") and value:
+            columns[key[3:]] = 100 * value["accuracy"]
+    if "pope" in results:  # F1, as LLaVA-1.5 and SeVa report POPE
+        short = {"random": "rand", "popular": "pop", "adversarial": "adv"}
+        for split, metrics in results["pope"].items():
+            if split != "average":
+                columns[f"POPE-{short.get(split, split)}"] = 100 * metrics["f1"]
+        columns["POPE"] = 100 * results["pope"]["average"]["f1"]
+    if "toyvqa" in results:
+        columns["VQA"] = 100 * results["toyvqa"]["clean"]["overall"]
+        if "noisy" in results["toyvqa"]:
+            columns["VQA-noisy"] = 100 * results["toyvqa"]["noisy"]["overall"]
+    return columns
+
+
+def markdown(table, pairwise, consistency_by_model, model_ids, args):
+    columns = table["columns"]
+    lines = ["## Benchmarks (paper Table 2)", "",
+             "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in MODELS + ("delta",):
+        cells = [f"{v:+.1f}" if name == "delta" else f"{v:.1f}" for v in table[name]]
+        label = f"{name} (`{model_ids[name]}`)" if name in model_ids else "delta (SeVa - SFT)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Percent. POPE columns: F1 (POPE = the average over the splits, as in the paper). "
+              f"VQA: toy-world exact match; VQA-noisy: the same under diffusion noise at step {args.noise_step}. "
+              "MMVet: judge score; LLaVA-W: relative score to the reference answers."]
+    if pairwise:
+        lines += ["", "## Pair-wise, SeVa against SFT (paper Fig. 5)", "",
+                  "| benchmark | win | lose | tie |", "|---|---|---|---|"]
+        lines += [f"| {name} | {c['win']} | {c['lose']} | {c['tie']} |" for name, c in pairwise.items()]
+        lines += ["", "Win: SeVa's answer right and SFT's wrong (with a judge: scored higher); lose: the reverse."]
+    if any(consistency_by_model.values()):
+        temperatures = list(next(v for v in consistency_by_model.values() if v))
+        lines += ["", "## Consistency under sampling (paper Table 5's idea)", "",
+                  "| temperature | " + " | ".join(f"{m} agreement | {m} accuracy" for m in MODELS) + " |",
+                  "|---" * (2 * len(MODELS) + 1) + "|"]
+        for t in temperatures:
+            points = [consistency_by_model[m][t] for m in MODELS]
+            cells = [f"{100 * p['agreement']:.1f} | {100 * p['accuracy']:.1f}" for p in points]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines += ["", "Agreement: the share of sampled answers (seeded) equal to the model's greedy answer."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table, consistency_by_model, path):
+    """Grouped bars per benchmark (and the consistency curves, if measured) into a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    has_curves = any(consistency_by_model.values())
+    fig, axes = plt.subplots(1, 2 if has_curves else 1, figsize=(12 if has_curves else 8, 4), squeeze=False)
+    ax = axes[0][0]
+    columns, width = table["columns"], 0.38
+    for k, name in enumerate(MODELS):
+        positions = [i + (k - 0.5) * width for i in range(len(columns))]
+        bars = ax.bar(positions, table[name], width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 110)
+    ax.set_title("SFT vs SeVa (paper Table 2)")
+    ax.legend()
+    if has_curves:
+        ax = axes[0][1]
+        for name in MODELS:
+            points = consistency_by_model[name]
+            ax.plot([float(t) for t in points], [100 * p["agreement"] for p in points.values()], marker="o", label=name)
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("sampling temperature")
+        ax.set_ylabel("agreement with the greedy answer (%)")
+        ax.set_title("Consistency (paper Table 5's idea)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def without_per_question(results):
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "per_question"} if isinstance(v, dict) else v)
+            for k, v in results.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = runner.add_model_args(p, max_new_tokens=16, model_flags=False)
+    g.add_argument("--base", default="toy/model-sft", help="the SFT model folder (paper: LLaVA-1.5-7B/13B)")
+    g.add_argument("--adapter", default="runs/dpo/adapter", help="SeVa's LoRA adapter (train_ddp.py's OUT/adapter)")
+    g = p.add_argument_group("benchmarks (an empty value skips one)")
+    g.add_argument("--image-folder", default="toy/images",
+                   help="images of POPE and of --val (COCO val2014 for COCO POPE)")
+    g.add_argument("--pope-dir", default="toy/pope", help="POPE files (toy/pope, or the POPE repo's coco folder)")
+    g.add_argument("--pope-splits", default=",".join(pope.SPLITS), help="comma list of POPE splits")
+    g.add_argument("--prompt-suffix", default="",
+                   help="appended to POPE questions; 'llava' = LLaVA-1.5's suffix (for COCO POPE)")
+    g.add_argument("--val", default="toy/val.json", help="toy-world VQA questions (clean, noisy, consistency)")
+    g.add_argument("--noise-step", type=int, default=500,
+                   help="diffusion step of the noisy VQA run, -1 to skip (paper: 500 for 13B, 800 for 7B)")
+    g.add_argument("--temperatures", default=TEMPERATURES,
+                   help=f"sampling temperatures of the consistency study (paper Table 5: {TEMPERATURES}); '' skips it")
+    g.add_argument("--mc", action="append", default=[], metavar="NAME=PATH",
+                   help="a multiple-choice benchmark (MMBench tsv, SEED/ScienceQA jsonl), repeatable: "
+                        "--mc MMB=mmbench_dev.tsv")
+    g.add_argument("--mc-image-folder", default=".", help="folder of the multiple-choice image paths")
+    g.add_argument("--circular", action="store_true",
+                   help="circular evaluation of the multiple-choice benchmarks (MMBench's)")
+    g.add_argument("--lang", default="en", choices=sorted(multiple_choice.SUFFIX),
+                   help="multiple-choice prompt language (cn: MMBench-CN)")
+    g.add_argument("--mmvet-dir", default="", help="MM-Vet folder (mm-vet.json, images/)")
+    g.add_argument("--llava-bench-dir", default="", help="LLaVA-Bench in-the-wild folder (questions.jsonl, ...)")
+    judge_lib.add_judge_args(p)
+    p.add_argument("--out", default="runs/compare",
+                   help="output folder: compare.md, compare.png, compare.json, answers/")
+    args = p.parse_args(argv)
+    args.pope_splits = [s.strip() for s in args.pope_splits.split(",") if s.strip()]
+    args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    args.noise_step = None if args.noise_step < 0 else args.noise_step
+    args.prompt_suffix = pope.LLAVA_SUFFIX if args.prompt_suffix == "llava" else args.prompt_suffix
+    mc = []
+    for item in args.mc:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--mc {item}: expected NAME=PATH")
+        mc.append((name, path))
+    args.mc = mc
+    if args.noise_step is not None and not 0 <= args.noise_step <= 999:
+        p.error(f"--noise-step must be in 0..999 or -1, got {args.noise_step}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
+        raise ValueError(f"--adapter {args.adapter}: no adapter_config.json (train one with train_ddp.py)")
+    rank, world_size, device = train_ddp.compute_init(args.seed)
+    dtype = train_ddp.autocast_dtype(device, "bf16") or torch.float32
+    judge = judge_lib.judge_from_args(args)
+    model_ids = {"SFT": runner.model_id_of(args.base), "SeVa": runner.model_id_of(args.base, args.adapter)}
+    answer_dirs = {"SFT": os.path.join(args.out, "answers", "sft"), "SeVa": os.path.join(args.out, "answers", "seva")}
+
+    # ---- the SFT model, then the same weights with SeVa's adapter merged in
+    model, processor = runner.load_model(args.base, None, device, dtype)
+    results = {}
+    for name in MODELS:
+        if name == "SeVa":
+            runner.load_adapter(model, args.adapter)
+            model.eval_fingerprint = runner.fingerprint(args.base, args.adapter)
+        train_ddp.print0(f"---- {name}: {model_ids[name]}")
+        results[name] = evaluate_model(model, processor, model_ids[name], answer_dirs[name], args, judge, rank,
+                                       world_size)
+
+    # ---- the report (rank 0)
+    report = None
+    if rank == 0:
+        columns = {name: table_columns(results[name]) for name in MODELS}
+        names = [c for c in columns["SFT"] if c in columns["SeVa"]]
+        table = {"columns": names, **{m: [columns[m][c] for c in names] for m in MODELS}}
+        table["delta"] = [b - a for a, b in zip(table["SFT"], table["SeVa"])]
+        per = {name: outcomes(answer_dirs[name], args, results[name]) for name in MODELS}
+        pairwise = {bench: win_lose_tie(per["SFT"][bench], per["SeVa"][bench]) for bench in per["SFT"]}
+        consistency_by_model = {name: results[name].get("consistency", {}) for name in MODELS}
+        os.makedirs(args.out, exist_ok=True)
+        text = markdown(table, pairwise, consistency_by_model, model_ids, args)
+        report = dict(args=vars(args), models=model_ids, answers=answer_dirs, table=table, pairwise=pairwise,
+                      consistency=consistency_by_model, results={m: without_per_question(results[m]) for m in MODELS})
+        runner.write_atomic(os.path.join(args.out, "compare.md"), [text])
+        runner.write_atomic(os.path.join(args.out, "compare.json"), [json.dumps(report, indent=1)])
+        bar_chart(table, consistency_by_model, os.path.join(args.out, "compare.png"))
+        print(text + f"\nwrote {args.out}/compare.md, compare.png, compare.json", flush=True)
+    runner.finish_distributed(world_size)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"eval.compare: error: {e}")

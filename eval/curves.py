@@ -1,0 +1,52 @@
+"""
+Training curves of a train_ddp.py run, as a PNG: the DPO loss, the reward margin and the reward accuracy.
+
+    python -m eval.curves runs/dpo/metrics.jsonl --out runs/dpo/curves.png
+"""
+import argparse
+import json
+
+PANELS = [("loss", "DPO loss (Eq. 7)"), ("rewards/margins", "reward margin: chosen - rejected"),
+          ("rewards/accuracies", "reward accuracy: chosen > rejected")]
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def smooth(values, window):
+    """Trailing moving average, so a noisy per-step curve shows its trend."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot_curves(rows, out, window=5, title=""):
+    """One panel per metric: the per-step value (thin) and its moving average (thick)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    steps = [row["step"] for row in rows]
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.2))
+    for axis, (key, label) in zip(axes, PANELS):
+        values = [row[key] for row in rows]
+        axis.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=1)
+        axis.plot(steps, smooth(values, window), color="tab:blue", linewidth=2)
+        axis.set_title(label, fontsize=10)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", help="OUT/metrics.jsonl of a train_ddp.py --objective dpo run")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--window", type=int, default=5, help="moving-average window in steps")
+    args = p.parse_args()
+    plot_curves(read_metrics(args.metrics), args.out, args.window, title=args.metrics)
+    print(f"wrote {args.out}")

@@ -1,0 +1,166 @@
+"""
+POPE (Li et al. 2023), the hallucination benchmark of paper Table 2: "Is there a <object> in the image?"
+about objects that are, or are not, in the image; three splits by how the absent objects are drawn
+(random, popular, adversarial). Scored exactly as LLaVA's and SeVa's eval_pope.py: keep the text before
+the first '.', drop commas, split on spaces; the words "No", "not" or "no" make the answer "no", anything
+else is "yes"; positive class "yes". Paper Table 2's POPE column (85.9 -> 86.7 for 7B) is the F1 score
+averaged over the three splits, as LLaVA-1.5 reports it.
+
+Toy world (toy/pope/*.jsonl, the default):
+    python -m eval.pope --model toy/model-sft --adapter runs/dpo/adapter
+COCO POPE (the POPE repo's coco_pope_{random,popular,adversarial}.json, jsonl despite the name):
+    python -m eval.pope --model /models/llava-1.5-7b-hf --pope-dir /data/pope/coco \
+        --image-folder /data/coco/val2014 --prompt-suffix llava --max-new-tokens 128 --out runs/eval/pope-7b
+"""
+import argparse
+import json
+import os
+import sys
+
+from eval import runner
+
+SPLITS = ("random", "popular", "adversarial")
+# LLaVA-1.5's POPE question file appends this to every question.
+LLAVA_SUFFIX = "\nAnswer the question using a single word or phrase."
+METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+# ----------------------------------------------------------------------------- scoring (LLaVA's eval_pope.py)
+def pope_answer(text):
+    """A free-form answer as "yes" or "no", the way LLaVA's eval_pope.py reads it."""
+    if "." in text:
+        text = text.split(".")[0]  # only the first sentence
+    words = text.replace(",", "").split(" ")  # spaces only, as the original: "No\n..." stays one word
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_metrics(predictions, labels):
+    """Accuracy, precision, recall, F1 and yes-ratio of "yes"/"no" predictions; positive class "yes"."""
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    positive = [p == "yes" for p in predictions]
+    truth = [label.strip().lower() != "no" for label in labels]  # LLaVA: anything but "no" is positive
+    tp = sum(p and t for p, t in zip(positive, truth))
+    fp = sum(p and not t for p, t in zip(positive, truth))
+    tn = sum(not p and not t for p, t in zip(positive, truth))
+    fn = sum(not p and t for p, t in zip(positive, truth))
+    # Deviation: LLaVA divides by zero when the model never says "yes" (or "no"); we report 0.
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(accuracy=(tp + tn) / len(labels), precision=precision, recall=recall, f1=f1,
+                yes_ratio=sum(positive) / len(positive))
+
+
+def average(results):
+    """Each metric averaged over the splits (LLaVA-1.5 and SeVa report the average F1)."""
+    return {m: sum(r[m] for r in results) / len(results) for m in METRICS}
+
+
+# ----------------------------------------------------------------------------- data
+def split_file(pope_dir, split):
+    """toy/pope/{split}.jsonl, or the POPE repo's coco_pope_{split}.json."""
+    for name in (f"{split}.jsonl", f"coco_pope_{split}.json", f"{split}.json"):
+        path = os.path.join(pope_dir, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{pope_dir}: no {split}.jsonl or coco_pope_{split}.json")
+
+
+def read_pope(path):
+    """POPE's jsonl rows: question_id, image, text, label."""
+    rows = runner.read_jsonl(path)
+    for line_no, row in enumerate(rows, 1):
+        missing = [k for k in ("question_id", "image", "text", "label") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: row {line_no} lacks {', '.join(missing)}")
+    return rows
+
+
+def pope_questions(rows, prompt_suffix=""):
+    return [dict(question_id=row["question_id"], image=row["image"], text=row["text"] + prompt_suffix)
+            for row in rows]
+
+
+def predictions(rows, answers):
+    """pope_answer of each row's answer, matched by question_id."""
+    given = {a["question_id"]: a["text"] for a in answers}
+    missing = [row["question_id"] for row in rows if row["question_id"] not in given]
+    if missing:
+        raise ValueError(f"no answer for question_ids {missing[:10]}")
+    return [pope_answer(given[row["question_id"]]) for row in rows]
+
+
+def score(rows, answers):
+    """pope_metrics of an answer file against POPE's labels."""
+    return pope_metrics(predictions(rows, answers), [row["label"] for row in rows])
+
+
+def correctness(rows, answers):
+    """Is each answer right? (for pair-wise comparisons, paper Fig. 5)"""
+    return [p == ("no" if row["label"].strip().lower() == "no" else "yes")
+            for p, row in zip(predictions(rows, answers), rows)]
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def evaluate(model, processor, model_id, pope_dir, image_folder, out_dir, splits=SPLITS, prompt_suffix="",
+             rank=0, world_size=1, **decoding):
+    """Answer and score every split: {split: metrics, ..., "average": metrics}.
+    Answers in OUT_DIR/pope-{split}.jsonl, each in its label file's order (LLaVA's eval_pope.py reads them so)."""
+    results = {}
+    for split in splits:
+        rows = read_pope(split_file(pope_dir, split))
+        answers = runner.answer_questions(model, processor, pope_questions(rows, prompt_suffix),
+                                          os.path.join(out_dir, f"pope-{split}.jsonl"), model_id, image_folder,
+                                          rank=rank, world_size=world_size, **decoding)
+        results[split] = score(rows, answers)
+    results["average"] = average([results[s] for s in splits])
+    return results
+
+
+def format_table(results):
+    lines = ["| split | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for split, metrics in results.items():
+        lines.append(f"| {split} | " + " | ".join(f"{100 * metrics[m]:.1f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runner.add_model_args(p, max_new_tokens=16)
+    g = p.add_argument_group("data")
+    g.add_argument("--pope-dir", default="toy/pope",
+                   help="folder of {random,popular,adversarial}.jsonl or the POPE repo's coco_pope_{split}.json")
+    g.add_argument("--image-folder", default="toy/images",
+                   help="folder the rows' image paths are relative to (COCO: val2014)")
+    g.add_argument("--splits", default=",".join(SPLITS), help="comma list of splits to run")
+    g.add_argument("--prompt-suffix", default="",
+                   help="text appended to each question; 'llava' = LLaVA-1.5's '\\nAnswer the question using a "
+                        "single word or phrase.' (use it with COCO POPE; the toy model was not trained on it)")
+    g.add_argument("--out", default="runs/eval/pope", help="folder for the answer files and pope.json")
+    args = p.parse_args(argv)
+    args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if args.prompt_suffix == "llava":
+        args.prompt_suffix = LLAVA_SUFFIX
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, processor, rank, world_size = runner.setup(args)
+    results = evaluate(model, processor, args.model_id, args.pope_dir, args.image_folder, args.out, args.splits,
+                       args.prompt_suffix, rank, world_size, **runner.decoding(args))
+    if rank == 0:
+        runner.write_atomic(os.path.join(args.out, "pope.json"),
+                            [json.dumps(dict(args=vars(args), results=results), indent=1)])
+        print(f"POPE, {args.model_id} (percent; paper Table 2 reports the average F1)\n" + format_table(results))
+    runner.finish_distributed(world_size)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"eval.pope: error: {e}")
