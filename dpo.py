@@ -288,5 +288,126 @@ def concatenated_forward(model, batch):
     return logps.chunk(2)
 
 
+# The prompt (system prompt, 576 image tokens, question) is most of every sequence and is the same in
+# chosen and rejected: the two forwards below pay for it once per pair instead of twice.
+def unwrap(model):
+    """The model inside a DDP wrapper (FSDP2 keeps the model itself)."""
+    return getattr(model, "module", model)
+
+
+def pair_images(batch):
+    """The image tensors (pixel_values, ...) of each pair once: both rows of a pair show the same image."""
+    pairs = batch["input_ids"].shape[0] // 2
+    images = {k: v for k, v in batch.items()
+              if k not in ("input_ids", "labels", "attention_mask") and not k.startswith("reference_")}
+    for key, value in images.items():
+        if not torch.equal(value[:pairs], value[pairs:]):  # Alg. 1 line 4: both answers on the original image
+            raise ValueError(f"{key}: the chosen and rejected rows of a pair must show the same image")
+    return {k: v[:pairs] for k, v in images.items()}
+
+
+def shared_image_forward(model, batch):
+    """As concatenated_forward, but the vision tower and projector run on B images, not 2B: each pair's
+    image features are computed once and placed into both its chosen and its rejected row."""
+    image_outputs = unwrap(model).get_image_features(**pair_images(batch), return_dict=True)
+    features = list(image_outputs.pooler_output)  # B tensors (image tokens, D): one per pair
+    encoded = {"image": type(image_outputs)(pooler_output=features + features)}  # rows: chosen, then rejected
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   mm_encoder_outputs=encoded).logits  # (2B, T, V)
+    return sequence_logps(logits, batch["labels"]).chunk(2)
+
+
+def pack_pairs(batch):
+    """One sequence per pair, prompt + chosen answer + rejected answer, from a collate_pairs batch.
+
+    The prompt is everything before a row's first labelled token and must be the same in both rows.
+    Returns input_ids and position_ids (B, L), the block mask `allowed` (B, L, L) (True: query may
+    attend to key) and, per answer, the packed positions whose logits score it and its labels, each
+    (B, 1 + longest answer): column 0 is the prompt's last position (it predicts both answers' first
+    token) with label -100, so that sequence_logps' shift pairs column j's logits with label j + 1.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]  # (2B, T)
+    pairs, device = input_ids.shape[0] // 2, input_ids.device
+    lengths = batch["attention_mask"].sum(-1)  # (2B,): right padding
+    labelled = labels != -100  # (2B, T)
+    if not labelled.any(-1).all():
+        raise ValueError("every sequence of a pair needs labelled answer tokens")
+    prompt = labelled.int().argmax(-1)  # (2B,): index of the first labelled token = prompt length
+    column = torch.arange(input_ids.shape[1], device=device)  # (T,)
+    same_prompt = (input_ids[:pairs] == input_ids[pairs:]) | (column >= prompt[:pairs, None])  # (B, T)
+    if not (torch.equal(prompt[:pairs], prompt[pairs:]) and same_prompt.all()):
+        raise ValueError("chosen and rejected must share their prompt to be packed into one sequence")
+    prompt, chosen, rejected = prompt[:pairs], lengths[:pairs] - prompt[:pairs], lengths[pairs:] - prompt[:pairs]
+
+    # Packed index k of pair i: segment 0 = prompt, 1 = chosen, 2 = rejected, 3 = padding.
+    end = (prompt + chosen + rejected)[:, None]  # (B, 1)
+    k = torch.arange(int(end.max()), device=device)[None]  # (1, L)
+    segment = ((k >= prompt[:, None]).long() + (k >= (prompt + chosen)[:, None]).long()
+               + (k >= end).long())  # (B, L)
+    # Rejected tokens sit `chosen` places later than in their own row; both answers continue the prompt's
+    # positions. Padding copies the prompt's last token (any non-image token will do: it is masked out).
+    source_row = torch.arange(pairs, device=device)[:, None] + pairs * (segment == 2)  # (B, L)
+    source_col = torch.where(segment == 2, k - chosen[:, None], k)  # (B, L)
+    source_col = torch.where(segment == 3, prompt[:, None] - 1, source_col)
+    packed_ids = input_ids[source_row, source_col]  # (B, L)
+    position_ids = torch.where(segment == 3, 0, source_col)  # (B, L)
+
+    # Prompt causal; each answer sees the prompt and itself causally, never the other answer. Padding
+    # queries see the prompt, so no row of the mask is empty (an empty row would give nan gradients).
+    query, key = segment[:, :, None], segment[:, None, :]  # (B, L, 1), (B, 1, L)
+    causal = k[0][None, :, None] >= k[0][None, None, :]  # (1, L, L)
+    allowed = causal & ((key == 0) | ((key == query) & (key != 3)))  # (B, L, L)
+
+    def score(first, length, row_offset):  # packed positions and labels of one answer, (B, 1 + A)
+        j = torch.arange(int(length.max()) + 1, device=device)[None]  # (1, 1 + A)
+        inside = (j >= 1) & (j <= length[:, None])  # (B, 1 + A): column j >= 1 holds answer token j - 1
+        positions = torch.where(inside, first[:, None] + j - 1, prompt[:, None] - 1)  # (B, 1 + A)
+        rows = torch.arange(pairs, device=device)[:, None] + row_offset
+        answer_labels = labels[rows, (prompt[:, None] + j - 1).clamp(max=labels.shape[1] - 1)]  # (B, 1 + A)
+        return positions, answer_labels.masked_fill(~inside, -100)
+
+    chosen_positions, chosen_labels = score(prompt, chosen, 0)
+    rejected_positions, rejected_labels = score(prompt + chosen, rejected, pairs)
+    return dict(input_ids=packed_ids, position_ids=position_ids, allowed=allowed,
+                chosen_positions=chosen_positions, chosen_labels=chosen_labels,
+                rejected_positions=rejected_positions, rejected_labels=rejected_labels)
+
+
+def shared_prefix_supported(model):
+    """(True, "") if the model can take pack_pairs' block mask, else (False, why)."""
+    model = unwrap(model)
+    if not vlm.FAMILIES[vlm.family_of(model)].get("shared_prefix", False):
+        return False, f"the {vlm.family_of(model)} family is not marked shared_prefix in vlm.FAMILIES"
+    implementation = model.config.get_text_config()._attn_implementation
+    if implementation not in ("sdpa", "eager"):  # flash/flex kernels take no arbitrary 4D mask
+        return False, f"attention implementation {implementation!r} takes no 4D mask"
+    return True, ""
+
+
+def shared_prefix_forward(model, batch):
+    """log pi(chosen|x) and log pi(rejected|x), each (B,), from one forward over B packed sequences: the
+    image features and the prompt are computed once per pair, and the lm_head runs only where an answer
+    token is predicted. Equal to concatenated_forward (tests/test_shared_prefix.py)."""
+    supported, why = shared_prefix_supported(model)
+    if not supported:
+        if not getattr(unwrap(model), "shared_prefix_fallback_logged", False):  # say it once per model
+            print(f"shared_prefix: {why}; falling back to the concatenated forward", flush=True)
+            unwrap(model).shared_prefix_fallback_logged = True
+        return concatenated_forward(model, batch)
+    packed = pack_pairs(batch)
+    allowed = packed["allowed"][:, None]  # (B, 1, L, L): one mask for every head
+    if unwrap(model).config.get_text_config()._attn_implementation == "eager":  # eager adds it to the scores
+        dtype = unwrap(model).get_input_embeddings().weight.dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    keep = torch.cat([packed["chosen_positions"], packed["rejected_positions"]], 1)  # (B, K)
+    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=allowed,
+                   logits_to_keep=keep, **pair_images(batch)).logits  # (B, K, V)
+    split = packed["chosen_positions"].shape[1]
+    return (sequence_logps(logits[:, :split], packed["chosen_labels"]),
+            sequence_logps(logits[:, split:], packed["rejected_labels"]))
+
+
 # The pair forward is one replaceable function: train_ddp.py picks it by name (--pair-forward).
-PAIR_FORWARDS = {"concatenated": concatenated_forward}
+PAIR_FORWARDS = {"concatenated": concatenated_forward, "shared_image": shared_image_forward,
+                 "shared_prefix": shared_prefix_forward}

@@ -192,10 +192,11 @@ def wrap(model, args, world_size, device):
         return model
     if args.parallel == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for layer in vlm.get_module(model, vlm.FAMILIES[vlm.family_of(model)]["decoder_layers"]):
         fully_shard(layer)
     fully_shard(model)
+    register_fsdp_forward_method(model, "get_image_features")  # dpo.shared_image_forward calls it outside forward
     return model
 
 
@@ -419,8 +420,11 @@ def parse_args(argv=None):
     g.add_argument("--reference", default="adapter", choices=["adapter", "precomputed"],
                    help="adapter: the policy with LoRA disabled (a frozen copy for full fine-tuning); "
                         "precomputed: log-probs computed once, stored beside the pairs")
-    g.add_argument("--pair-forward", default="concatenated", choices=list(dpo.PAIR_FORWARDS),
-                   help="how a pair is scored: concatenated runs chosen and rejected as 2B sequences")
+    g.add_argument("--pair-forward", default="shared_prefix", choices=list(dpo.PAIR_FORWARDS),
+                   help="how a pair is scored, all equal (tests/test_shared_prefix.py): shared_prefix packs prompt + "
+                        "chosen + rejected into one sequence (fastest; families without it fall back to "
+                        "concatenated); shared_image runs the vision tower once per pair; concatenated runs "
+                        "chosen and rejected as 2B full sequences (the naive way)")
     g.add_argument("--merge", action="store_true", help="also write OUT/merged/, the LoRA merged into the model")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-step (paper: 16)")

@@ -23,6 +23,7 @@ FAMILIES = {
         vision_tower="model.vision_tower",
         projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
+        shared_prefix=True,  # its Llama takes a 4D attention mask: dpo.shared_prefix_forward can pack pairs
     ),
 }
 

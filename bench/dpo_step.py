@@ -1,0 +1,308 @@
+"""
+Benchmark: one DPO step of SeVa (reference forward + policy forward/backward + AdamW) with each pair forward
+of dpo.py, on a random LLaVA at LLaVA-1.5's proportions: 576 image tokens, ~40 prompt text tokens, short answers.
+
+    python bench/dpo_step.py                                  # the default run: ~3 minutes on 2 CPU cores
+    python bench/dpo_step.py --answers 16 --pairs 4 --rounds 5
+    python bench/dpo_step.py --width 1024 --layers 8 --pairs 8  # on a GPU (cuda is used when present, bf16 autocast)
+
+Variants: concatenated (naive: 2B full sequences), shared_image (vision tower once per pair), shared_prefix
+(one packed sequence per pair), each with the on-the-fly reference (LoRA disabled) and the precomputed one.
+The step is train_ddp.py's own `dpo_micro_step`, then gradient clipping and AdamW. The learning rate is 0 so
+every variant and round starts from the same weights: the losses of the variants are compared (max |delta|).
+All numbers come from this one run: a warm-up step of every variant first, then the variants alternate
+(order reversed every other round); step time is the median of --rounds, "x naive" the median of the per-round
+ratios to concatenated with the same reference. Not a test: CPU numbers are noisy.
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated during the step minus what was allocated before it;
+on CPU the same quantity from torch's profiler (every tensor allocation and free during one profiled step,
+summed in time order). Both count tensors only (no allocator caching, no Python objects).
+
+FLOPs of a step, counted analytically (multiply-add = 2 FLOPs; matmuls and convolutions only), for the tokens
+each variant really computes, padding included:
+  forward  = images * [2 N_vision T_vision + 4 h_v T_vision^2 L_v + 2 N_projector T_image + 2 (3 p^2) h_v T_image]
+           + rows * [2 N_lm L + 4 h L^2 layers] + 2 h V positions
+  backward = rows * [2 N_base L + 4 N_lora L + 8 h L^2 layers] + 2 h V positions   (policy only)
+  step     = reference forward (N_lm = N_base: LoRA disabled; 0 when precomputed) + policy forward + backward
+N_lm = linear weights of the decoder layers (N_base) plus LoRA (N_lora); rows x L the language model's padded
+batch (2B sequences, or B packed ones); positions = where the lm_head runs (every position, or only the scored
+ones with logits_to_keep). The frozen weights get activation gradients only (2 N T, not the 4 N T of a trained
+weight; the first layer's q, k, v need none either: a ~1% over-count kept for simplicity); attention counts the
+full L x L square (an explicit mask skips nothing); the frozen vision tower has no backward. "% matmul peak"
+divides FLOP/s by the best torch.mm throughput of large squares, measured first (fp32 on CPU, bf16 on CUDA): a
+roofline figure. --check-flops prints torch's FlopCounterMode count beside ours (it agrees within ~1% with
+--attention eager; it does not count the CPU sdpa kernel).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from argparse import Namespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import dpo  # noqa: E402
+import train_ddp  # noqa: E402
+import vlm  # noqa: E402
+
+FORWARDS = ("concatenated", "shared_image", "shared_prefix")
+REFERENCES = ("adapter", "precomputed")
+
+
+# ----------------------------------------------------------------------------- model and batches
+def build_model(args, device):
+    """A random LLaVA-1.5 from configs (no hub): CLIP vision tower, MLP projector, Llama; LoRA on, B random."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_width,
+                              intermediate_size=4 * args.vision_width, num_hidden_layers=args.vision_layers,
+                              num_attention_heads=max(1, args.vision_width // 64))
+    text = LlamaConfig(hidden_size=args.width, intermediate_size=int(2.6875 * args.width) // 8 * 8,
+                       num_hidden_layers=args.layers, num_attention_heads=max(1, args.width // 64),
+                       vocab_size=args.vocab, max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=args.vocab - 1,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).to(device)
+    model.set_attn_implementation(args.attention)
+    dpo.apply_lora(model, args.lora_r, 2 * args.lora_r)
+    vlm.freeze_vision(model)
+    with torch.no_grad():  # policy != reference, so the losses are not all log 2
+        for name, p in dpo.lora_parameters(model):
+            if ".lora_B." in name:
+                p.normal_(0, 0.02)
+    return model.train()
+
+
+def make_batch(args, answer_tokens, device):
+    """B pairs as collate_pairs makes them: [text, 576 image tokens, text] prompt, then an answer. Chosen
+    answers have `answer_tokens` tokens, rejected ones 3/4 of that in every other pair (padding, as real pairs)."""
+    generator = torch.Generator().manual_seed(answer_tokens)
+    image_tokens = (args.image_size // args.patch_size) ** 2
+    image_id, before = args.vocab - 1, args.prompt_tokens * 3 // 4  # system prompt + "USER:" before the image
+
+    def text(n):
+        return torch.randint(1, args.vocab - 1, (n,), generator=generator)
+
+    def sequence(prompt, answer, pixel_values):
+        return {"input_ids": torch.cat([prompt, answer]), "labels": torch.cat([torch.full_like(prompt, -100), answer]),
+                "pixel_values": pixel_values}
+
+    pairs = []
+    for i in range(args.pairs):
+        prompt = torch.cat([text(before), torch.full((image_tokens,), image_id), text(args.prompt_tokens - before)])
+        pixel_values = torch.randn(1, 3, args.image_size, args.image_size, generator=generator)
+        rejected_tokens = max(1, answer_tokens * 3 // 4) if i % 2 else answer_tokens
+        pairs.append({"chosen": sequence(prompt, text(answer_tokens), pixel_values),
+                      "rejected": sequence(prompt, text(rejected_tokens), pixel_values)})
+    return {k: v.to(device) for k, v in dpo.collate_pairs(pairs, pad_token_id=0).items()}
+
+
+# ----------------------------------------------------------------------------- one step
+def dpo_step(model, optimizer, batch, forward, amp_dtype):
+    """train_ddp.py's DPO step on one micro-batch: (summed loss, summed policy chosen log-probs)."""
+    step_args = Namespace(pair_forward=forward, beta=0.1, label_smoothing=0.0, loss_type="sigmoid")
+    with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, step_args)
+        (loss / (batch["input_ids"].shape[0] // 2)).backward()  # the mean over the pairs
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats["loss"].item(), stats["logps/chosen"].item()
+
+
+def with_reference(model, batch, amp_dtype):
+    """The batch plus precomputed reference log-probs (as train_ddp.py --reference precomputed stores them)."""
+    with torch.no_grad(), dpo.disable_adapter(model), torch.autocast(
+            batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        chosen, rejected = dpo.concatenated_forward(model, batch)
+    return dict(batch, reference_chosen_logps=chosen.float(), reference_rejected_logps=rejected.float())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def peak_memory(fn, device):
+    """Peak bytes of tensors allocated during fn() above those live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Every allocation (+bytes) and free (-bytes), in time order (kineto's raw events; prof.events() keeps
+    # only those not attributed to an operator).
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def matmul_peak(device, dtype, sizes, repeats=3):
+    """Best dense torch.mm throughput (FLOP/s) over size x size squares of each size."""
+    best = 0.0
+    for size in sizes:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        a @ b  # warm-up
+        best = max([best] + [2 * size ** 3 / timed(lambda: a @ b, device)[0] for _ in range(repeats)])
+    return best
+
+
+def linear_weights(module):
+    """Sum of in x out over the nn.Linear layers of a module, split into (base, LoRA)."""
+    base = lora = 0
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            if ".lora_A" in f".{name}" or ".lora_B" in f".{name}":
+                lora += layer.in_features * layer.out_features
+            else:
+                base += layer.in_features * layer.out_features
+    return base, lora
+
+
+def step_flops(model, batch, forward, reference):
+    """The module docstring's formula for one step of this variant on this batch."""
+    config, text = model.config, model.config.text_config
+    vision = config.vision_config
+    image_tokens = (vision.image_size // vision.patch_size) ** 2
+    vision_tokens = image_tokens + 1  # CLS
+    n_vision = linear_weights(model.model.vision_tower)[0]
+    n_projector = linear_weights(model.model.multi_modal_projector)[0]
+    n_base, n_lora = linear_weights(model.model.language_model)
+    h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
+    pairs = batch["input_ids"].shape[0] // 2
+    if forward == "shared_prefix":
+        packed = dpo.pack_pairs(batch)
+        rows, length = pairs, packed["input_ids"].shape[1]
+        positions = pairs * (packed["chosen_positions"].shape[1] + packed["rejected_positions"].shape[1])
+    else:
+        rows, length = 2 * pairs, batch["input_ids"].shape[1]
+        positions = rows * length
+    images = pairs if forward != "concatenated" else 2 * pairs
+    vision_forward = images * (2 * n_vision * vision_tokens + 4 * vision.hidden_size * vision_tokens ** 2
+                               * vision.num_hidden_layers + 2 * n_projector * image_tokens
+                               + 2 * 3 * vision.patch_size ** 2 * vision.hidden_size * image_tokens)
+
+    def language_forward(n_linear):
+        return rows * (2 * n_linear * length + 4 * h * length ** 2 * layers) + 2 * h * vocab * positions
+
+    backward = rows * (2 * n_base * length + 4 * n_lora * length + 8 * h * length ** 2 * layers) \
+        + 2 * h * vocab * positions
+    reference_forward = 0 if reference == "precomputed" else vision_forward + language_forward(n_base)
+    return reference_forward + vision_forward + language_forward(n_base + n_lora) + backward
+
+
+def counted_flops(model, optimizer, batch, forward, amp_dtype):
+    """torch's own count of one step (FlopCounterMode), to check step_flops."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        dpo_step(model, optimizer, batch, forward, amp_dtype)
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- measurement
+def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
+    """Every (pair forward, reference) variant on one batch: warm-up, peak memory, alternating timed rounds.
+    Returns the table rows."""
+    batches = {"adapter": batch, "precomputed": with_reference(model, batch, amp_dtype)}
+    variants = [(forward, reference) for forward in forwards for reference in REFERENCES]
+    step = {v: (lambda v=v: dpo_step(model, optimizer, batches[v[1]], v[0], amp_dtype)) for v in variants}
+    results = {v: step[v]() for v in variants}  # the warm-up; its (loss, logps) are compared below
+    memory = {v: peak_memory(step[v], device) if args.memory else float("nan") for v in variants}
+    times = {v: [] for v in variants}
+    for round_index in range(args.rounds):
+        for v in (variants if round_index % 2 == 0 else variants[::-1]):
+            times[v].append(timed(step[v], device)[0])
+    rows, answer_tokens = [], int((batch["labels"][0] != -100).sum())
+    for v in variants:
+        naive = ("concatenated", v[1]) if "concatenated" in forwards else v  # same reference
+        seconds, flops = statistics.median(times[v]), step_flops(model, batch, *v)
+        counted = (f" ({counted_flops(model, optimizer, batches[v[1]], v[0], amp_dtype) / 1e9:.2f})"
+                   if args.check_flops else "")
+        # x naive: the median of the per-round ratios; a round runs the variants back to back, so a slow spell
+        # of a shared machine slows both sides of a ratio alike
+        ratio = statistics.median(t / t_naive for t, t_naive in zip(times[v], times[naive]))
+        loss_delta = abs(results[v][0] - results[naive][0]) / args.pairs
+        rows.append(f"| {answer_tokens} | {v[0]} | {v[1]} | {seconds:.3f} | {min(times[v]):.3f} | {ratio:.2f} "
+                    f"| {memory[v] / 2**20:.0f} | {memory[v] / memory[naive]:.2f} | {flops / 1e9:.2f}{counted} "
+                    f"| {flops / seconds / 1e9:.1f} | {100 * flops / seconds / peak:.0f} | {loss_delta:.1e} |")
+    return rows
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (LLaVA-1.5-7B: image 336 / patch 14, CLIP 1024 x 24, Llama 4096 x 32)")
+    g.add_argument("--image-size", type=int, default=96, help="image side in pixels (LLaVA-1.5: 336)")
+    g.add_argument("--patch-size", type=int, default=4, help="(image / patch)^2 image tokens: 96 / 4 = 576 as LLaVA's")
+    g.add_argument("--vision-width", type=int, default=128, help="CLIP hidden size (LLaVA-1.5: 1024)")
+    g.add_argument("--vision-layers", type=int, default=2, help="CLIP layers (LLaVA-1.5: 24)")
+    g.add_argument("--width", type=int, default=256, help="Llama hidden size (LLaVA-1.5-7B: 4096)")
+    g.add_argument("--layers", type=int, default=4, help="Llama layers (LLaVA-1.5-7B: 32)")
+    g.add_argument("--vocab", type=int, default=1024,
+                   help="vocabulary; small so that the lm_head keeps LLaVA's small share of the FLOPs (LLaVA: 32064)")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank, alpha = 2r (paper: 1024)")
+    g.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    g = p.add_argument_group("batch and measurement")
+    g.add_argument("--pairs", type=int, default=2, help="pairs per step (paper: 16 per GPU)")
+    g.add_argument("--prompt-tokens", type=int, default=40, help="prompt text tokens besides the image tokens")
+    g.add_argument("--answers", default="4,16,64", help="answer lengths in tokens, comma-separated")
+    g.add_argument("--forwards", default=",".join(FORWARDS), help="pair forwards to compare, comma-separated")
+    g.add_argument("--rounds", type=int, default=5, help="timed rounds per variant, after one warm-up step")
+    g.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    g.add_argument("--check-flops", action="store_true", help="also print torch's FlopCounterMode count per variant")
+    g.add_argument("--matmul-sizes", default="", help="sides of the squares for the matmul peak, comma-separated "
+                                                       "(default: 2048,4096 on CPU, 8192 on CUDA)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp_dtype = train_ddp.autocast_dtype(device, "bf16")  # bf16 autocast on CUDA, fp32 on CPU
+    forwards = args.forwards.split(",")
+    sizes = args.matmul_sizes or ("8192" if device.type == "cuda" else "2048,4096")
+    peak = matmul_peak(device, amp_dtype or torch.float32, [int(size) for size in sizes.split(",")])
+    model = build_model(args, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    n_base, n_lora = linear_weights(model.model.language_model)
+    print(f"device {device} ({torch.get_num_threads()} threads), {'bf16 autocast' if amp_dtype else 'fp32'}; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s; model {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+          f"params (language linears {n_base / 1e6:.2f} M + LoRA {n_lora / 1e6:.2f} M), "
+          f"{args.pairs} pairs per step, {args.rounds} rounds", flush=True)
+
+    table = ["| answer tokens | forward | reference | step s (median) | min s | x naive | peak MiB | x naive | GFLOP "
+             "| GFLOP/s | % matmul peak | abs dloss vs naive |", "|---" * 12 + "|"]
+    print("\n".join(table), flush=True)
+    for answer_tokens in [int(a) for a in args.answers.split(",")]:
+        batch = make_batch(args, answer_tokens, device)
+        rows = measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak)
+        print("\n".join(rows), flush=True)
+        table += rows
+    prompt = args.prompt_tokens + (args.image_size // args.patch_size) ** 2
+    print(f"\nprompt {prompt} tokens ({args.prompt_tokens} text + image); x naive: against concatenated with the "
+          f"same reference; abs dloss: |mean DPO loss - naive's|, fp32 on CPU, bf16 autocast on CUDA")
