@@ -249,8 +249,8 @@ def dpo_micro_step(model, raw_model, reference_model, batch, args):
 def precompute_reference(model, dataset, args, rank, world_size, device, amp_dtype):
     """Reference log-probs of every pair, computed once (sharded over ranks) and stored beside the
     pairs, so training runs no reference forward. Reused while model, template and precision match."""
-    key = hashlib.sha256(json.dumps([os.path.abspath(args.model), args.template, args.precision,
-                                     args.max_length]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([os.path.abspath(args.model), args.template, args.precision, args.max_length,
+                                     args.pair_forward]).encode()).hexdigest()[:12]
     path = f"{os.path.splitext(args.data)[0]}.reference-{key}.jsonl"
     if not os.path.exists(path):
         print0(f"precomputing reference log-probs into {path}")
@@ -352,6 +352,7 @@ def train(args):
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, **{k: v / normaliser for k, v in totals.items()},
                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               # tokens of the unpacked sequences (prompt counted twice per pair), whatever the pair forward
                "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in batches) * world_size / (time.time() - t0)}
         if rank == 0:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
