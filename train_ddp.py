@@ -302,6 +302,9 @@ def train(args):
     elif args.objective == "dpo" and args.lora_r == 0:  # full fine-tuning: the reference is a frozen copy
         reference_model = copy.deepcopy(raw_model).requires_grad_(False)
     num_steps = args.max_steps or int(len(dataset) * args.epochs) // global_batch
+    if num_steps == 0:
+        raise ValueError(f"{args.data}: {len(dataset)} examples x {args.epochs} epochs make no step of a global "
+                         f"batch of {global_batch}")
     model = wrap(raw_model, args, world_size, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
