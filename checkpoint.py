@@ -1,5 +1,6 @@
 """
-Saving a training run: checkpoints that survive a crash at any moment, resume, and the final results.
+Nothing lost on a crash: training checkpoints that survive a kill at any moment, resume, the final
+results; and the atomic writes and torn-line-tolerant reads of the files seva.py and eval/ append to.
 
 A checkpoint is OUT/checkpoint-STEP/ (trainable weights in safetensors, optimizer, scheduler, RNG and
 step), written in a temporary folder and renamed, then OUT/latest is pointed at it. Every rank takes part
@@ -113,3 +114,29 @@ def export(model, raw_model, processor, args, rank, fresh_model):
             save_model_atomic(dpo.remove_lora(raw_model), processor, os.path.join(args.out, "merged"))
     else:
         save_model_atomic(raw_model, processor, os.path.join(args.out, "model"))
+
+
+# ----------------------------------------------------------------------------- files appended as work finishes (seva.py, eval/)
+def write_lines_atomic(path, lines):
+    """Write lines through a temporary file and a rename: a reader never sees half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_appended_jsonl(path):
+    """The rows of a jsonl file that is appended to as work finishes: a torn last line (a kill mid-write)
+    is dropped; a corrupt line anywhere else is an error naming the file and line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")[:-1]  # what follows the last newline is empty or torn
+    rows = []
+    for line_no, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: corrupt line (only the last line may be torn): {e}") from e
+    return rows

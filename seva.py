@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import train_ddp
 import vlm
 from generate import generate
@@ -203,16 +204,7 @@ def partial_path(out, rank, world_size):
 def read_partial(path, header=None):
     """The rows of a partial file's complete lines; a torn last line (a kill mid-write) is dropped.
     With a header, refuse a file made with other arguments or another number of processes."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")[:-1]  # what follows the last newline is empty or torn
-    rows = []
-    for line_no, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: corrupt line (only the last line may be torn): {e}") from e
+    rows = checkpoint.read_appended_jsonl(path)
     old = rows.pop(0) if rows else None
     if header and old and (old.get("args_hash"), old.get("world_size")) != (header["args_hash"], header["world_size"]):
         differ = [k for k in OUTPUT_ARGS if old.get("args", {}).get(k) != header["args"][k]]
@@ -232,17 +224,8 @@ def resume(out, rank, header, chunks, batch_size):
     present = {row["index"] for row in rows}
     done = {k for k, chunk in enumerate(chunks) if all(i in present for i in chunk)}
     rows = [row for row in rows if row["index"] // batch_size in done]
-    write_atomic(path, [json.dumps(header)] + [json.dumps(row, ensure_ascii=False) for row in rows])
+    checkpoint.write_lines_atomic(path, [json.dumps(header)] + [json.dumps(row, ensure_ascii=False) for row in rows])
     return done
-
-
-def write_atomic(path, lines):
-    """Write through a temporary file and a rename: a reader never sees half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- merge, summary, exports
@@ -318,13 +301,13 @@ def finish(args, instances, sampling_skipped, messages, world_size):
         if instance["answer"] is not None:
             pair["answer"] = instance["answer"]  # for analysis only: never used to make the pair
         pairs.append(pair)
-    write_atomic(args.out, [json.dumps(pair, ensure_ascii=False) for pair in pairs])
+    checkpoint.write_lines_atomic(args.out, [json.dumps(pair, ensure_ascii=False) for pair in pairs])
     summary = summarize(instances, rows, pairs, sampling_skipped, messages)
-    write_atomic(args.out + ".args.json", [json.dumps(dict(args=vars(args), world_size=world_size, summary=summary),
+    checkpoint.write_lines_atomic(args.out + ".args.json", [json.dumps(dict(args=vars(args), world_size=world_size, summary=summary),
                                                       indent=1, ensure_ascii=False)])
     base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
     for kind in args.export:
-        write_atomic(base + (".trl.jsonl" if kind == "trl" else ".authors.json"),
+        checkpoint.write_lines_atomic(base + (".trl.jsonl" if kind == "trl" else ".authors.json"),
                      export_lines(pairs, args.image_folder, kind))
     for rank in range(world_size):
         os.remove(partial_path(args.out, rank, world_size))

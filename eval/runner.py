@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import dpo
 import train_ddp
 import vlm
@@ -181,13 +182,7 @@ def partial_path(out, rank, world_size):
     return f"{out}.partial-rank{rank}-of-{world_size}.jsonl"
 
 
-def write_atomic(path, lines):
-    """Write through a temporary file and a rename: a reader never sees half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+write_atomic = checkpoint.write_lines_atomic  # every eval module writes its files through it
 
 
 def read_jsonl(path):
@@ -197,16 +192,7 @@ def read_jsonl(path):
 
 def read_partial(path):
     """(header, rows) of a partial file's complete lines; a torn last line (a kill mid-write) is dropped."""
-    if not os.path.exists(path):
-        return None, []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")[:-1]  # what follows the last newline is empty or torn
-    rows = []
-    for line_no, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: corrupt line (only the last line may be torn): {e}") from e
+    rows = checkpoint.read_appended_jsonl(path)
     return (rows[0], rows[1:]) if rows else (None, [])
 
 
