@@ -15,12 +15,13 @@ import os
 import statistics
 
 import augment
+import checkpoint
 import seva
 import toyworld
 import train_ddp
 import vlm
 
-# name -> (what the paper calls it, the setting that varies, its values, the fixed settings' overrides)
+# name -> (what the paper calls it, the setting that varies, its values)
 ABLATIONS = {
     "augmentation": ("Table 1: the source of rejected answers", "augmentation", augment.ALL_AUGMENTATIONS),
     "noise_step": ("Fig. 6: diffusion noise step", "noise_step", [100, 200, 300, 400, 500, 600, 700, 800, 900]),
@@ -36,7 +37,7 @@ BASE = dict(augmentation="diffusion", noise_step=500, num_samples=1000, lora_r=3
 GLOBAL_BATCH = 16  # as run_toy.sh's 2 processes x 8
 
 
-def run_once(world, out, setting, seed, threads):
+def run_once(world, out, setting, seed):
     """One SeVa (or continual-SFT) run; returns its row for runs.jsonl."""
     name = "-".join(f"{k}={v}" for k, v in sorted(setting.items())) + f"-seed{seed}"
     folder = os.path.join(out, "runs", name)
@@ -52,8 +53,7 @@ def run_once(world, out, setting, seed, threads):
     if setting["objective"] == "dpo":
         training += ["--objective", "dpo", "--pairs", os.path.join(folder, "pairs.jsonl")]
     else:  # Table 3: the same images and questions, trained on their true answers, same step budget
-        training += ["--objective", "sft", "--data", sft_records(data, folder, summary["pairs"], seed),
-                     "--lr", "5e-4"]
+        training += ["--objective", "sft", "--data", sft_records(folder), "--lr", "5e-4"]
     row = dict(setting=setting, seed=seed, pairs=summary["pairs"], kept_percent=summary["kept_percent"],
                pair_quality=summary["pair_quality"], steps=0, mean_margin=None, accuracy=None)
     if summary["pairs"] < GLOBAL_BATCH:  # too few pairs for one step: the model stays the SFT model
@@ -63,19 +63,22 @@ def run_once(world, out, setting, seed, threads):
     _, processor = vlm.load(os.path.join(world, "model-sft"))
     val = json.load(open(os.path.join(world, "val.json")))
     row["accuracy"], _ = toyworld.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
-    metrics = [json.loads(line) for line in open(os.path.join(folder, "train", "metrics.jsonl"))]
+    metrics = checkpoint.read_appended_jsonl(os.path.join(folder, "train", "metrics.jsonl"))
     row["steps"] = len(metrics)
-    row["mean_margin"] = statistics.mean(m.get("rewards/margins", 0.0) for m in metrics)
+    if setting["objective"] == "dpo":
+        row["mean_margin"] = statistics.mean(m["rewards/margins"] for m in metrics)
     return row
 
 
-def sft_records(data, folder, count, seed):
-    """As many pool records as SeVa kept pairs, with their true answers: continual SFT's data."""
-    import random
-    records = json.load(open(data))
-    random.Random(seed).shuffle(records)
+def sft_records(folder):
+    """Continual SFT's data (Table 3): the questions of SeVa's kept pairs on the same images, each with
+    its true answer from the data instead of a preference."""
+    pairs = checkpoint.read_appended_jsonl(os.path.join(folder, "pairs.jsonl"))
+    records = [{"id": pair["id"], "image": pair["image"],
+                "conversations": [{"from": "human", "value": "<image>\n" + pair["question"]},
+                                  {"from": "gpt", "value": pair["answer"]}]} for pair in pairs if pair.get("answer")]
     path = os.path.join(folder, "sft.json")
-    toyworld.write_json_atomic(records[:max(count, 16)], path)
+    toyworld.write_json_atomic(records, path)
     return path
 
 
@@ -100,7 +103,13 @@ def report(out, rows, base, argv):
              f"Made by `python ablations.py {' '.join(argv)}`. Mean ± standard deviation over seeds "
              f"(seeds vary the pair sampling, the noise and the DPO data order; the SFT model is fixed).", "",
              f"SFT baseline accuracy on toy/val.json: overall {base['overall']:.3f} "
-             f"({', '.join(f'{k} {v:.2f}' for k, v in base.items() if k != 'overall')}).", ""]
+             f"({', '.join(f'{k} {v:.2f}' for k, v in base.items() if k != 'overall')}).", "",
+             "What was chosen when: the toy world (data sizes, model, SFT) was fixed to meet its own bands "
+             "(val accuracy 55-90%, >= 15% of answers changed by noise at step 500) before any SeVa run. "
+             "The DPO settings shared by every run (LoRA r 32 / alpha 64, lr 5e-4, 1 epoch, beta 0.1, global "
+             "batch 16, diffusion step 500, 1000 instances) are train_ddp.py's and run_toy.sh's defaults, set "
+             "before any SeVa evaluation; two SeVa evaluations of run_toy.sh (2 epochs, then 1) were seen "
+             "before these runs and nothing was changed after them.", ""]
     for name, (title, key, values) in ABLATIONS.items():
         mine = [r for r in rows if r["ablation"] == name]
         if not mine:
@@ -148,7 +157,7 @@ def main(argv=None):
                 setting = dict(BASE, **{key: value})
                 if any(r["ablation"] == name and r["setting"] == setting and r["seed"] == seed for r in rows):
                     continue
-                row = dict(ablation=name, **run_once(args.world, args.out, setting, seed, args.threads))
+                row = dict(ablation=name, **run_once(args.world, args.out, setting, seed))
                 rows.append(row)
                 with open(log, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -50,6 +50,8 @@ def save_checkpoint(model, raw_model, optimizer, scheduler, step, args, rank, wo
         dist.barrier()
     if rank == 0:
         previous = latest_checkpoint(args.out)
+        if os.path.isdir(final) and final != previous:  # left by an earlier run into the same folder
+            shutil.rmtree(final)
         os.replace(tmp, final)
         with open(os.path.join(args.out, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
@@ -68,7 +70,12 @@ def latest_checkpoint(out):
         return None
 
 
-def load_checkpoint(model, optimizer, scheduler, path, rank):
+# The arguments that decide which examples each step sees and how it updates: a resume must keep them.
+RUN_ARGS = ("objective", "model", "data", "batch_size", "grad_accum", "global_batch", "epochs", "max_steps", "lr",
+            "warmup_ratio", "seed", "lora_r", "lora_alpha", "beta", "loss_type", "label_smoothing")
+
+
+def load_checkpoint(model, optimizer, scheduler, path, rank, args):
     """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue at.
     Nothing is unpickled: weights are safetensors, the rest loads with weights_only=True."""
     set_model_state_dict(model, load_file(os.path.join(path, "trainable.safetensors")),
@@ -77,6 +84,9 @@ def load_checkpoint(model, optimizer, scheduler, path, rank):
                              options=StateDictOptions(full_state_dict=True))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
+    differ = [k for k in RUN_ARGS if state["args"].get(k) != getattr(args, k)]
+    if differ:
+        raise ValueError(f"{path} was made with other {', '.join(differ)}; resume with the same arguments")
     scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
     torch.set_rng_state(rng["cpu"])

@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 python toyworld.py
 
 # Alg. 1 lines 1-3: chosen on the original image, rejected under diffusion noise at step 500, equal answers dropped.
-python seva.py --num-samples 1000 --batch-size 64 --out runs/seva/pairs.jsonl
+[ -f runs/seva/pairs.jsonl ] || python seva.py --num-samples 1000 --batch-size 64 --out runs/seva/pairs.jsonl
 
 # Alg. 1 line 4: LoRA-DPO on the pairs, 2 processes (gloo on CPU), the reference = the model with LoRA disabled.
 if [ ! -f runs/dpo/adapter/adapter_config.json ]; then

@@ -39,7 +39,8 @@ def compute_init(seed=0):
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NCCL for CUDA tensors, gloo for the few CPU tensors (metric sums, gathered objects) we reduce
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(seed)
     return rank, world_size, device
 
@@ -215,8 +216,7 @@ def sft_micro_step(model, batch):
     """Summed next-token loss over the answer tokens of a micro-batch."""
     labels = batch.pop("labels")
     logits = model(**batch).logits  # (B, T, V)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
+    loss = -dpo.sequence_logps(logits, labels).sum()  # next-token cross-entropy, summed over answer tokens
     return loss, {"loss": loss.detach()}
 
 
@@ -249,8 +249,12 @@ def dpo_micro_step(model, raw_model, reference_model, batch, args):
 def precompute_reference(model, dataset, args, rank, world_size, device, amp_dtype):
     """Reference log-probs of every pair, computed once (sharded over ranks) and stored beside the
     pairs, so training runs no reference forward. Reused while model, template and precision match."""
-    key = hashlib.sha256(json.dumps([os.path.abspath(args.model), args.template, args.precision, args.max_length,
-                                     args.pair_forward]).encode()).hexdigest()[:12]
+    with open(args.data, "rb") as f:  # the pairs' content and the weights' files: a changed input is recomputed
+        pairs_digest = hashlib.sha256(f.read()).hexdigest()
+    weights = sorted((name, os.path.getsize(os.path.join(args.model, name)), os.path.getmtime(os.path.join(args.model, name)))
+                     for name in os.listdir(args.model))
+    key = hashlib.sha256(json.dumps([os.path.abspath(args.model), weights, pairs_digest, args.template, args.precision,
+                                     args.max_length, args.pair_forward]).encode()).hexdigest()[:12]
     path = f"{os.path.splitext(args.data)[0]}.reference-{key}.jsonl"
     if not os.path.exists(path):
         print0(f"precomputing reference log-probs into {path}")
@@ -301,7 +305,7 @@ def train(args):
         precompute_reference(raw_model, dataset, args, rank, world_size, device, amp_dtype)  # before any update
     elif args.objective == "dpo" and args.lora_r == 0:  # full fine-tuning: the reference is a frozen copy
         reference_model = copy.deepcopy(raw_model).requires_grad_(False)
-    num_steps = args.max_steps or int(len(dataset) * args.epochs) // global_batch
+    num_steps = args.max_steps or int(args.epochs * (len(dataset) // global_batch))  # whole batches of each epoch
     if num_steps == 0:
         raise ValueError(f"{args.data}: {len(dataset)} examples x {args.epochs} epochs make no step of a global "
                          f"batch of {global_batch}")
@@ -313,12 +317,15 @@ def train(args):
     os.makedirs(args.out, exist_ok=True)
     start_step, latest = 0, checkpoint.latest_checkpoint(args.out)
     if args.resume and latest:
-        start_step = checkpoint.load_checkpoint(model, optimizer, scheduler, latest, rank)
+        start_step = checkpoint.load_checkpoint(model, optimizer, scheduler, latest, rank, args)
         print0(f"resumed from {latest} at step {start_step}")
     print0(f"{args.objective}: {len(dataset)} examples ({len(dataset.skipped)} skipped), {num_steps} steps of "
            f"{global_batch}, {world_size} process(es), {args.parallel}, "
            f"{sum(p.numel() for p in params):,} trainable parameters")
-    if rank == 0:
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0:  # keep the rows of the steps a resumed run does not redo; a fresh run starts a fresh file
+        checkpoint.write_lines_atomic(metrics_path, [json.dumps(row) for row in checkpoint.read_appended_jsonl(
+            metrics_path) if row["step"] <= start_step])
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     micro_step = sft_micro_step if args.objective == "sft" else (
@@ -358,7 +365,7 @@ def train(args):
                # tokens of the unpacked sequences (prompt counted twice per pair), whatever the pair forward
                "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in batches) * world_size / (time.time() - t0)}
         if rank == 0:
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         progress.set_postfix(loss=f"{row['loss']:.4f}")
         progress.update()
@@ -373,7 +380,7 @@ def train(args):
 
 
 def lr_lambda(warmup_steps, total_steps):
-    """Linear warmup, then cosine decay to 0 (the authors' schedule)."""
+    """Linear warmup from lr / warmup_steps, then cosine decay to 0 (the authors' cosine; HF's warmup starts at 0)."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -415,7 +422,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("LoRA and DPO")
     g.add_argument("--lora-r", type=int, help="LoRA rank, 0 = full fine-tuning (paper: 1024; toy: 32)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (paper: 2048, i.e. 2r; toy: 64)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (paper config 0.05, effectively 0)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, sft only: dpo turns every dropout off (paper config 0.05, effectively 0)")
     g.add_argument("--train-projector", action="store_true",
                    help="also train the multimodal projector (the authors' code does; the paper does not say)")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta (paper: 0.1)")

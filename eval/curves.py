@@ -4,15 +4,15 @@ Training curves of a train_ddp.py run, as a PNG: the DPO loss, the reward margin
     python -m eval.curves runs/dpo/metrics.jsonl --out runs/dpo/curves.png
 """
 import argparse
-import json
+
+import checkpoint
 
 PANELS = [("loss", "DPO loss (Eq. 7)"), ("rewards/margins", "reward margin: chosen - rejected"),
           ("rewards/accuracies", "reward accuracy: chosen > rejected")]
 
 
 def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return checkpoint.read_appended_jsonl(path)  # a run killed mid-write leaves a torn last line
 
 
 def smooth(values, window):

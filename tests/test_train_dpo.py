@@ -113,6 +113,9 @@ def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatc
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert open(tmp_path / "crashed" / "latest").read() == "checkpoint-000004"
     assert not os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # only the last is kept
+    with pytest.raises(ValueError, match="other lr"):  # a resume must keep what decides the run
+        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common,
+                                                      "--resume", "--lr", "1e-3")))
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common, "--resume")))
     assert_same_adapter(adapter(tmp_path / "straight"), adapter(tmp_path / "crashed"), rtol=0, atol=0)
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "crashed")
