@@ -188,7 +188,7 @@ def answer_chunk(model, processor, chunk, image_folder, augmentation="diffusion"
 # ----------------------------------------------------------------------------- resumable partial files
 # The arguments that decide the output: partial files made with others are not resumed.
 OUTPUT_ARGS = ("model", "data", "image_folder", "subsets", "num_samples", "seed", "augmentation", "noise_step",
-               "noise_schedule", "template", "pad", "max_new_tokens", "max_length", "batch_size")
+               "noise_schedule", "template", "pad", "max_new_tokens", "max_length", "batch_size", "precision")
 
 
 def partial_header(args, world_size):
@@ -339,6 +339,8 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (authors: 512)")
     g.add_argument("--max-length", type=int, default=2048,
                    help="context limit: prompt + max-new-tokens longer than this is skipped (paper: 2048)")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="weights in bf16 on CUDA with support (paper: bf16), fp32 otherwise; CPUs always run fp32")
     g.add_argument("--batch-size", type=int, default=16,
                    help="instances per batch and per chunk of the output (authors: 1; batching changes no answer)")
     g = p.add_argument_group("output (Alg. 1 line 3)")
@@ -401,7 +403,7 @@ def main(argv=None):
     path = partial_path(args.out, rank, world_size)
 
     # ---- Alg. 1 line 2: answer on I and on T(I); append each finished chunk (resumable)
-    model, processor = vlm.load(args.model, device, train_ddp.autocast_dtype(device, "bf16") or torch.float32)
+    model, processor = vlm.load(args.model, device, train_ddp.autocast_dtype(device, args.precision) or torch.float32)
     model.eval()
     todo = [k for k in range(rank, len(chunks), world_size) if k not in done]
     train_ddp.print0(f"{len(instances)} instances in {len(chunks)} chunks of {args.batch_size} on {world_size} process(es)")

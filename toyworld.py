@@ -205,14 +205,9 @@ def scene_rng(seed, split, index):
 
 
 def write_json_atomic(obj, path, jsonl=False):
-    """Write to a temporary file, then rename: readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        if jsonl:
-            f.writelines(json.dumps(row) + "\n" for row in obj)
-        else:
-            json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """A json file (or a jsonl file of rows) written atomically: readers never see half a file."""
+    import checkpoint
+    checkpoint.write_lines_atomic(path, [json.dumps(row) for row in obj] if jsonl else [json.dumps(obj, indent=1)])
 
 
 def build_data(out, seed, sizes):

@@ -258,7 +258,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {args.adapter}: no adapter_config.json (train one with train_ddp.py)")
     rank, world_size, device = train_ddp.compute_init(args.seed)
-    dtype = train_ddp.autocast_dtype(device, "bf16") or torch.float32
+    dtype = train_ddp.autocast_dtype(device, args.precision) or torch.float32
     judge = judge_lib.judge_from_args(args)
     model_ids = {"SFT": runner.model_id_of(args.base), "SeVa": runner.model_id_of(args.base, args.adapter)}
     answer_dirs = {"SFT": os.path.join(args.out, "answers", "sft"), "SeVa": os.path.join(args.out, "answers", "seva")}

@@ -102,6 +102,8 @@ def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help="questions per batch and per chunk of the partial files (LLaVA: 1; greedy answers do not "
                         "depend on it)")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="weights in bf16 on CUDA with support (paper: bf16), fp32 otherwise; CPUs always run fp32")
     g.add_argument("--seed", type=int, default=0, help="seed of the image noise and of sampling")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return g
@@ -110,7 +112,7 @@ def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
 def setup(args):
     """torchrun's environment and the model: (model, processor, rank, world_size). bf16 on CUDA, fp32 on CPU."""
     rank, world_size, device = train_ddp.compute_init(args.seed)
-    dtype = train_ddp.autocast_dtype(device, "bf16") or torch.float32
+    dtype = train_ddp.autocast_dtype(device, args.precision) or torch.float32
     model, processor = load_model(args.model, args.adapter, device, dtype)
     if args.model_id is None:
         args.model_id = model_id_of(args.model, args.adapter)
@@ -250,7 +252,8 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
     """
     ids = [q["question_id"] for q in questions]
     seeded = noise_step is not None or temperature > 0  # the seed matters only then
-    settings = dict(weights=getattr(model, "eval_fingerprint", None), template=template, pad=pad,
+    settings = dict(weights=getattr(model, "eval_fingerprint", None), dtype=str(next(model.parameters()).dtype),
+                    template=template, pad=pad,
                     max_new_tokens=max_new_tokens, batch_size=batch_size, noise_step=noise_step,
                     temperature=temperature, seed=seed if seeded else None)
     header = run_header(questions, model_id, settings, world_size)
