@@ -390,8 +390,9 @@ def shared_prefix_forward(model, batch):
     token is predicted. Equal to concatenated_forward (tests/test_shared_prefix.py)."""
     supported, why = shared_prefix_supported(model)
     if not supported:
-        if not getattr(unwrap(model), "shared_prefix_fallback_logged", False):  # say it once per model
-            print(f"shared_prefix: {why}; falling back to the concatenated forward", flush=True)
+        if not getattr(unwrap(model), "shared_prefix_fallback_logged", False):  # say it once (rank 0)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"shared_prefix: {why}; falling back to the concatenated forward", flush=True)
             unwrap(model).shared_prefix_fallback_logged = True
         return concatenated_forward(model, batch)
     packed = pack_pairs(batch)
