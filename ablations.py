@@ -127,7 +127,8 @@ def report(out, rows, base, argv):
             lines.append(f"| {value} | {len(runs)} | {mean_spread([r['kept_percent'] for r in runs])} | "
                          f"{mean_spread(share(seva.QUALITY[0])) if share(seva.QUALITY[0]) else '-'} | "
                          f"{mean_spread(share(seva.QUALITY[2])) if share(seva.QUALITY[2]) else '-'} | "
-                         f"{mean_spread(margins) if margins else 'no step'} | {mean_spread(accuracy)} | "
+                         f"{mean_spread(margins) if margins else ('-' if any(r['steps'] for r in runs) else 'no step')} | "
+                         f"{mean_spread(accuracy)} | "
                          f"{statistics.mean(accuracy) - base['overall']:+.3f} |")
         lines.append("")
     lines += ["Runs with fewer pairs than one global batch (16) train no step: their accuracy is the SFT model's.", ""]
