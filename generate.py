@@ -28,14 +28,15 @@ def generate(model, processor, images, questions, template="llava_v1", max_new_t
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
     device = next(model.parameters()).device
     answers, answer_ids = [], []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
         indices = list(range(start, min(start + batch_size, len(images))))
         prompts = [vlm.prompt_text(processor, questions[i], template) for i in indices]
-        inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, return_tensors="pt")
+        # generation appends on the right, so pad on the left (for this call only: the processor is the caller's)
+        inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, padding_side="left",
+                           return_tensors="pt")
         if pixel_transform is not None:
             inputs["pixel_values"] = pixel_transform(inputs["pixel_values"], indices)
         inputs = {k: v.to(device) for k, v in inputs.items()}
