@@ -36,13 +36,9 @@ def correctness(records, answers):
 
 
 def vqa_scores(records, answers):
-    """{family: accuracy, ..., "overall": accuracy}, the dict toyworld.vqa_accuracy returns."""
-    right = {}
-    for record, ok in zip(records, correctness(records, answers)):
-        right.setdefault(toyworld.first_question(record)[3], []).append(ok)
-    accuracy = {family: sum(r) / len(r) for family, r in sorted(right.items())}
-    accuracy["overall"] = sum(sum(r) for r in right.values()) / len(records)
-    return accuracy
+    """{family: accuracy, ..., "overall": accuracy} of an answer file, scored by toyworld.vqa_scores."""
+    given = {a["question_id"]: a["text"] for a in answers}
+    return toyworld.vqa_scores(records, [given[r["id"]] for r in records])
 
 
 def change_rate(clean, noisy):
