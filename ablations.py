@@ -31,43 +31,105 @@ ABLATIONS = {
                     ["pool.json", "pool-unseen.json"]),
     "objective": ("Table 3: SeVa against continual SFT on the same questions with the true answers",
                   "objective", ["dpo", "sft"]),
+    "sft_strength": ("The strength of the SFT model: SeVa from SFT models trained for fewer or more epochs",
+                     "sft_epochs", [1, 2, 3, 6, 10]),
+    "pair_filter": ("Pair quality against gain: DPO on the kept pairs filtered by their true answers (an oracle "
+                    "no real run has; for analysis only)", "pairs_used", ["all", "right_wrong", "not_inverted",
+                                                                          "inverted"]),
+    "dpo_lr": ("DPO learning rate (added after the runs above: not in the paper's ablations)", "lr",
+               [5e-5, 1e-4, 2e-4, 5e-4]),
+    "beta": ("DPO beta (added after the runs above: not in the paper's ablations)", "beta", [0.05, 0.1, 0.5, 1.0]),
 }
 # The settings every run shares unless its ablation varies one (chosen with the pipeline, see the report).
-BASE = dict(augmentation="diffusion", noise_step=500, num_samples=1000, lora_r=32, data="pool.json", objective="dpo")
+BASE = dict(augmentation="diffusion", noise_step=500, num_samples=1000, lora_r=32, data="pool.json", objective="dpo",
+            sft_epochs=6, pairs_used="all", lr=5e-4, beta=0.1)
+# Which kept pairs pair_filter trains on, by seva.pair_quality's classes (the true answer is never used otherwise).
+PAIR_FILTERS = {"all": seva.QUALITY, "right_wrong": seva.QUALITY[:1], "inverted": seva.QUALITY[2:3],
+                "not_inverted": seva.QUALITY[:2] + seva.QUALITY[3:]}
 GLOBAL_BATCH = 16  # as run_toy.sh's 2 processes x 8
+
+
+def run_name(setting, seed):
+    """A run's folder under OUT/runs: the settings that differ from BASE, and the seed."""
+    changed = [f"{k}={v}" for k, v in sorted(setting.items()) if BASE.get(k) != v]
+    return "-".join(changed or ["base"]) + f"-seed{seed}"
 
 
 def run_once(world, out, setting, seed):
     """One SeVa (or continual-SFT) run; returns its row for runs.jsonl."""
-    name = "-".join(f"{k}={v}" for k, v in sorted(setting.items())) + f"-seed{seed}"
-    folder = os.path.join(out, "runs", name)
-    data = os.path.join(world, setting["data"])
-    summary = seva.main(["--model", os.path.join(world, "model-sft"), "--data", data,
-                         "--image-folder", os.path.join(world, "images"), "--augmentation", setting["augmentation"],
-                         "--noise-step", str(setting["noise_step"]), "--num-samples", str(setting["num_samples"]),
-                         "--seed", str(seed), "--batch-size", "64", "--out", os.path.join(folder, "pairs.jsonl"),
-                         "--no-progress"])
-    training = ["--model", os.path.join(world, "model-sft"), "--image-folder", os.path.join(world, "images"),
-                "--out", os.path.join(folder, "train"), "--seed", str(seed), "--lora-r", str(setting["lora_r"]),
-                "--lora-alpha", str(2 * setting["lora_r"]), "--batch-size", str(GLOBAL_BATCH), "--no-progress", "--cache-data"]
+    folder = os.path.join(out, "runs", run_name(setting, seed))
+    start, images = sft_model(world, out, setting["sft_epochs"]), os.path.join(world, "images")
+    summary = seva.main(["--model", start, "--data", os.path.join(world, setting["data"]), "--image-folder", images,
+                         "--augmentation", setting["augmentation"], "--noise-step", str(setting["noise_step"]),
+                         "--num-samples", str(setting["num_samples"]), "--seed", str(seed), "--batch-size", "64",
+                         "--out", os.path.join(folder, "pairs.jsonl"), "--no-progress"])
+    pairs = filter_pairs(folder, setting["pairs_used"])
+    training = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"),
+                "--seed", str(seed), "--lora-r", str(setting["lora_r"]), "--lora-alpha", str(2 * setting["lora_r"]),
+                "--lr", str(setting["lr"]), "--beta", str(setting["beta"]), "--batch-size", str(GLOBAL_BATCH),
+                "--no-progress", "--cache-data"]
     if setting["objective"] == "dpo":
-        training += ["--objective", "dpo", "--pairs", os.path.join(folder, "pairs.jsonl")]
+        training += ["--objective", "dpo", "--pairs", pairs]
     else:  # Table 3: the same images and questions, trained on their true answers, same step budget
-        training += ["--objective", "sft", "--data", sft_records(folder), "--lr", "5e-4"]
+        training += ["--objective", "sft", "--data", sft_records(folder)]
     row = dict(setting=setting, seed=seed, pairs=summary["pairs"], kept_percent=summary["kept_percent"],
-               pair_quality=summary["pair_quality"], steps=0, mean_margin=None, accuracy=None)
-    if summary["pairs"] < GLOBAL_BATCH:  # too few pairs for one step: the model stays the SFT model
+               pair_quality=summary["pair_quality"], pairs_trained=len(checkpoint.read_appended_jsonl(pairs)),
+               trained_quality=seva.pair_quality(checkpoint.read_appended_jsonl(pairs)),
+               steps=0, mean_margin=None, accuracy=None, start_accuracy=model_accuracy(world, out, start))
+    if row["pairs_trained"] < GLOBAL_BATCH:  # too few pairs for one step: the model stays the SFT model
         return row
     model = train_ddp.train(train_ddp.parse_args(training))
     model.eval()
-    _, processor = vlm.load(os.path.join(world, "model-sft"))
+    _, processor = vlm.load(start)
     val = json.load(open(os.path.join(world, "val.json")))
-    row["accuracy"], _ = toyworld.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
+    row["accuracy"], _ = toyworld.vqa_accuracy(model, processor, val, images)
     metrics = checkpoint.read_appended_jsonl(os.path.join(folder, "train", "metrics.jsonl"))
     row["steps"] = len(metrics)
     if setting["objective"] == "dpo":
         row["mean_margin"] = statistics.mean(m["rewards/margins"] for m in metrics)
     return row
+
+
+def filter_pairs(folder, pairs_used):
+    """pair_filter: the kept pairs of the classes PAIR_FILTERS[pairs_used], by their true answers."""
+    path = os.path.join(folder, "pairs.jsonl")
+    if pairs_used == "all":
+        return path
+    keep = [pair for pair in checkpoint.read_appended_jsonl(path)
+            if "answer" in pair and seva.quality_of(pair) in PAIR_FILTERS[pairs_used]]
+    filtered = os.path.join(folder, f"pairs-{pairs_used}.jsonl")
+    checkpoint.write_lines_atomic(filtered, [json.dumps(pair) for pair in keep])
+    return filtered
+
+
+def sft_model(world, out, epochs):
+    """The SFT model SeVa starts from: the world's own (toy/model-sft) when `epochs` is the epochs it was trained
+    for, else one trained the same way (same initial model, data, batch, lr and seed) for `epochs` epochs."""
+    made = json.load(open(os.path.join(world, "sft-run", "args.json")))
+    if epochs == made["epochs"]:
+        return os.path.join(world, "model-sft")
+    folder = os.path.join(out, "models", f"sft-epochs={epochs}")
+    if not os.path.exists(folder):
+        run = os.path.join(out, "models", f"sft-epochs={epochs}-run")
+        train_ddp.train(train_ddp.parse_args([
+            "--objective", "sft", "--model", os.path.join(world, "model-init"), "--data", os.path.join(world, "sft.json"),
+            "--image-folder", os.path.join(world, "images"), "--out", run, "--batch-size", str(made["batch_size"]),
+            "--epochs", str(epochs), "--lr", str(made["lr"]), "--seed", str(made["seed"]), "--cache-data",
+            "--no-progress", "--resume"]))
+        os.replace(os.path.join(run, "model"), folder)
+    return folder
+
+
+def model_accuracy(world, out, model_dir):
+    """A model's accuracy on toy/val.json, computed once (OUT/models/NAME.accuracy.json)."""
+    path = os.path.join(out, "models", os.path.basename(os.path.normpath(model_dir)) + ".accuracy.json")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        model, processor = vlm.load(model_dir)
+        val = json.load(open(os.path.join(world, "val.json")))
+        accuracy, _ = toyworld.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
+        toyworld.write_json_atomic(accuracy, path)
+    return json.load(open(path))
 
 
 def sft_records(folder):
@@ -82,26 +144,18 @@ def sft_records(folder):
     return path
 
 
-def baseline(world, out):
-    """The SFT model's accuracy, computed once."""
-    path = os.path.join(out, "baseline.json")
-    if not os.path.exists(path):
-        model, processor = vlm.load(os.path.join(world, "model-sft"))
-        val = json.load(open(os.path.join(world, "val.json")))
-        accuracy, _ = toyworld.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
-        toyworld.write_json_atomic(accuracy, path)
-    return json.load(open(path))
-
-
 def mean_spread(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def report(out, rows, base, argv):
-    """OUT/report.md: per ablation, per value: pairs kept, pair quality, reward margin, accuracy (mean ± sd)."""
+def report(out, rows, argv):
+    """OUT/report.md: per ablation, per value: pairs kept, pair quality, reward margin, accuracy (mean ± sd); the
+    accuracy change by question family; and the pair-quality analysis."""
+    base = next(r["start_accuracy"] for r in rows if r["setting"]["sft_epochs"] == BASE["sft_epochs"])
     lines = ["# SeVa's ablations on the toy world", "",
              f"Made by `python ablations.py {' '.join(argv)}`. Mean ± standard deviation over seeds "
-             f"(seeds vary the pair sampling, the noise and the DPO data order; the SFT model is fixed).", "",
+             f"(seeds vary the pair sampling, the noise and the DPO data order; the SFT model is fixed except in "
+             f"the SFT-strength ablation).", "",
              f"SFT baseline accuracy on toy/val.json: overall {base['overall']:.3f} "
              f"({', '.join(f'{k} {v:.2f}' for k, v in base.items() if k != 'overall')}).", "",
              "What was chosen when: the toy world (data sizes, model, SFT) was fixed to meet its own bands "
@@ -109,31 +163,94 @@ def report(out, rows, base, argv):
              "The DPO settings shared by every run (LoRA r 32 / alpha 64, lr 5e-4, 1 epoch, beta 0.1, global "
              "batch 16, diffusion step 500, 1000 instances) are train_ddp.py's and run_toy.sh's defaults, set "
              "before any SeVa evaluation; two SeVa evaluations of run_toy.sh (2 epochs, then 1) were seen "
-             "before these runs and nothing was changed after them.", ""]
+             "before the paper's ablations ran and nothing was changed after them. The SFT-strength, pair-filter, "
+             "learning-rate and beta ablations were added after the paper's ablations had shown every setting "
+             "lowering accuracy; their values were fixed before any of their runs, and the defaults were not "
+             "changed after them.", ""]
     for name, (title, key, values) in ABLATIONS.items():
         mine = [r for r in rows if r["ablation"] == name]
-        if not mine:
-            continue
-        lines += [f"## {title}", "", f"| {key} | seeds | pairs kept % | chosen right & rejected wrong % | "
-                  f"inverted % | mean reward margin | accuracy | delta vs SFT |", "|---|---|---|---|---|---|---|---|"]
-        for value in values:
-            runs = [r for r in mine if r["setting"][key] == value]
-            if not runs:
-                continue
-            share = lambda k: [100 * r["pair_quality"][k] / max(1, sum(r["pair_quality"].values()))
-                               for r in runs if r["pair_quality"]]
-            accuracy = [r["accuracy"]["overall"] if r["accuracy"] else base["overall"] for r in runs]
-            margins = [r["mean_margin"] for r in runs if r["mean_margin"] is not None]
-            lines.append(f"| {value} | {len(runs)} | {mean_spread([r['kept_percent'] for r in runs])} | "
-                         f"{mean_spread(share(seva.QUALITY[0])) if share(seva.QUALITY[0]) else '-'} | "
-                         f"{mean_spread(share(seva.QUALITY[2])) if share(seva.QUALITY[2]) else '-'} | "
-                         f"{mean_spread(margins) if margins else ('-' if any(r['steps'] for r in runs) else 'no step')} | "
-                         f"{mean_spread(accuracy)} | "
-                         f"{statistics.mean(accuracy) - base['overall']:+.3f} |")
-        lines.append("")
-    lines += ["Runs with fewer pairs than one global batch (16) train no step: their accuracy is the SFT model's.", ""]
+        if mine:
+            lines += [f"## {title}", ""] + table(mine, key, values) + [""]
+    lines += family_table(rows) + pair_quality_analysis(rows)
+    lines += ["Runs with fewer pairs than one global batch (16) train no step: their accuracy is their start "
+              "model's. *start* is the accuracy of the SFT model the run started from.", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def accuracy_of(run, family="overall"):
+    return (run["accuracy"] or run["start_accuracy"])[family]
+
+
+def table(runs_of_ablation, key, values):
+    lines = [f"| {key} | seeds | pairs kept % | chosen right & rejected wrong % | inverted % | pairs trained | "
+             f"mean reward margin | start | accuracy | delta vs start |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for value in values:
+        runs = [r for r in runs_of_ablation if r["setting"][key] == value]
+        if not runs:
+            continue
+        share = lambda k: [100 * r["pair_quality"][k] / max(1, sum(r["pair_quality"].values()))
+                           for r in runs if r["pair_quality"]]
+        margins = [r["mean_margin"] for r in runs if r["mean_margin"] is not None]
+        delta = statistics.mean(accuracy_of(r) - r["start_accuracy"]["overall"] for r in runs)
+        lines.append(f"| {value} | {len(runs)} | {mean_spread([r['kept_percent'] for r in runs])} | "
+                     f"{mean_spread(share(seva.QUALITY[0])) if share(seva.QUALITY[0]) else '-'} | "
+                     f"{mean_spread(share(seva.QUALITY[2])) if share(seva.QUALITY[2]) else '-'} | "
+                     f"{statistics.mean(r['pairs_trained'] for r in runs):.0f} | "
+                     f"{mean_spread(margins) if margins else ('-' if any(r['steps'] for r in runs) else 'no step')} | "
+                     f"{statistics.mean(r['start_accuracy']['overall'] for r in runs):.3f} | "
+                     f"{mean_spread([accuracy_of(r) for r in runs])} | {delta:+.3f} |")
+    return lines
+
+
+def family_table(rows):
+    """Does any setting help some question families while hurting others? Mean change per family."""
+    families = [k for k in rows[0]["start_accuracy"] if k != "overall"]
+    lines = ["## Accuracy change by question family (mean over seeds, against the start model)", "",
+             "| ablation | value | " + " | ".join(families) + " | overall |", "|---|---|" + "---|" * (len(families) + 1)]
+    for name, (_, key, values) in ABLATIONS.items():
+        for value in values:
+            runs = [r for r in rows if r["ablation"] == name and r["setting"][key] == value]
+            if runs:
+                change = [statistics.mean(accuracy_of(r, f) - r["start_accuracy"][f] for r in runs)
+                          for f in families + ["overall"]]
+                lines.append(f"| {name} | {value} | " + " | ".join(f"{c:+.3f}" for c in change) + " |")
+    return lines + [""]
+
+
+def pair_quality_analysis(rows):
+    """What does a pair of each quality class do to accuracy? A least-squares fit, without intercept, of each DPO
+    run's accuracy change on the counts of trained pairs per class, over the runs at the base learning rate, beta,
+    rank and SFT model (they differ in augmentation, noise step, pool and pair filter, so in the mix of classes)."""
+    import numpy as np
+    fixed = ("lr", "beta", "lora_r", "sft_epochs", "objective")
+    runs = [r for r in rows if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"] and r["trained_quality"]]
+    if len(runs) < 2 * len(seva.QUALITY):
+        return []
+    counts = np.array([[r["trained_quality"][q] for q in seva.QUALITY] for r in runs], dtype=float) / 100
+    change = np.array([accuracy_of(r) - r["start_accuracy"]["overall"] for r in runs])
+    coef, *_ = np.linalg.lstsq(counts, change, rcond=None)
+    residual = change - counts @ coef
+    lines = ["## Pair quality against gain", "",
+             f"Fit over {len(runs)} DPO runs at the base lr, beta, rank and SFT model: accuracy change = sum over "
+             f"classes of (pairs of that class trained / 100) x coefficient. Residual sd "
+             f"{residual.std():.3f}; the counts come from the true answers, which SeVa never sees.", "",
+             "| pair class | coefficient (accuracy change per 100 pairs) | mean pairs per run |", "|---|---|---|"]
+    for q, c, n in zip(seva.QUALITY, coef, counts.mean(0) * 100):
+        lines.append(f"| {q} | {c:+.3f} | {n:.0f} |")
+    return lines + [""]
+
+
+def load_rows(log, world, out):
+    """runs.jsonl's rows, those written before a setting existed completed with its BASE value."""
+    rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    for r in rows:
+        r["setting"] = dict(BASE, **r["setting"])
+        r.setdefault("pairs_trained", r["pairs"])
+        r.setdefault("trained_quality", r["pair_quality"])
+        if "start_accuracy" not in r:
+            r["start_accuracy"] = model_accuracy(world, out, sft_model(world, out, r["setting"]["sft_epochs"]))
+    return rows
 
 
 def main(argv=None):
@@ -149,8 +266,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     names = list(ABLATIONS) if "all" in args.ablations else args.ablations
     log = os.path.join(args.out, "runs.jsonl")
-    rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
-    base = baseline(args.world, args.out)
+    rows = load_rows(log, args.world, args.out)
     for name in names:
         _, key, values = ABLATIONS[name]
         for value in values:
@@ -158,12 +274,14 @@ def main(argv=None):
                 setting = dict(BASE, **{key: value})
                 if any(r["ablation"] == name and r["setting"] == setting and r["seed"] == seed for r in rows):
                     continue
-                row = dict(ablation=name, **run_once(args.world, args.out, setting, seed))
+                # runs are deterministic: a run another ablation already made (its base value) is reused
+                done = [r for r in rows if r["setting"] == setting and r["seed"] == seed]
+                row = dict(done[0], ablation=name) if done else dict(ablation=name, **run_once(args.world, args.out, setting, seed))
                 rows.append(row)
                 with open(log, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                report(args.out, rows, base, argv if argv is not None else [])
-    report(args.out, rows, base, argv if argv is not None else [])
+                report(args.out, rows, argv if argv is not None else [])
+    report(args.out, rows, argv if argv is not None else [])
     print(open(os.path.join(args.out, "report.md")).read())
 
 

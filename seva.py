@@ -238,10 +238,15 @@ def pair_quality(pairs):
     counts = dict.fromkeys(QUALITY, 0)
     for pair in pairs:
         if "answer" in pair:
-            truth = pair["answer"].strip().lower()
-            right = (pair["chosen"].strip().lower() == truth, pair["rejected"].strip().lower() == truth)
-            counts[QUALITY[[(True, False), (False, False), (False, True), (True, True)].index(right)]] += 1
+            counts[quality_of(pair)] += 1
     return counts if sum(counts.values()) else None
+
+
+def quality_of(pair):
+    """The QUALITY class of one pair that has the json's answer."""
+    truth = pair["answer"].strip().lower()
+    right = (pair["chosen"].strip().lower() == truth, pair["rejected"].strip().lower() == truth)
+    return QUALITY[[(True, False), (False, False), (False, True), (True, True)].index(right)]
 
 
 def summarize(instances, rows, pairs, sampling_skipped, messages):

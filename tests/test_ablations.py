@@ -13,7 +13,7 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]
     assert [(r["setting"]["noise_step"], r["seed"]) for r in rows] == [(999, 0), (999, 1)]
     for r in rows:  # the recorded pair counts are those of the pairs files the runs wrote
-        name = "-".join(f"{k}={v}" for k, v in sorted(r["setting"].items())) + f"-seed{r['seed']}"
+        name = ablations.run_name(r["setting"], r["seed"])
         pairs = open(tmp_path / "runs" / name / "pairs.jsonl").read().splitlines()
         assert r["pairs"] == len(pairs)
         assert (r["steps"] > 0) == (len(pairs) >= 4)
@@ -23,3 +23,40 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     assert "| 999 | 2 |" in report
     mean_kept = sum(r["kept_percent"] for r in rows) / 2
     assert f"{mean_kept:.3f} ±" in report
+
+
+def test_pair_filter_keeps_exactly_its_classes(tmp_path):
+    answers = {"rw": ("red", "blue"), "bw": ("green", "blue"), "inv": ("blue", "red"), "none": ("red", "blue")}
+    pairs = [dict(id=name, chosen=chosen, rejected=rejected, **({} if name == "none" else {"answer": "Red"}))
+             for name, (chosen, rejected) in answers.items()]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    kept = lambda used: [json.loads(line)["id"] for line in open(ablations.filter_pairs(str(tmp_path), used))]
+    assert kept("all") == ["rw", "bw", "inv", "none"]  # unfiltered: the pairs file itself
+    assert kept("right_wrong") == ["rw"]
+    assert kept("inverted") == ["inv"]
+    assert kept("not_inverted") == ["rw", "bw"]  # a pair without a true answer can't be classed: dropped
+
+
+def test_pair_quality_fit_recovers_known_costs():
+    """Runs whose accuracy change is an exact linear function of the pair counts: the fit gives it back."""
+    true = {q: c for q, c in zip(ablations.seva.QUALITY, [0.02, -0.01, -0.05, 0.0])}
+    rows = []
+    for i in range(12):
+        counts = {q: (7 * i + 13 * k * k + 5) % 40 for k, q in enumerate(ablations.seva.QUALITY)}
+        change = sum(true[q] * n / 100 for q, n in counts.items())
+        rows.append(dict(setting=dict(ablations.BASE), steps=3, trained_quality=counts,
+                         start_accuracy={"overall": 0.5}, accuracy={"overall": 0.5 + change}))
+    lines = "\n".join(ablations.pair_quality_analysis(rows))
+    for q, c in true.items():
+        assert f"| {q} | {c:+.3f} |" in lines
+
+
+def test_sft_strength_starts_from_a_model_trained_for_other_epochs(toy_world, tmp_path, monkeypatch):
+    made = json.load(open(os.path.join(toy_world, "sft-run", "args.json")))["epochs"]
+    assert ablations.sft_model(toy_world, str(tmp_path), made) == os.path.join(toy_world, "model-sft")
+    weaker = ablations.sft_model(toy_world, str(tmp_path), 0.5)
+    assert weaker == os.path.join(str(tmp_path), "models", "sft-epochs=0.5")
+    args = json.load(open(os.path.join(str(tmp_path), "models", "sft-epochs=0.5-run", "args.json")))
+    assert args["epochs"] == 0.5 and args["lr"] == json.load(open(os.path.join(toy_world, "sft-run", "args.json")))["lr"]
+    a = ablations.model_accuracy(toy_world, str(tmp_path), weaker)
+    assert set(a) >= {"overall"} and os.path.exists(os.path.join(str(tmp_path), "models", "sft-epochs=0.5.accuracy.json"))
