@@ -323,12 +323,14 @@ def diffusion_noise(pixel_values: torch.Tensor, noise_step: int, generator: torc
 
 def diffusion_noise_rows(pixel_values: torch.Tensor, sample_ids, noise_step: int, seed: int,
                          schedule: str = "sigmoid") -> torch.Tensor:
-    """diffusion_noise on each row of a batch (B, ...) with its own generator seeded by (seed, sample id),
-    so a sample's noise does not depend on the batch it lands in."""
+    """diffusion_noise on each row of a batch (B, ...), or each tensor of a list (generate.py's pixel_transform
+    gets one tensor per image, vlm.image_pixels), with its own generator seeded by (seed, sample id), so a
+    sample's noise does not depend on the batch it lands in."""
     if len(sample_ids) != len(pixel_values):
         raise ValueError(f"{len(sample_ids)} sample ids for {len(pixel_values)} rows")
-    return torch.stack([diffusion_noise(row, noise_step, torch.Generator(row.device).manual_seed(sample_seed(seed, i)),
-                                        schedule) for row, i in zip(pixel_values, sample_ids)])
+    rows = [diffusion_noise(row, noise_step, torch.Generator(row.device).manual_seed(sample_seed(seed, i)), schedule)
+            for row, i in zip(pixel_values, sample_ids)]
+    return rows if isinstance(pixel_values, (list, tuple)) else torch.stack(rows)
 
 
 # ---- registry

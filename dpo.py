@@ -265,10 +265,26 @@ def collate(examples, pad_token_id):
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = e["input_ids"], e["labels"], 1
+    for key, after in vlm.TOKEN_KEYS.items():  # per-token tensors of some families, padded like input_ids
+        if key in examples[0]:
+            batch[key] = torch.full((len(examples), length), after)
+            for i, e in enumerate(examples):
+                batch[key][i, :len(e[key])] = e[key]
     for key in examples[0]:
-        if key not in batch:  # pixel_values, and whatever else a family's processor returns
-            batch[key] = torch.cat([e[key] for e in examples])
+        if key not in batch:  # pixel_values, and whatever else a family's processor returns for the image
+            batch[key] = cat_padded([e[key] for e in examples])
     return batch
+
+
+def cat_padded(tensors):
+    """Concatenate along dim 0, zero-padding the other dims to the largest (LLaVA-NeXT's and Idefics3's
+    images of different sizes make different numbers of crops; the model masks the padding out)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded)
 
 
 def collate_pairs(pairs, pad_token_id):
@@ -298,8 +314,8 @@ def unwrap(model):
 def pair_images(batch):
     """The image tensors (pixel_values, ...) of each pair once: both rows of a pair show the same image."""
     pairs = batch["input_ids"].shape[0] // 2
-    images = {k: v for k, v in batch.items()
-              if k not in ("input_ids", "labels", "attention_mask") and not k.startswith("reference_")}
+    images = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask")
+              and k not in vlm.TOKEN_KEYS and not k.startswith("reference_")}
     for key, value in images.items():
         if not torch.equal(value[:pairs], value[pairs:]):  # Alg. 1 line 4: both answers on the original image
             raise ValueError(f"{key}: the chosen and rejected rows of a pair must show the same image")
@@ -309,6 +325,8 @@ def pair_images(batch):
 def shared_image_forward(model, batch):
     """As concatenated_forward, but the vision tower and projector run on B images, not 2B: each pair's
     image features are computed once and placed into both its chosen and its rejected row."""
+    if not forward_supported(model, "shared_image"):
+        return concatenated_forward(model, batch)
     image_outputs = unwrap(model).get_image_features(**pair_images(batch), return_dict=True)
     features = list(image_outputs.pooler_output)  # B tensors (image tokens, D): one per pair
     encoded = {"image": type(image_outputs)(pooler_output=features + features)}  # rows: chosen, then rejected
@@ -373,27 +391,28 @@ def pack_pairs(batch):
                 rejected_positions=rejected_positions, rejected_labels=rejected_labels)
 
 
-def shared_prefix_supported(model):
-    """(True, "") if the model can take pack_pairs' block mask, else (False, why)."""
+def forward_supported(model, name):
+    """True if the model's family was tested with pair forward `name` (vlm.FAMILIES' pair_forwards) and, for
+    shared_prefix, its attention takes a 4D mask; else False, having said why and that the concatenated
+    forward runs instead, once (rank 0)."""
     model = unwrap(model)
-    if not vlm.FAMILIES[vlm.family_of(model)].get("shared_prefix", False):
-        return False, f"the {vlm.family_of(model)} family is not marked shared_prefix in vlm.FAMILIES"
-    implementation = model.config.get_text_config()._attn_implementation
-    if implementation not in ("sdpa", "eager"):  # flash/flex kernels take no arbitrary 4D mask
-        return False, f"attention implementation {implementation!r} takes no 4D mask"
-    return True, ""
+    why = None
+    if name not in vlm.spec(model)["pair_forwards"]:
+        why = f"the {vlm.family_of(model)} family has no {name} in vlm.FAMILIES' pair_forwards"
+    elif name == "shared_prefix" and model.config.get_text_config()._attn_implementation not in ("sdpa", "eager"):
+        why = f"attention {model.config.get_text_config()._attn_implementation!r} takes no 4D mask"  # flash, flex
+    if why and not getattr(model, "pair_forward_fallback_logged", False):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{name}: {why}; falling back to the concatenated forward", flush=True)
+        model.pair_forward_fallback_logged = True
+    return why is None
 
 
 def shared_prefix_forward(model, batch):
     """log pi(chosen|x) and log pi(rejected|x), each (B,), from one forward over B packed sequences: the
     image features and the prompt are computed once per pair, and the lm_head runs only where an answer
     token is predicted. Equal to concatenated_forward (tests/test_shared_prefix.py)."""
-    supported, why = shared_prefix_supported(model)
-    if not supported:
-        if not getattr(unwrap(model), "shared_prefix_fallback_logged", False):  # say it once (rank 0)
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"shared_prefix: {why}; falling back to the concatenated forward", flush=True)
-            unwrap(model).shared_prefix_fallback_logged = True
+    if not forward_supported(model, "shared_prefix"):
         return concatenated_forward(model, batch)
     packed = pack_pairs(batch)
     allowed = packed["allowed"][:, None]  # (B, 1, L, L): one mask for every head

@@ -15,13 +15,14 @@ import vlm
 
 
 @torch.no_grad()
-def generate(model, processor, images, questions, template="llava_v1", max_new_tokens=16, batch_size=8,
+def generate(model, processor, images, questions, template=None, max_new_tokens=16, batch_size=8,
              pixel_transform=None, progress=False, return_ids=False):
     """Greedy-decode one answer per (image, question); returns the answers as strings.
 
     images: PIL images (already padded to square if wanted, see vlm.load_image).
-    pixel_transform(pixel_values, indices) -> pixel_values: applied to each batch's image tensor, e.g.
-        SeVa's diffusion noise; `indices` are the positions of the batch's rows in `images`.
+    template: vlm.TEMPLATES; None: the model family's (LLaVA: llava_v1).
+    pixel_transform(pixels, indices) -> pixels: applied to each batch's images, e.g. SeVa's diffusion noise;
+        pixels is a list of each image's own tensor (vlm.image_pixels), `indices` their positions in `images`.
     return_ids: also return each answer's new token ids (a list of int lists, up to and including the
         end-of-sequence token, without the padding that batching adds after it): (answers, ids).
     """
@@ -29,6 +30,7 @@ def generate(model, processor, images, questions, template="llava_v1", max_new_t
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
+    template = vlm.resolve_template(model, template)
     answers, answer_ids = [], []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
@@ -37,8 +39,9 @@ def generate(model, processor, images, questions, template="llava_v1", max_new_t
         # generation appends on the right, so pad on the left (for this call only: the processor is the caller's)
         inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, padding_side="left",
                            return_tensors="pt")
-        if pixel_transform is not None:
-            inputs["pixel_values"] = pixel_transform(inputs["pixel_values"], indices)
+        if pixel_transform is not None:  # on each image's own pixels, whatever the family's tensor layout
+            inputs = vlm.with_image_pixels(inputs, model.config,
+                                           pixel_transform(vlm.image_pixels(inputs, model.config), indices))
         inputs = {k: v.to(device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -58,10 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="toy/model-sft", help="local HF model folder")
     p.add_argument("--image", required=True, nargs="+", help="image file(s); one question is asked of each")
     p.add_argument("--question", required=True, help="the question")
-    p.add_argument("--template", default="llava_v1", choices=vlm.TEMPLATES,
-                   help="llava_v1: the authors' prompt with its system prompt (paper); chat: the processor's chat template")
+    p.add_argument("--template", choices=vlm.TEMPLATES,
+                   help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     p.add_argument("--no-pad", dest="pad", action="store_false",
-                   help="do not pad images to a square with the CLIP mean colour (LLaVA-1.5 pads)")
+                   help="no square padding with the CLIP mean colour (LLaVA-1.5 pads; other families never do)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (authors: 512)")
     p.add_argument("--batch-size", type=int, default=8, help="answers generated at once")
     return p.parse_args(argv)
@@ -70,7 +73,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     model, processor = vlm.load(args.model)
-    images = [vlm.load_image(path, pad=args.pad) for path in args.image]
+    images = [vlm.load_image(path, pad=args.pad and vlm.pads_to_square(model)) for path in args.image]
     answers = generate(model, processor, images, [args.question] * len(images), args.template,
                        args.max_new_tokens, args.batch_size)
     for path, answer in zip(args.image, answers):

@@ -139,12 +139,14 @@ def same_answer(chosen, rejected, mode="exact"):
 
 # ----------------------------------------------------------------------------- generation (Alg. 1 line 2)
 def answer_chunk(model, processor, chunk, image_folder, augmentation="diffusion", noise_step=500, seed=0,
-                 schedule="sigmoid", template="llava_v1", pad=True, max_new_tokens=512, max_length=2048, warn=print):
+                 schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print):
     """Chosen and rejected answers of one chunk [(index, instance), ...], generated as one batch.
+    template None: the family's; pad: LLaVA-1.5's square padding, for the families that pad.
 
     Returns one row per instance, in order: {index, id, chosen, rejected} or {index, id, skipped, message}.
     """
     rows, ready = {}, []
+    template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
 
     def skip(index, instance, reason, message):  # a clear message naming the record; counted by reason
         rows[index] = dict(index=index, id=instance["id"], skipped=reason,
@@ -154,7 +156,7 @@ def answer_chunk(model, processor, chunk, image_folder, augmentation="diffusion"
     for index, instance in chunk:
         path = os.path.join(image_folder, instance["image"])
         try:
-            image = vlm.load_image(path, pad=pad)  # LLaVA-1.5 pads to a square with the CLIP mean colour
+            image = vlm.load_image(path, pad=pad)
         except ValueError as e:  # the error names the file
             skip(index, instance, "missing or corrupt image", str(e))
             continue
@@ -337,10 +339,10 @@ def parse_args(argv=None):
     g.add_argument("--noise-step", type=int, default=500, help="diffusion step 0..999 (paper: 500 for 13B, 800 for 7B)")
     g.add_argument("--noise-schedule", default="sigmoid", choices=["sigmoid", "linear"],
                    help="sigmoid: the authors' (VCD) betas; linear: DDPM's")
-    g.add_argument("--template", default="llava_v1", choices=vlm.TEMPLATES,
-                   help="llava_v1: the authors' vicuna_v1 prompt (paper); chat: the processor's chat template")
+    g.add_argument("--template", choices=vlm.TEMPLATES,
+                   help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--no-pad", dest="pad", action="store_false",
-                   help="do not pad images to a square with the CLIP mean colour (LLaVA-1.5 pads)")
+                   help="no square padding with the CLIP mean colour (LLaVA-1.5 pads; other families never do)")
     g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (authors: 512)")
     g.add_argument("--max-length", type=int, default=2048,
                    help="context limit: prompt + max-new-tokens longer than this is skipped (paper: 2048)")

@@ -104,21 +104,23 @@ class TrainDataset(torch.utils.data.Dataset):
     """SFT records or DPO pairs, tokenized on demand (labels: answers + end-of-turn tokens only).
 
     Examples longer than max_length are reported and skipped up front, never truncated into the image.
+    The check counts each image as the first one's tokens (exact for LLaVA-1.5, whose images all become
+    576 tokens); an example whose image makes it longer anyway is an error when it is encoded.
     """
 
-    def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False):
-        self.objective, self.image_folder = objective, image_folder
-        self.processor, self.template = processor, template
+    def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False, pad=True):
+        self.objective, self.image_folder, self.pad = objective, image_folder, pad
+        self.processor, self.template, self.max_length = processor, template, max_length
         self.cache = {} if cache else None
         self.records, self.skipped = [], []
         image_tokens = None
         for index, record in enumerate(records):
             name = record.get("id", index)
-            if image_tokens is None:  # every LLaVA-1.5 image becomes the same number of tokens
-                first = self.encode(record)
-                image_tokens = vlm.count_image_tokens((first if objective == "sft" else first["chosen"])["input_ids"],
-                                                      processor)
             turns = [sft_turns(record)] if objective == "sft" else pair_turns(record)
+            if image_tokens is None:
+                first = self.encode(record)
+                image_tokens = vlm.image_extra_tokens(processor, first if objective == "sft" else first["chosen"],
+                                                      turns[0], template)
             length = max(vlm.sequence_length(processor, t, template, image_tokens) for t in turns)
             if length > max_length:
                 self.skipped.append(name)
@@ -127,13 +129,23 @@ class TrainDataset(torch.utils.data.Dataset):
                 self.records.append(record)
 
     def encode(self, record):
-        image = vlm.load_image(os.path.join(self.image_folder, record["image"]))
+        image = vlm.load_image(os.path.join(self.image_folder, record["image"]), pad=self.pad)
         if self.objective == "sft":
-            return vlm.encode(self.processor, image, sft_turns(record), self.template)
+            example = vlm.encode(self.processor, image, sft_turns(record), self.template)
+            self.check_length(record, example)
+            return example
         pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
                                self.template)
+        self.check_length(record, pair["chosen"], pair["rejected"])
         pair.update({k: record[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in record})
         return pair
+
+    def check_length(self, record, *examples):
+        length = max(len(e["input_ids"]) for e in examples)
+        if length > self.max_length:
+            raise ValueError(f"{record.get('id')}: {length} tokens > --max-length {self.max_length}: its image "
+                             f"{record['image']} made more tokens than the first image did; drop the record or "
+                             f"raise --max-length")
 
     def __len__(self):
         return len(self.records)
@@ -194,7 +206,7 @@ def wrap(model, args, world_size, device):
     if args.parallel == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for layer in vlm.get_module(model, vlm.FAMILIES[vlm.family_of(model)]["decoder_layers"]):
+    for layer in vlm.get_module(model, vlm.spec(model)["decoder_layers"]):
         fully_shard(layer)
     fully_shard(model)
     register_fsdp_forward_method(model, "get_image_features")  # dpo.shared_image_forward calls it outside forward
@@ -298,8 +310,9 @@ def train(args):
         args.parallel = "ddp"  # nothing to shard in one process
 
     raw_model, processor = prepare_model(args, device)
+    args.template = vlm.resolve_template(raw_model, args.template)
     dataset = TrainDataset(read_records(args.data), args.objective, args.image_folder, processor,
-                           args.template, args.max_length, args.cache_data)
+                           args.template, args.max_length, args.cache_data, pad=vlm.pads_to_square(raw_model))
     reference_model = None
     if args.objective == "dpo" and args.reference == "precomputed":
         precompute_reference(raw_model, dataset, args, rank, world_size, device, amp_dtype)  # before any update
@@ -414,8 +427,8 @@ def parse_args(argv=None):
     g.add_argument("--data", "--pairs", dest="data",
                    help="dpo: pairs jsonl from seva.py (runs/seva/pairs.jsonl); sft: LLaVA-665k json (toy/sft.json)")
     g.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")
-    g.add_argument("--template", default="llava_v1", choices=vlm.TEMPLATES,
-                   help="prompt template: llava_v1 (the authors') or the processor's chat template")
+    g.add_argument("--template", choices=vlm.TEMPLATES,
+                   help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--max-length", type=int, default=2048, help="longer examples are skipped (paper: 2048)")
     g.add_argument("--cache-data", action="store_true", help="keep tokenized examples in memory (small data sets)")
     g.add_argument("--out", help="output folder: metrics.jsonl, args.json, checkpoints, adapter/ or model/")

@@ -1,9 +1,10 @@
 """
 What differs between vision-language model (VLM) families, in one place.
 
-Every other file asks this one how to load a model, how to write a prompt, how many image tokens an
-image becomes, which linear layers get LoRA and where the vision tower is. Porting SeVa to a new
-family means adding a row to FAMILIES (and, if its prompt is special, a branch in `render_turns`).
+Every other file asks this one how to load a model, how to write a prompt, how an image becomes model
+inputs, which linear layers get LoRA and where the vision tower is. Porting SeVa to a new family means
+adding a row to FAMILIES (README: "Porting to a new VLM"); the prompt comes from the processor's chat
+template, and the processor expands the image into the family's own image tokens.
 
 LLaVA-1.5 facts (REFERENCE.md): the vicuna_v1 template with its system prompt, `<image>` expanded by
 the processor into (336/14)^2 = 576 tokens, the image padded to a square with the CLIP mean colour,
@@ -15,17 +16,57 @@ import torch
 from PIL import Image
 
 # ----------------------------------------------------------------------------- the family table
-# lora_targets: a regex over module names (`model.named_modules()`), matched in full.
+# The key is the model's config.model_type.
+# lora_targets: a regex over module names (`model.named_modules()`), matched in full: the language
+#     model's attention and MLP linear layers, never the vision tower, the projector or lm_head.
 # vision_tower / projector / decoder_layers: dotted module paths, for freezing and FSDP wrapping.
+# template: the default prompt template (TEMPLATES). pad_to_square: LLaVA-1.5's expand2square.
+# pixels: the layout of the processor's pixel_values (see `image_pixels`): "image" = dim 0 is the image
+#     (B, C, H, W) or (B, crops, C, H, W); "patches" = Qwen2-VL's flattened patches (sum of patches,
+#     C x T x P x P), each patch repeated over T frames, image_grid_thw telling which rows are whose.
+# pair_forwards: the dpo.PAIR_FORWARDS the family was tested with; others fall back to "concatenated".
+#     shared_image needs get_image_features + mm_encoder_outputs as LLaVA's; shared_prefix needs a
+#     decoder that takes a 4D attention mask and 1D position ids.
+_LLAMA_LINEARS = r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 FAMILIES = {
     "llava": dict(
-        lora_targets=r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
-        vision_tower="model.vision_tower",
-        projector="model.multi_modal_projector",
+        lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
+        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
-        shared_prefix=True,  # its Llama takes a 4D attention mask: dpo.shared_prefix_forward can pack pairs
+        template="llava_v1", pad_to_square=True, pixels="image",
+        pair_forwards=("concatenated", "shared_image", "shared_prefix"),
+    ),
+    "llava_next": dict(  # LLaVA-NeXT (1.6): any-resolution crops, image_sizes, image_newline
+        lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
+        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
+        decoder_layers="model.language_model.layers",
+        template="chat", pad_to_square=False, pixels="image",
+        pair_forwards=("concatenated", "shared_prefix"),
+    ),
+    "qwen2_vl": dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions
+        lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
+        vision_tower="model.visual", projector="model.visual.merger",
+        decoder_layers="model.language_model.layers",
+        template="chat", pad_to_square=False, pixels="patches",
+        pair_forwards=("concatenated",),
+    ),
+    "idefics3": dict(  # Idefics3 / SmolVLM: SigLIP, pixel-shuffle connector, Llama text model
+        lora_targets=r"model\.text_model" + _LLAMA_LINEARS,
+        vision_tower="model.vision_model", projector="model.connector",
+        decoder_layers="model.text_model.layers",
+        template="chat", pad_to_square=False, pixels="image",
+        pair_forwards=("concatenated",),
+    ),
+    "paligemma": dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids)
+        lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
+        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
+        decoder_layers="model.language_model.layers",
+        template="chat", pad_to_square=False, pixels="image",
+        pair_forwards=("concatenated",),
     ),
 }
+FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL: the same layout
+FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"])  # SmolVLM: Idefics3's
 
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -48,16 +89,35 @@ def get_module(model, dotted_path):
     return model.get_submodule(dotted_path)
 
 
+def spec(model_or_config):
+    """The model's row of FAMILIES."""
+    return FAMILIES[family_of(model_or_config)]
+
+
 def lora_targets(model):
-    return FAMILIES[family_of(model)]["lora_targets"]
+    return spec(model)["lora_targets"]
+
+
+def resolve_template(model, template=None):
+    """The prompt template to use: the one asked for, else the family's; llava_v1 is LLaVA's alone."""
+    template = template or spec(model)["template"]
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    if template == "llava_v1" and family_of(model) != "llava":
+        raise ValueError(f"the llava_v1 template is LLaVA-1.5's; a {family_of(model)} model takes --template chat")
+    return template
+
+
+def pads_to_square(model):
+    return spec(model)["pad_to_square"]
 
 
 def freeze_vision(model, train_projector=False):
     """Freeze the vision tower (LLaVA/SeVa never train it); the projector too unless asked."""
-    spec = FAMILIES[family_of(model)]
-    for p in get_module(model, spec["vision_tower"]).parameters():
+    row = spec(model)
+    for p in get_module(model, row["vision_tower"]).parameters():
         p.requires_grad_(False)
-    for p in get_module(model, spec["projector"]).parameters():
+    for p in get_module(model, row["projector"]).parameters():
         p.requires_grad_(train_projector)
 
 
@@ -94,6 +154,36 @@ def load_image(path, pad=True):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     return pad_to_square(image) if pad else image
+
+
+# Per-token tensors some processors return beside input_ids, and their value on the tokens after the prompt
+# (answers, padding): PaliGemma's token_type_ids (0: the prefix, attended both ways; 1: the suffix) and
+# Qwen2-VL's mm_token_type_ids (1 on image tokens).
+TOKEN_KEYS = {"token_type_ids": 1, "mm_token_type_ids": 0}
+
+
+# ----------------------------------------------------------------------------- image tensors
+def image_pixels(inputs, config):
+    """Each image's own pixels from a processor's output: a list, one tensor per image, each pixel once, for
+    transforms such as SeVa's diffusion noise. "image" layout: pixel_values[i] ((C, H, W), or (crops, C, H, W)
+    for LLaVA-NeXT and Idefics3); "patches" layout (Qwen2-VL): image i's rows of pixel_values, first of its
+    T identical frames, (patches, C, P x P)."""
+    pixel_values = inputs["pixel_values"]
+    if spec(config)["pixels"] == "image":
+        return list(pixel_values)
+    vision = config.vision_config
+    sizes = inputs["image_grid_thw"].prod(-1).tolist()  # patches per image
+    frames = pixel_values.view(pixel_values.shape[0], vision.in_channels, vision.temporal_patch_size, -1)
+    return [rows[:, :, 0] for rows in frames.split(sizes)]
+
+
+def with_image_pixels(inputs, config, pixels):
+    """`inputs` with pixel_values rebuilt from `image_pixels`' list (the inverse of image_pixels)."""
+    if spec(config)["pixels"] == "image":
+        return dict(inputs, pixel_values=torch.stack(pixels))
+    frames = config.vision_config.temporal_patch_size
+    rows = [p[:, :, None].expand(-1, -1, frames, -1).reshape(p.shape[0], -1) for p in pixels]
+    return dict(inputs, pixel_values=torch.cat(rows))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -142,8 +232,11 @@ def encode(processor, image, turns, template):
     """Tokenize a conversation on one image for training.
 
     Returns input_ids (T,), labels (T,) with -100 everywhere but the answers and their end-of-turn
-    tokens, and the processor's image tensors (pixel_values, ...). The image placeholder is expanded
-    by the processor, so the number of image tokens is always the one the model expects.
+    tokens, the processor's image tensors (pixel_values, ...) and its per-token tensors (TOKEN_KEYS), (T,).
+
+    The first piece, the prompt that holds the image, goes through the processor exactly as generate.py
+    sends it, so its image tokens (and whatever the family adds around them) are those the model
+    expects; the rest of the conversation follows as the tokenizer splits the whole text.
     """
     tokenizer = processor.tokenizer
     pieces = render_turns(processor, turns, template)
@@ -158,45 +251,36 @@ def encode(processor, image, turns, template):
         added = new[len(ids):]
         ids = new
         labels += added if is_answer else [-100] * len(added)
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
-    expanded = inputs.pop("input_ids")[0]
+    prompt_tokens = len(tokenizer(pieces[0][0]).input_ids)
+    inputs = dict(processor(images=[image], text=[pieces[0][0]], return_tensors="pt"))
+    prompt_ids = inputs.pop("input_ids")[0]
     inputs.pop("attention_mask", None)
-    labels = expand_labels(processor, ids, labels, expanded)
-    return dict(input_ids=expanded, labels=labels, **inputs)
+    rest = torch.tensor(ids[prompt_tokens:], dtype=torch.long)
+    example = dict(input_ids=torch.cat([prompt_ids, rest]),
+                   labels=torch.tensor([-100] * len(prompt_ids) + labels[prompt_tokens:]))
+    for key, after in TOKEN_KEYS.items():
+        if key in inputs:
+            example[key] = torch.cat([inputs.pop(key)[0], torch.full_like(rest, after)])
+    return dict(example, **inputs)
 
 
-def sequence_length(processor, turns, template, image_tokens):
-    """Tokens of a conversation once its image placeholder becomes `image_tokens` tokens, without
-    touching the image: cheap enough to check every example's length before training. (LLaVA-1.5 gives
-    every image the same count; a family with per-image counts is checked again when encoded.)"""
-    ids = processor.tokenizer("".join(text for text, _ in render_turns(processor, turns, template))).input_ids
-    return len(ids) + ids.count(image_token_id(processor)) * (image_tokens - 1)
+def image_extra_tokens(processor, example, turns, template):
+    """How many more tokens `encode` gave `example` than the tokenizer gives its text: the image's tokens
+    (LLaVA-1.5: 576 - 1 placeholder) and whatever the family's processor adds around them."""
+    text = "".join(piece for piece, _ in render_turns(processor, turns, template))
+    return len(example["input_ids"]) - len(processor.tokenizer(text).input_ids)
+
+
+def sequence_length(processor, turns, template, extra_tokens):
+    """Tokens of a conversation whose image adds `extra_tokens` (image_extra_tokens), without touching
+    the image: cheap enough to check every example's length before training. Exact where every image
+    has the same size (LLaVA-1.5 always; the toy world); train_ddp.py checks each encoded example again."""
+    return len(processor.tokenizer("".join(text for text, _ in render_turns(processor, turns, template))).input_ids) \
+        + extra_tokens
 
 
 def image_token_id(processor):
     return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-
-
-def expand_labels(processor, ids, labels, expanded):
-    """Labels for the processor's ids, in which each image placeholder became a run of image tokens
-    (never trained: -100). Anything else differing from the tokenizer's ids is an error."""
-    image_id = image_token_id(processor)
-    expanded = expanded.tolist()
-    out, pos = [], 0
-    for tok, label in zip(ids, labels):
-        if tok == image_id:
-            start = pos
-            while pos < len(expanded) and expanded[pos] == image_id:
-                pos += 1
-            out += [-100] * (pos - start)
-        elif pos < len(expanded) and expanded[pos] == tok:
-            out.append(label)
-            pos += 1
-        else:
-            raise ValueError("the processor's ids differ from the tokenizer's by more than image tokens")
-    if pos != len(expanded):
-        raise ValueError("the processor's ids differ from the tokenizer's by more than image tokens")
-    return torch.tensor(out)
 
 
 def count_image_tokens(input_ids, processor):

@@ -93,10 +93,10 @@ def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
         g.add_argument("--model", default="toy/model-sft", help="local HF model folder (paper: LLaVA-1.5-7B/13B)")
         g.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout, train_ddp.py's OUT/adapter)")
         g.add_argument("--model-id", default=None, help="model_id written into the answers (default: folder names)")
-    g.add_argument("--template", default="llava_v1", choices=vlm.TEMPLATES,
-                   help="llava_v1: the authors' vicuna_v1 prompt (paper); chat: the processor's chat template")
+    g.add_argument("--template", choices=vlm.TEMPLATES,
+                   help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--no-pad", dest="pad", action="store_false",
-                   help="do not pad images to a square with the CLIP mean colour (LLaVA-1.5 pads)")
+                   help="no square padding with the CLIP mean colour (LLaVA-1.5 pads; other families never do)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help="answer length limit (LLaVA's eval scripts: 128 for short answers, 1024 for open-ended)")
     g.add_argument("--batch-size", type=int, default=batch_size,
@@ -170,6 +170,10 @@ class SampledModel:
     def dtype(self):
         return self.model.dtype
 
+    @property
+    def config(self):
+        return self.model.config
+
     def generate(self, **kwargs):
         # LLaVA samples with do_sample=True and the temperature, other settings at the model's defaults.
         kwargs.update(do_sample=True, temperature=self.temperature)
@@ -242,7 +246,7 @@ def answer_chunk(model, processor, questions, chunk, chunk_index, image_folder, 
                     max_new_tokens=max_new_tokens, batch_size=len(batch), pixel_transform=noise)
 
 
-def answer_questions(model, processor, questions, out, model_id, image_folder=".", template="llava_v1", pad=True,
+def answer_questions(model, processor, questions, out, model_id, image_folder=".", template=None, pad=True,
                      max_new_tokens=16, batch_size=16, noise_step=None, temperature=0.0, seed=0, rank=0,
                      world_size=1, progress=False):
     """Answer every question into the answer file `out`; returns its rows, in question order, on every rank.
@@ -251,6 +255,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
     temperature: 0 = greedy (the paper's evaluation); > 0 = sampling seeded by (seed, chunk).
     """
     ids = [q["question_id"] for q in questions]
+    template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
     seeded = noise_step is not None or temperature > 0  # the seed matters only then
     settings = dict(weights=getattr(model, "eval_fingerprint", None), dtype=str(next(model.parameters()).dtype),
                     template=template, pad=pad,

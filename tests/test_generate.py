@@ -72,7 +72,7 @@ def test_pixel_transform_sees_the_batch_rows(questions):
     seen = []
 
     def record_rows(pixel_values, rows):
-        seen.append((tuple(rows), pixel_values.shape[0]))
+        seen.append((tuple(rows), len(pixel_values)))
         return pixel_values
 
     generate(model, processor, images[:5], texts[:5], max_new_tokens=1, batch_size=2, pixel_transform=record_rows)

@@ -124,14 +124,14 @@ def test_pair_forwards_agree(lora_model, batch, attention):
 
 def test_unsupported_family_falls_back_and_says_so_once(lora_model, batch, monkeypatch, capsys):
     model, _ = lora_model
-    monkeypatch.setitem(vlm.FAMILIES, "llava", dict(vlm.FAMILIES["llava"], shared_prefix=False))
+    monkeypatch.setitem(vlm.FAMILIES, "llava", dict(vlm.FAMILIES["llava"], pair_forwards=("concatenated",)))
     with torch.no_grad():
         first, second = dpo.shared_prefix_forward(model, batch), dpo.shared_prefix_forward(model, batch)
         naive = dpo.concatenated_forward(model, batch)
     assert capsys.readouterr().out.count("falling back to the concatenated forward") == 1
     for a, b, c in zip(first, second, naive):
         assert torch.equal(a, c) and torch.equal(b, c)
-    del model.shared_prefix_fallback_logged
+    del model.pair_forward_fallback_logged
 
 
 @pytest.mark.parametrize("reference", ["adapter", "precomputed"])
