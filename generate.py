@@ -39,6 +39,7 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         # generation appends on the right, so pad on the left (for this call only: the processor is the caller's)
         inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, padding_side="left",
                            return_tensors="pt")
+        inputs.pop("labels", None)  # PaliGemma's processor returns labels too: none on a prompt
         if pixel_transform is not None:  # on each image's own pixels, whatever the family's tensor layout
             inputs = vlm.with_image_pixels(inputs, model.config,
                                            pixel_transform(vlm.image_pixels(inputs, model.config), indices))

@@ -41,9 +41,9 @@ FAMILIES = {
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
         template="chat", pad_to_square=False, pixels="image",
-        pair_forwards=("concatenated", "shared_prefix"),
+        pair_forwards=("concatenated", "shared_image", "shared_prefix"),
     ),
-    "qwen2_vl": dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions
+    "qwen2_vl": dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions: no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.visual", projector="model.visual.merger",
         decoder_layers="model.language_model.layers",
@@ -55,9 +55,9 @@ FAMILIES = {
         vision_tower="model.vision_model", projector="model.connector",
         decoder_layers="model.text_model.layers",
         template="chat", pad_to_square=False, pixels="image",
-        pair_forwards=("concatenated",),
+        pair_forwards=("concatenated", "shared_image", "shared_prefix"),
     ),
-    "paligemma": dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids)
+    "paligemma": dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids): no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
@@ -65,8 +65,9 @@ FAMILIES = {
         pair_forwards=("concatenated",),
     ),
 }
-FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL: the same layout
-FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"])  # SmolVLM: Idefics3's
+# The same module paths and layouts in transformers 5.24, but not among the tests' tiny families (tests/families.py):
+FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL
+FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"])  # SmolVLM
 
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -255,6 +256,7 @@ def encode(processor, image, turns, template):
     inputs = dict(processor(images=[image], text=[pieces[0][0]], return_tensors="pt"))
     prompt_ids = inputs.pop("input_ids")[0]
     inputs.pop("attention_mask", None)
+    inputs.pop("labels", None)  # PaliGemma's processor returns labels too: none on a prompt
     rest = torch.tensor(ids[prompt_tokens:], dtype=torch.long)
     example = dict(input_ids=torch.cat([prompt_ids, rest]),
                    labels=torch.tensor([-100] * len(prompt_ids) + labels[prompt_tokens:]))

@@ -1,0 +1,173 @@
+"""Porting: SeVa's code paths on tiny random models of five Hugging Face VLM families (tests/families.py),
+each loaded from a local folder by vlm.load, with nothing family-specific outside vlm.FAMILIES."""
+import json
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import families  # noqa: E402  (importing it lets Qwen2-VL's processor load without torchvision)
+
+import augment  # noqa: E402
+import dpo  # noqa: E402
+import seva  # noqa: E402
+import train_ddp  # noqa: E402
+import vlm  # noqa: E402
+from generate import generate  # noqa: E402
+
+QUESTIONS = ["What colour is the square?", "How many objects are there in the image?", "Is there a red circle?",
+             "What shape is it?", "What word is written on the image?"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {name: families.build(name, str(root / name)) for name in families.FAMILY_NAMES}
+
+
+@pytest.fixture(params=families.FAMILY_NAMES)
+def family(request, folders):
+    model, processor = vlm.load(folders[request.param])
+    return request.param, model.eval(), processor
+
+
+def test_batched_generation_equals_batch_1_clean_and_noisy(family):
+    _, model, processor = family
+    images = [families.image(i) for i in range(len(QUESTIONS))]
+    ids = [f"q{i}" for i in range(len(QUESTIONS))]
+    noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[i] for i in rows], 600, 0)
+    for transform in (None, noise):
+        one = generate(model, processor, images, QUESTIONS, max_new_tokens=5, batch_size=1,
+                       pixel_transform=transform, return_ids=True)
+        batched = generate(model, processor, images, QUESTIONS, max_new_tokens=5, batch_size=3,
+                           pixel_transform=transform, return_ids=True)
+        assert one == batched
+
+
+def test_prompt_mask_covers_exactly_the_answer(family):
+    name, model, processor = family
+    template, image, question = vlm.resolve_template(model), families.image(0), QUESTIONS[1]
+    example = vlm.encode(processor, image, [(question, "two red squares")], template)
+    # the unlabelled part is the generation prompt, token for token as generate.py sends it
+    prompt = processor(images=[image], text=[vlm.prompt_text(processor, question, template)], return_tensors="pt")
+    n = prompt["input_ids"].shape[1]
+    assert torch.equal(example["input_ids"][:n], prompt["input_ids"][0])
+    labelled = example["labels"] != -100
+    assert not labelled[:n].any() and labelled[n:].all() and len(example["input_ids"]) > n
+    # the labelled tokens are the answer and its end-of-turn token, nothing else
+    answer = example["input_ids"][n:]
+    assert torch.equal(example["labels"][n:], answer)
+    assert answer[-1] == processor.tokenizer.eos_token_id
+    assert processor.tokenizer.decode(answer, skip_special_tokens=True).strip() == "two red squares"
+    for key, after in vlm.TOKEN_KEYS.items():  # per-token tensors: the processor's on the prompt, then `after`
+        assert (key in example) == (key in prompt)
+        if key in example:
+            assert torch.equal(example[key][:n], prompt[key][0]) and (example[key][n:] == after).all()
+    assert ("token_type_ids" in example) == (name == "paligemma")  # its prefix-LM mask needs them
+
+
+def test_lora_targets_land_on_every_language_model_linear_and_nowhere_else(family):
+    _, model, _ = family
+    row = vlm.spec(model)
+    layers = model.get_submodule(row["decoder_layers"])
+    linears = sum(isinstance(m, torch.nn.Linear) for m in layers.modules())
+    dpo.apply_lora(model, 4, 8)
+    vlm.freeze_vision(model)
+    names = [n for n, _ in dpo.lora_modules(model)]
+    assert len(names) == linears > 0  # every linear of the decoder layers (attention and MLP), counted by type
+    assert all(n.startswith(row["decoder_layers"] + ".") for n in names)
+    for path in (row["vision_tower"], row["projector"]):
+        assert not any(isinstance(m, dpo.LoRALinear) for m in model.get_submodule(path).modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+
+def pair_batch(model, processor, copies=2):
+    template = vlm.resolve_template(model)
+    pair = dpo.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square", template)
+    return dpo.collate_pairs([pair] * copies, processor.tokenizer.pad_token_id)
+
+
+def test_every_pair_forward_of_the_family_equals_the_naive_one(family):
+    _, model, processor = family
+    dpo.apply_lora(model, 4, 8)
+    for module in dpo.lora_modules(model):  # B != 0, so that LoRA counts in the comparison
+        torch.nn.init.normal_(module[1].lora_B.weight, std=0.02)
+    batch = pair_batch(model, processor)
+    with torch.no_grad():
+        naive = dpo.concatenated_forward(model, batch)
+        for name in vlm.spec(model)["pair_forwards"]:
+            for got, want in zip(dpo.PAIR_FORWARDS[name](model, batch), naive):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_dpo_step_lowers_the_loss_on_a_repeated_pair(family, capsys):
+    _, model, processor = family
+    dpo.apply_lora(model, 8, 16)
+    vlm.freeze_vision(model)
+    batch = pair_batch(model, processor)
+    args = SimpleNamespace(pair_forward="shared_prefix", beta=0.1, label_smoothing=0.0, loss_type="sigmoid")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, args)
+    assert loss.item() == pytest.approx(2 * math.log(2), abs=1e-5)  # LoRA B = 0: the policy is the reference
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after, _ = train_ddp.dpo_micro_step(model, model, None, batch, args)
+    assert after.item() < loss.item()
+    fell_back = "falling back to the concatenated forward" in capsys.readouterr().out
+    assert fell_back == ("shared_prefix" not in vlm.spec(model)["pair_forwards"])  # said, where it happens
+
+
+def test_diffusion_noise_lands_on_each_image_of_the_family_layout(family):
+    name, model, processor = family
+    config, prompt = model.config, vlm.prompt_text(processor, QUESTIONS[0], vlm.resolve_template(model))
+    both = processor(images=[families.image(0), families.image(1)], text=[prompt] * 2, return_tensors="pt")
+    alone = processor(images=[families.image(1)], text=[prompt], return_tensors="pt")
+    pixels = vlm.image_pixels(both, config)
+    assert len(pixels) == 2 and torch.equal(vlm.image_pixels(alone, config)[0], pixels[1])  # image 1's own
+    assert torch.equal(vlm.with_image_pixels(both, config, pixels)["pixel_values"], both["pixel_values"])
+    noisy = vlm.with_image_pixels(both, config, augment.diffusion_noise_rows(pixels, ["a", "b"], 500, 0))
+    noisy_alone = vlm.with_image_pixels(alone, config, augment.diffusion_noise_rows(
+        vlm.image_pixels(alone, config), ["b"], 500, 0))
+    assert noisy["pixel_values"].shape == both["pixel_values"].shape
+    assert torch.equal(vlm.image_pixels(noisy, config)[1], vlm.image_pixels(noisy_alone, config)[0])  # batch-free
+    # q(x_t | x_0): what was added is sqrt(1 - abar) times a standard normal draw
+    abar = augment.alpha_bar()[500].item()
+    for clean, dirty in zip(pixels, vlm.image_pixels(noisy, config)):
+        eps = (dirty - math.sqrt(abar) * clean) / math.sqrt(1 - abar)
+        assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1) < 0.1
+    if vlm.spec(config)["pixels"] == "patches":  # Qwen2-VL: one image is T identical frames, noised alike
+        frames = noisy["pixel_values"].view(noisy["pixel_values"].shape[0], 3, config.vision_config.temporal_patch_size, -1)
+        assert all(torch.equal(frames[:, :, 0], frames[:, :, t]) for t in range(1, frames.shape[2]))
+
+
+def test_seva_and_train_ddp_run_on_the_family(family, folders, tmp_path):
+    """Alg. 1 end to end through the scripts' own entry points, the family's defaults picked up from its folder."""
+    name, _, _ = family
+    os.makedirs(tmp_path / "images")
+    records, pairs = [], []
+    for i, question in enumerate(QUESTIONS * 2):
+        families.image(i).save(tmp_path / "images" / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "red"}]})
+        pairs.append({"id": f"{i}-0", "image": f"{i}.png", "question": question, "chosen": "red",
+                      "rejected": "blue" if i % 2 else "two squares"})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    summary = seva.main(["--model", folders[name], "--data", str(tmp_path / "data.json"), "--image-folder",
+                         str(tmp_path / "images"), "--num-samples", "10", "--batch-size", "4", "--noise-step", "800",
+                         "--max-new-tokens", "4", "--out", str(tmp_path / "seva.jsonl"), "--no-progress"])
+    assert summary["answered"] == 10
+    model = train_ddp.train(train_ddp.parse_args([
+        "--model", folders[name], "--pairs", str(tmp_path / "pairs.jsonl"), "--image-folder", str(tmp_path / "images"),
+        "--out", str(tmp_path / "dpo"), "--batch-size", "4", "--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8",
+        "--merge", "--no-progress"]))
+    assert json.load(open(tmp_path / "dpo" / "args.json"))["template"] == vlm.spec(model)["template"]
+    merged, processor = vlm.load(str(tmp_path / "dpo" / "merged"))
+    assert merged.config.model_type == name
+    assert len(generate(merged, processor, [families.image(0)], QUESTIONS[:1], max_new_tokens=3)) == 1
