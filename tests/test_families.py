@@ -14,6 +14,7 @@ import families  # noqa: E402  (importing it lets Qwen2-VL's processor load with
 
 import augment  # noqa: E402
 import dpo  # noqa: E402
+import eval.runner  # noqa: E402
 import seva  # noqa: E402
 import train_ddp  # noqa: E402
 import vlm  # noqa: E402
@@ -146,8 +147,8 @@ def test_diffusion_noise_lands_on_each_image_of_the_family_layout(family):
         assert all(torch.equal(frames[:, :, 0], frames[:, :, t]) for t in range(1, frames.shape[2]))
 
 
-def test_seva_and_train_ddp_run_on_the_family(family, folders, tmp_path):
-    """Alg. 1 end to end through the scripts' own entry points, the family's defaults picked up from its folder."""
+def test_seva_train_ddp_and_eval_run_on_the_family(family, folders, tmp_path):
+    """Alg. 1 and the evaluation through the scripts' own entry points, the family's defaults from its folder."""
     name, _, _ = family
     os.makedirs(tmp_path / "images")
     records, pairs = [], []
@@ -170,4 +171,9 @@ def test_seva_and_train_ddp_run_on_the_family(family, folders, tmp_path):
     assert json.load(open(tmp_path / "dpo" / "args.json"))["template"] == vlm.spec(model)["template"]
     merged, processor = vlm.load(str(tmp_path / "dpo" / "merged"))
     assert merged.config.model_type == name
-    assert len(generate(merged, processor, [families.image(0)], QUESTIONS[:1], max_new_tokens=3)) == 1
+    questions = [{"question_id": i, "image": f"{i}.png", "text": q} for i, q in enumerate(QUESTIONS)]
+    for settings in (dict(noise_step=500), dict(temperature=1.0)):  # eval/: noisy greedy, and sampling
+        out = str(tmp_path / f"{next(iter(settings))}.jsonl")
+        rows = eval.runner.answer_questions(merged, processor, questions, out, "merged", str(tmp_path / "images"),
+                                            max_new_tokens=3, batch_size=2, **settings)
+        assert [r["question_id"] for r in rows] == list(range(len(QUESTIONS)))
