@@ -50,3 +50,8 @@ def toy_pairs(toy_world):
             f.write(json.dumps({"id": record["id"] + "-0", "image": record["image"], "question": question,
                                 "chosen": answer, "rejected": wrong_answer(family, answer, i)}) + "\n")
     return path
+
+
+def pytest_configure(config):
+    # transformers 5.24's PaliGemma processor builds numpy arrays the numpy-2 way it warns about (tests/families.py)
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
