@@ -14,6 +14,8 @@ import json
 import os
 import statistics
 
+import numpy as np
+
 import augment
 import checkpoint
 import seva
@@ -41,6 +43,7 @@ ABLATIONS = {
     "beta": ("DPO beta (added after the runs above: not in the paper's ablations)", "beta", [0.05, 0.1, 0.5, 1.0]),
 }
 # The settings every run shares unless its ablation varies one (chosen with the pipeline, see the report).
+# sft_epochs=6: toy/model-sft itself, as toyworld.py trains it.
 BASE = dict(augmentation="diffusion", noise_step=500, num_samples=1000, lora_r=32, data="pool.json", objective="dpo",
             sft_epochs=6, pairs_used="all", lr=5e-4, beta=0.1)
 # Which kept pairs pair_filter trains on, by seva.pair_quality's classes (the true answer is never used otherwise).
@@ -112,7 +115,8 @@ def sft_model(world, out, epochs):
     if not os.path.exists(folder):
         run = os.path.join(out, "models", f"sft-epochs={epochs}-run")
         train_ddp.train(train_ddp.parse_args([
-            "--objective", "sft", "--model", os.path.join(world, "model-init"), "--data", os.path.join(world, "sft.json"),
+            "--objective", "sft", "--model", os.path.join(world, "model-init"),
+            "--data", os.path.join(world, "sft.json"),
             "--image-folder", os.path.join(world, "images"), "--out", run, "--batch-size", str(made["batch_size"]),
             "--epochs", str(epochs), "--lr", str(made["lr"]), "--seed", str(made["seed"]), "--cache-data",
             "--no-progress", "--resume"]))
@@ -148,10 +152,9 @@ def mean_spread(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def report(out, rows, argv):
+def report(out, rows, base, argv):
     """OUT/report.md: per ablation, per value: pairs kept, pair quality, reward margin, accuracy (mean ± sd); the
-    accuracy change by question family; and the pair-quality analysis."""
-    base = next(r["start_accuracy"] for r in rows if r["setting"]["sft_epochs"] == BASE["sft_epochs"])
+    accuracy change by question family; and the pair-quality analysis. base: the SFT model's accuracy."""
     lines = ["# SeVa's ablations on the toy world", "",
              f"Made by `python ablations.py {' '.join(argv)}`. Mean ± standard deviation over seeds "
              f"(seeds vary the pair sampling, the noise and the DPO data order; the SFT model is fixed except in "
@@ -183,14 +186,14 @@ def accuracy_of(run, family="overall"):
 
 
 def table(runs_of_ablation, key, values):
-    lines = [f"| {key} | seeds | pairs kept % | chosen right & rejected wrong % | inverted % | pairs trained | "
-             f"mean reward margin | start | accuracy | delta vs start |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| {key} | seeds | pairs kept % | trained: chosen right & rejected wrong % | trained: inverted % | "
+             f"pairs trained | mean reward margin | start | accuracy | delta vs start |", "|---" * 10 + "|"]
     for value in values:
         runs = [r for r in runs_of_ablation if r["setting"][key] == value]
         if not runs:
             continue
-        share = lambda k: [100 * r["pair_quality"][k] / max(1, sum(r["pair_quality"].values()))
-                           for r in runs if r["pair_quality"]]
+        share = lambda k: [100 * r["trained_quality"][k] / max(1, sum(r["trained_quality"].values()))
+                           for r in runs if r["trained_quality"]]
         margins = [r["mean_margin"] for r in runs if r["mean_margin"] is not None]
         delta = statistics.mean(accuracy_of(r) - r["start_accuracy"]["overall"] for r in runs)
         lines.append(f"| {value} | {len(runs)} | {mean_spread([r['kept_percent'] for r in runs])} | "
@@ -207,7 +210,8 @@ def family_table(rows):
     """Does any setting help some question families while hurting others? Mean change per family."""
     families = [k for k in rows[0]["start_accuracy"] if k != "overall"]
     lines = ["## Accuracy change by question family (mean over seeds, against the start model)", "",
-             "| ablation | value | " + " | ".join(families) + " | overall |", "|---|---|" + "---|" * (len(families) + 1)]
+             "| ablation | value | " + " | ".join(families) + " | overall |",
+             "|---|---|" + "---|" * (len(families) + 1)]
     for name, (_, key, values) in ABLATIONS.items():
         for value in values:
             runs = [r for r in rows if r["ablation"] == name and r["setting"][key] == value]
@@ -222,12 +226,14 @@ def pair_quality_analysis(rows):
     """What does a pair of each quality class do to accuracy? A least-squares fit, without intercept, of each DPO
     run's accuracy change on the counts of trained pairs per class, over the runs at the base learning rate, beta,
     rank and SFT model (they differ in augmentation, noise step, pool and pair filter, so in the mix of classes)."""
-    import numpy as np
     fixed = ("lr", "beta", "lora_r", "sft_epochs", "objective")
-    runs = [r for r in rows if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"] and r["trained_quality"]]
-    if len(runs) < 2 * len(seva.QUALITY):
+    distinct = {json.dumps([r["setting"], r["seed"]], sort_keys=True): r for r in rows}  # a reused run counts once
+    runs = [r for r in distinct.values()
+            if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"] and r["trained_quality"]]
+    classes = [q for q in seva.QUALITY if any(r["trained_quality"][q] for r in runs)]  # a class never seen: no fit
+    if len(runs) < 2 * len(classes):
         return []
-    counts = np.array([[r["trained_quality"][q] for q in seva.QUALITY] for r in runs], dtype=float) / 100
+    counts = np.array([[r["trained_quality"][q] for q in classes] for r in runs], dtype=float) / 100
     change = np.array([accuracy_of(r) - r["start_accuracy"]["overall"] for r in runs])
     coef, *_ = np.linalg.lstsq(counts, change, rcond=None)
     residual = change - counts @ coef
@@ -236,9 +242,10 @@ def pair_quality_analysis(rows):
              f"classes of (pairs of that class trained / 100) x coefficient. Residual sd "
              f"{residual.std():.3f}; the counts come from the true answers, which SeVa never sees.", "",
              "| pair class | coefficient (accuracy change per 100 pairs) | mean pairs per run |", "|---|---|---|"]
-    for q, c, n in zip(seva.QUALITY, coef, counts.mean(0) * 100):
+    for q, c, n in zip(classes, coef, counts.mean(0) * 100):
         lines.append(f"| {q} | {c:+.3f} | {n:.0f} |")
-    return lines + [""]
+    return lines + [f"Classes with no pair in any of these runs are left out: "
+                    f"{', '.join(q for q in seva.QUALITY if q not in classes) or 'none'}.", ""]
 
 
 def load_rows(log, world, out):
@@ -267,6 +274,7 @@ def main(argv=None):
     names = list(ABLATIONS) if "all" in args.ablations else args.ablations
     log = os.path.join(args.out, "runs.jsonl")
     rows = load_rows(log, args.world, args.out)
+    base = model_accuracy(args.world, args.out, sft_model(args.world, args.out, BASE["sft_epochs"]))
     for name in names:
         _, key, values = ABLATIONS[name]
         for value in values:
@@ -276,12 +284,12 @@ def main(argv=None):
                     continue
                 # runs are deterministic: a run another ablation already made (its base value) is reused
                 done = [r for r in rows if r["setting"] == setting and r["seed"] == seed]
-                row = dict(done[0], ablation=name) if done else dict(ablation=name, **run_once(args.world, args.out, setting, seed))
+                row = dict(done[0] if done else run_once(args.world, args.out, setting, seed), ablation=name)
                 rows.append(row)
                 with open(log, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                report(args.out, rows, argv if argv is not None else [])
-    report(args.out, rows, argv if argv is not None else [])
+                report(args.out, rows, base, argv if argv is not None else [])
+    report(args.out, rows, base, argv if argv is not None else [])
     print(open(os.path.join(args.out, "report.md")).read())
 
 

@@ -72,7 +72,8 @@ def latest_checkpoint(out):
 
 # The arguments that decide which examples each step sees and how it updates: a resume must keep them.
 RUN_ARGS = ("objective", "model", "data", "batch_size", "grad_accum", "global_batch", "epochs", "max_steps", "lr",
-            "warmup_ratio", "seed", "lora_r", "lora_alpha", "beta", "loss_type", "label_smoothing")
+            "warmup_ratio", "seed", "lora_r", "lora_alpha", "beta", "loss_type", "label_smoothing", "template",
+            "max_length")
 
 
 def load_checkpoint(model, optimizer, scheduler, path, rank, args):

@@ -283,7 +283,7 @@ def cat_padded(tensors):
     padded = []
     for t in tensors:
         pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
-        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+        padded.append(F.pad(t, pad) if any(pad) else t)
     return torch.cat(padded)
 
 

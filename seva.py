@@ -404,14 +404,16 @@ def main(argv=None):
     # Fixed chunks of --batch-size, chunk k on rank k % N: every batch is the one a single process makes.
     chunks = [list(range(start, min(start + args.batch_size, len(instances))))
               for start in range(0, len(instances), args.batch_size)]
+    model, processor = vlm.load(args.model, device, train_ddp.autocast_dtype(device, args.precision) or torch.float32)
+    model.eval()
+    args.template = vlm.resolve_template(model, args.template)  # the family's, recorded as used
+    args.pad = args.pad and vlm.pads_to_square(model)
     header = partial_header(args, world_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     done = resume(args.out, rank, header, chunks, args.batch_size)
     path = partial_path(args.out, rank, world_size)
 
     # ---- Alg. 1 line 2: answer on I and on T(I); append each finished chunk (resumable)
-    model, processor = vlm.load(args.model, device, train_ddp.autocast_dtype(device, args.precision) or torch.float32)
-    model.eval()
     todo = [k for k in range(rank, len(chunks), world_size) if k not in done]
     train_ddp.print0(f"{len(instances)} instances in {len(chunks)} chunks of {args.batch_size} on {world_size} process(es)")
     if done:

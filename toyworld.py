@@ -276,7 +276,8 @@ def vqa_accuracy(model, processor, records, image_folder, batch_size=64, pixel_t
     Returns ({family: accuracy, "overall": accuracy}, answers)."""
     from generate import generate
     rows = [first_question(r) for r in records]
-    images = [vlm.load_image(os.path.join(image_folder, image), pad=vlm.pads_to_square(model)) for image, _, _, _ in rows]
+    pad = vlm.pads_to_square(model)
+    images = [vlm.load_image(os.path.join(image_folder, image), pad=pad) for image, _, _, _ in rows]
     answers = generate(model, processor, images, [q for _, q, _, _ in rows], batch_size=batch_size,
                        pixel_transform=pixel_transform, progress=True)
     return vqa_scores(records, answers), answers

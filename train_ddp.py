@@ -104,39 +104,43 @@ class TrainDataset(torch.utils.data.Dataset):
     """SFT records or DPO pairs, tokenized on demand (labels: answers + end-of-turn tokens only).
 
     Examples longer than max_length are reported and skipped up front, never truncated into the image.
-    The check counts each image as the first one's tokens (exact for LLaVA-1.5, whose images all become
-    576 tokens); an example whose image makes it longer anyway is an error when it is encoded.
+    fixed_image_tokens (vlm.FAMILIES): every image makes as many tokens as the first (LLaVA-1.5: 576), so
+    the first one is measured; else every example is encoded once up front to measure its own.
     """
 
-    def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False, pad=True):
+    def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False, pad=True,
+                 fixed_image_tokens=True):
         self.objective, self.image_folder, self.pad = objective, image_folder, pad
         self.processor, self.template, self.max_length = processor, template, max_length
         self.cache = {} if cache else None
         self.records, self.skipped = [], []
-        image_tokens = None
-        for index, record in enumerate(records):
+        extra_tokens = None
+        quiet = fixed_image_tokens or int(os.environ.get("RANK", 0)) != 0
+        for index, record in enumerate(tqdm(records, desc="measuring each image's tokens", disable=quiet)):
             name = record.get("id", index)
             turns = [sft_turns(record)] if objective == "sft" else pair_turns(record)
-            if image_tokens is None:
-                first = self.encode(record)
-                image_tokens = vlm.image_extra_tokens(processor, first if objective == "sft" else first["chosen"],
+            if extra_tokens is None or not fixed_image_tokens:
+                example = self.encode(record, check=False)
+                extra_tokens = vlm.image_extra_tokens(processor, example if objective == "sft" else example["chosen"],
                                                       turns[0], template)
-            length = max(vlm.sequence_length(processor, t, template, image_tokens) for t in turns)
+            length = max(vlm.sequence_length(processor, t, template, extra_tokens) for t in turns)
             if length > max_length:
                 self.skipped.append(name)
                 print0(f"skipping {name}: {length} tokens > --max-length {max_length}")
             else:
                 self.records.append(record)
 
-    def encode(self, record):
+    def encode(self, record, check=True):
         image = vlm.load_image(os.path.join(self.image_folder, record["image"]), pad=self.pad)
         if self.objective == "sft":
             example = vlm.encode(self.processor, image, sft_turns(record), self.template)
-            self.check_length(record, example)
+            if check:
+                self.check_length(record, example)
             return example
         pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
                                self.template)
-        self.check_length(record, pair["chosen"], pair["rejected"])
+        if check:
+            self.check_length(record, pair["chosen"], pair["rejected"])
         pair.update({k: record[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in record})
         return pair
 
@@ -144,8 +148,8 @@ class TrainDataset(torch.utils.data.Dataset):
         length = max(len(e["input_ids"]) for e in examples)
         if length > self.max_length:
             raise ValueError(f"{record.get('id')}: {length} tokens > --max-length {self.max_length}: its image "
-                             f"{record['image']} made more tokens than the first image did; drop the record or "
-                             f"raise --max-length")
+                             f"{record['image']} made more tokens than the first image did (is the model's "
+                             f"fixed_image_tokens in vlm.FAMILIES right?)")
 
     def __len__(self):
         return len(self.records)
@@ -312,7 +316,8 @@ def train(args):
     raw_model, processor = prepare_model(args, device)
     args.template = vlm.resolve_template(raw_model, args.template)
     dataset = TrainDataset(read_records(args.data), args.objective, args.image_folder, processor,
-                           args.template, args.max_length, args.cache_data, pad=vlm.pads_to_square(raw_model))
+                           args.template, args.max_length, args.cache_data, pad=vlm.pads_to_square(raw_model),
+                           fixed_image_tokens=vlm.spec(raw_model)["fixed_image_tokens"])
     reference_model = None
     if args.objective == "dpo" and args.reference == "precomputed":
         precompute_reference(raw_model, dataset, args, rank, world_size, device, amp_dtype)  # before any update

@@ -20,6 +20,8 @@ from PIL import Image
 # lora_targets: a regex over module names (`model.named_modules()`), matched in full: the language
 #     model's attention and MLP linear layers, never the vision tower, the projector or lm_head.
 # vision_tower / projector / decoder_layers: dotted module paths, for freezing and FSDP wrapping.
+# fixed_image_tokens: every image becomes the same number of tokens (LLaVA-1.5: 576), so one image tells
+#     every example's length; else (any-resolution families) each image is measured before training.
 # template: the default prompt template (TEMPLATES). pad_to_square: LLaVA-1.5's expand2square.
 # pixels: the layout of the processor's pixel_values (see `image_pixels`): "image" = dim 0 is the image
 #     (B, C, H, W) or (B, crops, C, H, W); "patches" = Qwen2-VL's flattened patches (sum of patches,
@@ -33,41 +35,41 @@ FAMILIES = {
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
-        template="llava_v1", pad_to_square=True, pixels="image",
+        fixed_image_tokens=True, template="llava_v1", pad_to_square=True, pixels="image",
         pair_forwards=("concatenated", "shared_image", "shared_prefix"),
     ),
     "llava_next": dict(  # LLaVA-NeXT (1.6): any-resolution crops, image_sizes, image_newline
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
-        template="chat", pad_to_square=False, pixels="image",
+        fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
         pair_forwards=("concatenated", "shared_image", "shared_prefix"),
     ),
     "qwen2_vl": dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions: no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.visual", projector="model.visual.merger",
         decoder_layers="model.language_model.layers",
-        template="chat", pad_to_square=False, pixels="patches",
+        fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="patches",
         pair_forwards=("concatenated",),
     ),
     "idefics3": dict(  # Idefics3 / SmolVLM: SigLIP, pixel-shuffle connector, Llama text model
         lora_targets=r"model\.text_model" + _LLAMA_LINEARS,
         vision_tower="model.vision_model", projector="model.connector",
         decoder_layers="model.text_model.layers",
-        template="chat", pad_to_square=False, pixels="image",
+        fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
         pair_forwards=("concatenated", "shared_image", "shared_prefix"),
     ),
     "paligemma": dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids): no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
-        template="chat", pad_to_square=False, pixels="image",
+        fixed_image_tokens=True, template="chat", pad_to_square=False, pixels="image",
         pair_forwards=("concatenated",),
     ),
 }
 # The same module paths and layouts in transformers 5.24, but not among the tests' tiny families (tests/families.py):
 FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL
-FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"])  # SmolVLM
+FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"], pair_forwards=("concatenated",))  # SmolVLM
 
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -179,9 +181,14 @@ def image_pixels(inputs, config):
 
 
 def with_image_pixels(inputs, config, pixels):
-    """`inputs` with pixel_values rebuilt from `image_pixels`' list (the inverse of image_pixels)."""
+    """`inputs` with pixel_values rebuilt from `image_pixels`' list (the inverse of image_pixels). Crops that
+    were all zeros stay so: they pad a batch's images to the same number of crops, and Idefics3 tells them
+    from real crops by their zeros."""
     if spec(config)["pixels"] == "image":
-        return dict(inputs, pixel_values=torch.stack(pixels))
+        new = torch.stack(pixels)
+        if new.dim() == 5:  # (B, crops, C, H, W)
+            new[(inputs["pixel_values"] == 0).flatten(2).all(-1)] = 0
+        return dict(inputs, pixel_values=new)
     frames = config.vision_config.temporal_patch_size
     rows = [p[:, :, None].expand(-1, -1, frames, -1).reshape(p.shape[0], -1) for p in pixels]
     return dict(inputs, pixel_values=torch.cat(rows))
@@ -203,24 +210,29 @@ def render_turns(processor, turns, template):
             if answer is not None:
                 pieces.append((f" {answer}{eos}", True))
     elif template == "chat":  # the processor's own chat template, rendered prefix by prefix
-        messages, rendered = [], ""
+        messages, rendered, held = [], "", ""  # rendered: the template's text so far
         for i, (question, answer) in enumerate(turns):
             content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]
             messages.append({"role": "user", "content": content})
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            pieces.append((prompt[len(rendered):], False))
+            pieces.append((held + continuation(rendered, prompt), False))
             rendered = prompt
             if answer is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-                full = processor.apply_chat_template(messages, tokenize=False).rstrip()
-                full += "" if full.endswith(eos) else eos  # the answer's end-of-turn token is trained
-                if not full.startswith(rendered):
-                    raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
-                pieces.append((full[len(rendered):], True))
+                full = processor.apply_chat_template(messages, tokenize=False)
+                text = continuation(rendered, full).rstrip()
+                held = continuation(rendered, full)[len(text):]  # whitespace after the turn: the next prompt's
+                pieces.append((text + ("" if text.endswith(eos) else eos), True))  # its end-of-turn token is trained
                 rendered = full
     else:
         raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
     return pieces
+
+
+def continuation(before, after):
+    if not after.startswith(before):
+        raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+    return after[len(before):]
 
 
 def prompt_text(processor, question, template):

@@ -72,7 +72,8 @@ for name, rows in runs.items():
     print(f"{name:28s} steps {len(rows)}  losses " + " ".join(f"{r['loss']:.4f}" for r in rows)
           + f"  max |loss - fp32| {gap:.2e}  final margin {rows[-1]['rewards/margins']:.4f}")
 assert all(len(r) == 8 for r in runs.values()), "a run did not train 8 steps"
-assert max(abs(a["loss"] - b["loss"]) for a, b in zip(runs["bf16-shared_prefix"], ref)) < 0.05
+for name, rows in runs.items():  # bf16 against fp32: an H200 gave at most 9.2e-4 over these 8 steps
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, ref)) < 5e-3, f"{name} left fp32"
 resumed = max(abs(a["loss"] - b["loss"]) for a, b in zip(runs["bf16-resumed"], runs["bf16-shared_prefix"]))
 print(f"resumed from step 4 against uninterrupted: max |loss difference| {resumed:.2e}")
 assert resumed < 1e-3, "the resumed run left the uninterrupted one"

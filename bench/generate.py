@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--num", type=int, default=128, help="questions answered per variant and round")
     p.add_argument("--batch-size", type=int, default=32, help="the batched variant's batch size (authors: 1)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (authors: 512)")
-    p.add_argument("--template", default="llava_v1", choices=vlm.TEMPLATES, help="prompt template (paper: llava_v1)")
+    p.add_argument("--template", choices=vlm.TEMPLATES, help="prompt template (default: the model family's)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant, after one warm-up round")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p.parse_args(argv)
@@ -73,7 +73,7 @@ if __name__ == "__main__":
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model, processor = vlm.load(args.model, device, dtype)
     model.eval()
-    images, questions = load_questions(args.data, args.image_folder, args.num)
+    images, questions = load_questions(args.data, args.image_folder, args.num, pad=vlm.pads_to_square(model))
     variants = {"batch size 1 (authors)": 1, f"batched ({args.batch_size})": args.batch_size}
 
     for batch_size in variants.values():  # warm-up: first calls pay for allocation and kernel choice

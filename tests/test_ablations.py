@@ -8,6 +8,7 @@ import ablations
 def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     monkeypatch.setitem(ablations.ABLATIONS, "noise_step", ("Fig. 6", "noise_step", [999]))
     monkeypatch.setattr(ablations, "GLOBAL_BATCH", 4)
+    monkeypatch.setitem(ablations.BASE, "sft_epochs", 1)  # the tiny world's own SFT model (toyworld.py: 6 epochs)
     argv = ["noise_step", "--seeds", "0", "1", "--world", toy_world, "--out", str(tmp_path), "--threads", "1"]
     ablations.main(argv)
     rows = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]
@@ -21,6 +22,7 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     assert len(open(tmp_path / "runs.jsonl").read().splitlines()) == 2
     report = open(tmp_path / "report.md").read()
     assert "| 999 | 2 |" in report
+    assert not os.path.exists(tmp_path / "models" / "sft-epochs=1")  # the world's model-sft, not a new one
     mean_kept = sum(r["kept_percent"] for r in rows) / 2
     assert f"{mean_kept:.3f} ±" in report
 
@@ -38,17 +40,21 @@ def test_pair_filter_keeps_exactly_its_classes(tmp_path):
 
 
 def test_pair_quality_fit_recovers_known_costs():
-    """Runs whose accuracy change is an exact linear function of the pair counts: the fit gives it back."""
-    true = {q: c for q, c in zip(ablations.seva.QUALITY, [0.02, -0.01, -0.05, 0.0])}
+    """Runs whose accuracy change is an exact linear function of the pair counts: the fit gives it back, counts
+    a run reused by several ablations once, and leaves out a class no run has."""
+    quality = ablations.seva.QUALITY
+    true = dict(zip(quality[:3], [0.02, -0.01, -0.05]))
     rows = []
     for i in range(12):
-        counts = {q: (7 * i + 13 * k * k + 5) % 40 for k, q in enumerate(ablations.seva.QUALITY)}
+        counts = {q: (7 * i + 13 * k * k + 5) % 40 for k, q in enumerate(quality[:3])}
         change = sum(true[q] * n / 100 for q, n in counts.items())
-        rows.append(dict(setting=dict(ablations.BASE), steps=3, trained_quality=counts,
+        rows.append(dict(setting=dict(ablations.BASE), seed=i, steps=3, trained_quality=dict(counts, **{quality[3]: 0}),
                          start_accuracy={"overall": 0.5}, accuracy={"overall": 0.5 + change}))
+    rows += [dict(rows[0], ablation="reused")] * 5
     lines = "\n".join(ablations.pair_quality_analysis(rows))
     for q, c in true.items():
         assert f"| {q} | {c:+.3f} |" in lines
+    assert "Fit over 12 DPO runs" in lines and f"left out: {quality[3]}" in lines
 
 
 def test_sft_strength_starts_from_a_model_trained_for_other_epochs(toy_world, tmp_path, monkeypatch):

@@ -22,6 +22,22 @@ from generate import generate  # noqa: E402
 
 QUESTIONS = ["What colour is the square?", "How many objects are there in the image?", "Is there a red circle?",
              "What shape is it?", "What word is written on the image?"]
+SIZES = [(32, 32), (64, 32), (32, 96), (48, 48), (64, 64)]  # any-resolution families: different crops and patches
+
+
+def images():
+    return [families.image(i).resize(size) for i, size in enumerate(SIZES)]
+
+
+def sharpen(model, seed=0):
+    """Random weights large enough that a tiny model's answers depend on the image and the question (at the
+    builders' small initialisation every answer is the same, and equal answers would prove little)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +54,19 @@ def family(request, folders):
 
 def test_batched_generation_equals_batch_1_clean_and_noisy(family):
     _, model, processor = family
-    images = [families.image(i) for i in range(len(QUESTIONS))]
+    sharpen(model)
     ids = [f"q{i}" for i in range(len(QUESTIONS))]
     noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[i] for i in rows], 600, 0)
-    for transform in (None, noise):
-        one = generate(model, processor, images, QUESTIONS, max_new_tokens=5, batch_size=1,
+    answers = {}
+    for name, transform in (("clean", None), ("noisy", noise)):
+        one = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1,
                        pixel_transform=transform, return_ids=True)
-        batched = generate(model, processor, images, QUESTIONS, max_new_tokens=5, batch_size=3,
+        batched = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=3,
                            pixel_transform=transform, return_ids=True)
         assert one == batched
+        answers[name] = one[1]
+    assert len(set(map(tuple, answers["clean"]))) > 1  # the answers depend on the inputs...
+    assert answers["noisy"] != answers["clean"]  # ...and the noise reaches the model
 
 
 def test_prompt_mask_covers_exactly_the_answer(family):
@@ -87,20 +107,25 @@ def test_lora_targets_land_on_every_language_model_linear_and_nowhere_else(famil
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
-def pair_batch(model, processor, copies=2):
+def pair_batch(model, processor, pairs=3):
+    """Different images (sizes too), questions and answers per pair."""
     template = vlm.resolve_template(model)
-    pair = dpo.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square", template)
-    return dpo.collate_pairs([pair] * copies, processor.tokenizer.pad_token_id)
+    answers = [("red", "a big blue square"), ("two", "three circles"), ("yes", "no")]
+    encoded = [dpo.encode_pair(processor, image, question, chosen, rejected, template)
+               for image, question, (chosen, rejected) in zip(images()[:pairs], QUESTIONS, answers)]
+    return dpo.collate_pairs(encoded, processor.tokenizer.pad_token_id)
 
 
 def test_every_pair_forward_of_the_family_equals_the_naive_one(family):
     _, model, processor = family
+    sharpen(model)
     dpo.apply_lora(model, 4, 8)
     for module in dpo.lora_modules(model):  # B != 0, so that LoRA counts in the comparison
         torch.nn.init.normal_(module[1].lora_B.weight, std=0.02)
     batch = pair_batch(model, processor)
     with torch.no_grad():
         naive = dpo.concatenated_forward(model, batch)
+        assert len(set(naive[0].tolist())) == 3  # three different pairs: a mix-up between them would show
         for name in vlm.spec(model)["pair_forwards"]:
             for got, want in zip(dpo.PAIR_FORWARDS[name](model, batch), naive):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -110,7 +135,8 @@ def test_one_dpo_step_lowers_the_loss_on_a_repeated_pair(family, capsys):
     _, model, processor = family
     dpo.apply_lora(model, 8, 16)
     vlm.freeze_vision(model)
-    batch = pair_batch(model, processor)
+    batch = dpo.collate_pairs([dpo.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square",
+                                               vlm.resolve_template(model))] * 2, processor.tokenizer.pad_token_id)
     args = SimpleNamespace(pair_forward="shared_prefix", beta=0.1, label_smoothing=0.0, loss_type="sigmoid")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, args)
@@ -124,27 +150,39 @@ def test_one_dpo_step_lowers_the_loss_on_a_repeated_pair(family, capsys):
     assert fell_back == ("shared_prefix" not in vlm.spec(model)["pair_forwards"])  # said, where it happens
 
 
+def same_image(alone, in_batch):
+    """An image's pixels processed alone equal its pixels in a batch, where crops of zeros may pad it."""
+    return torch.equal(in_batch[:len(alone)], alone) and not in_batch[len(alone):].any()
+
+
 def test_diffusion_noise_lands_on_each_image_of_the_family_layout(family):
     name, model, processor = family
     config, prompt = model.config, vlm.prompt_text(processor, QUESTIONS[0], vlm.resolve_template(model))
-    both = processor(images=[families.image(0), families.image(1)], text=[prompt] * 2, return_tensors="pt")
-    alone = processor(images=[families.image(1)], text=[prompt], return_tensors="pt")
+    small, large = images()[0], images()[2]  # different sizes: the large one may have more crops or patches
+    both = processor(images=[small, large], text=[prompt] * 2, padding=True, return_tensors="pt")
+    alone = processor(images=[large], text=[prompt], return_tensors="pt")
     pixels = vlm.image_pixels(both, config)
-    assert len(pixels) == 2 and torch.equal(vlm.image_pixels(alone, config)[0], pixels[1])  # image 1's own
+    assert len(pixels) == 2 and same_image(vlm.image_pixels(alone, config)[0], pixels[1])  # image 1's own
     assert torch.equal(vlm.with_image_pixels(both, config, pixels)["pixel_values"], both["pixel_values"])
     noisy = vlm.with_image_pixels(both, config, augment.diffusion_noise_rows(pixels, ["a", "b"], 500, 0))
     noisy_alone = vlm.with_image_pixels(alone, config, augment.diffusion_noise_rows(
         vlm.image_pixels(alone, config), ["b"], 500, 0))
     assert noisy["pixel_values"].shape == both["pixel_values"].shape
-    assert torch.equal(vlm.image_pixels(noisy, config)[1], vlm.image_pixels(noisy_alone, config)[0])  # batch-free
+    assert same_image(vlm.image_pixels(noisy_alone, config)[0], vlm.image_pixels(noisy, config)[1])  # batch-free
     # q(x_t | x_0): what was added is sqrt(1 - abar) times a standard normal draw
     abar = augment.alpha_bar()[500].item()
     for clean, dirty in zip(pixels, vlm.image_pixels(noisy, config)):
-        eps = (dirty - math.sqrt(abar) * clean) / math.sqrt(1 - abar)
+        real = ~(clean == 0).flatten(1).all(-1) if clean.dim() == 4 else slice(None)  # padding crops aside
+        eps = (dirty[real] - math.sqrt(abar) * clean[real]) / math.sqrt(1 - abar)
         assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1) < 0.1
     if vlm.spec(config)["pixels"] == "patches":  # Qwen2-VL: one image is T identical frames, noised alike
-        frames = noisy["pixel_values"].view(noisy["pixel_values"].shape[0], 3, config.vision_config.temporal_patch_size, -1)
+        vision = config.vision_config
+        frames = noisy["pixel_values"].view(len(noisy["pixel_values"]), vision.in_channels,
+                                            vision.temporal_patch_size, -1)
         assert all(torch.equal(frames[:, :, 0], frames[:, :, t]) for t in range(1, frames.shape[2]))
+    elif both["pixel_values"].dim() == 5:  # crops: those padding a smaller image stay zeros (Idefics3 needs it)
+        padding = (both["pixel_values"] == 0).flatten(2).all(-1)
+        assert torch.equal((noisy["pixel_values"] == 0).flatten(2).all(-1), padding)
 
 
 def test_seva_train_ddp_and_eval_run_on_the_family(family, folders, tmp_path):
@@ -177,3 +215,17 @@ def test_seva_train_ddp_and_eval_run_on_the_family(family, folders, tmp_path):
         rows = eval.runner.answer_questions(merged, processor, questions, out, "merged", str(tmp_path / "images"),
                                             max_new_tokens=3, batch_size=2, **settings)
         assert [r["question_id"] for r in rows] == list(range(len(QUESTIONS)))
+
+
+def test_chat_turns_that_do_not_end_in_eos_keep_the_template_text():
+    """A multi-turn conversation whose template ends turns with a newline, not eos: each answer is trained with
+    an eos, and the text between the pieces is the template's, whitespace included."""
+    from jinja2 import Template
+    template = Template("{% for m in messages %}{{ m.role }}: {{ m.content[-1].text }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    processor = SimpleNamespace(tokenizer=SimpleNamespace(eos_token="<eos>"), apply_chat_template=lambda messages,
+                                add_generation_prompt=False, tokenize=False: template.render(
+                                    messages=messages, add_generation_prompt=add_generation_prompt))
+    pieces = vlm.render_turns(processor, [("q1", "a1"), ("q2", "a2")], "chat")
+    assert pieces == [("user: q1\nassistant:", False), (" a1<eos>", True), ("\nuser: q2\nassistant:", False),
+                      (" a2<eos>", True)]

@@ -189,6 +189,7 @@ def test_torn_last_line_is_dropped(reference, toy_world, tmp_path, capsys):
     args = seva.parse_args(argv(toy_world, out))
     instances, _, _ = seva.sample_instances(json.load(open(args.data)), ["all"], 16, 0)
     model, processor = vlm.load(args.model)
+    args.template = vlm.resolve_template(model, args.template)  # as main records it: the family's
     rows = seva.answer_chunk(model, processor, [(0, instances[0]), (1, instances[1])], args.image_folder,
                              "diffusion", 999, 0, max_new_tokens=6)
     torn = json.dumps(dict(index=2, id=instances[2]["id"], chosen="x", rejected="y"))[:25]

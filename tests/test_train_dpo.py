@@ -139,12 +139,15 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(toy_world, toy_pairs, tm
     assert load_file(os.path.join(latest, "trainable.safetensors"))
 
 
-def test_too_long_pairs_are_skipped_not_truncated(toy_world, toy_pairs):
+@pytest.mark.parametrize("fixed_image_tokens", [True, False])
+@pytest.mark.parametrize("long", [0, 1])
+def test_too_long_pairs_are_skipped_not_truncated(toy_world, toy_pairs, long, fixed_image_tokens):
     _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
     records = train_ddp.read_records(toy_pairs)[:4]
-    records[1] = dict(records[1], chosen=" ".join(["red"] * 300))
-    dataset = train_ddp.TrainDataset(records, "dpo", os.path.join(toy_world, "images"), processor, "llava_v1", 400)
-    assert dataset.skipped == [records[1]["id"]] and len(dataset) == 3
+    records[long] = dict(records[long], chosen=" ".join(["red"] * 300))  # the first one too: it is measured
+    dataset = train_ddp.TrainDataset(records, "dpo", os.path.join(toy_world, "images"), processor, "llava_v1", 400,
+                                     fixed_image_tokens=fixed_image_tokens)  # False: each image measured
+    assert dataset.skipped == [records[long]["id"]] and len(dataset) == 3
     for i in range(len(dataset)):  # the length check agrees with the real encoding
         assert len(dataset[i]["chosen"]["input_ids"]) <= 400
 
