@@ -8,8 +8,10 @@ OUT/runs.jsonl as soon as it ends, so a rerun only does the missing runs; the re
     python ablations.py noise_step                 # Fig. 6: noise step 100..900
     python ablations.py augmentation               # Table 1: every augmentation of augment.py
     python ablations.py all --seeds 0 1 2          # everything, into ablations/report.md
+    python ablations.py --confusion count --runs lr=5e-05-seed0   # what runs answer, by right answer
 """
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -18,6 +20,7 @@ import numpy as np
 
 import augment
 import checkpoint
+import dpo
 import seva
 import toyworld
 import train_ddp
@@ -158,7 +161,7 @@ def report(out, rows, base, argv):
     lines = ["# SeVa's ablations on the toy world", "",
              f"Made by `python ablations.py {' '.join(argv)}`. Mean ± standard deviation over seeds "
              f"(seeds vary the pair sampling, the noise and the DPO data order; the SFT model is fixed except in "
-             f"the SFT-strength ablation).", "",
+             f"the SFT-strength ablation). What the numbers say, and why: [findings.md](findings.md).", "",
              f"SFT baseline accuracy on toy/val.json: overall {base['overall']:.3f} "
              f"({', '.join(f'{k} {v:.2f}' for k, v in base.items() if k != 'overall')}).", "",
              "What was chosen when: the toy world (data sizes, model, SFT) was fixed to meet its own bands "
@@ -260,16 +263,50 @@ def load_rows(log, world, out):
     return rows
 
 
+def confusion(world, out, family, runs):
+    """What a model answers to toy/val.json's `family` questions, against the right answer: the SFT model's
+    counts, then each named run's (its adapter on its start model). Written to OUT/confusion-FAMILY.md."""
+    val = [r for r in json.load(open(os.path.join(world, "val.json"))) if toyworld.first_question(r)[3] == family]
+    truths = [toyworld.first_question(r)[2] for r in val]
+    lines = [f"# {family} questions of {world}/val.json: right answer -> answer given", "",
+             f"Made by `python ablations.py --confusion {family} --runs {' '.join(runs)}`.", ""]
+    for name in ["SFT"] + runs:
+        train = os.path.join(out, "runs", name, "train")
+        start = (os.path.join(world, "model-sft") if name == "SFT"
+                 else json.load(open(os.path.join(train, "args.json")))["model"])
+        model, processor = vlm.load(start)
+        if name != "SFT":
+            dpo.load_lora(model, os.path.join(train, "adapter"))
+        _, answers = toyworld.vqa_accuracy(model.eval(), processor, val, os.path.join(world, "images"))
+        counts = collections.Counter(zip(truths, (a.lower() for a in answers)))
+        right = sum(n for (t, a), n in counts.items() if t.lower() == a)
+        lines += [f"## {name}: {right} of {len(val)} right", "", "| right answer | answer given | questions |",
+                  "|---|---|---|"] + [f"| {t} | {a} | {n} |" for (t, a), n in sorted(counts.items())] + [""]
+    path = os.path.join(out, f"confusion-{family}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ablations", nargs="+", choices=list(ABLATIONS) + ["all"], help="which ablations to run")
+    p.add_argument("ablations", nargs="*", help=f"which ablations to run: {', '.join(ABLATIONS)}, or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the issue asks for at least 3)")
     p.add_argument("--world", default="toy", help="the toy world folder (python toyworld.py)")
     p.add_argument("--out", default="ablations", help="runs.jsonl, report.md and each run's files")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--confusion", metavar="FAMILY", help="instead of running: the answers to one question family "
+                   "(colour, shape, count, exist, word) of the SFT model and of the --runs, by right answer")
+    p.add_argument("--runs", nargs="*", default=[], help="run folders under OUT/runs, for --confusion")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
+    if args.confusion:
+        print(open(confusion(args.world, args.out, args.confusion, args.runs)).read())
+        return
+    unknown = [a for a in args.ablations if a not in list(ABLATIONS) + ["all"]]
+    if unknown or not args.ablations:
+        p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, or all), or ask for --confusion")
     os.makedirs(args.out, exist_ok=True)
     names = list(ABLATIONS) if "all" in args.ablations else args.ablations
     log = os.path.join(args.out, "runs.jsonl")

@@ -3,6 +3,7 @@ import json
 import os
 
 import ablations
+import toyworld
 
 
 def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
@@ -23,6 +24,14 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     report = open(tmp_path / "report.md").read()
     assert "| 999 | 2 |" in report
     assert not os.path.exists(tmp_path / "models" / "sft-epochs=1")  # the world's model-sft, not a new one
+    trained = [ablations.run_name(r["setting"], r["seed"]) for r in rows if r["steps"]]
+    assert trained
+    ablations.main(["--confusion", "count", "--runs", trained[0], "--world", toy_world, "--out", str(tmp_path)])
+    table = open(tmp_path / "confusion-count.md").read()
+    questions = sum(toyworld.first_question(r)[3] == "count" for r in json.load(open(os.path.join(toy_world, "val.json"))))
+    for section in table.split("## ")[1:]:  # the SFT model's, then the run's: every count question once
+        assert sum(int(line.split("|")[3]) for line in section.splitlines() if line.startswith("| ") and
+                   line.split("|")[3].strip().isdigit()) == questions
     mean_kept = sum(r["kept_percent"] for r in rows) / 2
     assert f"{mean_kept:.3f} ±" in report
 
