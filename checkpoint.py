@@ -115,6 +115,12 @@ def export(model, raw_model, processor, args, rank, fresh_model):
     if args.parallel == "fsdp":
         raw_model = fresh_model()  # an unsharded copy on CPU, to hold the gathered weights
         raw_model.load_state_dict(weights)
+    elif args.merge and any(p.dtype != torch.float32 for p in raw_model.parameters()):
+        # a bf16 base (train_ddp.prepare_model): merge into the weights as loaded, not into their bf16 copies,
+        # which would round away small updates
+        trained = {k: weights[k] for k in trainable_names(raw_model)}
+        raw_model = fresh_model()
+        raw_model.load_state_dict(trained, strict=False)
     if args.lora_r > 0:
         adapter_dir = os.path.join(args.out, "adapter")
         dpo.save_lora(raw_model, adapter_dir, base_model_name_or_path=os.path.abspath(args.model))

@@ -31,7 +31,8 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)  # the pretrained layer, frozen
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = dict(dtype=base.weight.dtype, device=base.weight.device)
+        # LoRA's own weights are at least fp32 (AdamW on bf16 weights loses small updates), whatever the base's
+        factory = dict(dtype=torch.promote_types(base.weight.dtype, torch.float32), device=base.weight.device)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)  # weight (r, in)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)  # weight (out, r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -43,7 +44,8 @@ class LoRALinear(nn.Module):
         out = self.base(x)  # (..., out)
         if self.disabled or self.merged:
             return out
-        return out + self.scale * self.lora_B(self.lora_A(self.dropout(x)))  # (..., out)
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
+        return out + self.scale * update.to(out.dtype)
 
     def delta_weight(self):
         return self.scale * self.lora_B.weight @ self.lora_A.weight  # (out, in)

@@ -187,8 +187,13 @@ def rank_micro_batches(indices, rank, world_size, accumulation):
 
 # ----------------------------------------------------------------------------- model
 def prepare_model(args, device):
-    """Load the model, add LoRA (or not), freeze what SeVa never trains. Returns (model, processor)."""
-    model, processor = vlm.load(args.model, device)
+    """Load the model, add LoRA (or not), freeze what SeVa never trains. Returns (model, processor).
+
+    LoRA under bf16 autocast with DDP stores the frozen base in bf16: half its memory, and autocast computes
+    its matmuls in bf16 anyway; LoRA's weights stay fp32. (FSDP2 wants one dtype per unit: fp32 there.)"""
+    amp_dtype = autocast_dtype(device, args.precision)
+    low = amp_dtype is not None and args.lora_r > 0 and args.parallel == "ddp"
+    model, processor = vlm.load(args.model, device, amp_dtype if low else torch.float32)
     if args.lora_r > 0:
         dpo.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # freezes all but LoRA
         vlm.freeze_vision(model, train_projector=args.train_projector)

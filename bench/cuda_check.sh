@@ -6,7 +6,7 @@
 #   bash bench/cuda_check.sh [WORK_DIR]        (python3 with torch+CUDA and requirements.txt's packages)
 #
 # Every step runs even if one before it fails; the failed steps are listed at the end (exit status 1).
-# QUICK=1 runs a tiny world and skips the benchmark: a dry run of this script on a CPU.
+# QUICK=1 runs a tiny world and skips the benchmark: a dry run of this script on a CPU. BENCH=0 skips the benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -85,7 +85,7 @@ step "eval compare" $PY -m eval.compare --base "$W/model-sft" --adapter "$W/dpo-
   --temperatures ""
 
 # 5. Speed at GPU size: the pair forwards' step time and peak memory.
-[ "${QUICK:-0}" = 1 ] || step "bench dpo_step" $PY bench/dpo_step.py --width 1024 --layers 8 --vision-width 512 --vision-layers 8 --pairs 8 \
+[ "${QUICK:-0}" = 1 ] || [ "${BENCH:-1}" = 0 ] || step "bench dpo_step" $PY bench/dpo_step.py --width 1024 --layers 8 --vision-width 512 --vision-layers 8 --pairs 8 \
   --rounds 5
 
 echo; echo "failed steps: ${FAILED[*]:-none}"

@@ -163,9 +163,17 @@ def test_lora_linear_matches_hand_formula():
     assert not base.weight.requires_grad and A.requires_grad and B.requires_grad
 
 
-def test_lora_linear_follows_base_dtype():
+def test_lora_weights_stay_fp32_over_a_bf16_base():
+    """AdamW on bf16 LoRA weights would round small updates away: they are fp32 whatever the base; the layer
+    takes and gives the base's dtype."""
     layer = dpo.LoRALinear(nn.Linear(5, 3).bfloat16(), r=2, alpha=4)
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 5).bfloat16()
+    out = layer(x)
+    expected = layer.base(x).float() + 2.0 * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_apply_lora_targets_language_model_projections_only():

@@ -198,3 +198,38 @@ def test_gradient_checkpointing_changes_nothing_but_memory(toy_world, toy_pairs,
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "ckpt", *common,
                                                   "--gradient-checkpointing")))
     assert_same_adapter(adapter(tmp_path / "plain"), adapter(tmp_path / "ckpt"), rtol=1e-5, atol=1e-7)
+
+
+def test_lora_over_a_bf16_base_trains_in_fp32_and_merges_into_the_weights_as_loaded(toy_world, toy_pairs, tmp_path):
+    """On a GPU with bf16 autocast and DDP the frozen base is stored in bf16 (train_ddp.prepare_model); here the
+    same model on the CPU's bf16 autocast. LoRA keeps fp32 weights and gradients, scores as the fp32-base model
+    does to bf16's precision, and --merge folds it into the fp32 weights from disk, not their bf16 copies."""
+    args = train_ddp.resolve_defaults(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--merge")))
+    full, processor = train_ddp.prepare_model(args, torch.device("cpu"))  # fp32 on a CPU
+    low, _ = vlm.load(args.model, dtype=torch.bfloat16)
+    dpo.apply_lora(low, args.lora_r, args.lora_alpha)
+    vlm.freeze_vision(low)
+    torch.manual_seed(0)
+    for _, module in dpo.lora_modules(full):
+        torch.nn.init.normal_(module.lora_B.weight, std=0.05)
+    low.load_state_dict({k: v for k, v in full.state_dict().items() if ".lora_" in k}, strict=False)
+    assert all(p.dtype == torch.float32 for n, p in low.named_parameters() if ".lora_" in n)
+    dataset = train_ddp.TrainDataset(train_ddp.read_records(toy_pairs)[:4], "dpo", args.image_folder, processor,
+                                     "llava_v1", args.max_length)
+    batch = dataset.collate([dataset[i] for i in range(4)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dpo.concatenated_forward(low, batch)
+        want = dpo.concatenated_forward(full, batch)
+        got[0].sum().backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.5)
+    grads = [p.grad for n, p in low.named_parameters() if ".lora_" in n]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+    fresh = lambda: train_ddp.prepare_model(args, torch.device("cpu"))[0]
+    checkpoint.export(low, low, processor, args, 0, fresh_model=fresh)
+    merged, _ = vlm.load(os.path.join(str(tmp_path), "merged"))
+    assert merged.dtype == torch.float32
+    reference = dpo.remove_lora(full).state_dict()
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
