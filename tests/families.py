@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+import vlm
+
 FAMILY_NAMES = ["llava", "llava_next", "qwen2_vl", "idefics3", "paligemma"]
 
 IMAGE_SIZE = 32  # the vision towers' input size
 PATCH_SIZE = 8  # 32 px -> 4 x 4 patches
 WIDTH = 32  # hidden size of the towers and language models
-LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 CORPUS = [
     "What colour is the square? The square is red.", "What shape is it? It is a circle.",
@@ -53,7 +53,7 @@ def _images(placeholder):
 # The system prompt is the first message's if it has role "system", LLaVA's default otherwise.
 LLAVA_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set message = messages[0] %}" + _TEXT + " "
-    "{% else %}{{ '" + LLAVA_V1_SYSTEM.replace("'", "\\'") + " ' }}{% endif %}"
+    "{% else %}{{ '" + vlm.LLAVA_V1_SYSTEM.replace("'", "\\'") + " ' }}{% endif %}"
     "{% for message in messages if message['role'] != 'system' %}"
     "{% if message['role'] == 'user' %}USER: " + _images("<image>\n") + _TEXT +
     "{% else %} ASSISTANT: " + _TEXT + "</s>{% endif %}{% endfor %}"
