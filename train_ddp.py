@@ -119,6 +119,7 @@ class TrainDataset(torch.utils.data.Dataset):
         for index, record in enumerate(tqdm(records, desc="measuring each image's tokens", disable=quiet)):
             name = record.get("id", index)
             turns = [sft_turns(record)] if objective == "sft" else pair_turns(record)
+            example = None
             if extra_tokens is None or not fixed_image_tokens:
                 example = self.encode(record, check=False)
                 extra_tokens = vlm.image_extra_tokens(processor, example if objective == "sft" else example["chosen"],
@@ -128,6 +129,8 @@ class TrainDataset(torch.utils.data.Dataset):
                 self.skipped.append(name)
                 print0(f"skipping {name}: {length} tokens > --max-length {max_length}")
             else:
+                if example is not None and self.cache is not None:  # measured by encoding it: keep it
+                    self.cache[len(self.records)] = example
                 self.records.append(record)
 
     def encode(self, record, check=True):

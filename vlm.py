@@ -255,7 +255,7 @@ def encode(processor, image, turns, template):
     pieces = render_turns(processor, turns, template)
     # Tokenize growing prefixes so each piece's tokens are exactly those the full text gives it.
     text, ids, labels = "", [], []
-    for piece, is_answer in pieces:
+    for k, (piece, is_answer) in enumerate(pieces):
         text += piece
         new = tokenizer(text).input_ids
         if new[:len(ids)] != ids:
@@ -264,7 +264,8 @@ def encode(processor, image, turns, template):
         added = new[len(ids):]
         ids = new
         labels += added if is_answer else [-100] * len(added)
-    prompt_tokens = len(tokenizer(pieces[0][0]).input_ids)
+        if k == 0:
+            prompt_tokens = len(ids)  # the first piece's tokens: the processor gives the model's own for them
     inputs = dict(processor(images=[image], text=[pieces[0][0]], return_tensors="pt"))
     prompt_ids = inputs.pop("input_ids")[0]
     inputs.pop("attention_mask", None)
