@@ -19,12 +19,14 @@ import statistics
 import numpy as np
 
 import augment
-import checkpoint
-import dpo
+import common
+import lora
+import pairs
 import seva
 import toyworld
 import train_ddp
 import vlm
+from eval import toyvqa
 
 # name -> (what the paper calls it, the setting that varies, its values)
 ABLATIONS = {
@@ -49,9 +51,9 @@ ABLATIONS = {
 # sft_epochs=6: toy/model-sft itself, as toyworld.py trains it.
 BASE = dict(augmentation="diffusion", noise_step=500, num_samples=1000, lora_r=32, data="pool.json", objective="dpo",
             sft_epochs=6, pairs_used="all", lr=5e-4, beta=0.1)
-# Which kept pairs pair_filter trains on, by seva.pair_quality's classes (the true answer is never used otherwise).
-PAIR_FILTERS = {"all": seva.QUALITY, "right_wrong": seva.QUALITY[:1], "inverted": seva.QUALITY[2:3],
-                "not_inverted": seva.QUALITY[:2] + seva.QUALITY[3:]}
+# Which kept pairs pair_filter trains on, by pairs.pair_quality's classes (the true answer is never used otherwise).
+PAIR_FILTERS = {"all": pairs.QUALITY, "right_wrong": pairs.QUALITY[:1], "inverted": pairs.QUALITY[2:3],
+                "not_inverted": pairs.QUALITY[:2] + pairs.QUALITY[3:]}
 GLOBAL_BATCH = 16  # as run_toy.sh's 2 processes x 8
 
 
@@ -69,18 +71,18 @@ def run_once(world, out, setting, seed):
                          "--augmentation", setting["augmentation"], "--noise-step", str(setting["noise_step"]),
                          "--num-samples", str(setting["num_samples"]), "--seed", str(seed), "--batch-size", "64",
                          "--out", os.path.join(folder, "pairs.jsonl"), "--no-progress"])
-    pairs = filter_pairs(folder, setting["pairs_used"])
+    pairs_path = filter_pairs(folder, setting["pairs_used"])
     training = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"),
                 "--seed", str(seed), "--lora-r", str(setting["lora_r"]), "--lora-alpha", str(2 * setting["lora_r"]),
                 "--lr", str(setting["lr"]), "--beta", str(setting["beta"]), "--batch-size", str(GLOBAL_BATCH),
                 "--no-progress", "--cache-data"]
     if setting["objective"] == "dpo":
-        training += ["--objective", "dpo", "--pairs", pairs]
+        training += ["--objective", "dpo", "--pairs", pairs_path]
     else:  # Table 3: the same images and questions, trained on their true answers, same step budget
         training += ["--objective", "sft", "--data", sft_records(folder)]
     row = dict(setting=setting, seed=seed, pairs=summary["pairs"], kept_percent=summary["kept_percent"],
-               pair_quality=summary["pair_quality"], pairs_trained=len(checkpoint.read_appended_jsonl(pairs)),
-               trained_quality=seva.pair_quality(checkpoint.read_appended_jsonl(pairs)),
+               pair_quality=summary["pair_quality"], pairs_trained=len(common.read_jsonl(pairs_path)),
+               trained_quality=pairs.pair_quality(common.read_jsonl(pairs_path)),
                steps=0, mean_margin=None, accuracy=None, start_accuracy=model_accuracy(world, out, start))
     if row["pairs_trained"] < GLOBAL_BATCH:  # too few pairs for one step: the model stays the SFT model
         return row
@@ -88,8 +90,8 @@ def run_once(world, out, setting, seed):
     model.eval()
     _, processor = vlm.load(start)
     val = json.load(open(os.path.join(world, "val.json")))
-    row["accuracy"], _ = toyworld.vqa_accuracy(model, processor, val, images)
-    metrics = checkpoint.read_appended_jsonl(os.path.join(folder, "train", "metrics.jsonl"))
+    row["accuracy"], _ = toyvqa.vqa_accuracy(model, processor, val, images)
+    metrics = common.read_jsonl(os.path.join(folder, "train", "metrics.jsonl"), appended=True)
     row["steps"] = len(metrics)
     if setting["objective"] == "dpo":
         row["mean_margin"] = statistics.mean(m["rewards/margins"] for m in metrics)
@@ -101,10 +103,10 @@ def filter_pairs(folder, pairs_used):
     path = os.path.join(folder, "pairs.jsonl")
     if pairs_used == "all":
         return path
-    keep = [pair for pair in checkpoint.read_appended_jsonl(path)
-            if "answer" in pair and seva.quality_of(pair) in PAIR_FILTERS[pairs_used]]
+    keep = [pair for pair in common.read_jsonl(path)
+            if "answer" in pair and pairs.quality_of(pair) in PAIR_FILTERS[pairs_used]]
     filtered = os.path.join(folder, f"pairs-{pairs_used}.jsonl")
-    checkpoint.write_lines_atomic(filtered, [json.dumps(pair) for pair in keep])
+    common.write_atomic(filtered, [json.dumps(pair) for pair in keep])
     return filtered
 
 
@@ -134,7 +136,7 @@ def model_accuracy(world, out, model_dir):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         model, processor = vlm.load(model_dir)
         val = json.load(open(os.path.join(world, "val.json")))
-        accuracy, _ = toyworld.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
+        accuracy, _ = toyvqa.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
         toyworld.write_json_atomic(accuracy, path)
     return json.load(open(path))
 
@@ -142,10 +144,10 @@ def model_accuracy(world, out, model_dir):
 def sft_records(folder):
     """Continual SFT's data (Table 3): the questions of SeVa's kept pairs on the same images, each with
     its true answer from the data instead of a preference."""
-    pairs = checkpoint.read_appended_jsonl(os.path.join(folder, "pairs.jsonl"))
+    kept = common.read_jsonl(os.path.join(folder, "pairs.jsonl"))
     records = [{"id": pair["id"], "image": pair["image"],
                 "conversations": [{"from": "human", "value": "<image>\n" + pair["question"]},
-                                  {"from": "gpt", "value": pair["answer"]}]} for pair in pairs if pair.get("answer")]
+                                  {"from": "gpt", "value": pair["answer"]}]} for pair in kept if pair.get("answer")]
     path = os.path.join(folder, "sft.json")
     toyworld.write_json_atomic(records, path)
     return path
@@ -200,8 +202,8 @@ def table(runs_of_ablation, key, values):
         margins = [r["mean_margin"] for r in runs if r["mean_margin"] is not None]
         delta = statistics.mean(accuracy_of(r) - r["start_accuracy"]["overall"] for r in runs)
         lines.append(f"| {value} | {len(runs)} | {mean_spread([r['kept_percent'] for r in runs])} | "
-                     f"{mean_spread(share(seva.QUALITY[0])) if share(seva.QUALITY[0]) else '-'} | "
-                     f"{mean_spread(share(seva.QUALITY[2])) if share(seva.QUALITY[2]) else '-'} | "
+                     f"{mean_spread(share(pairs.QUALITY[0])) if share(pairs.QUALITY[0]) else '-'} | "
+                     f"{mean_spread(share(pairs.QUALITY[2])) if share(pairs.QUALITY[2]) else '-'} | "
                      f"{statistics.mean(r['pairs_trained'] for r in runs):.0f} | "
                      f"{mean_spread(margins) if margins else ('-' if any(r['steps'] for r in runs) else 'no step')} | "
                      f"{statistics.mean(r['start_accuracy']['overall'] for r in runs):.3f} | "
@@ -233,7 +235,7 @@ def pair_quality_analysis(rows):
     distinct = {json.dumps([r["setting"], r["seed"]], sort_keys=True): r for r in rows}  # a reused run counts once
     runs = [r for r in distinct.values()
             if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"] and r["trained_quality"]]
-    classes = [q for q in seva.QUALITY if any(r["trained_quality"][q] for r in runs)]  # a class never seen: no fit
+    classes = [q for q in pairs.QUALITY if any(r["trained_quality"][q] for r in runs)]  # a class never seen: no fit
     if len(runs) < 2 * len(classes):
         return []
     counts = np.array([[r["trained_quality"][q] for q in classes] for r in runs], dtype=float) / 100
@@ -248,7 +250,7 @@ def pair_quality_analysis(rows):
     for q, c, n in zip(classes, coef, counts.mean(0) * 100):
         lines.append(f"| {q} | {c:+.3f} | {n:.0f} |")
     return lines + [f"Classes with no pair in any of these runs are left out: "
-                    f"{', '.join(q for q in seva.QUALITY if q not in classes) or 'none'}.", ""]
+                    f"{', '.join(q for q in pairs.QUALITY if q not in classes) or 'none'}.", ""]
 
 
 def load_rows(log, world, out):
@@ -266,8 +268,8 @@ def load_rows(log, world, out):
 def confusion(world, out, family, runs):
     """What a model answers to toy/val.json's `family` questions, against the right answer: the SFT model's
     counts, then each named run's (its adapter on its start model). Written to OUT/confusion-FAMILY.md."""
-    val = [r for r in json.load(open(os.path.join(world, "val.json"))) if toyworld.first_question(r)[3] == family]
-    truths = [toyworld.first_question(r)[2] for r in val]
+    val = [r for r in json.load(open(os.path.join(world, "val.json"))) if toyvqa.first_question(r)[3] == family]
+    truths = [toyvqa.first_question(r)[2] for r in val]
     lines = [f"# {family} questions of {world}/val.json: right answer -> answer given", "",
              f"Made by `python ablations.py --confusion {family} --runs {' '.join(runs)}`.", ""]
     for name in ["SFT"] + runs:
@@ -276,8 +278,8 @@ def confusion(world, out, family, runs):
                  else json.load(open(os.path.join(train, "args.json")))["model"])
         model, processor = vlm.load(start)
         if name != "SFT":
-            dpo.load_lora(model, os.path.join(train, "adapter"))
-        _, answers = toyworld.vqa_accuracy(model.eval(), processor, val, os.path.join(world, "images"))
+            lora.load_lora(model, os.path.join(train, "adapter"))
+        _, answers = toyvqa.vqa_accuracy(model.eval(), processor, val, os.path.join(world, "images"))
         counts = collections.Counter(zip(truths, (a.lower() for a in answers)))
         right = sum(n for (t, a), n in counts.items() if t.lower() == a)
         lines += [f"## {name}: {right} of {len(val)} right", "", "| right answer | answer given | questions |",
@@ -291,7 +293,7 @@ def confusion(world, out, family, runs):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ablations", nargs="*", help=f"which ablations to run: {', '.join(ABLATIONS)}, or all")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the issue asks for at least 3)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (at least 3 for a mean and a spread)")
     p.add_argument("--world", default="toy", help="the toy world folder (python toyworld.py)")
     p.add_argument("--out", default="ablations", help="runs.jsonl, report.md and each run's files")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")

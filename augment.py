@@ -5,8 +5,9 @@ augmented image T(I) (-> rejected answer). This file holds every T of the paper:
 
   * image-level augmentations of Fig. 2 (RandFlip ... SimCLR), each `name(image, seed) -> image`,
     deterministic given its seed; `sample_seed(seed, sample_id)` gives each sample its own seed;
-  * diffusion noise (the paper's default, Sec. 4.1), which acts on the processor's normalized pixel
-    tensor, not on the PIL image, as in the authors' code.
+  * diffusion noise (the paper's default, Sec. 4.1, diffusion.py), which acts on the processor's
+    normalized pixel tensor, not on the PIL image, as in the authors' code;
+  * `augmented_batch`, T(I) for a batch of samples as generate.py takes it: images and a pixel transform.
 
 torchvision cannot be imported beside our torch, so the standard recipes are re-written with PIL;
 where a recipe's constants come from torchvision or the SSL papers, the comment says so.
@@ -15,27 +16,19 @@ CLI: `python augment.py IMAGE --out grid.png` draws the image under every augmen
 """
 
 import argparse
-import hashlib
 import math
-import numbers
 import random
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
+import diffusion
+import vlm
+from common import sample_seed
+
 BILINEAR = Image.Resampling.BILINEAR
 NEAREST = Image.Resampling.NEAREST
-
-
-# ---- seeds
-
-def sample_seed(seed: int, sample_id) -> int:
-    """A stable per-sample seed from (run seed, sample id); same in every process, unlike hash()."""
-    # The id is used through its text, so the int 7 and the string "7" name the same sample.
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    # 63 bits fit a signed 64-bit int: random.Random, numpy and torch.Generator all accept it.
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 # ---- geometric building blocks
@@ -179,31 +172,19 @@ def rand_invert(image: Image.Image, seed: int) -> Image.Image:
 # AutoAugment's ImageNet policy (Cubuk et al. 2019): 25 sub-policies of two (op, probability,
 # magnitude bin) steps. One sub-policy is picked per image. Listed as in torchvision.
 IMAGENET_POLICY = [
-    (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
-    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
-    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
-    (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
-    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
-    (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
-    (("Solarize", 0.6, 3), ("Equalize", 0.6, None)),
-    (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
-    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
-    (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
-    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
-    (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
-    (("Equalize", 0.0, None), ("Equalize", 0.8, None)),
-    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
-    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
-    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
-    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
-    (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
-    (("ShearX", 0.6, 5), ("Equalize", 1.0, None)),
-    (("Color", 0.4, 0), ("Equalize", 0.6, None)),
-    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
-    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
-    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
-    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
-    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    (('Posterize', 0.4, 8), ('Rotate', 0.6, 9)), (('Solarize', 0.6, 5), ('AutoContrast', 0.6, None)),
+    (('Equalize', 0.8, None), ('Equalize', 0.6, None)), (('Posterize', 0.6, 7), ('Posterize', 0.6, 6)),
+    (('Equalize', 0.4, None), ('Solarize', 0.2, 4)), (('Equalize', 0.4, None), ('Rotate', 0.8, 8)),
+    (('Solarize', 0.6, 3), ('Equalize', 0.6, None)), (('Posterize', 0.8, 5), ('Equalize', 1.0, None)),
+    (('Rotate', 0.2, 3), ('Solarize', 0.6, 8)), (('Equalize', 0.6, None), ('Posterize', 0.4, 6)),
+    (('Rotate', 0.8, 8), ('Color', 0.4, 0)), (('Rotate', 0.4, 9), ('Equalize', 0.6, None)),
+    (('Equalize', 0.0, None), ('Equalize', 0.8, None)), (('Invert', 0.6, None), ('Equalize', 1.0, None)),
+    (('Color', 0.6, 4), ('Contrast', 1.0, 8)), (('Rotate', 0.8, 8), ('Color', 1.0, 2)),
+    (('Color', 0.8, 8), ('Solarize', 0.8, 7)), (('Sharpness', 0.4, 7), ('Invert', 0.6, None)),
+    (('ShearX', 0.6, 5), ('Equalize', 1.0, None)), (('Color', 0.4, 0), ('Equalize', 0.6, None)),
+    (('Equalize', 0.4, None), ('Solarize', 0.2, 4)), (('Solarize', 0.6, 5), ('AutoContrast', 0.6, None)),
+    (('Invert', 0.6, None), ('Equalize', 1.0, None)), (('Color', 0.6, 4), ('Contrast', 1.0, 8)),
+    (('Equalize', 0.8, None), ('Equalize', 0.6, None)),
 ]
 ENHANCERS = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
              "Sharpness": ImageEnhance.Sharpness}
@@ -258,79 +239,49 @@ def moco(image: Image.Image, seed: int) -> Image.Image:
     return image
 
 
-def byol(image: Image.Image, seed: int) -> Image.Image:
-    """BYOL view-1 mixture: rrc, flip, jitter 0.4/0.4/0.2/0.1 p=0.8, gray p=0.2, blur p=1.0."""
-    # Grill et al. 2020, Table 6, first view: its solarize has p=0.0, so it never happens here.
+def _ssl_view(image, seed, jitter, blur_probability):
+    """The BYOL / SimCLR recipe: rrc (0.08, 1), flip p=0.5, colour jitter p=0.8, gray p=0.2, blur."""
     rng = random.Random(seed)
     image = _random_resized_crop(image, rng, scale=(0.08, 1.0))
     if _happens(rng, 0.5):
         image = ImageOps.mirror(image)
     if _happens(rng, 0.8):
-        image = _color_jitter(image, rng, 0.4, 0.4, 0.2, 0.1)
+        image = _color_jitter(image, rng, *jitter)
     if _happens(rng, 0.2):
         image = _grayscale(image)
-    return _gaussian_blur(image, rng)
+    if blur_probability >= 1 or _happens(rng, blur_probability):  # BYOL always blurs: no coin drawn
+        image = _gaussian_blur(image, rng)
+    return image
+
+
+def byol(image: Image.Image, seed: int) -> Image.Image:
+    """BYOL view-1 mixture: rrc, flip, jitter 0.4/0.4/0.2/0.1 p=0.8, gray p=0.2, blur p=1.0."""
+    # Grill et al. 2020, Table 6, first view: its solarize has p=0.0, so it never happens here.
+    return _ssl_view(image, seed, (0.4, 0.4, 0.2, 0.1), 1.0)
 
 
 def simclr(image: Image.Image, seed: int) -> Image.Image:
     """SimCLR mixture: rrc, flip, jitter 0.8/0.8/0.8/0.2 p=0.8, gray p=0.2, blur p=0.5."""
     # Chen et al. 2020, Appendix A: colour strength s=1 (0.8s, 0.8s, 0.8s, 0.2s).
-    rng = random.Random(seed)
-    image = _random_resized_crop(image, rng, scale=(0.08, 1.0))
-    if _happens(rng, 0.5):
-        image = ImageOps.mirror(image)
-    if _happens(rng, 0.8):
-        image = _color_jitter(image, rng, 0.8, 0.8, 0.8, 0.2)
-    if _happens(rng, 0.2):
-        image = _grayscale(image)
-    if _happens(rng, 0.5):
-        image = _gaussian_blur(image, rng)
-    return image
+    return _ssl_view(image, seed, (0.8, 0.8, 0.8, 0.2), 0.5)
 
 
-# ---- diffusion noise (the paper's default T, Sec. 4.1 / Fig. 6: step 800 for 7B, 500 for 13B)
-
-NUM_DIFFUSION_STEPS = 1000
-
-
-def alpha_bar(schedule: str = "sigmoid") -> torch.Tensor:
-    """The cumulative product of (1 - beta_t) over the 1000 steps, shape (1000,), float64."""
-    if schedule == "sigmoid":  # the authors' (VCD) schedule
-        steps = torch.linspace(-6, 6, NUM_DIFFUSION_STEPS, dtype=torch.float64)
-        betas = torch.sigmoid(steps) * (5e-3 - 1e-5) + 1e-5
-    elif schedule == "linear":  # DDPM (Ho et al. 2020), = diffusers' DDPMScheduler() default
-        betas = torch.linspace(1e-4, 0.02, NUM_DIFFUSION_STEPS, dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown noise schedule {schedule!r}; use 'sigmoid' (authors') or 'linear' (DDPM)")
-    return torch.cumprod(1 - betas, dim=0)
+# ---- T(I) for a batch: what seva.py and eval/ call
+def noise_transform(sample_ids, noise_step: int, seed: int, schedule: str = "sigmoid"):
+    """generate.py's pixel_transform for a batch whose image i belongs to sample_ids[i]: each sample's own
+    diffusion noise, seeded by (seed, its id), on the processor's normalized pixels (as the authors)."""
+    return lambda pixels, rows: diffusion.diffusion_noise_rows(pixels, [sample_ids[i] for i in rows], noise_step, seed,
+                                                               schedule)
 
 
-def diffusion_noise(pixel_values: torch.Tensor, noise_step: int, generator: torch.Generator | None = None,
-                    schedule: str = "sigmoid") -> torch.Tensor:
-    """Forward diffusion q(x_t | x_0): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps ~ N(0, I)."""
-    # x_0 is the processor's CLIP-normalized tensor, as in the authors' code; any shape works.
-    if isinstance(noise_step, bool) or not isinstance(noise_step, numbers.Integral):
-        raise ValueError(f"noise_step must be an int in 0..{NUM_DIFFUSION_STEPS - 1}, got {noise_step!r}")
-    if not 0 <= noise_step < NUM_DIFFUSION_STEPS:
-        raise ValueError(f"noise_step must be in 0..{NUM_DIFFUSION_STEPS - 1}, got {noise_step}")
-    if not pixel_values.is_floating_point():
-        raise ValueError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
-    signal_fraction = alpha_bar(schedule)[noise_step]
-    noise = torch.randn(pixel_values.shape, generator=generator, dtype=pixel_values.dtype,
-                        device=pixel_values.device)
-    return signal_fraction.sqrt().item() * pixel_values + (1 - signal_fraction).sqrt().item() * noise
-
-
-def diffusion_noise_rows(pixel_values: torch.Tensor, sample_ids, noise_step: int, seed: int,
-                         schedule: str = "sigmoid") -> torch.Tensor:
-    """diffusion_noise on each row of a batch (B, ...), or each tensor of a list (generate.py's pixel_transform
-    gets one tensor per image, vlm.image_pixels), with its own generator seeded by (seed, sample id), so a
-    sample's noise does not depend on the batch it lands in."""
-    if len(sample_ids) != len(pixel_values):
-        raise ValueError(f"{len(sample_ids)} sample ids for {len(pixel_values)} rows")
-    rows = [diffusion_noise(row, noise_step, torch.Generator(row.device).manual_seed(sample_seed(seed, i)), schedule)
-            for row, i in zip(pixel_values, sample_ids)]
-    return rows if isinstance(pixel_values, (list, tuple)) else torch.stack(rows)
+def augmented_batch(augmentation: str, images, sample_ids, seed: int, noise_step: int = 500,
+                    schedule: str = "sigmoid"):
+    """T(I) for a batch, as (images, pixel_transform) for generate.py: diffusion noise acts on the processor's
+    pixels (the images stay as they are); every other augmentation transforms each image, seeded per sample."""
+    if augmentation == "diffusion":
+        return images, noise_transform(sample_ids, noise_step, seed, schedule)
+    transform = AUGMENTATIONS[augmentation]
+    return [transform(image, sample_seed(seed, i)) for image, i in zip(images, sample_ids)], None
 
 
 # ---- registry
@@ -358,8 +309,6 @@ def check_augmentation(name: str) -> None:
 
 # ---- grid of every augmentation (CLI)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NOISE_STEPS = tuple(range(100, 1000, 100))
 GRID_COLUMNS = 5
 LABEL_HEIGHT = 14  # pixels of caption strip under each panel
@@ -367,20 +316,17 @@ LABEL_HEIGHT = 14  # pixels of caption strip under each panel
 
 def _square(image, size):
     """Pad to a square with the CLIP mean colour (as LLaVA-1.5 does), then resize to size x size."""
-    side = max(image.size)
-    canvas = Image.new("RGB", (side, side), tuple(round(255 * m) for m in CLIP_MEAN))
-    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    return canvas.resize((size, size), Image.Resampling.BICUBIC)
+    return vlm.pad_to_square(image).resize((size, size), Image.Resampling.BICUBIC)
 
 
 def _noised_picture(image, noise_step, seed, schedule):
     """The image under diffusion noise at noise_step, for display."""
     # Noise acts on the CLIP-normalized tensor as in training; un-normalizing and clipping it back
     # to a picture is only an illustration of what the model sees, not the model's input.
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(vlm.CLIP_MEAN).view(3, 1, 1), torch.tensor(vlm.CLIP_STD).view(3, 1, 1)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
     generator = torch.Generator().manual_seed(seed)
-    noised = diffusion_noise((pixels - mean) / std, noise_step, generator, schedule) * std + mean
+    noised = diffusion.diffusion_noise((pixels - mean) / std, noise_step, generator, schedule) * std + mean
     return Image.fromarray((noised.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 

@@ -11,29 +11,25 @@ are never used to make pairs; they are kept beside each pair only to measure whi
 One process:   python seva.py --model toy/model-sft --data toy/pool.json --out runs/seva/pairs.jsonl
 N processes:   torchrun --standalone --nproc_per_node=N seva.py ...     (the same file, byte for byte)
 
-Resumable: each finished batch is appended to OUT.partial-rank{r}-of-{N}.jsonl; after a crash, rerun
-the same command and it continues. The pairs file is written atomically at the end.
+Resumable: each finished batch is appended to OUT.partial-rank{r}-of-{N}.jsonl (common.ShardedOutput);
+after a crash, rerun the same command and it continues. The pairs file is written atomically at the end.
 """
 import argparse
-import glob
-import hashlib
 import json
 import os
 import random
-import sys
 from collections import Counter
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import augment
-import checkpoint
-import train_ddp
+import common
+import diffusion
+import pairs
 import vlm
 from generate import generate
 
-# ----------------------------------------------------------------------------- sampling (Alg. 1 line 1)
+# ----------------------------------------------------------------------------- Alg. 1 line 1: sample (I, Q) from the pool
 SUBSETS = ("textvqa", "ocr_vqa", "gqa", "coco", "vg")  # LLaVA-665k's image folders
 OCRVQA_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -122,7 +118,54 @@ def sample_instances(records, subsets, num_samples, seed, source="data"):
     return instances, skipped, messages
 
 
-# ----------------------------------------------------------------------------- filtering (Alg. 1 line 3)
+# ----------------------------------------------------------------------------- Alg. 1 line 2: chosen on I, rejected on T(I)
+def answer_chunk(model, processor, instances, image_folder, augmentation="diffusion", noise_step=500, seed=0,
+                 schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print):
+    """Chosen and rejected answers of a chunk of instances, each generated as one batch.
+    template None: the family's; pad: LLaVA-1.5's square padding, for the families that pad.
+
+    Returns one row per instance, in order: {chosen, rejected}, or {skipped: reason, message}.
+    """
+    template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
+    rows, images = load_chunk(processor, instances, image_folder, template, pad, max_new_tokens, max_length, warn)
+    ready = [k for k, row in enumerate(rows) if row is None]
+    if ready:
+        questions, ids = [instances[k]["question"] for k in ready], [instances[k]["id"] for k in ready]
+        decoding = dict(template=template, max_new_tokens=max_new_tokens, batch_size=len(ready))
+        chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
+        augmented, pixel_transform = augment.augmented_batch(augmentation, images, ids, seed, noise_step, schedule)
+        rejected = generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
+                            **decoding)  # rejected = model(T(I), Q), each instance its own seeded T
+        for k, c, r in zip(ready, chosen, rejected):
+            rows[k] = dict(chosen=c, rejected=r)
+    return rows
+
+
+def load_chunk(processor, instances, image_folder, template, pad, max_new_tokens, max_length, warn):
+    """(rows, images): rows[k] is None for an instance ready to answer, else why it is skipped (a message
+    naming the record, printed through `warn` and counted by reason); images of the ready ones, in order."""
+    rows, images = [], []
+    for instance in instances:
+        path = os.path.join(image_folder, instance["image"])
+        try:
+            image = vlm.load_image(path, pad=pad)
+        except ValueError as e:  # the error names the file
+            problem = ("missing or corrupt image", str(e))
+        else:
+            prompt = vlm.prompt_text(processor, instance["question"], template)
+            length = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]  # image tokens too
+            problem = None if length + max_new_tokens <= max_length else ("longer than --max-length", (
+                f"{path}: {length} prompt tokens + {max_new_tokens} new tokens > --max-length {max_length}"))
+        if problem:
+            rows.append(dict(skipped=problem[0], message=f"record {instance['id']}: {problem[1]}; skipped"))
+            warn(rows[-1]["message"])
+        else:
+            rows.append(None)
+            images.append(image)
+    return rows, images
+
+
+# ----------------------------------------------------------------------------- Alg. 1 line 3: drop equal answers
 def normalize(answer):
     """Lowercase, whitespace collapsed, trailing punctuation stripped."""
     return " ".join(answer.lower().split()).rstrip(".,;:!?").rstrip()
@@ -137,128 +180,26 @@ def same_answer(chosen, rejected, mode="exact"):
     raise ValueError(f"unknown filter {mode!r}; use exact or normalized")
 
 
-# ----------------------------------------------------------------------------- generation (Alg. 1 line 2)
-def answer_chunk(model, processor, chunk, image_folder, augmentation="diffusion", noise_step=500, seed=0,
-                 schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print):
-    """Chosen and rejected answers of one chunk [(index, instance), ...], generated as one batch.
-    template None: the family's; pad: LLaVA-1.5's square padding, for the families that pad.
-
-    Returns one row per instance, in order: {index, id, chosen, rejected} or {index, id, skipped, message}.
-    """
-    rows, ready = {}, []
-    template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
-
-    def skip(index, instance, reason, message):  # a clear message naming the record; counted by reason
-        rows[index] = dict(index=index, id=instance["id"], skipped=reason,
-                           message=f"record {instance['id']}: {message}; skipped")
-        warn(rows[index]["message"])
-
-    for index, instance in chunk:
-        path = os.path.join(image_folder, instance["image"])
-        try:
-            image = vlm.load_image(path, pad=pad)
-        except ValueError as e:  # the error names the file
-            skip(index, instance, "missing or corrupt image", str(e))
-            continue
-        prompt = vlm.prompt_text(processor, instance["question"], template)
-        length = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]  # image tokens too
-        if length + max_new_tokens > max_length:
-            skip(index, instance, "longer than --max-length",
-                 f"{path}: {length} prompt tokens + {max_new_tokens} new tokens > --max-length {max_length}")
-            continue
-        ready.append((index, instance, image))
-    if ready:
-        images = [image for _, _, image in ready]
-        questions = [instance["question"] for _, instance, _ in ready]
-        ids = [instance["id"] for _, instance, _ in ready]
-        batch = dict(template=template, max_new_tokens=max_new_tokens, batch_size=len(ready))
-        chosen = generate(model, processor, images, questions, **batch)  # on the original image I
-        if augmentation == "diffusion":  # on the processor's normalized pixels, as the authors
-            def noise(pixel_values, rows_in_batch):  # each instance its own noise, seeded by its id
-                return augment.diffusion_noise_rows(pixel_values, [ids[i] for i in rows_in_batch], noise_step,
-                                                    seed, schedule)
-            rejected = generate(model, processor, images, questions, pixel_transform=noise, **batch)
-        else:  # an image-level T(I) of Fig. 2, seeded per instance
-            transform = augment.AUGMENTATIONS[augmentation]
-            augmented = [transform(image, augment.sample_seed(seed, id_)) for image, id_ in zip(images, ids)]
-            rejected = generate(model, processor, augmented, questions, **batch)
-        for (index, instance, _), c, r in zip(ready, chosen, rejected):
-            rows[index] = dict(index=index, id=instance["id"], chosen=c, rejected=r)
-    return [rows[index] for index, _ in chunk]
-
-
-# ----------------------------------------------------------------------------- resumable partial files
+# ----------------------------------------------------------------------------- the pairs file, its summary and exports
 # The arguments that decide the output: partial files made with others are not resumed.
 OUTPUT_ARGS = ("model", "data", "image_folder", "subsets", "num_samples", "seed", "augmentation", "noise_step",
                "noise_schedule", "template", "pad", "max_new_tokens", "max_length", "batch_size", "precision")
 
 
-def partial_header(args, world_size):
-    decisive = {key: getattr(args, key) for key in OUTPUT_ARGS}
-    digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
-    return dict(seva_partial=1, args_hash=digest, args=decisive, world_size=world_size)
+def sharded_output(args, instances, rank, world_size):
+    """Where each finished chunk of answers goes until the pairs file is written (common.ShardedOutput)."""
+    return common.ShardedOutput(args.out, {key: getattr(args, key) for key in OUTPUT_ARGS},
+                                [instance["id"] for instance in instances], args.batch_size, rank, world_size)
 
 
-def partial_path(out, rank, world_size):
-    return f"{out}.partial-rank{rank}-of-{world_size}.jsonl"
-
-
-def read_partial(path, header=None):
-    """The rows of a partial file's complete lines; a torn last line (a kill mid-write) is dropped.
-    With a header, refuse a file made with other arguments or another number of processes."""
-    rows = checkpoint.read_appended_jsonl(path)
-    old = rows.pop(0) if rows else None
-    if header and old and (old.get("args_hash"), old.get("world_size")) != (header["args_hash"], header["world_size"]):
-        differ = [k for k in OUTPUT_ARGS if old.get("args", {}).get(k) != header["args"][k]]
-        differ += ["number of processes"] if old.get("world_size") != header["world_size"] else []
-        raise ValueError(f"{path} was made with other arguments (differing: {', '.join(differ)}); rerun with "
-                         f"them to resume, or delete the partial files to start over")
-    return rows
-
-
-def resume(out, rank, header, chunks, batch_size):
-    """Refuse foreign partial files; keep the chunks this rank's file holds in full (a kill may cut
-    the last one), rewritten atomically; return the indices of those chunks."""
-    for path in glob.glob(glob.escape(out) + ".partial-rank*-of-*.jsonl"):
-        read_partial(path, header)
-    path = partial_path(out, rank, header["world_size"])
-    rows = read_partial(path, header)
-    present = {row["index"] for row in rows}
-    done = {k for k, chunk in enumerate(chunks) if all(i in present for i in chunk)}
-    rows = [row for row in rows if row["index"] // batch_size in done]
-    checkpoint.write_lines_atomic(path, [json.dumps(header)] + [json.dumps(row, ensure_ascii=False) for row in rows])
-    return done
-
-
-# ----------------------------------------------------------------------------- merge, summary, exports
-QUALITY = ("chosen right, rejected wrong", "both wrong", "chosen wrong, rejected right", "both right but different")
-
-
-def pair_quality(pairs):
-    """Does the self-supervised preference point the right way? Counts over the kept pairs with an answer
-    (right: equal to the json's answer, case-insensitive, stripped); None when no pair has one."""
-    counts = dict.fromkeys(QUALITY, 0)
-    for pair in pairs:
-        if "answer" in pair:
-            counts[quality_of(pair)] += 1
-    return counts if sum(counts.values()) else None
-
-
-def quality_of(pair):
-    """The QUALITY class of one pair that has the json's answer."""
-    truth = pair["answer"].strip().lower()
-    right = (pair["chosen"].strip().lower() == truth, pair["rejected"].strip().lower() == truth)
-    return QUALITY[[(True, False), (False, False), (False, True), (True, True)].index(right)]
-
-
-def summarize(instances, rows, pairs, sampling_skipped, messages):
+def summarize(instances, rows, kept, sampling_skipped, messages):
     skipped = Counter(sampling_skipped) + Counter(row["skipped"] for row in rows if "skipped" in row)
     answered = sum("skipped" not in row for row in rows)
-    words = lambda key: round(sum(len(p[key].split()) for p in pairs) / max(len(pairs), 1), 2)
-    return dict(instances=len(instances), answered=answered, pairs=len(pairs),
-                kept_percent=round(100 * len(pairs) / max(answered, 1), 1),
+    words = lambda key: round(sum(len(p[key].split()) for p in kept) / max(len(kept), 1), 2)
+    return dict(instances=len(instances), answered=answered, pairs=len(kept),
+                kept_percent=round(100 * len(kept) / max(answered, 1), 1),
                 mean_words_chosen=words("chosen"), mean_words_rejected=words("rejected"),
-                skipped=dict(sorted(skipped.items())), pair_quality=pair_quality(pairs),
+                skipped=dict(sorted(skipped.items())), pair_quality=pairs.pair_quality(kept),
                 messages=messages + [row["message"] for row in rows if "skipped" in row])
 
 
@@ -275,57 +216,23 @@ def format_summary(s, filter_mode):
     return "\n".join(lines)
 
 
-def export_lines(pairs, image_folder, kind):
-    """trl: TRL's vision preference format (conversational); authors: their step-3 json list."""
-    if kind == "authors":
-        return [json.dumps([dict(chosen=p["chosen"], reject=p["rejected"], question=p["question"], image_id=p["image"])
-                            for p in pairs], indent=1, ensure_ascii=False)]
-    text = lambda role, content: [{"role": role, "content": content}]
-    return [json.dumps(dict(images=[os.path.join(image_folder, p["image"])],
-                            prompt=text("user", [{"type": "image"}, {"type": "text", "text": p["question"]}]),
-                            chosen=text("assistant", [{"type": "text", "text": p["chosen"]}]),
-                            rejected=text("assistant", [{"type": "text", "text": p["rejected"]}])),
-                       ensure_ascii=False) for p in pairs]
-
-
-def finish(args, instances, sampling_skipped, messages, world_size):
-    """Rank 0: merge the partial files in instance order; write the pairs, the sidecar and the exports."""
-    rows = {}
-    for rank in range(world_size):
-        rows.update((row["index"], row) for row in read_partial(partial_path(args.out, rank, world_size)))
-    missing = [i for i in range(len(instances)) if i not in rows or rows[i]["id"] != instances[i]["id"]]
-    if missing:
-        raise RuntimeError(f"the partial files lack instances {missing[:10]}; rerun to complete them")
-    rows = [rows[i] for i in range(len(instances))]
-    pairs = []
-    for instance, row in zip(instances, rows):
-        if "skipped" in row or same_answer(row["chosen"], row["rejected"], args.filter):  # Alg. 1 line 3
-            continue
-        pair = dict(id=instance["id"], image=instance["image"], question=instance["question"], chosen=row["chosen"],
-                    rejected=row["rejected"], augmentation=args.augmentation)
-        if args.augmentation == "diffusion":
-            pair["noise_step"] = args.noise_step
-        if instance["answer"] is not None:
-            pair["answer"] = instance["answer"]  # for analysis only: never used to make the pair
-        pairs.append(pair)
-    checkpoint.write_lines_atomic(args.out, [json.dumps(pair, ensure_ascii=False) for pair in pairs])
-    summary = summarize(instances, rows, pairs, sampling_skipped, messages)
-    checkpoint.write_lines_atomic(args.out + ".args.json", [json.dumps(dict(args=vars(args), world_size=world_size, summary=summary),
-                                                      indent=1, ensure_ascii=False)])
+def write_outputs(args, kept, summary, world_size):
+    """Rank 0: the pairs file, OUT.args.json (arguments and summary) and the exports, each atomically."""
+    common.write_atomic(args.out, [json.dumps(pair, ensure_ascii=False) for pair in kept])
+    common.write_atomic(args.out + ".args.json", [json.dumps(dict(args=vars(args), world_size=world_size,
+                                                                  summary=summary), indent=1, ensure_ascii=False)])
     base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
     for kind in args.export:
-        checkpoint.write_lines_atomic(base + (".trl.jsonl" if kind == "trl" else ".authors.json"),
-                     export_lines(pairs, args.image_folder, kind))
-    for rank in range(world_size):
-        os.remove(partial_path(args.out, rank, world_size))
-    return summary
+        common.write_atomic(base + (".trl.jsonl" if kind == "trl" else ".authors.json"),
+                            pairs.export_lines(kept, args.image_folder, kind))
 
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data (Alg. 1 line 1)")
-    g.add_argument("--data", default="toy/pool.json", help="LLaVA-665k-format json or jsonl (paper: llava_v1_5_mix665k.json)")
+    g.add_argument("--data", default="toy/pool.json",
+                   help="LLaVA-665k-format json or jsonl (paper: llava_v1_5_mix665k.json)")
     g.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")
     g.add_argument("--subsets", default="all", help=f"comma list of {', '.join(SUBSETS)} (image path prefixes), "
                                                     f"or all (paper: textvqa,ocr_vqa)")
@@ -367,8 +274,8 @@ def parse_args(argv=None):
 def check_args(args):
     """Refuse bad arguments before any work, the model not yet loaded."""
     augment.check_augmentation(args.augmentation)
-    if not 0 <= args.noise_step < augment.NUM_DIFFUSION_STEPS:
-        raise ValueError(f"--noise-step must be in 0..{augment.NUM_DIFFUSION_STEPS - 1}, got {args.noise_step}")
+    if not 0 <= args.noise_step < diffusion.NUM_DIFFUSION_STEPS:
+        raise ValueError(f"--noise-step must be in 0..{diffusion.NUM_DIFFUSION_STEPS - 1}, got {args.noise_step}")
     if args.subsets != ["all"] and (not args.subsets or any(s not in SUBSETS for s in args.subsets)):
         raise ValueError(f"--subsets {','.join(args.subsets)}: choose from {', '.join(SUBSETS)}, or all")
     if any(kind not in ("trl", "authors") for kind in args.export):
@@ -386,61 +293,56 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    rank, world_size, device = train_ddp.compute_init(args.seed)
+    rank, world_size, device = common.compute_init(args.seed)
     warn = print if world_size == 1 else lambda message: print(f"[rank {rank}] {message}", flush=True)
 
     # ---- Alg. 1 line 1: sample; every rank computes the same list
-    records = train_ddp.read_records(args.data)
+    records = common.read_records(args.data)
     if not isinstance(records, list):
         raise ValueError(f"{args.data}: expected a json list of records")
     instances, sampling_skipped, messages = sample_instances(records, args.subsets, args.num_samples, args.seed, args.data)
     for message in messages[:20]:
-        train_ddp.print0(message)
+        common.print0(message)
     if len(messages) > 20:
-        train_ddp.print0(f"... and {len(messages) - 20} more (all in {args.out}.args.json)")
+        common.print0(f"... and {len(messages) - 20} more (all in {args.out}.args.json)")
     if not instances:
         raise ValueError(f"{args.data}: no instances to answer (subsets: {','.join(args.subsets)}; a subset is "
                          f"the first folder of the image paths)")
-    # Fixed chunks of --batch-size, chunk k on rank k % N: every batch is the one a single process makes.
-    chunks = [list(range(start, min(start + args.batch_size, len(instances))))
-              for start in range(0, len(instances), args.batch_size)]
-    model, processor = vlm.load(args.model, device, train_ddp.autocast_dtype(device, args.precision) or torch.float32)
+    model, processor = vlm.load(args.model, device, common.weight_dtype(device, args.precision))
     model.eval()
     args.template = vlm.resolve_template(model, args.template)  # the family's, recorded as used
     args.pad = args.pad and vlm.pads_to_square(model)
-    header = partial_header(args, world_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    done = resume(args.out, rank, header, chunks, args.batch_size)
-    path = partial_path(args.out, rank, world_size)
+    output = sharded_output(args, instances, rank, world_size)
+    todo = output.resume()
+    common.print0(f"{len(instances)} instances in {len(output.chunks)} chunks of {args.batch_size} on "
+                  f"{world_size} process(es)")
+    if output.done_before:
+        warn(f"resuming {output.path}: {output.done_before} chunk(s) done before")
 
-    # ---- Alg. 1 line 2: answer on I and on T(I); append each finished chunk (resumable)
-    todo = [k for k in range(rank, len(chunks), world_size) if k not in done]
-    train_ddp.print0(f"{len(instances)} instances in {len(chunks)} chunks of {args.batch_size} on {world_size} process(es)")
-    if done:
-        warn(f"resuming {path}: {len(done)} chunk(s) done before")
-    with open(path, "a", encoding="utf-8") as f:
-        for k in tqdm(todo, desc="seva", disable=rank != 0 or not args.progress):
-            rows = answer_chunk(model, processor, [(i, instances[i]) for i in chunks[k]], args.image_folder,
-                                args.augmentation, args.noise_step, args.seed, args.noise_schedule, args.template,
-                                args.pad, args.max_new_tokens, args.max_length, warn)
-            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            f.flush()
-            os.fsync(f.fileno())  # a chunk on disk survives any kill
+    # ---- Alg. 1 line 2: answer on I and on T(I), chunk k on rank k % N; each finished chunk goes to disk
+    for k in tqdm(todo, desc="seva", disable=rank != 0 or not args.progress):
+        chunk = output.chunks[k]
+        rows = answer_chunk(model, processor, [instances[i] for i in chunk], args.image_folder, args.augmentation,
+                            args.noise_step, args.seed, args.noise_schedule, args.template, args.pad,
+                            args.max_new_tokens, args.max_length, warn)
+        output.append([dict(index=i, id=instances[i]["id"], **row) for i, row in zip(chunk, rows)])
+    common.barrier(world_size)
 
-    # ---- Alg. 1 line 3: filter, merge in instance order (rank 0)
-    if world_size > 1:
-        dist.barrier()
+    # ---- Alg. 1 line 3: drop the pairs whose answers are equal (rank 0, in instance order)
     summary = None
     if rank == 0:
-        summary = finish(args, instances, sampling_skipped, messages, world_size)
+        rows = output.merge()
+        kept = [pairs.pair_record(instance, row["chosen"], row["rejected"], args.augmentation, args.noise_step)
+                for instance, row in zip(instances, rows)
+                if "skipped" not in row and not same_answer(row["chosen"], row["rejected"], args.filter)]
+        summary = summarize(instances, rows, kept, sampling_skipped, messages)
+        write_outputs(args, kept, summary, world_size)
+        output.remove()
         print(f"wrote {args.out}\n" + format_summary(summary, args.filter), flush=True)
-    if world_size > 1:
-        dist.destroy_process_group()
+    common.finish_distributed()
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"seva.py: error: {e}")
+    common.run_main(main, "seva.py")

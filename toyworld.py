@@ -22,9 +22,11 @@ import random
 import shutil
 import time
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import common
 import vlm
 
 # ----------------------------------------------------------------------------- the world's vocabulary
@@ -33,7 +35,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
 SHAPES = ["circle", "square", "triangle", "star"]
 SIZES = {"small": 9, "large": 12}  # half-width in pixels at 64 px
 WORDS = ["cat", "dog", "sun", "map", "key", "cup", "hat", "pen", "bus", "egg"]
-FAMILIES = ["colour", "shape", "count", "exist", "word"]
+QUESTION_FAMILIES = ["colour", "shape", "count", "exist", "word"]
 IMAGE_SIZE = 64
 
 PHRASINGS = {
@@ -160,7 +162,7 @@ def make_question(scene, family, rng):
 
 def conversation(scene, rng, max_turns):
     """A LLaVA-665k style record body: up to max_turns questions of different families."""
-    families = rng.sample(FAMILIES, len(FAMILIES))
+    families = rng.sample(QUESTION_FAMILIES, len(QUESTION_FAMILIES))
     turns = []
     for family in families:
         qa = make_question(scene, family, rng)
@@ -206,8 +208,7 @@ def scene_rng(seed, split, index):
 
 def write_json_atomic(obj, path, jsonl=False):
     """A json file (or a jsonl file of rows) written atomically: readers never see half a file."""
-    import checkpoint
-    checkpoint.write_lines_atomic(path, [json.dumps(row) for row in obj] if jsonl else [json.dumps(obj, indent=1)])
+    common.write_atomic(path, [json.dumps(row) for row in obj] if jsonl else [json.dumps(obj, indent=1)])
 
 
 def build_data(out, seed, sizes):
@@ -237,8 +238,9 @@ def build_data(out, seed, sizes):
     pool = sorted(pool_rng.sample(sft, sizes["pool"]), key=lambda r: r["id"])  # paper: the pool is the SFT data
     unseen = records("unseen", 2, "unseen")
     val = []
-    for i, (name, rng) in enumerate(splits["val"]):  # one question each, families in turn
-        for family in FAMILIES[i % len(FAMILIES):] + FAMILIES[:i % len(FAMILIES)]:
+    for i, (name, rng) in enumerate(splits["val"]):  # one question each
+        turn = i % len(QUESTION_FAMILIES)  # families in turn
+        for family in QUESTION_FAMILIES[turn:] + QUESTION_FAMILIES[:turn]:
             qa = make_question(scenes[name], family, rng)
             if qa:
                 break
@@ -264,54 +266,48 @@ def build_data(out, seed, sizes):
     return {"images": len(scenes), "sft records": len(sft), "pool records": len(pool), "val questions": len(val)}
 
 
-# ----------------------------------------------------------------------------- checks
-def first_question(record):
-    """(image, question, answer, family) of a record's first turn."""
-    human, gpt = record["conversations"][0], record["conversations"][1]
-    return record["image"], human["value"].replace("<image>", "").strip(), gpt["value"], record["families"][0]
+# ----------------------------------------------------------------------------- stage 0's targets
+def patch_targets(scene, patch_size):
+    """What a pretrained CLIP would know about each patch: the colour, shape, object (colour x shape) and
+    word it mostly shows (class 0: none), read off the scene's label map; and the scene's object count."""
+    labels = torch.frombuffer(bytearray(render(scene, label_map=True).tobytes()), dtype=torch.uint8)
+    side = IMAGE_SIZE // patch_size
+    patches = labels.view(side, patch_size, side, patch_size).permute(0, 2, 1, 3).reshape(side * side, -1)
+    values = [v for v in patches.unique().tolist() if v > 0]
+    colour, shape, pair, word = (torch.zeros(side * side, dtype=torch.long) for _ in range(4))
+    if values:
+        coverage = torch.stack([(patches == v).sum(1) for v in values], dim=1)  # (P, labels): pixels of each
+        best = coverage.argmax(1)
+        for p in range(side * side):
+            if coverage[p, best[p]] < patch_size ** 2 // 8:  # under 1/8 of the patch: background
+                continue
+            value = values[best[p]]
+            if value == 255:
+                word[p] = 1 + WORDS.index(scene["word"])
+            else:
+                obj = scene["objects"][value - 1]
+                colour[p], shape[p] = 1 + list(COLOURS).index(obj["colour"]), 1 + SHAPES.index(obj["shape"])
+                pair[p] = (colour[p] - 1) * len(SHAPES) + shape[p]
+    return colour, shape, pair, word, len(scene["objects"]) - 1
 
 
-def vqa_accuracy(model, processor, records, image_folder, batch_size=64, pixel_transform=None):
-    """Greedy exact-match accuracy (case-insensitive) on the first question of each record, per family.
-    Returns ({family: accuracy, "overall": accuracy}, answers)."""
-    from generate import generate
-    rows = [first_question(r) for r in records]
-    pad = vlm.pads_to_square(model)
-    images = [vlm.load_image(os.path.join(image_folder, image), pad=pad) for image, _, _, _ in rows]
-    answers = generate(model, processor, images, [q for _, q, _, _ in rows], batch_size=batch_size,
-                       pixel_transform=pixel_transform, progress=True)
-    return vqa_scores(records, answers), answers
-
-
-def vqa_scores(records, answers):
-    """{family: accuracy, ..., "overall": accuracy} of answers to each record's first question
-    (exact match, case-insensitive): the one place toy VQA is scored."""
-    right = {}
-    for record, given in zip(records, answers):
-        _, _, truth, family = first_question(record)
-        right.setdefault(family, []).append(given.lower() == truth.lower())
-    accuracy = {family: sum(r) / len(r) for family, r in sorted(right.items())}
-    accuracy["overall"] = sum(sum(r) for r in right.values()) / len(records)
-    return accuracy
-
-
-def noise_change_rate(model, processor, records, image_folder, noise_step, seed, batch_size=64):
-    """The fraction of questions whose greedy answer changes when the image gets diffusion noise."""
-    import augment
-    ids = [r["id"] for r in records]
-    _, clean = vqa_accuracy(model, processor, records, image_folder, batch_size)
-    noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[i] for i in rows], noise_step, seed)
-    _, noisy = vqa_accuracy(model, processor, records, image_folder, batch_size, pixel_transform=noise)
-    return sum(a != b for a, b in zip(clean, noisy)) / len(records)
+def vision_targets(scenes, names, patch_size):
+    """stage 0 (toymodel.pretrain_vision): the probes' targets of the named scenes, stacked, and their classes."""
+    colour, shape, pair, word, count = zip(*(patch_targets(scenes[name], patch_size) for name in names))
+    targets = dict(colour=torch.stack(colour), shape=torch.stack(shape), pair=torch.stack(pair),
+                   word=torch.stack(word), count=torch.tensor(count))
+    classes = dict(colour=1 + len(COLOURS), shape=1 + len(SHAPES), pair=1 + len(COLOURS) * len(SHAPES),
+                   word=1 + len(WORDS), count=3)
+    return targets, classes
 
 
 # ----------------------------------------------------------------------------- the whole build
 def build(args):
     """Build every missing part of the toy world (all of it with --force); print the summary."""
-    import torch
     import checkpoint
     import toymodel
     import train_ddp
+    from eval import toyvqa
     torch.set_num_threads(args.threads)
     out = args.out
     started = time.time()
@@ -327,10 +323,15 @@ def build(args):
         sft = json.load(open(os.path.join(out, "sft.json")))
         corpus = [vlm.LLAVA_V1_SYSTEM + " USER: ASSISTANT:"] + [c["value"] for r in sft for c in r["conversations"]]
         tokenizer = toymodel.train_tokenizer(corpus, args.vocab_size)
-        processor = toymodel.build_processor(tokenizer, args.patch_size)
+        processor = toymodel.build_processor(tokenizer, args.patch_size, IMAGE_SIZE)
         torch.manual_seed(args.seed)
-        model = toymodel.build_model(tokenizer, args.width, args.vision_layers, args.text_layers, args.patch_size)
-        loss = toymodel.pretrain_vision(model, processor, out, scenes, args.vision_steps, 64, 2e-3, args.seed)
+        model = toymodel.build_model(tokenizer, args.width, args.vision_layers, args.text_layers, args.patch_size,
+                                     IMAGE_SIZE)
+        names = sorted(n for n in scenes if n.startswith("sft/"))
+        pixels = processor.image_processor([Image.open(os.path.join(out, "images", n)) for n in names],
+                                           return_tensors="pt")["pixel_values"]
+        targets, classes = vision_targets(scenes, names, args.patch_size)
+        loss = toymodel.pretrain_vision(model, pixels, targets, classes, args.vision_steps, 64, 2e-3, args.seed)
         print(f"stage 0: vision tower pretrained, probe loss {loss:.3f}")
         checkpoint.save_model_atomic(model, processor, init_dir)
 
@@ -349,8 +350,8 @@ def build(args):
         model, processor = vlm.load(sft_dir)
         val = json.load(open(os.path.join(out, "val.json")))
         pool = json.load(open(os.path.join(out, "pool.json")))[:args.noise_check]
-        accuracy, _ = vqa_accuracy(model, processor, val, os.path.join(out, "images"))
-        changed = noise_change_rate(model, processor, pool, os.path.join(out, "images"), 500, args.seed)
+        accuracy, _ = toyvqa.vqa_accuracy(model, processor, val, os.path.join(out, "images"))
+        changed = toyvqa.noise_change_rate(model, processor, pool, os.path.join(out, "images"), 500, args.seed)
         write_json_atomic({"val_accuracy": accuracy, "noise500_changed": changed}, report_path)
     report = json.load(open(report_path))
     accuracy, changed = report["val_accuracy"], report["noise500_changed"]

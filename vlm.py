@@ -6,9 +6,9 @@ inputs, which linear layers get LoRA and where the vision tower is. Porting SeVa
 adding a row to FAMILIES (README: "Porting to a new VLM"); the prompt comes from the processor's chat
 template, and the processor expands the image into the family's own image tokens.
 
-LLaVA-1.5 facts (REFERENCE.md): the vicuna_v1 template with its system prompt, `<image>` expanded by
-the processor into (336/14)^2 = 576 tokens, the image padded to a square with the CLIP mean colour,
-LoRA on every linear layer of the language model except lm_head.
+LLaVA-1.5 (the authors' code, llava-hf/llava-1.5-7b-hf): the vicuna_v1 template with its system prompt,
+`<image>` expanded by the processor into (336/14)^2 = 576 tokens, the image padded to a square with the CLIP
+mean colour, LoRA on every linear layer of the language model except lm_head.
 """
 import os
 
@@ -74,7 +74,9 @@ FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"], pair_forwards=("concatenated",)
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-CLIP_MEAN_RGB = (122, 116, 104)  # LLaVA pads images to a square with this colour
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalization, as LLaVA-1.5's processor has it
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN_RGB = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square colour
 TEMPLATES = ("llava_v1", "chat")  # llava_v1: the authors' template; chat: the processor's chat template
 
 
@@ -86,10 +88,6 @@ def family_of(model_or_config):
         raise ValueError(f"model type {name!r} is not in vlm.FAMILIES ({', '.join(FAMILIES)}); "
                          f"see README 'Porting to a new VLM'")
     return name
-
-
-def get_module(model, dotted_path):
-    return model.get_submodule(dotted_path)
 
 
 def spec(model_or_config):
@@ -115,12 +113,29 @@ def pads_to_square(model):
     return spec(model)["pad_to_square"]
 
 
+def unwrap(model):
+    """The model inside a DDP wrapper (FSDP2 keeps the model itself)."""
+    return getattr(model, "module", model)
+
+
+def pair_forward_problem(model, name):
+    """Why pair forward `name` (dpo.PAIR_FORWARDS) cannot run on this model, or None: its family was not
+    tested with it (pair_forwards above), or, for shared_prefix, its attention takes no 4D mask."""
+    model = unwrap(model)
+    if name not in spec(model)["pair_forwards"]:
+        return f"the {family_of(model)} family has no {name} in vlm.FAMILIES' pair_forwards"
+    attention = model.config.get_text_config()._attn_implementation
+    if name == "shared_prefix" and attention not in ("sdpa", "eager"):
+        return f"attention {attention!r} takes no 4D mask"  # flash, flex
+    return None
+
+
 def freeze_vision(model, train_projector=False):
     """Freeze the vision tower (LLaVA/SeVa never train it); the projector too unless asked."""
     row = spec(model)
-    for p in get_module(model, row["vision_tower"]).parameters():
+    for p in model.get_submodule(row["vision_tower"]).parameters():
         p.requires_grad_(False)
-    for p in get_module(model, row["projector"]).parameters():
+    for p in model.get_submodule(row["projector"]).parameters():
         p.requires_grad_(train_projector)
 
 
@@ -293,10 +308,3 @@ def sequence_length(processor, turns, template, extra_tokens):
     return len(processor.tokenizer("".join(text for text, _ in render_turns(processor, turns, template))).input_ids) \
         + extra_tokens
 
-
-def image_token_id(processor):
-    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-
-
-def count_image_tokens(input_ids, processor):
-    return int((torch.as_tensor(input_ids) == image_token_id(processor)).sum())

@@ -38,14 +38,15 @@ import os
 import statistics
 import sys
 import time
-from argparse import Namespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
 import dpo  # noqa: E402
+import lora  # noqa: E402
 import train_ddp  # noqa: E402
 import vlm  # noqa: E402
 
@@ -68,12 +69,11 @@ def build_model(args, device):
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).to(device)
     model.set_attn_implementation(args.attention)
-    dpo.apply_lora(model, args.lora_r, 2 * args.lora_r)
+    lora.apply_lora(model, args.lora_r, 2 * args.lora_r)
     vlm.freeze_vision(model)
     with torch.no_grad():  # policy != reference, so the losses are not all log 2
-        for name, p in dpo.lora_parameters(model):
-            if ".lora_B." in name:
-                p.normal_(0, 0.02)
+        for _, module in lora.lora_modules(model):
+            module.lora_B.weight.normal_(0, 0.02)
     return model.train()
 
 
@@ -104,9 +104,9 @@ def make_batch(args, answer_tokens, device):
 # ----------------------------------------------------------------------------- one step
 def dpo_step(model, optimizer, batch, forward, amp_dtype):
     """train_ddp.py's DPO step on one micro-batch: (summed loss, summed policy chosen log-probs)."""
-    step_args = Namespace(pair_forward=forward, beta=0.1, label_smoothing=0.0, loss_type="sigmoid")
     with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, step_args)
+        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, train_ddp.pair_forward_for(model, forward),
+                                               beta=0.1)
         (loss / (batch["input_ids"].shape[0] // 2)).backward()  # the mean over the pairs
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
@@ -116,7 +116,7 @@ def dpo_step(model, optimizer, batch, forward, amp_dtype):
 
 def with_reference(model, batch, amp_dtype):
     """The batch plus precomputed reference log-probs (as train_ddp.py --reference precomputed stores them)."""
-    with torch.no_grad(), dpo.disable_adapter(model), torch.autocast(
+    with torch.no_grad(), lora.disable_adapter(model), torch.autocast(
             batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         chosen, rejected = dpo.concatenated_forward(model, batch)
     return dict(batch, reference_chosen_logps=chosen.float(), reference_rejected_logps=rejected.float())
@@ -283,7 +283,7 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype = train_ddp.autocast_dtype(device, "bf16")  # bf16 autocast on CUDA, fp32 on CPU
+    amp_dtype = common.compute_dtype(device, "bf16")  # bf16 autocast on CUDA, fp32 on CPU
     forwards = args.forwards.split(",")
     sizes = args.matmul_sizes or ("8192" if device.type == "cuda" else "2048,4096")
     peak = matmul_peak(device, amp_dtype or torch.float32, [int(size) for size in sizes.split(",")])

@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)  # before the imports: this file's own name would shado
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
 import vlm  # noqa: E402
 from generate import generate  # noqa: E402
 
@@ -70,8 +71,7 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model, processor = vlm.load(args.model, device, dtype)
+    model, processor = vlm.load(args.model, device, common.weight_dtype(device, "bf16"))
     model.eval()
     images, questions = load_questions(args.data, args.image_folder, args.num, pad=vlm.pads_to_square(model))
     variants = {"batch size 1 (authors)": 1, f"batched ({args.batch_size})": args.batch_size}

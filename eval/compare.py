@@ -16,11 +16,8 @@ writes OUT/compare.md, OUT/compare.png, OUT/compare.json and every answer file u
 import argparse
 import json
 import os
-import sys
 
-import torch
-
-import train_ddp
+import common
 from eval import judge as judge_lib
 from eval import multiple_choice, pope, runner, toyvqa
 
@@ -33,13 +30,13 @@ def consistency(model, processor, model_id, records, image_folder, out_dir, temp
                 world_size=1, **decoding):
     """{temperature: {agreement, accuracy}}: sampled answers (seeded) against the greedy ones (paper Table 5)."""
     questions = toyvqa.toy_questions(records)
-    common = dict(rank=rank, world_size=world_size, **decoding)
+    shared = dict(rank=rank, world_size=world_size, **decoding)
     greedy = runner.answer_questions(model, processor, questions, os.path.join(out_dir, "toyvqa-clean.jsonl"),
-                                     model_id, image_folder, **common)
+                                     model_id, image_folder, **shared)
     results = {}
     for t in temperatures:
         sampled = runner.answer_questions(model, processor, questions, os.path.join(out_dir, f"toyvqa-t{t}.jsonl"),
-                                          model_id, image_folder, temperature=t, seed=seed, **common)
+                                          model_id, image_folder, temperature=t, seed=seed, **shared)
         results[str(t)] = dict(agreement=agreement(greedy, sampled),
                                accuracy=toyvqa.vqa_scores(records, sampled)["overall"])
     return results
@@ -50,29 +47,29 @@ def agreement(greedy, sampled):
     return sum(a["text"].lower() == b["text"].lower() for a, b in zip(greedy, sampled)) / len(greedy)
 
 
-def evaluate_model(model, processor, model_id, out_dir, args, judge=None, rank=0, world_size=1):
-    """Every benchmark the arguments name, for one model; answers under out_dir."""
-    decoding = runner.decoding(args)
-    common = dict(rank=rank, world_size=world_size, **decoding)
+def evaluate_model(model, processor, model_id, weights, out_dir, args, judge=None, rank=0, world_size=1):
+    """Every benchmark the arguments name, for one model (weights: runner.fingerprint); answers under out_dir."""
+    decoding = runner.decoding(args, weights)
+    shared = dict(rank=rank, world_size=world_size, **decoding)
     results = {}
     if args.pope_dir:
         results["pope"] = pope.evaluate(model, processor, model_id, args.pope_dir, args.image_folder, out_dir,
-                                        args.pope_splits, args.prompt_suffix, **common)
+                                        args.pope_splits, args.prompt_suffix, **shared)
     if args.val:
         results["toyvqa"] = toyvqa.evaluate(model, processor, model_id, args.val, args.image_folder, out_dir,
-                                            args.noise_step, args.seed, **common)
+                                            args.noise_step, args.seed, **shared)
     for name, path in args.mc:
         results[f"mc/{name}"] = multiple_choice.evaluate(model, processor, model_id, path, args.mc_image_folder,
-                                                         out_dir, args.circular, args.lang, name, **common)
+                                                         out_dir, args.circular, args.lang, name, **shared)
     if args.mmvet_dir:
         results["mmvet"] = judge_lib.evaluate_mmvet(model, processor, model_id, args.mmvet_dir, out_dir, judge,
-                                                    **common)
+                                                    **shared)
     if args.llava_bench_dir:
         results["llava-bench"] = judge_lib.evaluate_llava_bench(model, processor, model_id, args.llava_bench_dir,
-                                                                out_dir, judge, **common)
+                                                                out_dir, judge, **shared)
     if args.val and args.temperatures:
-        results["consistency"] = consistency(model, processor, model_id, train_ddp.read_records(args.val),
-                                             args.image_folder, out_dir, args.temperatures, args.seed, **common)
+        results["consistency"] = consistency(model, processor, model_id, common.read_records(args.val),
+                                             args.image_folder, out_dir, args.temperatures, args.seed, **shared)
     return results
 
 
@@ -85,20 +82,20 @@ def outcomes(out_dir, args, results):
         per["POPE"] = {}
         for split in args.pope_splits:
             rows = pope.read_pope(pope.split_file(args.pope_dir, split))
-            answers = runner.read_jsonl(os.path.join(out_dir, f"pope-{split}.jsonl"))
+            answers = common.read_jsonl(os.path.join(out_dir, f"pope-{split}.jsonl"))
             per["POPE"].update((f"{split}/{row['question_id']}", float(ok))
                                for row, ok in zip(rows, pope.correctness(rows, answers)))
     if args.val:
-        records = train_ddp.read_records(args.val)
+        records = common.read_records(args.val)
         files = {"VQA": "toyvqa-clean.jsonl"}
         if args.noise_step is not None:
             files["VQA-noisy"] = f"toyvqa-noise{args.noise_step}.jsonl"
         for name, file in files.items():
-            answers = runner.read_jsonl(os.path.join(out_dir, file))
+            answers = common.read_jsonl(os.path.join(out_dir, file))
             per[name] = {r["id"]: float(ok) for r, ok in zip(records, toyvqa.correctness(records, answers))}
     for name, path in args.mc:
         questions = [q for q in multiple_choice.read_questions(path) if q["answer"] is not None]
-        answers = runner.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
+        answers = common.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
         per[name] = {q["question_id"]: float(right) for q, (right, _) in
                      zip(questions, multiple_choice.outcomes(questions, answers, args.circular))}
     for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W")):
@@ -139,30 +136,22 @@ def table_columns(results):
 
 
 def markdown(table, pairwise, consistency_by_model, model_ids, args):
-    columns = table["columns"]
-    lines = ["## Benchmarks (paper Table 2)", "",
-             "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name in MODELS + ("delta",):
-        cells = [f"{v:+.1f}" if name == "delta" else f"{v:.1f}" for v in table[name]]
-        label = f"{name} (`{model_ids[name]}`)" if name in model_ids else "delta (SeVa - SFT)"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rows = [[f"{name} (`{model_ids[name]}`)" if name in model_ids else "delta (SeVa - SFT)"]
+            + [f"{v:+.1f}" if name == "delta" else f"{v:.1f}" for v in table[name]] for name in MODELS + ("delta",)]
+    lines = ["## Benchmarks (paper Table 2)", ""] + common.markdown_table(["model", *table["columns"]], rows)
     lines += ["", "Percent. POPE columns: F1 (POPE = the average over the splits, as in the paper). "
               f"VQA: toy-world exact match; VQA-noisy: the same under diffusion noise at step {args.noise_step}. "
               "MMVet: judge score; LLaVA-W: relative score to the reference answers."]
     if pairwise:
-        lines += ["", "## Pair-wise, SeVa against SFT (paper Fig. 5)", "",
-                  "| benchmark | win | lose | tie |", "|---|---|---|---|"]
-        lines += [f"| {name} | {c['win']} | {c['lose']} | {c['tie']} |" for name, c in pairwise.items()]
+        lines += ["", "## Pair-wise, SeVa against SFT (paper Fig. 5)", ""] + common.markdown_table(
+            ["benchmark", "win", "lose", "tie"], [[name, c["win"], c["lose"], c["tie"]] for name, c in pairwise.items()])
         lines += ["", "Win: SeVa's answer right and SFT's wrong (with a judge: scored higher); lose: the reverse."]
     if any(consistency_by_model.values()):
         temperatures = list(next(v for v in consistency_by_model.values() if v))
-        lines += ["", "## Consistency under sampling (paper Table 5's idea)", "",
-                  "| temperature | " + " | ".join(f"{m} agreement | {m} accuracy" for m in MODELS) + " |",
-                  "|---" * (2 * len(MODELS) + 1) + "|"]
-        for t in temperatures:
-            points = [consistency_by_model[m][t] for m in MODELS]
-            cells = [f"{100 * p['agreement']:.1f} | {100 * p['accuracy']:.1f}" for p in points]
-            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        header = ["temperature"] + [f"{m} {what}" for m in MODELS for what in ("agreement", "accuracy")]
+        rows = [[t] + [f"{100 * consistency_by_model[m][t][what]:.1f}" for m in MODELS for what in ("agreement", "accuracy")]
+                for t in temperatures]
+        lines += ["", "## Consistency under sampling (paper Table 5's idea)", ""] + common.markdown_table(header, rows)
         lines += ["", "Agreement: the share of sampled answers (seeded) equal to the model's greedy answer."]
     return "\n".join(lines) + "\n"
 
@@ -257,22 +246,21 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {args.adapter}: no adapter_config.json (train one with train_ddp.py)")
-    rank, world_size, device = train_ddp.compute_init(args.seed)
-    dtype = train_ddp.autocast_dtype(device, args.precision) or torch.float32
+    rank, world_size, device = common.compute_init(args.seed)
     judge = judge_lib.judge_from_args(args)
     model_ids = {"SFT": runner.model_id_of(args.base), "SeVa": runner.model_id_of(args.base, args.adapter)}
     answer_dirs = {"SFT": os.path.join(args.out, "answers", "sft"), "SeVa": os.path.join(args.out, "answers", "seva")}
 
     # ---- the SFT model, then the same weights with SeVa's adapter merged in
-    model, processor = runner.load_model(args.base, None, device, dtype)
+    model, processor = runner.load_model(args.base, None, device, common.weight_dtype(device, args.precision))
+    weights = {"SFT": runner.fingerprint(args.base), "SeVa": runner.fingerprint(args.base, args.adapter)}
     results = {}
     for name in MODELS:
         if name == "SeVa":
             runner.load_adapter(model, args.adapter)
-            model.eval_fingerprint = runner.fingerprint(args.base, args.adapter)
-        train_ddp.print0(f"---- {name}: {model_ids[name]}")
-        results[name] = evaluate_model(model, processor, model_ids[name], answer_dirs[name], args, judge, rank,
-                                       world_size)
+        common.print0(f"---- {name}: {model_ids[name]}")
+        results[name] = evaluate_model(model, processor, model_ids[name], weights[name], answer_dirs[name], args,
+                                       judge, rank, world_size)
 
     # ---- the report (rank 0)
     report = None
@@ -288,16 +276,13 @@ def main(argv=None):
         text = markdown(table, pairwise, consistency_by_model, model_ids, args)
         report = dict(args=vars(args), models=model_ids, answers=answer_dirs, table=table, pairwise=pairwise,
                       consistency=consistency_by_model, results={m: without_per_question(results[m]) for m in MODELS})
-        runner.write_atomic(os.path.join(args.out, "compare.md"), [text])
-        runner.write_atomic(os.path.join(args.out, "compare.json"), [json.dumps(report, indent=1)])
+        common.write_atomic(os.path.join(args.out, "compare.md"), [text])
+        common.write_atomic(os.path.join(args.out, "compare.json"), [json.dumps(report, indent=1)])
         bar_chart(table, consistency_by_model, os.path.join(args.out, "compare.png"))
         print(text + f"\nwrote {args.out}/compare.md, compare.png, compare.json", flush=True)
-    runner.finish_distributed(world_size)
+    common.finish_distributed()
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"eval.compare: error: {e}")
+    common.run_main(main, "eval.compare", (ValueError, OSError, RuntimeError))

@@ -5,14 +5,10 @@ Training curves of a train_ddp.py run, as a PNG: the DPO loss, the reward margin
 """
 import argparse
 
-import checkpoint
+import common
 
 PANELS = [("loss", "DPO loss (Eq. 7)"), ("rewards/margins", "reward margin: chosen - rejected"),
           ("rewards/accuracies", "reward accuracy: chosen > rejected")]
-
-
-def read_metrics(path):
-    return checkpoint.read_appended_jsonl(path)  # a run killed mid-write leaves a torn last line
 
 
 def smooth(values, window):
@@ -48,5 +44,5 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--window", type=int, default=5, help="moving-average window in steps")
     args = p.parse_args()
-    plot_curves(read_metrics(args.metrics), args.out, args.window, title=args.metrics)
+    plot_curves(common.read_jsonl(args.metrics, appended=True), args.out, args.window, title=args.metrics)
     print(f"wrote {args.out}")

@@ -24,12 +24,12 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
 
+import common
 from eval import runner
 
 
@@ -76,7 +76,7 @@ def chat_completion(url, model, messages, api_key=None, cache_dir=None, temperat
         time.sleep(backoff * 2 ** attempt)
     if cache_path:
         os.makedirs(cache_dir, exist_ok=True)
-        runner.write_atomic(cache_path, [json.dumps(dict(request=body, reply=reply), ensure_ascii=False)])
+        common.write_atomic(cache_path, [json.dumps(dict(request=body, reply=reply), ensure_ascii=False)])
     return reply
 
 
@@ -206,9 +206,9 @@ def grade_llava_bench(questions, contexts, references, answers, judge):
 
 def read_llava_bench(data_dir):
     """questions.jsonl, context.jsonl ({image: caption}), answers_gpt4.jsonl ({question_id: row})."""
-    questions = runner.read_jsonl(os.path.join(data_dir, "questions.jsonl"))
-    contexts = {row["image"]: row["caption"] for row in runner.read_jsonl(os.path.join(data_dir, "context.jsonl"))}
-    references = {row["question_id"]: row for row in runner.read_jsonl(os.path.join(data_dir, "answers_gpt4.jsonl"))}
+    questions = common.read_jsonl(os.path.join(data_dir, "questions.jsonl"))
+    contexts = {row["image"]: row["caption"] for row in common.read_jsonl(os.path.join(data_dir, "context.jsonl"))}
+    references = {row["question_id"]: row for row in common.read_jsonl(os.path.join(data_dir, "answers_gpt4.jsonl"))}
     return questions, contexts, references
 
 
@@ -222,7 +222,7 @@ def evaluate_mmvet(model, processor, model_id, data_dir, out_dir, judge=None, an
     """Answer MM-Vet (or read ANSWERS_FILE), export OUT_DIR/mmvet.json, grade if a judge is given."""
     items = read_mmvet(data_dir)
     if answers_file:
-        answers = runner.read_jsonl(answers_file)
+        answers = common.read_jsonl(answers_file)
     else:
         answers = runner.answer_questions(model, processor, mmvet_questions(items),
                                           os.path.join(out_dir, "mmvet-answers.jsonl"), model_id,
@@ -231,12 +231,12 @@ def evaluate_mmvet(model, processor, model_id, data_dir, out_dir, judge=None, an
     if rank != 0:
         return None
     os.makedirs(out_dir, exist_ok=True)
-    runner.write_atomic(os.path.join(out_dir, "mmvet.json"),  # MM-Vet's format: {question_id: answer}
+    common.write_atomic(os.path.join(out_dir, "mmvet.json"),  # MM-Vet's format: {question_id: answer}
                         [json.dumps({a["question_id"]: a["text"] for a in answers}, indent=1, ensure_ascii=False)])
     if not judge:
         return None
     rows, results = grade_mmvet(items, answers, judge)
-    runner.write_atomic(os.path.join(out_dir, "mmvet-grades.jsonl"), [json.dumps(r, ensure_ascii=False) for r in rows])
+    common.write_atomic(os.path.join(out_dir, "mmvet-grades.jsonl"), [json.dumps(r, ensure_ascii=False) for r in rows])
     return dict(results, per_question={r["question_id"]: r["score"] for r in rows})
 
 
@@ -245,7 +245,7 @@ def evaluate_llava_bench(model, processor, model_id, data_dir, out_dir, judge=No
     """Answer LLaVA-Bench (or read ANSWERS_FILE) into OUT_DIR/llava-bench.jsonl, review if a judge is given."""
     questions, contexts, references = read_llava_bench(data_dir)
     if answers_file:
-        answers = runner.read_jsonl(answers_file)
+        answers = common.read_jsonl(answers_file)
     else:
         asked = [dict(question_id=q["question_id"], image=q["image"], text=q["text"]) for q in questions]
         answers = runner.answer_questions(model, processor, asked, os.path.join(out_dir, "llava-bench.jsonl"), model_id,
@@ -254,7 +254,7 @@ def evaluate_llava_bench(model, processor, model_id, data_dir, out_dir, judge=No
     if rank != 0 or not judge:
         return None
     reviews, results = grade_llava_bench(questions, contexts, references, answers, judge)
-    runner.write_atomic(os.path.join(out_dir, "llava-bench-reviews.jsonl"),
+    common.write_atomic(os.path.join(out_dir, "llava-bench-reviews.jsonl"),
                         [json.dumps(r, ensure_ascii=False) for r in reviews])
     # The model's own score per question (assistant 2), for pair-wise comparisons (paper Fig. 5).
     return dict(results, per_question={r["question_id"]: r["tuple"][1] for r in reviews if r["tuple"] != [-1, -1]})
@@ -302,29 +302,24 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.answers:
-        model = processor = None
-        rank, world_size = 0, 1
+    if args.answers:  # grade a file: no model
+        run = runner.Loaded(None, None, args.model_id, 0, 1, runner.decoding(args, None))
     else:
-        model, processor, rank, world_size = runner.setup(args)
+        run = runner.setup(args)
     evaluate = BENCHMARKS[args.benchmark]
-    results = evaluate(model, processor, args.model_id, args.data_dir, args.out, judge_from_args(args), args.answers,
-                       rank, world_size, **runner.decoding(args))
-    if rank == 0:
+    results = evaluate(run.model, run.processor, run.model_id, args.data_dir, args.out, judge_from_args(args),
+                       args.answers, run.rank, run.world_size, **run.decoding)
+    if run.rank == 0:
         if results is None:
             print(f"{args.benchmark}: answers written to {args.out}; no --judge-url, so no score")
         else:
             summary = {k: v for k, v in results.items() if k != "per_question"}
-            runner.write_atomic(os.path.join(args.out, f"{args.benchmark}-scores.json"),
-                                [json.dumps(dict(args=vars(args), results=summary), indent=1)])
+            common.write_atomic(os.path.join(args.out, f"{args.benchmark}-scores.json"),
+                                [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=summary), indent=1)])
             print(f"{args.benchmark}: " + json.dumps(summary, indent=1))
-    if not args.answers:
-        runner.finish_distributed(world_size)
+    common.finish_distributed()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"eval.judge: error: {e}")
+    common.run_main(main, "eval.judge", (ValueError, OSError, RuntimeError))

@@ -32,6 +32,7 @@ import re
 import sys
 from collections import defaultdict
 
+import common
 from eval import runner
 
 LETTERS = "ABCDEFGHIJ"
@@ -95,7 +96,7 @@ def read_questions(path):
         for row in rows:  # MMBench's image column holds the image itself, base64
             row["image_base64"] = row.pop("image", None)
     elif path.endswith(".jsonl"):
-        rows = runner.read_jsonl(path)
+        rows = common.read_jsonl(path)
     else:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
@@ -220,25 +221,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, processor, rank, world_size = runner.setup(args)
+    run = runner.setup(args)
     name = args.name or os.path.splitext(os.path.basename(args.data))[0]
-    results = evaluate(model, processor, args.model_id, args.data, args.image_folder, args.out, args.circular,
-                       args.lang, name, rank, world_size, **runner.decoding(args))
-    if rank == 0:
-        runner.write_atomic(os.path.join(args.out, f"{name}.json"),
-                            [json.dumps(dict(args=vars(args), results=results), indent=1)])
+    results = evaluate(run.model, run.processor, run.model_id, args.data, args.image_folder, args.out, args.circular,
+                       args.lang, name, run.rank, run.world_size, **run.decoding)
+    if run.rank == 0:
+        common.write_atomic(os.path.join(args.out, f"{name}.json"),
+                            [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
         if results is None:
             print(f"{name}: no answers in the data; the answer file is {os.path.join(args.out, name + '.jsonl')}")
         else:
-            print(f"{name}, {args.model_id}: accuracy {100 * results['accuracy']:.1f}"
+            print(f"{name}, {run.model_id}: accuracy {100 * results['accuracy']:.1f}"
                   f"{' (circular)' if args.circular else ''} over {results['num_questions']} questions, "
                   f"{results['unparsed']} answer(s) without a letter")
-    runner.finish_distributed(world_size)
+    common.finish_distributed()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"eval.multiple_choice: error: {e}")
+    common.run_main(main, "eval.multiple_choice")

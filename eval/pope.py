@@ -15,8 +15,8 @@ COCO POPE (the POPE repo's coco_pope_{random,popular,adversarial}.json, jsonl de
 import argparse
 import json
 import os
-import sys
 
+import common
 from eval import runner
 
 SPLITS = ("random", "popular", "adversarial")
@@ -69,7 +69,7 @@ def split_file(pope_dir, split):
 
 def read_pope(path):
     """POPE's jsonl rows: question_id, image, text, label."""
-    rows = runner.read_jsonl(path)
+    rows = common.read_jsonl(path)
     for line_no, row in enumerate(rows, 1):
         missing = [k for k in ("question_id", "image", "text", "label") if k not in row]
         if missing:
@@ -119,10 +119,8 @@ def evaluate(model, processor, model_id, pope_dir, image_folder, out_dir, splits
 
 
 def format_table(results):
-    lines = ["| split | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for split, metrics in results.items():
-        lines.append(f"| {split} | " + " | ".join(f"{100 * metrics[m]:.1f}" for m in METRICS) + " |")
-    return "\n".join(lines)
+    return "\n".join(common.markdown_table(["split", *METRICS], [
+        [split] + [f"{100 * metrics[m]:.1f}" for m in METRICS] for split, metrics in results.items()]))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -148,19 +146,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, processor, rank, world_size = runner.setup(args)
-    results = evaluate(model, processor, args.model_id, args.pope_dir, args.image_folder, args.out, args.splits,
-                       args.prompt_suffix, rank, world_size, **runner.decoding(args))
-    if rank == 0:
-        runner.write_atomic(os.path.join(args.out, "pope.json"),
-                            [json.dumps(dict(args=vars(args), results=results), indent=1)])
-        print(f"POPE, {args.model_id} (percent; paper Table 2 reports the average F1)\n" + format_table(results))
-    runner.finish_distributed(world_size)
+    run = runner.setup(args)
+    results = evaluate(run.model, run.processor, run.model_id, args.pope_dir, args.image_folder, args.out, args.splits,
+                       args.prompt_suffix, run.rank, run.world_size, **run.decoding)
+    if run.rank == 0:
+        common.write_atomic(os.path.join(args.out, "pope.json"),
+                            [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+        print(f"POPE, {run.model_id} (percent; paper Table 2 reports the average F1)\n" + format_table(results))
+    common.finish_distributed()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"eval.pope: error: {e}")
+    common.run_main(main, "eval.pope")

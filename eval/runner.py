@@ -11,8 +11,8 @@ Resumable: each finished chunk of --batch-size questions is appended (flush + fs
 OUT.partial-rank{r}-of-{N}.jsonl; a rerun keeps the complete chunks (a torn last line is dropped) and
 answers the rest. The answer file is written atomically at the end, in question order, with a sidecar
 OUT.args.json; a rerun with the same settings then reads it back and generates nothing.
-Under torchrun (train_ddp.compute_init) chunk k goes to rank k % N and rank 0 merges: every batch is the
-one a single process makes, so the merged file equals the 1-process file.
+Under torchrun (common.compute_init) chunk k goes to rank k % N and rank 0 merges (common.ShardedOutput):
+every batch is the one a single process makes, so the merged file equals the 1-process file.
 
 The benchmarks (pope.py, toyvqa.py, ...) call `answer_questions`; the CLI answers any LLaVA question
 file (jsonl: question_id, image, text), as LLaVA's model_vqa_loader.py does:
@@ -23,22 +23,20 @@ file (jsonl: question_id, image, text), as LLaVA's model_vqa_loader.py does:
 """
 import argparse
 import base64
-import glob
 import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 import augment
-import checkpoint
-import dpo
-import train_ddp
+import common
+import lora
 import vlm
 from generate import generate
 
@@ -51,20 +49,14 @@ def model_id_of(model_dir, adapter=None):
 
 
 def fingerprint(model_dir, adapter=None):
-    """Which weights answered: name, size and modification time of the files of the model folder (and
-    adapter). Answer files made by other weights under the same folder names are then not reused."""
-    h = hashlib.sha256()
-    for folder in [model_dir] + ([adapter] if adapter else []):
-        for name in sorted(os.listdir(folder)):
-            stat = os.stat(os.path.join(folder, name))
-            h.update(f"{os.path.abspath(folder)}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    """Which weights answer (common.files_fingerprint of the model folder and the adapter)."""
+    return common.files_fingerprint(model_dir, *([adapter] if adapter else []))
 
 
 def load_adapter(model, adapter, merge=True):
-    """SeVa's adapter onto a model: the LoRA weights (dpo.load_lora) and, for an adapter trained with
+    """SeVa's adapter onto a model: the LoRA weights (lora.load_lora) and, for an adapter trained with
     --train-projector, the projector weights saved beside them (LLaVA's non_lora_trainables.safetensors)."""
-    dpo.load_lora(model, adapter)
+    lora.load_lora(model, adapter)
     extra = os.path.join(adapter, "non_lora_trainables.safetensors")
     if os.path.exists(extra):
         tensors = {k: v.to(model.dtype) for k, v in load_file(extra).items()}
@@ -72,18 +64,15 @@ def load_adapter(model, adapter, merge=True):
         if unexpected:
             raise ValueError(f"{extra}: keys the model does not have: {unexpected[:5]}")
     if merge:
-        dpo.merge_lora(model)  # the same answers as unmerged LoRA, faster
+        lora.merge_lora(model)  # the same answers as unmerged LoRA, faster
 
 
 def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=True):
-    """A local HF VLM folder, with SeVa's adapter on top if given (merged: the same answers, faster).
-    The model carries `eval_fingerprint`, which answer_questions writes into its settings."""
+    """A local HF VLM folder, with SeVa's adapter on top if given (merged: the same answers, faster)."""
     model, processor = vlm.load(model_dir, device, dtype)
     if adapter:
         load_adapter(model, adapter, merge)
-    model.eval()
-    model.eval_fingerprint = fingerprint(model_dir, adapter)
-    return model, processor
+    return model.eval(), processor
 
 
 def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
@@ -109,25 +98,29 @@ def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
     return g
 
 
+@dataclass
+class Loaded:
+    """A benchmark CLI's model and where it runs (setup)."""
+    model: torch.nn.Module
+    processor: object
+    model_id: str  # the readable name written into the answers
+    rank: int
+    world_size: int
+    decoding: dict  # answer_questions' keyword arguments from the shared flags, the weights' fingerprint included
+
+
 def setup(args):
-    """torchrun's environment and the model: (model, processor, rank, world_size). bf16 on CUDA, fp32 on CPU."""
-    rank, world_size, device = train_ddp.compute_init(args.seed)
-    dtype = train_ddp.autocast_dtype(device, args.precision) or torch.float32
-    model, processor = load_model(args.model, args.adapter, device, dtype)
-    if args.model_id is None:
-        args.model_id = model_id_of(args.model, args.adapter)
-    return model, processor, rank, world_size
+    """torchrun's environment and the model of the shared flags. bf16 on CUDA, fp32 on CPU."""
+    rank, world_size, device = common.compute_init(args.seed)
+    model, processor = load_model(args.model, args.adapter, device, common.weight_dtype(device, args.precision))
+    return Loaded(model, processor, args.model_id or model_id_of(args.model, args.adapter), rank, world_size,
+                  decoding(args, fingerprint(args.model, args.adapter)))
 
 
-def decoding(args):
-    """The runner's keyword arguments from the shared flags."""
+def decoding(args, weights):
+    """The runner's keyword arguments from the shared flags; `weights`: fingerprint() of the model's files."""
     return dict(template=args.template, pad=args.pad, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, progress=args.progress)
-
-
-def finish_distributed(world_size):
-    if world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+                batch_size=args.batch_size, progress=args.progress, weights=weights)
 
 
 # ----------------------------------------------------------------------------- questions
@@ -184,30 +177,9 @@ class SampledModel:
 
 
 # ----------------------------------------------------------------------------- files
-def partial_path(out, rank, world_size):
-    return f"{out}.partial-rank{rank}-of-{world_size}.jsonl"
-
-
-write_atomic = checkpoint.write_lines_atomic  # every eval module writes its files through it
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_partial(path):
-    """(header, rows) of a partial file's complete lines; a torn last line (a kill mid-write) is dropped."""
-    rows = checkpoint.read_appended_jsonl(path)
-    return (rows[0], rows[1:]) if rows else (None, [])
-
-
-def run_header(questions, model_id, settings, world_size):
+def decisive_settings(questions, model_id, settings):
     """What decides the answers; a partial file or answer file made otherwise is not reused."""
-    decisive = dict(model_id=model_id, questions=questions_digest(questions),
-                    num_questions=len(questions), **settings)
-    digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
-    return dict(eval_partial=1, args_hash=digest, settings=decisive, world_size=world_size)
+    return dict(model_id=model_id, questions=questions_digest(questions), num_questions=len(questions), **settings)
 
 
 def answer_id(model_id, question_id, prompt, text):
@@ -226,95 +198,59 @@ def answer_row(question, text, model_id):
 
 
 # ----------------------------------------------------------------------------- the run
-def chunks_of(num_questions, batch_size):
-    """Fixed chunks of batch_size positions; chunk k is answered by rank k % world_size."""
-    return [list(range(start, min(start + batch_size, num_questions))) for start in range(0, num_questions, batch_size)]
-
-
 def answer_chunk(model, processor, questions, chunk, chunk_index, image_folder, template, pad, max_new_tokens,
                  noise_step, temperature, seed):
     """The answers (strings) of one chunk of question positions, generated as one batch."""
     batch = [questions[i] for i in chunk]
     images = [question_image(q, image_folder, pad) for q in batch]
-    noise = None
-    if noise_step is not None:  # diffusion noise on the processor's pixels, each question its own (augment.py)
-        ids = [q["question_id"] for q in batch]
-        noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[r] for r in rows], noise_step, seed)
+    noise = None  # diffusion noise on the processor's pixels, each question its own (augment.py)
+    if noise_step is not None:
+        noise = augment.noise_transform([q["question_id"] for q in batch], noise_step, seed)
     if temperature > 0:
-        model = SampledModel(model, temperature, augment.sample_seed(seed, f"chunk-{chunk_index}"))
+        model = SampledModel(model, temperature, common.sample_seed(seed, f"chunk-{chunk_index}"))
     return generate(model, processor, images, [q["text"] for q in batch], template=template,
                     max_new_tokens=max_new_tokens, batch_size=len(batch), pixel_transform=noise)
 
 
 def answer_questions(model, processor, questions, out, model_id, image_folder=".", template=None, pad=True,
                      max_new_tokens=16, batch_size=16, noise_step=None, temperature=0.0, seed=0, rank=0,
-                     world_size=1, progress=False):
+                     world_size=1, progress=False, *, weights):
     """Answer every question into the answer file `out`; returns its rows, in question order, on every rank.
 
     noise_step: diffusion noise at that step on each image (seeded by (seed, question_id)), or None.
     temperature: 0 = greedy (the paper's evaluation); > 0 = sampling seeded by (seed, chunk).
+    weights: which weights answer (fingerprint(); required, so that a finished or partial answer file made by
+        other weights under the same model_id is never reused).
     """
-    ids = [q["question_id"] for q in questions]
     template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
     seeded = noise_step is not None or temperature > 0  # the seed matters only then
-    settings = dict(weights=getattr(model, "eval_fingerprint", None), dtype=str(next(model.parameters()).dtype),
-                    template=template, pad=pad,
-                    max_new_tokens=max_new_tokens, batch_size=batch_size, noise_step=noise_step,
-                    temperature=temperature, seed=seed if seeded else None)
-    header = run_header(questions, model_id, settings, world_size)
+    settings = decisive_settings(questions, model_id, dict(
+        weights=weights, dtype=str(next(model.parameters()).dtype), template=template, pad=pad,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, noise_step=noise_step, temperature=temperature,
+        seed=seed if seeded else None))
     sidecar = out + ".args.json"
     if os.path.exists(out) and os.path.exists(sidecar):  # finished before with the same settings: reuse
         with open(sidecar) as f:
-            if json.load(f).get("args_hash") == header["args_hash"]:
-                return read_jsonl(out)
+            if json.load(f).get("args_hash") == common.args_digest(settings):
+                return common.read_jsonl(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    chunks = chunks_of(len(questions), batch_size)
-
-    # ---- resume: refuse foreign partial files, keep this rank's complete chunks
-    for path in glob.glob(glob.escape(out) + ".partial-rank*-of-*.jsonl"):
-        old, _ = read_partial(path)
-        if old and (old.get("args_hash"), old.get("world_size")) != (header["args_hash"], world_size):
-            differ = [k for k in header["settings"] if old.get("settings", {}).get(k) != header["settings"][k]]
-            differ += ["number of processes"] if old.get("world_size") != world_size else []
-            raise ValueError(f"{path} was made with other settings (differing: {', '.join(differ)}); rerun with "
-                             f"them to resume, or delete the partial files to start over")
-    path = partial_path(out, rank, world_size)
-    _, rows = read_partial(path)
-    rows = [row for row in rows if row["index"] < len(ids) and row["question_id"] == ids[row["index"]]]
-    present = {row["index"] for row in rows}
-    done = {k for k, chunk in enumerate(chunks) if all(i in present for i in chunk)}
-    rows = [row for row in rows if row["index"] // batch_size in done]
-    write_atomic(path, [json.dumps(header)] + [json.dumps(row, ensure_ascii=False) for row in rows])
-
-    # ---- answer this rank's remaining chunks, each appended as soon as it is done
-    todo = [k for k in range(rank, len(chunks), world_size) if k not in done]
-    with open(path, "a", encoding="utf-8") as f:
-        for k in tqdm(todo, desc=os.path.basename(out), disable=rank != 0 or not progress):
-            texts = answer_chunk(model, processor, questions, chunks[k], k, image_folder, template, pad,
-                                 max_new_tokens, noise_step, temperature, seed)
-            f.write("".join(json.dumps(dict(index=i, question_id=ids[i], text=text), ensure_ascii=False) + "\n"
-                            for i, text in zip(chunks[k], texts)))
-            f.flush()
-            os.fsync(f.fileno())  # a chunk on disk survives any kill
-
-    # ---- rank 0 merges the partial files in question order
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        texts = {}
-        for r in range(world_size):
-            texts.update((row["index"], row["text"]) for row in read_partial(partial_path(out, r, world_size))[1])
-        missing = [ids[i] for i in range(len(ids)) if i not in texts]
-        if missing:
-            raise RuntimeError(f"{out}: the partial files lack questions {missing[:10]}; rerun to complete them")
-        write_atomic(out, [json.dumps(answer_row(q, texts[i], model_id), ensure_ascii=False)
-                           for i, q in enumerate(questions)])
-        write_atomic(sidecar, [json.dumps(dict(args_hash=header["args_hash"], settings=header["settings"]), indent=1)])
-        for r in range(world_size):
-            os.remove(partial_path(out, r, world_size))
-    if world_size > 1:
-        dist.barrier()
-    return read_jsonl(out)
+    output = common.ShardedOutput(out, settings, [q["question_id"] for q in questions], batch_size, rank, world_size,
+                                  what="settings", items="questions")
+    for k in tqdm(output.resume(), desc=os.path.basename(out), disable=rank != 0 or not progress):
+        texts = answer_chunk(model, processor, questions, output.chunks[k], k, image_folder, template, pad,
+                             max_new_tokens, noise_step, temperature, seed)
+        output.append([dict(index=i, id=questions[i]["question_id"], text=text)
+                       for i, text in zip(output.chunks[k], texts)])
+    common.barrier(world_size)
+    if rank == 0:  # merge in question order
+        rows = output.merge()
+        common.write_atomic(out, [json.dumps(answer_row(q, row["text"], model_id), ensure_ascii=False)
+                           for q, row in zip(questions, rows)])
+        common.write_atomic(sidecar, [json.dumps(dict(args_hash=common.args_digest(settings), settings=settings),
+                                                 indent=1)])
+        output.remove()
+    common.barrier(world_size)
+    return common.read_jsonl(out)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -339,18 +275,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     questions = [dict(question_id=row["question_id"], image=row["image"], text=row["text"])
-                 for row in read_jsonl(args.questions)]
-    model, processor, rank, world_size = setup(args)
-    rows = answer_questions(model, processor, questions, args.out, args.model_id, args.image_folder,
+                 for row in common.read_jsonl(args.questions)]
+    run = setup(args)
+    rows = answer_questions(run.model, run.processor, questions, args.out, run.model_id, args.image_folder,
                             noise_step=None if args.noise_step < 0 else args.noise_step, temperature=args.temperature,
-                            seed=args.seed, rank=rank, world_size=world_size, **decoding(args))
-    train_ddp.print0(f"wrote {len(rows)} answers to {args.out}")
-    finish_distributed(world_size)
+                            seed=args.seed, rank=run.rank, world_size=run.world_size, **run.decoding)
+    common.print0(f"wrote {len(rows)} answers to {args.out}")
+    common.finish_distributed()
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, KeyError) as e:
-        raise SystemExit(f"eval.runner: error: {e}")
+    common.run_main(main, "eval.runner", (ValueError, OSError, KeyError))

@@ -43,10 +43,12 @@ def toy_pairs(toy_world):
     """A pairs file in seva.py's format whose preferences are known to be right: chosen = the true
     answer, rejected = a wrong answer of the same family."""
     import json
+
+    from eval import toyvqa
     path = os.path.join(toy_world, "true-pairs.jsonl")
     with open(path, "w") as f:
         for i, record in enumerate(json.load(open(os.path.join(toy_world, "sft.json")))):
-            _, question, answer, family = toyworld.first_question(record)
+            _, question, answer, family = toyvqa.first_question(record)
             f.write(json.dumps({"id": record["id"] + "-0", "image": record["image"], "question": question,
                                 "chosen": answer, "rejected": wrong_answer(family, answer, i)}) + "\n")
     return path

@@ -3,7 +3,7 @@ import json
 import os
 
 import ablations
-import toyworld
+from eval import toyvqa
 
 
 def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     assert trained
     ablations.main(["--confusion", "count", "--runs", trained[0], "--world", toy_world, "--out", str(tmp_path)])
     table = open(tmp_path / "confusion-count.md").read()
-    questions = sum(toyworld.first_question(r)[3] == "count" for r in json.load(open(os.path.join(toy_world, "val.json"))))
+    questions = sum(toyvqa.first_question(r)[3] == "count" for r in json.load(open(os.path.join(toy_world, "val.json"))))
     for section in table.split("## ")[1:]:  # the SFT model's, then the run's: every count question once
         assert sum(int(line.split("|")[3]) for line in section.splitlines() if line.startswith("| ") and
                    line.split("|")[3].strip().isdigit()) == questions
@@ -51,7 +51,7 @@ def test_pair_filter_keeps_exactly_its_classes(tmp_path):
 def test_pair_quality_fit_recovers_known_costs():
     """Runs whose accuracy change is an exact linear function of the pair counts: the fit gives it back, counts
     a run reused by several ablations once, and leaves out a class no run has."""
-    quality = ablations.seva.QUALITY
+    quality = ablations.pairs.QUALITY
     true = dict(zip(quality[:3], [0.02, -0.01, -0.05]))
     rows = []
     for i in range(12):

@@ -14,6 +14,8 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import augment  # noqa: E402
+import common  # noqa: E402
+import diffusion  # noqa: E402
 
 SEEDS = range(8)
 RANDOM_AUGMENTATIONS = [name for name in augment.AUGMENTATIONS if name != "center_crop"]
@@ -133,14 +135,14 @@ def test_sample_seed_is_sha256_of_seed_and_id():
     # Second route: the first 16 hex digits of sha256("seed:id"), reduced to 63 bits.
     for seed, sample_id in [(3, "textvqa/abc.jpg"), (0, "ocr_vqa/1.jpg"), (7, 12), (123, "x")]:
         expected = int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:16], 16) % 2**63
-        assert augment.sample_seed(seed, sample_id) == expected
+        assert common.sample_seed(seed, sample_id) == expected
 
 
 def test_sample_seed_differs_across_ids_and_run_seeds():
-    seeds = {augment.sample_seed(0, sample_id) for sample_id in range(100)}
+    seeds = {common.sample_seed(0, sample_id) for sample_id in range(100)}
     assert len(seeds) == 100
-    assert augment.sample_seed(0, "a") != augment.sample_seed(1, "a")
-    assert augment.sample_seed(0, 7) == augment.sample_seed(0, "7")  # ids compare by their text
+    assert common.sample_seed(0, "a") != common.sample_seed(1, "a")
+    assert common.sample_seed(0, 7) == common.sample_seed(0, "7")  # ids compare by their text
 
 
 def test_check_augmentation():
@@ -162,7 +164,7 @@ def numpy_sigmoid_alpha_bar():
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 8, 8), (5, 48)])
 def test_diffusion_noise_is_the_closed_form(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    out = augment.diffusion_noise(x, 500, generator=torch.Generator().manual_seed(7))
+    out = diffusion.diffusion_noise(x, 500, generator=torch.Generator().manual_seed(7))
     eps = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     abar = numpy_sigmoid_alpha_bar()[500]
     expected = math.sqrt(abar) * x + math.sqrt(1 - abar) * eps
@@ -173,17 +175,17 @@ def test_diffusion_noise_is_the_closed_form(shape):
 def test_diffusion_noise_keeps_dtype_and_input():
     x = torch.randn(3, 4, 4, dtype=torch.float64)
     before = x.clone()
-    out = augment.diffusion_noise(x, 800, generator=torch.Generator().manual_seed(0))
+    out = diffusion.diffusion_noise(x, 800, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.float64
     assert torch.equal(x, before)
-    assert augment.diffusion_noise(x.bfloat16(), 800).dtype == torch.bfloat16
+    assert diffusion.diffusion_noise(x.bfloat16(), 800).dtype == torch.bfloat16
 
 
 def test_alpha_bar_matches_numpy_and_measured_values():
-    abar = augment.alpha_bar("sigmoid")
+    abar = diffusion.alpha_bar("sigmoid")
     assert abar.shape == (1000,) and abar.dtype == torch.float64
     np.testing.assert_allclose(abar.numpy(), numpy_sigmoid_alpha_bar(), rtol=1e-12)
-    # REFERENCE.md: t=500 -> 0.863 / 0.505, t=800 -> 0.467 / 0.884.
+    # The authors' schedule, measured independently: t=500 -> 0.863 / 0.505, t=800 -> 0.467 / 0.884.
     for step, signal, noise in [(500, 0.863, 0.505), (800, 0.467, 0.884)]:
         assert abs(abar[step].sqrt().item() - signal) < 2e-3
         assert abs((1 - abar[step]).sqrt().item() - noise) < 2e-3
@@ -196,22 +198,22 @@ def test_linear_schedule_matches_diffusers(step):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     expected = DDPMScheduler().add_noise(x, noise, torch.tensor([step]))
-    out = augment.diffusion_noise(x, step, generator=torch.Generator().manual_seed(3), schedule="linear")
+    out = diffusion.diffusion_noise(x, step, generator=torch.Generator().manual_seed(3), schedule="linear")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("bad_step", [-1, 1000, 500.0, True, "500", None])
 def test_bad_noise_step_raises(bad_step):
     with pytest.raises(ValueError, match="noise_step"):
-        augment.diffusion_noise(torch.zeros(3, 4, 4), bad_step)
+        diffusion.diffusion_noise(torch.zeros(3, 4, 4), bad_step)
 
 
 def test_bad_schedule_and_dtype_raise():
     with pytest.raises(ValueError, match="schedule"):
-        augment.diffusion_noise(torch.zeros(3, 4, 4), 500, schedule="cosine")
+        diffusion.diffusion_noise(torch.zeros(3, 4, 4), 500, schedule="cosine")
     with pytest.raises(ValueError, match="floating"):
-        augment.diffusion_noise(torch.zeros(3, 4, 4, dtype=torch.uint8), 500)
-    assert augment.diffusion_noise(torch.zeros(3), np.int64(5)).shape == (3,)  # numpy ints are ints
+        diffusion.diffusion_noise(torch.zeros(3, 4, 4, dtype=torch.uint8), 500)
+    assert diffusion.diffusion_noise(torch.zeros(3), np.int64(5)).shape == (3,)  # numpy ints are ints
 
 
 # ---- grid and CLI

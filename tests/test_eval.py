@@ -13,8 +13,7 @@ import threading
 import pytest
 import torch
 
-import dpo
-import toyworld
+import lora
 import vlm
 from conftest import ROOT
 from eval import compare, judge, multiple_choice, pope, runner, toyvqa
@@ -147,7 +146,7 @@ def test_multiple_choice_files_through_the_runner(sft, toy_world, tmp_path):
     assert [q["image"] for q in from_jsonl] == ["val/000000.png", "val/000001.png"]
 
     results = multiple_choice.evaluate(model, processor, "m", tsv, ".", str(tmp_path), circular=True,
-                                       max_new_tokens=3, batch_size=4)
+                                       max_new_tokens=3, batch_size=4, weights="sft")
     rows = read_lines(tmp_path / "mmb.jsonl")
     assert [(r["question_id"], r["round_id"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
     assert all(set(r) == set(ANSWER_KEYS) | {"round_id", "options", "option_char"} for r in rows)
@@ -160,7 +159,7 @@ def test_multiple_choice_files_through_the_runner(sft, toy_world, tmp_path):
         del q["image_base64"]
     again = runner.answer_questions(model, processor, multiple_choice.runner_questions(by_path, circular=True),
                                     str(tmp_path / "by-path.jsonl"), "m", os.path.join(toy_world, "images"),
-                                    max_new_tokens=3, batch_size=4)
+                                    max_new_tokens=3, batch_size=4, weights="sft")
     assert [r["text"] for r in again] == [r["text"] for r in rows]
 
 
@@ -176,7 +175,7 @@ def test_answer_file_is_llavas_format_and_generates_answers(sft, toy_world, tmp_
     _, questions = val_questions(toy_world)
     out = str(tmp_path / "answers.jsonl")
     rows = runner.answer_questions(model, processor, questions, out, "model-sft", images, max_new_tokens=4,
-                                   batch_size=4)
+                                   batch_size=4, weights="sft")
     assert read_lines(out) == rows and [list(r) for r in rows] == [ANSWER_KEYS] * len(questions)
     assert [r["question_id"] for r in rows] == [q["question_id"] for q in questions]
     assert rows[0]["prompt"] == questions[0]["text"] and rows[0]["metadata"] == questions[0]["metadata"]
@@ -188,7 +187,7 @@ def test_answer_file_is_llavas_format_and_generates_answers(sft, toy_world, tmp_
     # a rerun with the same settings reads the file back and generates nothing
     monkeypatch.setattr(runner, "answer_chunk", lambda *a, **k: pytest.fail("generated again"))
     assert runner.answer_questions(model, processor, questions, out, "model-sft", images, max_new_tokens=4,
-                                   batch_size=4) == rows
+                                   batch_size=4, weights="sft") == rows
 
 
 def test_sampling_is_seeded(sft, toy_world, tmp_path):
@@ -198,14 +197,14 @@ def test_sampling_is_seeded(sft, toy_world, tmp_path):
 
     def sample(name, seed, temperature=1.0):
         rows = runner.answer_questions(model, processor, questions, str(tmp_path / name), "m", images,
-                                       max_new_tokens=4, batch_size=4, temperature=temperature, seed=seed)
+                                       max_new_tokens=4, batch_size=4, temperature=temperature, seed=seed, weights="sft")
         return [r["text"] for r in rows]
 
     first = sample("a.jsonl", 0)
     assert sample("b.jsonl", 0) == first  # same seed, same samples
     assert sample("c.jsonl", 1) != first  # another seed, other samples
     greedy = [r["text"] for r in runner.answer_questions(model, processor, questions, str(tmp_path / "g.jsonl"), "m",
-                                                         images, max_new_tokens=4, batch_size=4)]
+                                                         images, max_new_tokens=4, batch_size=4, weights="sft")]
     assert sample("d.jsonl", 0, temperature=1e-4) == greedy  # a temperature near 0 samples the greedy answer
 
 
@@ -214,18 +213,18 @@ def test_toyvqa_equals_toyworlds_own_measures(sft, toy_world, tmp_path):
     records, _ = val_questions(toy_world)
     images = os.path.join(toy_world, "images")
     results = toyvqa.evaluate(model, processor, "m", os.path.join(toy_world, "val.json"), images, str(tmp_path),
-                              noise_step=999, seed=0, max_new_tokens=16, batch_size=16)
-    accuracy, answers = toyworld.vqa_accuracy(model, processor, records, images)
+                              noise_step=999, seed=0, max_new_tokens=16, batch_size=16, weights="sft")
+    accuracy, answers = toyvqa.vqa_accuracy(model, processor, records, images)
     assert results["clean"] == accuracy
     assert [r["text"] for r in read_lines(tmp_path / "toyvqa-clean.jsonl")] == answers
-    assert results["changed"] == toyworld.noise_change_rate(model, processor, records, images, 999, 0)
+    assert results["changed"] == toyvqa.noise_change_rate(model, processor, records, images, 999, 0)
 
 
 def test_resumed_equals_uninterrupted(sft, toy_world, tmp_path, monkeypatch):
     model, processor = sft
     images = os.path.join(toy_world, "images")
     questions = pope.pope_questions(pope.read_pope(os.path.join(toy_world, "pope", "random.jsonl")))  # 18
-    settings = dict(max_new_tokens=4, batch_size=4)  # 5 chunks: 4, 4, 4, 4, 2
+    settings = dict(max_new_tokens=4, batch_size=4, weights="sft")  # 5 chunks: 4, 4, 4, 4, 2
     full = tmp_path / "full.jsonl"
     runner.answer_questions(model, processor, questions, str(full), "m", images, **settings)
 
@@ -241,12 +240,13 @@ def test_resumed_equals_uninterrupted(sft, toy_world, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "answer_chunk", crash_at_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         runner.answer_questions(model, processor, questions, str(out), "m", images, **settings)
-    partial = runner.partial_path(str(out), 0, 1)
+    partial = f"{out}.partial-rank0-of-1.jsonl"
     assert len(read_lines(partial)) == 1 + 8 and not out.exists()
     with open(partial, "a") as f:  # half of chunk 2 made it, then a line torn by the kill
-        f.write(json.dumps(dict(index=8, question_id=8, text="half a chunk")) + "\n" + '{"index": 9, "question_')
+        f.write(json.dumps(dict(index=8, id=8, text="half a chunk")) + "\n" + '{"index": 9, "question_')
     with pytest.raises(ValueError, match="other settings"):  # a partial file made otherwise is refused
-        runner.answer_questions(model, processor, questions, str(out), "m", images, max_new_tokens=5, batch_size=4)
+        runner.answer_questions(model, processor, questions, str(out), "m", images, max_new_tokens=5, batch_size=4,
+                                weights="sft")
     chunks.clear()
     monkeypatch.setattr(runner, "answer_chunk", lambda *a, **k: (chunks.append(a[4]), real(*a, **k))[1])
     runner.answer_questions(model, processor, questions, str(out), "m", images, **settings)
@@ -417,12 +417,12 @@ def test_judge_client_does_not_retry_a_bad_request(no_proxy):
 def make_adapter(toy_world, out):
     """A tiny LoRA adapter with random B (LoRA's B = 0 would change nothing), saved in PEFT's layout."""
     model, _ = vlm.load(os.path.join(toy_world, "model-sft"))
-    dpo.apply_lora(model, 4, 8)
+    lora.apply_lora(model, 4, 8)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for _, module in dpo.lora_modules(model):
+        for _, module in lora.lora_modules(model):
             module.lora_B.weight.copy_(0.5 * torch.randn(module.lora_B.weight.shape, generator=generator))
-    dpo.save_lora(model, str(out))
+    lora.save_lora(model, str(out))
     return str(out)
 
 
@@ -432,7 +432,7 @@ def test_adapter_loads_lora_and_the_projector_beside_it(toy_world, tmp_path):
     adapter = make_adapter(toy_world, tmp_path / "adapter")
     base = os.path.join(toy_world, "model-sft")
     by_hand, processor = vlm.load(base)
-    dpo.load_lora(by_hand, adapter)
+    lora.load_lora(by_hand, adapter)
     projector = {k: 1.5 * v for k, v in by_hand.state_dict().items() if k.startswith("model.multi_modal_projector.")}
     by_hand.load_state_dict(projector, strict=False)
     save_file(projector, os.path.join(adapter, "non_lora_trainables.safetensors"))  # what --train-projector writes
@@ -442,7 +442,10 @@ def test_adapter_loads_lora_and_the_projector_beside_it(toy_world, tmp_path):
                        return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, by_hand(**inputs).logits, rtol=1e-4, atol=1e-5)
-    assert runner.fingerprint(base, adapter) == loaded.eval_fingerprint != runner.fingerprint(base)
+    run = runner.setup(runner.parse_args(["--model", base, "--adapter", adapter]))  # what the CLIs answer with
+    assert run.decoding["weights"] == runner.fingerprint(base, adapter) != runner.fingerprint(base)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(**inputs).logits, by_hand(**inputs).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_compare_end_to_end(toy_world, tmp_path, monkeypatch):

@@ -12,9 +12,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import families  # noqa: E402  (importing it lets Qwen2-VL's processor load without torchvision)
 
-import augment  # noqa: E402
+import diffusion  # noqa: E402
 import dpo  # noqa: E402
 import eval.runner  # noqa: E402
+import lora  # noqa: E402
 import seva  # noqa: E402
 import train_ddp  # noqa: E402
 import vlm  # noqa: E402
@@ -56,7 +57,7 @@ def test_batched_generation_equals_batch_1_clean_and_noisy(family):
     _, model, processor = family
     sharpen(model)
     ids = [f"q{i}" for i in range(len(QUESTIONS))]
-    noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[i] for i in rows], 600, 0)
+    noise = lambda pixels, rows: diffusion.diffusion_noise_rows(pixels, [ids[i] for i in rows], 600, 0)
     answers = {}
     for name, transform in (("clean", None), ("noisy", noise)):
         one = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1,
@@ -96,13 +97,13 @@ def test_lora_targets_land_on_every_language_model_linear_and_nowhere_else(famil
     row = vlm.spec(model)
     layers = model.get_submodule(row["decoder_layers"])
     linears = sum(isinstance(m, torch.nn.Linear) for m in layers.modules())
-    dpo.apply_lora(model, 4, 8)
+    lora.apply_lora(model, 4, 8)
     vlm.freeze_vision(model)
-    names = [n for n, _ in dpo.lora_modules(model)]
+    names = [n for n, _ in lora.lora_modules(model)]
     assert len(names) == linears > 0  # every linear of the decoder layers (attention and MLP), counted by type
     assert all(n.startswith(row["decoder_layers"] + ".") for n in names)
     for path in (row["vision_tower"], row["projector"]):
-        assert not any(isinstance(m, dpo.LoRALinear) for m in model.get_submodule(path).modules())
+        assert not any(isinstance(m, lora.LoRALinear) for m in model.get_submodule(path).modules())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
@@ -119,8 +120,8 @@ def pair_batch(model, processor, pairs=3):
 def test_every_pair_forward_of_the_family_equals_the_naive_one(family):
     _, model, processor = family
     sharpen(model)
-    dpo.apply_lora(model, 4, 8)
-    for module in dpo.lora_modules(model):  # B != 0, so that LoRA counts in the comparison
+    lora.apply_lora(model, 4, 8)
+    for module in lora.lora_modules(model):  # B != 0, so that LoRA counts in the comparison
         torch.nn.init.normal_(module[1].lora_B.weight, std=0.02)
     batch = pair_batch(model, processor)
     with torch.no_grad():
@@ -133,18 +134,18 @@ def test_every_pair_forward_of_the_family_equals_the_naive_one(family):
 
 def test_one_dpo_step_lowers_the_loss_on_a_repeated_pair(family, capsys):
     _, model, processor = family
-    dpo.apply_lora(model, 8, 16)
+    lora.apply_lora(model, 8, 16)
     vlm.freeze_vision(model)
     batch = dpo.collate_pairs([dpo.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square",
                                                vlm.resolve_template(model))] * 2, processor.tokenizer.pad_token_id)
-    args = SimpleNamespace(pair_forward="shared_prefix", beta=0.1, label_smoothing=0.0, loss_type="sigmoid")
+    forward = train_ddp.pair_forward_for(model, "shared_prefix")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, args)
+    loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)
     assert loss.item() == pytest.approx(2 * math.log(2), abs=1e-5)  # LoRA B = 0: the policy is the reference
     loss.backward()
     optimizer.step()
     with torch.no_grad():
-        after, _ = train_ddp.dpo_micro_step(model, model, None, batch, args)
+        after, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)
     assert after.item() < loss.item()
     fell_back = "falling back to the concatenated forward" in capsys.readouterr().out
     assert fell_back == ("shared_prefix" not in vlm.spec(model)["pair_forwards"])  # said, where it happens
@@ -164,13 +165,13 @@ def test_diffusion_noise_lands_on_each_image_of_the_family_layout(family):
     pixels = vlm.image_pixels(both, config)
     assert len(pixels) == 2 and same_image(vlm.image_pixels(alone, config)[0], pixels[1])  # image 1's own
     assert torch.equal(vlm.with_image_pixels(both, config, pixels)["pixel_values"], both["pixel_values"])
-    noisy = vlm.with_image_pixels(both, config, augment.diffusion_noise_rows(pixels, ["a", "b"], 500, 0))
-    noisy_alone = vlm.with_image_pixels(alone, config, augment.diffusion_noise_rows(
+    noisy = vlm.with_image_pixels(both, config, diffusion.diffusion_noise_rows(pixels, ["a", "b"], 500, 0))
+    noisy_alone = vlm.with_image_pixels(alone, config, diffusion.diffusion_noise_rows(
         vlm.image_pixels(alone, config), ["b"], 500, 0))
     assert noisy["pixel_values"].shape == both["pixel_values"].shape
     assert same_image(vlm.image_pixels(noisy_alone, config)[0], vlm.image_pixels(noisy, config)[1])  # batch-free
     # q(x_t | x_0): what was added is sqrt(1 - abar) times a standard normal draw
-    abar = augment.alpha_bar()[500].item()
+    abar = diffusion.alpha_bar()[500].item()
     for clean, dirty in zip(pixels, vlm.image_pixels(noisy, config)):
         real = ~(clean == 0).flatten(1).all(-1) if clean.dim() == 4 else slice(None)  # padding crops aside
         eps = (dirty[real] - math.sqrt(abar) * clean[real]) / math.sqrt(1 - abar)
@@ -213,7 +214,7 @@ def test_seva_train_ddp_and_eval_run_on_the_family(family, folders, tmp_path):
     for settings in (dict(noise_step=500), dict(temperature=1.0)):  # eval/: noisy greedy, and sampling
         out = str(tmp_path / f"{next(iter(settings))}.jsonl")
         rows = eval.runner.answer_questions(merged, processor, questions, out, "merged", str(tmp_path / "images"),
-                                            max_new_tokens=3, batch_size=2, **settings)
+                                            max_new_tokens=3, batch_size=2, weights="merged", **settings)
         assert [r["question_id"] for r in rows] == list(range(len(QUESTIONS)))
 
 

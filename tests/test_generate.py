@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import augment
+import diffusion
 import vlm
 from generate import generate
 
@@ -46,7 +46,7 @@ def test_batched_equals_batch_size_one_under_diffusion_noise(questions):
     # SeVa's rejected answers: each row's noise is seeded by its id, so batching changes nothing either.
     model, processor, images, texts = questions
     ids = [f"q{i}" for i in range(len(texts))]
-    noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[i] for i in rows], 800, 0)
+    noise = lambda pixels, rows: diffusion.diffusion_noise_rows(pixels, [ids[i] for i in rows], 800, 0)
     one = generate(model, processor, images, texts, max_new_tokens=6, batch_size=1, pixel_transform=noise, return_ids=True)
     batched = generate(model, processor, images, texts, max_new_tokens=6, batch_size=5, pixel_transform=noise,
                        return_ids=True)

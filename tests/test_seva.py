@@ -11,6 +11,9 @@ import time
 import pytest
 
 import augment
+import common
+import diffusion
+import pairs
 import seva
 import vlm
 from generate import generate
@@ -45,8 +48,8 @@ def reference(toy_world, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- sampling
-def turns(*pairs):
-    return [{"from": who, "value": text} for question, answer in pairs for who, text in
+def turns(*qa):
+    return [{"from": who, "value": text} for question, answer in qa for who, text in
             (("human", question), ("gpt", answer))]
 
 
@@ -119,17 +122,17 @@ def test_filter_exact_vs_normalized_by_hand():
 # ----------------------------------------------------------------------------- the pairs are the model's answers
 def test_pairs_are_alg1_on_the_model(reference, toy_world):
     out, summary = reference
-    pairs = read_lines(out)
-    assert len(pairs) == summary["pairs"] > 0
+    kept = read_lines(out)
+    assert len(kept) == summary["pairs"] > 0
     model, processor = vlm.load(f"{toy_world}/model-sft")
-    images = [vlm.load_image(f"{toy_world}/images/{p['image']}") for p in pairs]
-    questions = [p["question"] for p in pairs]
-    ids = [p["id"] for p in pairs]
-    noise = lambda pixels, rows: augment.diffusion_noise_rows(pixels, [ids[i] for i in rows], 999, 0)
-    assert [p["chosen"] for p in pairs] == generate(model, processor, images, questions, max_new_tokens=6, batch_size=1)
-    assert [p["rejected"] for p in pairs] == generate(model, processor, images, questions, max_new_tokens=6,
+    images = [vlm.load_image(f"{toy_world}/images/{p['image']}") for p in kept]
+    questions = [p["question"] for p in kept]
+    ids = [p["id"] for p in kept]
+    noise = lambda pixels, rows: diffusion.diffusion_noise_rows(pixels, [ids[i] for i in rows], 999, 0)  # by hand
+    assert [p["chosen"] for p in kept] == generate(model, processor, images, questions, max_new_tokens=6, batch_size=1)
+    assert [p["rejected"] for p in kept] == generate(model, processor, images, questions, max_new_tokens=6,
                                                       batch_size=1, pixel_transform=noise)
-    for p in pairs:
+    for p in kept:
         assert p["chosen"] != p["rejected"] and p["augmentation"] == "diffusion" and p["noise_step"] == 999
         assert {"id", "image", "question", "chosen", "rejected", "answer"} <= set(p)
 
@@ -138,11 +141,11 @@ def test_image_level_augmentation(toy_world, tmp_path):
     out = tmp_path / "invert.jsonl"
     summary = seva.main(argv(toy_world, out, "--augmentation", "rand_invert", samples=6))
     assert summary["instances"] == 6
-    pairs = read_lines(out)
+    kept = read_lines(out)
     model, processor = vlm.load(f"{toy_world}/model-sft")
-    for p in pairs:
+    for p in kept:
         image = vlm.load_image(f"{toy_world}/images/{p['image']}")
-        inverted = augment.rand_invert(image, augment.sample_seed(0, p["id"]))
+        inverted = augment.rand_invert(image, common.sample_seed(0, p["id"]))
         assert generate(model, processor, [inverted], [p["question"]], max_new_tokens=6) == [p["rejected"]]
         assert p["augmentation"] == "rand_invert" and "noise_step" not in p
 
@@ -166,7 +169,7 @@ def test_killed_and_resumed_equals_uninterrupted(toy_world, tmp_path, capsys):
     # More work than the reference (every instance, longer answers), so the kill lands mid-run.
     uninterrupted, out = tmp_path / "uninterrupted.jsonl", tmp_path / "pairs.jsonl"
     seva.main(argv(toy_world, uninterrupted, samples=0, tokens=24))
-    partial = seva.partial_path(str(out), 0, 1)
+    partial = f"{out}.partial-rank0-of-1.jsonl"
     process = subprocess.Popen([sys.executable, "seva.py", *argv(toy_world, out, samples=0, tokens=24)], cwd=ROOT,
                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -190,11 +193,12 @@ def test_torn_last_line_is_dropped(reference, toy_world, tmp_path, capsys):
     instances, _, _ = seva.sample_instances(json.load(open(args.data)), ["all"], 16, 0)
     model, processor = vlm.load(args.model)
     args.template = vlm.resolve_template(model, args.template)  # as main records it: the family's
-    rows = seva.answer_chunk(model, processor, [(0, instances[0]), (1, instances[1])], args.image_folder,
-                             "diffusion", 999, 0, max_new_tokens=6)
+    rows = seva.answer_chunk(model, processor, instances[:2], args.image_folder, "diffusion", 999, 0, max_new_tokens=6)
+    rows = [dict(index=i, id=instances[i]["id"], **row) for i, row in enumerate(rows)]
     torn = json.dumps(dict(index=2, id=instances[2]["id"], chosen="x", rejected="y"))[:25]
-    with open(seva.partial_path(out, 0, 1), "w") as f:  # as if killed in the middle of writing chunk 1
-        f.write("".join(json.dumps(line) + "\n" for line in [seva.partial_header(args, 1)] + rows) + torn)
+    output = seva.sharded_output(args, instances, 0, 1)
+    with open(output.path, "w") as f:  # as if killed in the middle of writing chunk 1
+        f.write("".join(json.dumps(line) + "\n" for line in [output.header] + rows) + torn)
     seva.main(argv(toy_world, out))
     assert "1 chunk(s) done before" in capsys.readouterr().out
     assert open(out, "rb").read() == open(reference[0], "rb").read()
@@ -202,13 +206,14 @@ def test_torn_last_line_is_dropped(reference, toy_world, tmp_path, capsys):
 
 def test_refuses_to_resume_other_arguments(toy_world, tmp_path):
     out = str(tmp_path / "pairs.jsonl")
-    other = seva.partial_header(seva.parse_args(argv(toy_world, out, "--seed", "1")), 1)
-    with open(seva.partial_path(out, 0, 1), "w") as f:
+    instances = [dict(id="any")]  # the header holds the arguments, not the instances
+    other = seva.sharded_output(seva.parse_args(argv(toy_world, out, "--seed", "1")), instances, 0, 1).header
+    with open(f"{out}.partial-rank0-of-1.jsonl", "w") as f:
         f.write(json.dumps(other) + "\n")
     with pytest.raises(ValueError, match="other arguments.*seed"):
         seva.main(argv(toy_world, out))
-    two = seva.partial_header(seva.parse_args(argv(toy_world, out)), 2)
-    with open(seva.partial_path(out, 0, 1), "w") as f:
+    two = seva.sharded_output(seva.parse_args(argv(toy_world, out)), instances, 0, 2).header
+    with open(f"{out}.partial-rank0-of-1.jsonl", "w") as f:
         f.write(json.dumps(two) + "\n")
     with pytest.raises(ValueError, match="number of processes"):
         seva.main(argv(toy_world, out))
@@ -258,7 +263,7 @@ def test_bad_arguments_fail_before_any_work(toy_world, tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
     monkeypatch.setattr(seva.vlm, "load", no_work)
-    monkeypatch.setattr(seva.train_ddp, "read_records", no_work)
+    monkeypatch.setattr(seva.common, "read_records", no_work)
     out = tmp_path / "pairs.jsonl"
     for extra, message in [(["--augmentation", "blur"], "unknown augmentation 'blur'"),
                            (["--noise-step", "1000"], "noise-step must be in 0..999"),
@@ -275,11 +280,11 @@ def test_bad_arguments_fail_before_any_work(toy_world, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- exports and the summary
 def test_exports_have_the_right_fields(reference, toy_world):
     out, _ = reference
-    pairs = read_lines(out)
+    kept = read_lines(out)
     trl = read_lines(out.replace(".jsonl", ".trl.jsonl"))
     authors = json.load(open(out.replace(".jsonl", ".authors.json")))
-    assert len(trl) == len(authors) == len(pairs)
-    for pair, row, old in zip(pairs, trl, authors):
+    assert len(trl) == len(authors) == len(kept)
+    for pair, row, old in zip(kept, trl, authors):
         assert set(row) == {"images", "prompt", "chosen", "rejected"}
         assert row["images"] == [os.path.join(f"{toy_world}/images", pair["image"])] and os.path.exists(row["images"][0])
         assert row["prompt"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair["question"]}]}]
@@ -290,24 +295,24 @@ def test_exports_have_the_right_fields(reference, toy_world):
 
 def test_summary_equals_a_recount_of_the_file(reference):
     out, summary = reference
-    pairs = read_lines(out)
+    kept = read_lines(out)
     counts = [0, 0, 0, 0]  # chosen right & rejected wrong, both wrong, chosen wrong & rejected right, both right
-    for p in pairs:
+    for p in kept:
         chosen_right = p["chosen"].strip().lower() == p["answer"].strip().lower()
         rejected_right = p["rejected"].strip().lower() == p["answer"].strip().lower()
         counts[0 if chosen_right and not rejected_right else 1 if not chosen_right and not rejected_right
                else 2 if rejected_right and not chosen_right else 3] += 1
     assert list(summary["pair_quality"].values()) == counts
-    assert summary["pairs"] == len(pairs) and summary["instances"] == 16
-    assert summary["kept_percent"] == round(100 * len(pairs) / summary["answered"], 1)
-    assert summary["mean_words_chosen"] == round(sum(len(p["chosen"].split()) for p in pairs) / len(pairs), 2)
+    assert summary["pairs"] == len(kept) and summary["instances"] == 16
+    assert summary["kept_percent"] == round(100 * len(kept) / summary["answered"], 1)
+    assert summary["mean_words_chosen"] == round(sum(len(p["chosen"].split()) for p in kept) / len(kept), 2)
     assert json.load(open(out + ".args.json"))["summary"] == summary
 
 
 def test_pair_quality_by_hand():
-    pairs = [dict(chosen="Red", rejected="blue", answer="red "), dict(chosen="blue", rejected="green", answer="red"),
-             dict(chosen="blue", rejected="red", answer="Red"), dict(chosen="red", rejected="Red", answer="red"),
-             dict(chosen="red", rejected="blue"), dict(chosen="2", rejected="3", answer="2")]
-    assert seva.pair_quality(pairs) == {"chosen right, rejected wrong": 2, "both wrong": 1,
+    kept = [dict(chosen="Red", rejected="blue", answer="red "), dict(chosen="blue", rejected="green", answer="red"),
+            dict(chosen="blue", rejected="red", answer="Red"), dict(chosen="red", rejected="Red", answer="red"),
+            dict(chosen="red", rejected="blue"), dict(chosen="2", rejected="3", answer="2")]
+    assert pairs.pair_quality(kept) == {"chosen right, rejected wrong": 2, "both wrong": 1,
                                         "chosen wrong, rejected right": 1, "both right but different": 1}
-    assert seva.pair_quality([dict(chosen="a", rejected="b")]) is None
+    assert pairs.pair_quality([dict(chosen="a", rejected="b")]) is None

@@ -10,9 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
+import data
 import dpo
+import lora
 import train_ddp
 import vlm
+from helpers import lora_parameters
 from test_train_dpo import adapter, assert_same_adapter, dpo_args, run
 
 # Hand-varied answers: chosen and rejected of different lengths, one longer than the other either way.
@@ -24,10 +28,10 @@ ANSWERS = [("red", "a deep blue square in the corner"), ("There are three circle
 def lora_model(toy_world):
     """The fixture's SFT model with LoRA whose B is random, so that policy != reference."""
     model, processor = vlm.load(os.path.join(toy_world, "model-sft"))
-    dpo.apply_lora(model, r=8, alpha=16)
+    lora.apply_lora(model, r=8, alpha=16)
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, p in dpo.lora_parameters(model):
+        for name, p in lora_parameters(model):
             if ".lora_B." in name:
                 p.normal_(0, 0.05)
     return model, processor
@@ -36,8 +40,8 @@ def lora_model(toy_world):
 @pytest.fixture(scope="module")
 def batch(toy_world, toy_pairs, lora_model):
     """3 pairs of the fixture's pairs file with the answers above: padding in both halves of the batch."""
-    records = [dict(r, chosen=c, rejected=rj) for r, (c, rj) in zip(train_ddp.read_records(toy_pairs), ANSWERS)]
-    dataset = train_ddp.TrainDataset(records[:3], "dpo", os.path.join(toy_world, "images"), lora_model[1],
+    records = [dict(r, chosen=c, rejected=rj) for r, (c, rj) in zip(common.read_records(toy_pairs), ANSWERS)]
+    dataset = data.TrainDataset(records[:3], "dpo", os.path.join(toy_world, "images"), lora_model[1],
                                      "llava_v1", 2048)
     batch = dataset.collate([dataset[i] for i in range(3)])
     lengths = batch["attention_mask"].sum(-1)
@@ -49,12 +53,12 @@ def scores(model, batch, name):
     """Per-pair log-probs (policy and reference), DPO losses and the LoRA gradients of their sum."""
     model.zero_grad(set_to_none=True)
     forward = dpo.PAIR_FORWARDS[name]
-    with torch.no_grad(), dpo.disable_adapter(model):
+    with torch.no_grad(), lora.disable_adapter(model):
         reference_chosen, reference_rejected = forward(model, batch)
     policy_chosen, policy_rejected = forward(model, batch)
     losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     losses.sum().backward()
-    grads = {n: p.grad.clone() for n, p in dpo.lora_parameters(model)}
+    grads = {n: p.grad.clone() for n, p in lora_parameters(model)}
     model.zero_grad(set_to_none=True)
     return dict(policy_chosen=policy_chosen.detach(), policy_rejected=policy_rejected.detach(),
                 reference_chosen=reference_chosen, reference_rejected=reference_rejected,
@@ -125,13 +129,18 @@ def test_pair_forwards_agree(lora_model, batch, attention):
 def test_unsupported_family_falls_back_and_says_so_once(lora_model, batch, monkeypatch, capsys):
     model, _ = lora_model
     monkeypatch.setitem(vlm.FAMILIES, "llava", dict(vlm.FAMILIES["llava"], pair_forwards=("concatenated",)))
+    forward = train_ddp.pair_forward_for(model, "shared_prefix")  # chosen once per run, where it is said
     with torch.no_grad():
-        first, second = dpo.shared_prefix_forward(model, batch), dpo.shared_prefix_forward(model, batch)
+        first, second = forward(model, batch), forward(model, batch)
         naive = dpo.concatenated_forward(model, batch)
     assert capsys.readouterr().out.count("falling back to the concatenated forward") == 1
     for a, b, c in zip(first, second, naive):
         assert torch.equal(a, c) and torch.equal(b, c)
-    del model.pair_forward_fallback_logged
+    monkeypatch.undo()
+    assert train_ddp.pair_forward_for(model, "shared_prefix") is dpo.shared_prefix_forward
+    with torch.no_grad():
+        dpo.shared_prefix_forward(model, batch)
+    assert capsys.readouterr().out == ""  # the math module prints nothing
 
 
 @pytest.mark.parametrize("reference", ["adapter", "precomputed"])
@@ -140,10 +149,10 @@ def test_training_with_each_pair_forward_gives_the_same_adapter(toy_world, toy_p
                                                                  reference):
     pairs = str(tmp_path / "pairs.jsonl")  # own copy: the precomputed reference is stored beside the pairs
     shutil.copy(toy_pairs, pairs)
-    common = ("--batch-size", "4", "--max-steps", "3", "--reference", reference)
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, pairs, tmp_path / "naive", *common,
+    flags = ("--batch-size", "4", "--max-steps", "3", "--reference", reference)
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, pairs, tmp_path / "naive", *flags,
                                                   "--pair-forward", "concatenated")))
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, pairs, tmp_path / pair_forward, *common,
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, pairs, tmp_path / pair_forward, *flags,
                                                   "--pair-forward", pair_forward)))
     naive = adapter(tmp_path / "naive")
     assert any(v.abs().sum() > 0 for k, v in naive.items() if "lora_B" in k)

@@ -10,6 +10,7 @@ from PIL import Image
 
 import toyworld
 import vlm
+from helpers import count_image_tokens
 
 
 def scenes(n=200):
@@ -134,8 +135,8 @@ def test_processor_emits_the_image_tokens_the_model_expects(toy_world):
     features = features.pooler_output if hasattr(features, "pooler_output") else features
     n_features = sum(f.shape[0] for f in features) if isinstance(features, (list, tuple)) else features.shape[-2]
     vision = model.config.vision_config
-    assert vlm.count_image_tokens(inputs["input_ids"], processor) == (vision.image_size // vision.patch_size) ** 2
-    assert vlm.count_image_tokens(inputs["input_ids"], processor) == n_features
+    assert count_image_tokens(inputs["input_ids"], processor) == (vision.image_size // vision.patch_size) ** 2
+    assert count_image_tokens(inputs["input_ids"], processor) == n_features
 
 
 def test_chat_template_renders_the_trained_format(toy_world):

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import common
+import data
 import dpo
+import lora
 import train_ddp
 import vlm
 from conftest import ROOT
@@ -20,6 +23,12 @@ def dpo_args(toy_world, toy_pairs, out, *extra):
     return ["--objective", "dpo", "--model", os.path.join(toy_world, "model-sft"), "--pairs", toy_pairs,
             "--image-folder", os.path.join(toy_world, "images"), "--out", str(out), "--seed", "0",
             "--lora-r", "8", "--lora-alpha", "16", "--lr", "2e-3", "--no-progress", *extra]
+
+
+def model_of(args):
+    """train_ddp.prepare_model as the run of `args` calls it on a CPU: (model, processor)."""
+    return train_ddp.prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r, args.lora_alpha,
+                                   args.lora_dropout, args.train_projector, args.parallel, args.gradient_checkpointing)
 
 
 def metrics(out):
@@ -71,24 +80,24 @@ def test_merged_model_loads_like_any_hf_model(toy_world, toy_pairs, tmp_path):
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4",
                                                   "--max-steps", "3", "--merge", "--lr", "1e-2")))
     merged, processor = vlm.load(os.path.join(tmp_path, "merged"))
-    assert not any(isinstance(m, dpo.LoRALinear) for m in merged.modules())
+    assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
     base, _ = vlm.load(os.path.join(toy_world, "model-sft"))
-    dpo.load_lora(base, os.path.join(tmp_path, "adapter"))  # the adapter on a fresh copy of the base model
-    batch = train_ddp.TrainDataset(train_ddp.read_records(toy_pairs)[:2], "dpo", os.path.join(toy_world, "images"),
+    lora.load_lora(base, os.path.join(tmp_path, "adapter"))  # the adapter on a fresh copy of the base model
+    batch = data.TrainDataset(common.read_records(toy_pairs)[:2], "dpo", os.path.join(toy_world, "images"),
                                    processor, "llava_v1", 2048)
     inputs = {k: v for k, v in batch.collate([batch[0], batch[1]]).items() if k != "labels"}
     with torch.no_grad():
         merged_logits, adapter_logits = merged(**inputs).logits, base(**inputs).logits
-        with dpo.disable_adapter(base):
+        with lora.disable_adapter(base):
             base_logits = base(**inputs).logits
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # training changed something
 
 
 def test_precomputed_reference_equals_adapter_reference(toy_world, toy_pairs, tmp_path):
-    common = ("--batch-size", "4", "--max-steps", "4")
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "adapter", *common)))
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "pre", *common,
+    flags = ("--batch-size", "4", "--max-steps", "4")
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "adapter", *flags)))
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "pre", *flags,
                                                   "--reference", "precomputed")))
     assert list(os.path.dirname(toy_pairs) and [f for f in os.listdir(os.path.dirname(toy_pairs))
                                                 if f.startswith("true-pairs.reference-")])
@@ -99,8 +108,8 @@ def test_precomputed_reference_equals_adapter_reference(toy_world, toy_pairs, tm
 
 
 def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatch):
-    common = ("--batch-size", "4", "--max-steps", "6", "--save-every", "2")
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "straight", *common)))
+    flags = ("--batch-size", "4", "--max-steps", "6", "--save-every", "2")
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "straight", *flags)))
 
     save = checkpoint.save_checkpoint
     def save_then_crash(*args, **kwargs):
@@ -109,14 +118,14 @@ def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatc
             raise KeyboardInterrupt
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common)))
+        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *flags)))
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert open(tmp_path / "crashed" / "latest").read() == "checkpoint-000004"
     assert not os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # only the last is kept
     with pytest.raises(ValueError, match="other lr"):  # a resume must keep what decides the run
-        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common,
+        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *flags,
                                                       "--resume", "--lr", "1e-3")))
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *common, "--resume")))
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *flags, "--resume")))
     assert_same_adapter(adapter(tmp_path / "straight"), adapter(tmp_path / "crashed"), rtol=0, atol=0)
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "crashed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
@@ -143,9 +152,9 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(toy_world, toy_pairs, tm
 @pytest.mark.parametrize("long", [0, 1])
 def test_too_long_pairs_are_skipped_not_truncated(toy_world, toy_pairs, long, fixed_image_tokens):
     _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
-    records = train_ddp.read_records(toy_pairs)[:4]
+    records = common.read_records(toy_pairs)[:4]
     records[long] = dict(records[long], chosen=" ".join(["red"] * 300))  # the first one too: it is measured
-    dataset = train_ddp.TrainDataset(records, "dpo", os.path.join(toy_world, "images"), processor, "llava_v1", 400,
+    dataset = data.TrainDataset(records, "dpo", os.path.join(toy_world, "images"), processor, "llava_v1", 400,
                                      fixed_image_tokens=fixed_image_tokens)  # False: each image measured
     assert dataset.skipped == [records[long]["id"]] and len(dataset) == 3
     for i in range(len(dataset)):  # the length check agrees with the real encoding
@@ -174,13 +183,13 @@ def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
 
 
 def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_pairs, tmp_path):
-    args = train_ddp.resolve_defaults(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path)))
-    model, _ = train_ddp.prepare_model(args, torch.device("cpu"))
+    args = train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path))
+    model, _ = model_of(args)
     trainable = checkpoint.trainable_names(model)
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert all("language_model" in n for n in trainable)  # never the vision tower or the projector
     args.train_projector = True
-    model, _ = train_ddp.prepare_model(args, torch.device("cpu"))
+    model, _ = model_of(args)
     extra = [n for n in checkpoint.trainable_names(model) if ".lora_" not in n]
     assert extra and all(n.startswith("model.multi_modal_projector.") for n in extra)
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "run", "--batch-size", "4",
@@ -191,11 +200,11 @@ def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_p
 
 def test_gradient_checkpointing_changes_nothing_but_memory(toy_world, toy_pairs, tmp_path):
     args = train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--gradient-checkpointing"))
-    model, _ = train_ddp.prepare_model(train_ddp.resolve_defaults(args), torch.device("cpu"))
+    model, _ = model_of(args)
     assert model.is_activation_checkpointing
-    common = ("--batch-size", "4", "--max-steps", "2")
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "plain", *common)))
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "ckpt", *common,
+    flags = ("--batch-size", "4", "--max-steps", "2")
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "plain", *flags)))
+    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "ckpt", *flags,
                                                   "--gradient-checkpointing")))
     assert_same_adapter(adapter(tmp_path / "plain"), adapter(tmp_path / "ckpt"), rtol=1e-5, atol=1e-7)
 
@@ -204,17 +213,17 @@ def test_lora_over_a_bf16_base_trains_in_fp32_and_merges_into_the_weights_as_loa
     """On a GPU with bf16 autocast and DDP the frozen base is stored in bf16 (train_ddp.prepare_model); here the
     same model on the CPU's bf16 autocast. LoRA keeps fp32 weights and gradients, scores as the fp32-base model
     does to bf16's precision, and --merge folds it into the fp32 weights from disk, not their bf16 copies."""
-    args = train_ddp.resolve_defaults(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--merge")))
-    full, processor = train_ddp.prepare_model(args, torch.device("cpu"))  # fp32 on a CPU
+    args = train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--merge"))
+    full, processor = model_of(args)  # fp32 on a CPU
     low, _ = vlm.load(args.model, dtype=torch.bfloat16)
-    dpo.apply_lora(low, args.lora_r, args.lora_alpha)
+    lora.apply_lora(low, args.lora_r, args.lora_alpha)
     vlm.freeze_vision(low)
     torch.manual_seed(0)
-    for _, module in dpo.lora_modules(full):
+    for _, module in lora.lora_modules(full):
         torch.nn.init.normal_(module.lora_B.weight, std=0.05)
     low.load_state_dict({k: v for k, v in full.state_dict().items() if ".lora_" in k}, strict=False)
     assert all(p.dtype == torch.float32 for n, p in low.named_parameters() if ".lora_" in n)
-    dataset = train_ddp.TrainDataset(train_ddp.read_records(toy_pairs)[:4], "dpo", args.image_folder, processor,
+    dataset = data.TrainDataset(common.read_records(toy_pairs)[:4], "dpo", args.image_folder, processor,
                                      "llava_v1", args.max_length)
     batch = dataset.collate([dataset[i] for i in range(4)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -226,10 +235,10 @@ def test_lora_over_a_bf16_base_trains_in_fp32_and_merges_into_the_weights_as_loa
     grads = [p.grad for n, p in low.named_parameters() if ".lora_" in n]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
-    fresh = lambda: train_ddp.prepare_model(args, torch.device("cpu"))[0]
-    checkpoint.export(low, low, processor, args, 0, fresh_model=fresh)
+    fresh = lambda: model_of(args)[0]
+    checkpoint.export(low, low, processor, args.out, 0, args.model, args.lora_r, args.merge, False, fresh)
     merged, _ = vlm.load(os.path.join(str(tmp_path), "merged"))
     assert merged.dtype == torch.float32
-    reference = dpo.remove_lora(full).state_dict()
+    reference = lora.remove_lora(full).state_dict()
     for key, value in merged.state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0)

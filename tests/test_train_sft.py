@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
+import data
 import train_ddp
 import vlm
 from conftest import ROOT
@@ -20,8 +22,8 @@ def sft_args(toy_world, out, *extra):
 
 
 def batch_loss(model, processor, toy_world, n=16):
-    records = train_ddp.read_records(os.path.join(toy_world, "sft.json"))[:n]
-    dataset = train_ddp.TrainDataset(records, "sft", os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
+    records = common.read_records(os.path.join(toy_world, "sft.json"))[:n]
+    dataset = data.TrainDataset(records, "sft", os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
     batch = dataset.collate([dataset[i] for i in range(n)])
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
@@ -41,12 +43,12 @@ def test_a_few_sft_steps_lower_the_loss(toy_world, tmp_path):
 
 def test_labels_cover_only_answers(toy_world):
     _, processor = vlm.load(os.path.join(toy_world, "model-init"))
-    record = train_ddp.read_records(os.path.join(toy_world, "sft.json"))[0]
-    dataset = train_ddp.TrainDataset([record], "sft", os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
+    record = common.read_records(os.path.join(toy_world, "sft.json"))[0]
+    dataset = data.TrainDataset([record], "sft", os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
     example = dataset[0]
     trained = processor.tokenizer.decode(example["labels"][example["labels"] != -100])
     eos = processor.tokenizer.eos_token
-    assert trained == "".join(f" {a}{eos}" for _, a in train_ddp.sft_turns(record))
+    assert trained == "".join(f" {a}{eos}" for _, a in data.sft_turns(record))
 
 
 def test_global_batch_is_checked(toy_world, tmp_path):
@@ -57,7 +59,7 @@ def test_global_batch_is_checked(toy_world, tmp_path):
 
 def test_fp16_is_refused():
     with pytest.raises(ValueError, match="fp16"):
-        train_ddp.autocast_dtype(torch.device("cpu"), "fp16")
+        common.compute_dtype(torch.device("cpu"), "fp16")
 
 
 def run(cmd):

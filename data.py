@@ -1,0 +1,164 @@
+"""
+What train_ddp.py trains on: LLaVA-665k records (SFT) or seva.py's pairs (DPO) as tokenized examples, and
+which of them each optimizer step sees.
+
+With --reference precomputed, the reference log-probs of every pair are computed once before training and
+stored beside the pairs; they then travel with each example.
+
+A step's examples are a pure function of (step, seed): a seeded permutation per epoch cut into global
+batches, each split into contiguous per-rank slices and micro-batches. So 1 process, N processes and a
+resumed run see the same examples at every step.
+"""
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+import dpo
+import vlm
+
+
+def sft_turns(record):
+    """[(question, answer), ...] of a LLaVA-665k record, the `<image>` placeholder removed."""
+    conversations = record["conversations"]
+    return [(human["value"].replace("<image>", "").strip(), gpt["value"])
+            for human, gpt in zip(conversations[0::2], conversations[1::2])]
+
+
+def pair_turns(record):
+    """The chosen and rejected conversations of a seva.py pair."""
+    return [(record["question"], record["chosen"])], [(record["question"], record["rejected"])]
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """SFT records or DPO pairs, tokenized on demand (labels: answers + end-of-turn tokens only).
+
+    Examples longer than max_length are reported and skipped up front, never truncated into the image.
+    fixed_image_tokens (vlm.FAMILIES): every image makes as many tokens as the first (LLaVA-1.5: 576), so
+    the first one is measured; else every example is encoded once up front to measure its own.
+    """
+
+    def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False, pad=True,
+                 fixed_image_tokens=True, rank=0):
+        self.objective, self.image_folder, self.pad = objective, image_folder, pad
+        self.processor, self.template, self.max_length = processor, template, max_length
+        self.cache = {} if cache else None
+        self.records, self.skipped = [], []
+        extra_tokens = None
+        quiet = fixed_image_tokens or rank != 0
+        for index, record in enumerate(tqdm(records, desc="measuring each image's tokens", disable=quiet)):
+            name = record.get("id", index)
+            turns = [sft_turns(record)] if objective == "sft" else pair_turns(record)
+            example = None
+            if extra_tokens is None or not fixed_image_tokens:
+                example = self.encode(record, check=False)
+                extra_tokens = vlm.image_extra_tokens(processor, example if objective == "sft" else example["chosen"],
+                                                      turns[0], template)
+            length = max(vlm.sequence_length(processor, t, template, extra_tokens) for t in turns)
+            if length > max_length:
+                self.skipped.append(name)
+                if rank == 0:
+                    print(f"skipping {name}: {length} tokens > --max-length {max_length}", flush=True)
+            else:
+                if example is not None and self.cache is not None:  # measured by encoding it: keep it
+                    self.cache[len(self.records)] = example
+                self.records.append(record)
+
+    def encode(self, record, check=True):
+        image = vlm.load_image(os.path.join(self.image_folder, record["image"]), pad=self.pad)
+        if self.objective == "sft":
+            example = vlm.encode(self.processor, image, sft_turns(record), self.template)
+            if check:
+                self.check_length(record, example)
+            return example
+        pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
+                               self.template)
+        if check:
+            self.check_length(record, pair["chosen"], pair["rejected"])
+        pair.update({k: record[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in record})
+        return pair
+
+    def check_length(self, record, *examples):
+        length = max(len(e["input_ids"]) for e in examples)
+        if length > self.max_length:
+            raise ValueError(f"{record.get('id')}: {length} tokens > --max-length {self.max_length}: its image "
+                             f"{record['image']} made more tokens than the first image did (is the model's "
+                             f"fixed_image_tokens in vlm.FAMILIES right?)")
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        example = self.encode(self.records[index])
+        if self.cache is not None:
+            self.cache[index] = example
+        return example
+
+    def collate(self, examples):
+        pad = self.processor.tokenizer.pad_token_id
+        return dpo.collate(examples, pad) if self.objective == "sft" else dpo.collate_pairs(examples, pad)
+
+
+# ----------------------------------------------------------------------------- which examples each step sees
+def step_indices(step, num_examples, global_batch, seed):
+    """The example indices of optimizer step `step`: a seeded permutation per epoch, partial batch dropped."""
+    steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_examples} examples are fewer than one global batch ({global_batch})")
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * global_batch:(position + 1) * global_batch].tolist()
+
+
+def rank_micro_batches(indices, rank, world_size, accumulation):
+    """Split one global batch into this rank's micro-batches (rank r gets a contiguous slice)."""
+    per_rank = len(indices) // world_size
+    mine = indices[rank * per_rank:(rank + 1) * per_rank]
+    micro = per_rank // accumulation
+    return [mine[i * micro:(i + 1) * micro] for i in range(accumulation)]
+
+
+# ----------------------------------------------------------------------------- the precomputed reference
+def reference_path(pairs_path, model_path, template, precision, max_length, pair_forward):
+    """Where precompute_reference keeps the reference log-probs of a pairs file: beside it, keyed by what
+    decides them (the pairs' content, the weights' files, template, precision, length limit, forward)."""
+    with open(pairs_path, "rb") as f:
+        pairs_digest = hashlib.sha256(f.read()).hexdigest()
+    key = common.args_digest([common.files_fingerprint(model_path), pairs_digest, template, precision, max_length,
+                              pair_forward])[:12]
+    return f"{os.path.splitext(pairs_path)[0]}.reference-{key}.jsonl"
+
+
+@torch.no_grad()
+def precompute_reference(model, dataset, path, pair_forward, batch_size, rank, world_size, device, amp_dtype):
+    """Reference log-probs of every pair, computed once before any update (sharded over ranks) into `path`,
+    then put into the dataset's records, so training runs no reference forward."""
+    if not os.path.exists(path):
+        common.print0(f"precomputing reference log-probs into {path}")
+        mine = list(range(rank, len(dataset), world_size))
+        rows = []
+        for start in tqdm(range(0, len(mine), batch_size), desc="reference", disable=rank != 0):
+            indices = mine[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in dataset.collate([dataset[i] for i in indices]).items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                chosen, rejected = pair_forward(model, batch)
+            rows += [{"id": dataset.records[i]["id"], "reference_chosen_logps": c, "reference_rejected_logps": r}
+                     for i, c, r in zip(indices, chosen.tolist(), rejected.tolist())]
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if rank == 0:
+            common.write_atomic(path, [json.dumps(row) for row in sorted(rows, key=lambda row: row["id"])])
+        common.barrier(world_size)
+    reference = {row["id"]: row for row in common.read_jsonl(path)}
+    for record in dataset.records:
+        record.update(reference[record["id"]])
+    if dataset.cache is not None:
+        dataset.cache.clear()

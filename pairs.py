@@ -1,0 +1,55 @@
+"""
+The pairs file that seva.py writes and train_ddp.py --objective dpo reads: one json line per kept pair,
+
+    {"id", "image", "question", "chosen", "rejected", "augmentation", ["noise_step"], ["answer"]}
+
+chosen and rejected both scored on `image` (the original: Alg. 1 line 4). `answer` is the data's own answer,
+kept for analysis only: it says which way a pair points (`pair_quality`), which the paper does not measure.
+Exports: TRL's vision preference format, and the authors' step-3 json.
+"""
+import json
+import os
+
+
+def pair_record(instance, chosen, rejected, augmentation, noise_step):
+    """One line of the pairs file: what train_ddp.py trains on, plus the json's answer for analysis only."""
+    pair = dict(id=instance["id"], image=instance["image"], question=instance["question"], chosen=chosen,
+                rejected=rejected, augmentation=augmentation)
+    if augmentation == "diffusion":
+        pair["noise_step"] = noise_step
+    if instance["answer"] is not None:
+        pair["answer"] = instance["answer"]  # never used to make the pair
+    return pair
+
+
+QUALITY = ("chosen right, rejected wrong", "both wrong", "chosen wrong, rejected right", "both right but different")
+
+
+def pair_quality(pairs):
+    """Does the self-supervised preference point the right way? Counts over the kept pairs with an answer
+    (right: equal to the json's answer, case-insensitive, stripped); None when no pair has one."""
+    counts = dict.fromkeys(QUALITY, 0)
+    for pair in pairs:
+        if "answer" in pair:
+            counts[quality_of(pair)] += 1
+    return counts if sum(counts.values()) else None
+
+
+def quality_of(pair):
+    """The QUALITY class of one pair that has the json's answer."""
+    truth = pair["answer"].strip().lower()
+    right = (pair["chosen"].strip().lower() == truth, pair["rejected"].strip().lower() == truth)
+    return QUALITY[[(True, False), (False, False), (False, True), (True, True)].index(right)]
+
+
+def export_lines(pairs, image_folder, kind):
+    """trl: TRL's vision preference format (conversational); authors: their step-3 json list."""
+    if kind == "authors":
+        return [json.dumps([dict(chosen=p["chosen"], reject=p["rejected"], question=p["question"], image_id=p["image"])
+                            for p in pairs], indent=1, ensure_ascii=False)]
+    text = lambda role, content: [{"role": role, "content": content}]
+    return [json.dumps(dict(images=[os.path.join(image_folder, p["image"])],
+                            prompt=text("user", [{"type": "image"}, {"type": "text", "text": p["question"]}]),
+                            chosen=text("assistant", [{"type": "text", "text": p["chosen"]}]),
+                            rejected=text("assistant", [{"type": "text", "text": p["rejected"]}])),
+                       ensure_ascii=False) for p in pairs]

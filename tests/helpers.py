@@ -1,0 +1,66 @@
+"""Small helpers the tests share that the library itself does not need."""
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import lora
+
+
+def lora_parameters(model):
+    """The LoRA parameters of a model, as (name, parameter) pairs."""
+    return [(name, p) for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+
+
+@torch.no_grad()
+def unmerge_lora(model):
+    """Undo lora.merge_lora (W -= scale * B @ A); no-op if not merged."""
+    for _, module in lora.lora_modules(model):
+        if module.merged:
+            module.base.weight -= module.delta_weight().to(module.base.weight.dtype)
+            module.merged = False
+
+
+def count_image_tokens(input_ids, processor):
+    """How many image placeholder tokens a sequence holds."""
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int((torch.as_tensor(input_ids) == image_token_id).sum())
+
+
+# ----------------------------------------------------------------------------- a tiny LLaVA from configs
+IMAGE_TOKEN = 299
+NUM_IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches; the default strategy drops CLS
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def tiny_llava(seed=0):
+    """A 0.2 M-parameter LLaVA built from configs (no hub); the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, vocab_size=300),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_inputs(batch=2, text_tokens=8, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.full((batch, NUM_IMAGE_TOKENS), IMAGE_TOKEN)  # (B, 16)
+    text = torch.randint(1, IMAGE_TOKEN, (batch, text_tokens), generator=generator)  # (B, 8)
+    input_ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], dim=1)  # (B, 25): bos, image, text
+    pixel_values = torch.randn(batch, 3, 32, 32, generator=generator)  # (B, 3, 32, 32)
+    return dict(input_ids=input_ids, pixel_values=pixel_values)
+
+
+def logits_of(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits  # (B, T, V)
+
+
+def randomize_lora_B(model, std=0.1):
+    """Give every lora_B a non-zero value so that the adapter changes the model."""
+    with torch.no_grad():
+        for name, p in lora_parameters(model):
+            if "lora_B" in name:
+                p.normal_(0, std)
