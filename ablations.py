@@ -334,4 +334,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     import sys
-    main(sys.argv[1:])
+    common.run_main(lambda: main(sys.argv[1:]), "ablations.py")

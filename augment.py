@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
+import common
 import diffusion
 import vlm
 from common import sample_seed
@@ -358,7 +359,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
-    args = parse_args()
-    draw_grid(Image.open(args.image), args.seed, args.size, args.schedule).save(args.out)
+def main(argv=None):
+    args = parse_args(argv)
+    draw_grid(vlm.load_image(args.image, pad=False), args.seed, args.size, args.schedule).save(args.out)
     print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    common.run_main(main, "augment.py")

@@ -19,7 +19,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import common
 import lora
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# The trainable weights alone (LoRA, and the projector if trained), gathered whole onto rank 0's CPU: the frozen
+# base is never gathered (it is on disk already), so a checkpoint of a 7B LoRA run copies megabytes, not 14 GB.
+TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 def trainable_names(raw_model):
@@ -29,9 +31,8 @@ def trainable_names(raw_model):
 def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, rank, world_size):
     """OUT/checkpoint-STEP/ written in a temporary folder and renamed, then OUT/latest points to it:
     a crash at any moment leaves the last good checkpoint intact. config: the run's resolved arguments."""
-    names = set(trainable_names(raw_model))
-    weights = {k: v for k, v in get_model_state_dict(model, options=FULL).items() if k in names}
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)  # collective: every rank
+    weights = get_model_state_dict(model, options=TRAINABLE)  # collective: every rank
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=TRAINABLE)
     # Every rank writes its RNG state into the same temporary folder, so it has a fixed name (not common.atomic_path)
     final, tmp = os.path.join(out, f"checkpoint-{step:06d}"), os.path.join(out, f"checkpoint-{step:06d}.tmp")
     if rank == 0:
@@ -66,20 +67,31 @@ def latest_checkpoint(out):
         return None
 
 
-# The arguments that decide which examples each step sees and how it updates: a resume must keep them.
-RUN_ARGS = ("objective", "model", "data", "batch_size", "grad_accum", "global_batch", "epochs", "max_steps", "lr",
-            "warmup_ratio", "seed", "lora_r", "lora_alpha", "beta", "loss_type", "label_smoothing", "template",
-            "max_length")
+# A resume continues exactly the run that wrote the checkpoint, so every entry of the run's configuration must be
+# the same (which examples each step sees, how they are split over processes and micro-batches, precision, the
+# parallel mode, the optimizer and schedule, LoRA, the loss, the pairs' content, the reference), except these,
+# which change no number: where the outputs go and how they are shown.
+RESUME_FREE = ("out", "resume", "save_every", "progress", "merge", "cache_data", "gradient_checkpointing",
+               "global_batch", "data", "skipped")
+NAMES = {"world_size": "number of processes", "data_digest": "the data's content"}
 
 
-def load_checkpoint(model, optimizer, scheduler, path, rank, config):
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue at.
-    A checkpoint made with other RUN_ARGS than `config` is refused."""
+def check_resume(path, config):
+    """Refuse to resume from a checkpoint made with another configuration, naming each difference."""
+    with open(os.path.join(path, "state.json")) as f:
+        saved = json.load(f)["args"]
+    differ = [f"{NAMES.get(k, k)} ({saved.get(k)!r} in the checkpoint, {config[k]!r} now)"
+              for k in config if k not in RESUME_FREE and saved.get(k) != config[k]]
+    if differ:
+        raise ValueError(f"--resume: {path} was made with other {'; '.join(differ)}; resume with the same "
+                         f"arguments and number of processes, or use another --out")
+
+
+def load_checkpoint(model, optimizer, scheduler, path, rank):
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint (check_resume first); return the step to
+    continue at."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    differ = [k for k in RUN_ARGS if state["args"].get(k) != config[k]]
-    if differ:
-        raise ValueError(f"{path} was made with other {', '.join(differ)}; resume with the same arguments")
     set_model_state_dict(model, load_file(os.path.join(path, "trainable.safetensors")),
                          options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True),
@@ -102,23 +114,23 @@ def save_model_atomic(model, processor, out_dir):
 
 def export(model, raw_model, processor, out, rank, model_path, lora_r, merge, sharded, fresh_model):
     """The results: OUT/adapter/ (PEFT layout) and, with merge, OUT/merged/; OUT/model/ for full fine-tuning.
-    sharded (FSDP): the shards are gathered into a fresh copy (fresh_model()) on rank 0's CPU first."""
-    weights = get_model_state_dict(model, options=FULL)  # collective: every rank
+    sharded (FSDP), or a merge over a bf16 base: the trained weights go into a fresh fp32 copy of the model
+    (fresh_model()) on rank 0's CPU, its frozen part read from disk as it was loaded."""
+    weights = get_model_state_dict(model, options=TRAINABLE)  # collective: every rank
     if rank != 0:
         return
-    if sharded:
-        raw_model = fresh_model()  # an unsharded copy on CPU, to hold the gathered weights
-        raw_model.load_state_dict(weights)
-    elif merge and any(p.dtype != torch.float32 for p in raw_model.parameters()):
-        # a bf16 base (train_ddp.prepare_model): merge into the weights as loaded, not into their bf16 copies,
-        # which would round away small updates
-        trained = {k: weights[k] for k in trainable_names(raw_model)}
+    if sharded or (merge and any(p.dtype != torch.float32 for p in raw_model.parameters())):
+        # a bf16 base (train_ddp.prepare_model) is merged into the weights as loaded, not into their bf16
+        # copies, which would round small updates away
         raw_model = fresh_model()
-        raw_model.load_state_dict(trained, strict=False)
+        missing = set(trainable_names(raw_model)) - weights.keys()
+        if missing:
+            raise RuntimeError(f"trained weights missing from the gathered state: {sorted(missing)[:5]}")
+        raw_model.load_state_dict(weights, strict=False)
     if lora_r > 0:
         adapter_dir = os.path.join(out, "adapter")
         lora.save_lora(raw_model, adapter_dir, base_model_name_or_path=os.path.abspath(model_path))
-        others = {k: v for k, v in weights.items() if k in trainable_names(raw_model) and ".lora_" not in k}
+        others = {k: v for k, v in weights.items() if ".lora_" not in k}
         if others:  # --train-projector: LLaVA's own name for the trained weights outside LoRA
             save_file(others, os.path.join(adapter_dir, "non_lora_trainables.safetensors"))
         if merge:

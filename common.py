@@ -4,7 +4,7 @@ printing, the dtypes, and the file protocols that keep finished work on disk thr
 
   compute_init, print0, all_reduce_sum,   one set-up for 1 CPU process and N GPUs alike
     barrier, finish_distributed
-  compute_dtype, weight_dtype             the one place that decides precision (bf16 on CUDA, fp32 on CPU)
+  compute_dtype, weight_dtype, autocast   the one place that decides precision (bf16 on CUDA, fp32 on CPU)
   sample_seed                             the per-sample seed every random choice draws from
   atomic_path, write_atomic               files (and folders) written whole or not at all
   read_jsonl, read_records                jsonl / json records, errors naming file and line, torn line dropped
@@ -91,6 +91,11 @@ def weight_dtype(device, precision):
     return compute_dtype(device, precision) or torch.float32
 
 
+def autocast(device, dtype):
+    """torch.autocast in `dtype` on `device`, or nothing when dtype is None (fp32)."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
 # ----------------------------------------------------------------------------- files
 @contextlib.contextmanager
 def atomic_path(path):
@@ -156,6 +161,15 @@ def read_records(path):
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: malformed json: {e}") from e
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: which content a run read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def args_digest(decisive):
@@ -249,7 +263,7 @@ class ShardedOutput:
 
 
 # ----------------------------------------------------------------------------- scripts
-def run_main(main, name, errors=(ValueError, OSError)):
+def run_main(main, name, errors=(ValueError, OSError, FloatingPointError)):
     """Run a script's main(): a user error (bad input, a missing file) ends in one line, `NAME: error: ...`,
     never a traceback."""
     try:

@@ -9,9 +9,9 @@ A step's examples are a pure function of (step, seed): a seeded permutation per 
 batches, each split into contiguous per-rank slices and micro-batches. So 1 process, N processes and a
 resumed run see the same examples at every step.
 """
-import hashlib
 import json
 import os
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -34,39 +34,79 @@ def pair_turns(record):
     return [(record["question"], record["chosen"])], [(record["question"], record["rejected"])]
 
 
+def record_problem(record, objective):
+    """Why a record cannot be trained on (a malformed record), or None."""
+    if not isinstance(record, dict):
+        return "not a json object"
+    keys = ("image", "conversations") if objective == "sft" else ("image", "question", "chosen", "rejected")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        return f"missing key(s): {', '.join(missing)}"
+    if objective == "dpo" and not all(isinstance(record[key], str) for key in keys):
+        return "image, question, chosen and rejected must be strings"
+    if objective == "sft" and not (isinstance(record["conversations"], list) and record["conversations"]
+                                   and all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                           for t in record["conversations"])):
+        return "conversations must be a non-empty list of {from, value} turns"
+    return None
+
+
+def image_problem(path):
+    """Why an image cannot be read (missing or corrupt), or None: every image is opened and decoded once up
+    front, so that no step fails on one."""
+    try:
+        vlm.load_image(path, pad=False)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """SFT records or DPO pairs, tokenized on demand (labels: answers + end-of-turn tokens only).
 
-    Examples longer than max_length are reported and skipped up front, never truncated into the image.
-    fixed_image_tokens (vlm.FAMILIES): every image makes as many tokens as the first (LLaVA-1.5: 576), so
-    the first one is measured; else every example is encoded once up front to measure its own.
+    Records that cannot be used (malformed, a missing or corrupt image, longer than max_length) are named,
+    skipped and counted up front, before the first step: `skipped` holds their names, `skip_reasons` the counts
+    by reason. Long examples are never truncated into the image. fixed_image_tokens (vlm.FAMILIES): every image
+    makes as many tokens as the first (LLaVA-1.5: 576), so the first one is measured; else every example is
+    encoded once up front to measure its own. source names the data file in the messages.
     """
 
     def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False, pad=True,
-                 fixed_image_tokens=True, rank=0):
+                 fixed_image_tokens=True, rank=0, source="data"):
         self.objective, self.image_folder, self.pad = objective, image_folder, pad
         self.processor, self.template, self.max_length = processor, template, max_length
         self.cache = {} if cache else None
-        self.records, self.skipped = [], []
+        self.records, self.skipped, self.skip_reasons = [], [], Counter()
         extra_tokens = None
-        quiet = fixed_image_tokens or rank != 0
-        for index, record in enumerate(tqdm(records, desc="measuring each image's tokens", disable=quiet)):
-            name = record.get("id", index)
-            turns = [sft_turns(record)] if objective == "sft" else pair_turns(record)
-            example = None
-            if extra_tokens is None or not fixed_image_tokens:
-                example = self.encode(record, check=False)
-                extra_tokens = vlm.image_extra_tokens(processor, example if objective == "sft" else example["chosen"],
-                                                      turns[0], template)
-            length = max(vlm.sequence_length(processor, t, template, extra_tokens) for t in turns)
-            if length > max_length:
+        where = "line" if source.endswith(".jsonl") else "record"
+        for index, record in enumerate(tqdm(records, desc=f"checking {source}", disable=rank != 0)):
+            name = record.get("id", f"#{index + 1}") if isinstance(record, dict) else f"#{index + 1}"
+            problem = record_problem(record, objective)
+            reason = "malformed record"
+            if problem is None:
+                problem = image_problem(os.path.join(image_folder, record["image"]))
+                reason = "missing or corrupt image"
+            if problem is None:
+                turns = [sft_turns(record)] if objective == "sft" else pair_turns(record)
+                example = None
+                if extra_tokens is None or not fixed_image_tokens:
+                    example = self.encode(record, check=False)
+                    extra_tokens = vlm.image_extra_tokens(
+                        processor, example if objective == "sft" else example["chosen"], turns[0], template)
+                length = max(vlm.sequence_length(processor, t, template, extra_tokens) for t in turns)
+                if length > max_length:
+                    problem, reason = f"{length} tokens > --max-length {max_length}", "longer than --max-length"
+            if problem:
                 self.skipped.append(name)
-                if rank == 0:
-                    print(f"skipping {name}: {length} tokens > --max-length {max_length}", flush=True)
-            else:
-                if example is not None and self.cache is not None:  # measured by encoding it: keep it
-                    self.cache[len(self.records)] = example
-                self.records.append(record)
+                self.skip_reasons[reason] += 1
+                if rank == 0 and len(self.skipped) <= 20:
+                    print(f"{source}: {where} {index + 1}, record {name}: {problem}; skipped", flush=True)
+                continue
+            if example is not None and self.cache is not None:  # measured by encoding it: keep it
+                self.cache[len(self.records)] = example
+            self.records.append(record)
+        if rank == 0 and len(self.skipped) > 20:
+            print(f"{source}: ... and {len(self.skipped) - 20} more skipped", flush=True)
 
     def encode(self, record, check=True):
         image = vlm.load_image(os.path.join(self.image_folder, record["image"]), pad=self.pad)
@@ -125,14 +165,29 @@ def rank_micro_batches(indices, rank, world_size, accumulation):
 
 
 # ----------------------------------------------------------------------------- the precomputed reference
-def reference_path(pairs_path, model_path, template, precision, max_length, pair_forward):
+def reference_path(pairs_path, model_path, image_folder, pad, template, precision, max_length, pair_forward):
     """Where precompute_reference keeps the reference log-probs of a pairs file: beside it, keyed by what
-    decides them (the pairs' content, the weights' files, template, precision, length limit, forward)."""
-    with open(pairs_path, "rb") as f:
-        pairs_digest = hashlib.sha256(f.read()).hexdigest()
-    key = common.args_digest([common.files_fingerprint(model_path), pairs_digest, template, precision, max_length,
+    decides them (the pairs' content, the weights' files, the images and their padding, template, precision,
+    length limit, forward)."""
+    key = common.args_digest([common.files_fingerprint(model_path), common.file_digest(pairs_path),
+                              os.path.abspath(image_folder), pad, template, precision, max_length,
                               pair_forward])[:12]
     return f"{os.path.splitext(pairs_path)[0]}.reference-{key}.jsonl"
+
+
+def pair_key(record):
+    """A pair's content (image, question, both answers): what its reference log-probs belong to."""
+    return common.args_digest([record["image"], record["question"], record["chosen"], record["rejected"]])
+
+
+def pairs_padding(pairs_path, default):
+    """Whether seva.py padded the images of a pairs file to squares (its OUT.args.json records it), so that
+    training sees each image as the answers were generated from it; `default` where no sidecar says."""
+    sidecar = pairs_path + ".args.json"
+    if not os.path.exists(sidecar):
+        return default
+    with open(sidecar, encoding="utf-8") as f:
+        return json.load(f).get("args", {}).get("pad", default)
 
 
 @torch.no_grad()
@@ -146,19 +201,22 @@ def precompute_reference(model, dataset, path, pair_forward, batch_size, rank, w
         for start in tqdm(range(0, len(mine), batch_size), desc="reference", disable=rank != 0):
             indices = mine[start:start + batch_size]
             batch = {k: v.to(device) for k, v in dataset.collate([dataset[i] for i in indices]).items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with common.autocast(device, amp_dtype):
                 chosen, rejected = pair_forward(model, batch)
-            rows += [{"id": dataset.records[i]["id"], "reference_chosen_logps": c, "reference_rejected_logps": r}
+            rows += [{"key": pair_key(dataset.records[i]), "id": dataset.records[i].get("id"),
+                      "reference_chosen_logps": c, "reference_rejected_logps": r}
                      for i, c, r in zip(indices, chosen.tolist(), rejected.tolist())]
         if world_size > 1:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
         if rank == 0:
-            common.write_atomic(path, [json.dumps(row) for row in sorted(rows, key=lambda row: row["id"])])
+            common.write_atomic(path, [json.dumps(row) for row in sorted(rows, key=lambda row: row["key"])])
         common.barrier(world_size)
-    reference = {row["id"]: row for row in common.read_jsonl(path)}
+    reference = {row["key"]: row for row in common.read_jsonl(path)}
     for record in dataset.records:
-        record.update(reference[record["id"]])
+        row = reference[pair_key(record)]
+        record.update(reference_chosen_logps=row["reference_chosen_logps"],
+                      reference_rejected_logps=row["reference_rejected_logps"])
     if dataset.cache is not None:
         dataset.cache.clear()

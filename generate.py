@@ -11,6 +11,7 @@ import argparse
 import torch
 from tqdm import tqdm
 
+import common
 import vlm
 
 
@@ -71,11 +72,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     model, processor = vlm.load(args.model)
     images = [vlm.load_image(path, pad=args.pad and vlm.pads_to_square(model)) for path in args.image]
     answers = generate(model, processor, images, [args.question] * len(images), args.template,
                        args.max_new_tokens, args.batch_size)
     for path, answer in zip(args.image, answers):
         print(f"{path}: {answer}")
+
+
+if __name__ == "__main__":
+    common.run_main(main, "generate.py")

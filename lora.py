@@ -43,6 +43,10 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return out
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
+        if torch.is_autocast_enabled(x.device.type):
+            # Under bf16 autocast the base's output is bf16, on the bf16 grid: adding an update smaller than
+            # half a grid step there would round it away. The sum stays fp32 (autocast casts it where needed).
+            return out.float() + self.scale * update.float()
         return out + self.scale * update.to(out.dtype)
 
     def delta_weight(self):

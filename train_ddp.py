@@ -37,7 +37,9 @@ def prepare_model(path, device, amp_dtype=None, objective="dpo", lora_r=0, lora_
     """Load the model, add LoRA (or not), freeze what SeVa never trains. Returns (model, processor).
 
     LoRA under bf16 autocast with DDP stores the frozen base in bf16: half its memory, and autocast computes
-    its matmuls in bf16 anyway; LoRA's weights stay fp32. (FSDP2 wants one dtype per unit: fp32 there.)"""
+    its matmuls in bf16 anyway. Every trainable parameter (LoRA, and the projector with train_projector) is
+    fp32 whatever the base's dtype: AdamW's small updates on bf16 weights would round away. (FSDP2 wants one
+    dtype per unit: fp32 there.)"""
     low = amp_dtype is not None and lora_r > 0 and parallel == "ddp"
     model, processor = vlm.load(path, device, amp_dtype if low else torch.float32)
     if lora_r > 0:
@@ -45,10 +47,11 @@ def prepare_model(path, device, amp_dtype=None, objective="dpo", lora_r=0, lora_
         vlm.freeze_vision(model, train_projector=train_projector)
     else:  # full fine-tuning of the language model (and the projector, as LLaVA's SFT)
         vlm.freeze_vision(model, train_projector=objective == "sft" or train_projector)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # master weights in fp32
     if objective == "dpo":  # paper: dropout off for DPO (it would make the reference noisy)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        vlm.disable_dropout(model)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
@@ -158,17 +161,25 @@ def setup(args):
     raw_model, processor = prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r, args.lora_alpha,
                                          args.lora_dropout, args.train_projector, parallel,
                                          args.gradient_checkpointing)
-    config = dict(vars(args), template=vlm.resolve_template(raw_model, args.template), parallel=parallel)
+    pad = vlm.pads_to_square(raw_model)
+    if args.objective == "dpo":  # the images as seva.py padded them to make the pairs
+        pad = data.pairs_padding(args.data, pad)
+    config = dict(vars(args), template=vlm.resolve_template(raw_model, args.template), parallel=parallel, pad=pad,
+                  world_size=world_size, data_digest=common.file_digest(args.data))
+    latest = checkpoint.latest_checkpoint(args.out) if args.resume else None
+    if latest:  # before any work: a resume that cannot be exact is refused
+        checkpoint.check_resume(latest, config)
     dataset = data.TrainDataset(common.read_records(args.data), args.objective, args.image_folder, processor,
-                                config["template"], args.max_length, args.cache_data, vlm.pads_to_square(raw_model),
-                                vlm.spec(raw_model)["fixed_image_tokens"], rank)
+                                config["template"], args.max_length, args.cache_data, pad,
+                                vlm.spec(raw_model)["fixed_image_tokens"], rank, args.data)
+    config["skipped"] = dict(dataset.skip_reasons)
 
     micro_step = sft_micro_step
     if args.objective == "dpo":
         pair_forward, reference_model = pair_forward_for(raw_model, args.pair_forward), None
         if args.reference == "precomputed":  # before any update
-            path = data.reference_path(args.data, args.model, config["template"], args.precision, args.max_length,
-                                       args.pair_forward)
+            path = data.reference_path(args.data, args.model, args.image_folder, pad, config["template"],
+                                       args.precision, args.max_length, args.pair_forward)
             data.precompute_reference(raw_model, dataset, path, pair_forward, args.batch_size, rank, world_size,
                                       device, amp_dtype)
         elif args.lora_r == 0:  # full fine-tuning: the reference is a frozen copy
@@ -187,11 +198,12 @@ def setup(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(math.ceil(args.warmup_ratio * num_steps),
                                                                        num_steps))
     os.makedirs(args.out, exist_ok=True)
-    start_step, latest = 0, checkpoint.latest_checkpoint(args.out)
-    if args.resume and latest:
-        start_step = checkpoint.load_checkpoint(model, optimizer, scheduler, latest, rank, config)
+    start_step = 0
+    if latest:
+        start_step = checkpoint.load_checkpoint(model, optimizer, scheduler, latest, rank)
         common.print0(f"resumed from {latest} at step {start_step}")
-    common.print0(f"{args.objective}: {len(dataset)} examples ({len(dataset.skipped)} skipped), {num_steps} steps of "
+    skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(dataset.skip_reasons.items())) or "none"
+    common.print0(f"{args.objective}: {len(dataset)} examples (skipped: {skipped}), {num_steps} steps of "
                   f"{global_batch}, {world_size} process(es), {parallel}, "
                   f"{sum(p.numel() for p in params):,} trainable parameters")
     if rank == 0:  # keep the metrics of the steps a resumed run does not redo; a fresh run starts a fresh file
@@ -233,7 +245,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         for i, batch in enumerate(batches):
             batch = {k: v.to(run.device) for k, v in batch.items()}
             with grad_sync(model, i == len(batches) - 1, run.parallel, world_size), \
-                    torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+                    common.autocast(run.device, run.amp_dtype):
                 objective, stats = run.micro_step(model, batch)
                 # DDP and FSDP average gradients over ranks: scale so the result is the global mean.
                 (objective * world_size / normaliser).backward()
@@ -347,5 +359,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    common.run_main(lambda: train(parse_args()), "train_ddp.py")
     common.finish_distributed()

@@ -130,6 +130,24 @@ def pair_forward_problem(model, name):
     return None
 
 
+def disable_dropout(model):
+    """Every dropout off (SeVa's DPO): the nn.Dropout modules, and the rates attention layers read from their
+    config on every call (Llama's attention_dropout, CLIP's dropout; their names differ per family), which no
+    nn.Dropout holds."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    configs = [model.config] + [getattr(model.config, key) for key in ("text_config", "vision_config")
+                                if hasattr(model.config, key)]
+    for config in configs:  # and in the config, for whatever reads it later (and the saved config.json)
+        for name, value in vars(config).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, 0.0)
+
+
 def freeze_vision(model, train_projector=False):
     """Freeze the vision tower (LLaVA/SeVa never train it); the projector too unless asked."""
     row = spec(model)

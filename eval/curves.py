@@ -38,11 +38,18 @@ def plot_curves(rows, out, window=5, title=""):
     plt.close(figure)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", help="OUT/metrics.jsonl of a train_ddp.py --objective dpo run")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--window", type=int, default=5, help="moving-average window in steps")
-    args = p.parse_args()
-    plot_curves(common.read_jsonl(args.metrics, appended=True), args.out, args.window, title=args.metrics)
+    args = p.parse_args(argv)
+    rows = common.read_jsonl(args.metrics, appended=True)
+    if not rows:
+        raise ValueError(f"{args.metrics}: no metrics (is it a train_ddp.py run's OUT/metrics.jsonl?)")
+    plot_curves(rows, args.out, args.window, title=args.metrics)
     print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    common.run_main(main, "eval.curves")

@@ -53,9 +53,15 @@ def fingerprint(model_dir, adapter=None):
     return common.files_fingerprint(model_dir, *([adapter] if adapter else []))
 
 
-def load_adapter(model, adapter, merge=True):
+def load_adapter(model, adapter, merge=None):
     """SeVa's adapter onto a model: the LoRA weights (lora.load_lora) and, for an adapter trained with
-    --train-projector, the projector weights saved beside them (LLaVA's non_lora_trainables.safetensors)."""
+    --train-projector, the projector weights saved beside them (LLaVA's non_lora_trainables.safetensors).
+
+    merge None: merged into fp32 weights (the same answers, faster); over bf16 weights the adapter stays
+    unmerged, in fp32, and answers run under bf16 autocast with the LoRA sum in fp32 (inference_autocast). At
+    SeVa's lr 2e-6 the update is about one bf16 grid step of the weights, so merging it into bf16 weights
+    would round most of it away (tests/test_precision.py)."""
+    merge = model.dtype == torch.float32 if merge is None else merge
     lora.load_lora(model, adapter)
     extra = os.path.join(adapter, "non_lora_trainables.safetensors")
     if os.path.exists(extra):
@@ -64,11 +70,11 @@ def load_adapter(model, adapter, merge=True):
         if unexpected:
             raise ValueError(f"{extra}: keys the model does not have: {unexpected[:5]}")
     if merge:
-        lora.merge_lora(model)  # the same answers as unmerged LoRA, faster
+        lora.merge_lora(model)
 
 
-def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=True):
-    """A local HF VLM folder, with SeVa's adapter on top if given (merged: the same answers, faster)."""
+def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=None):
+    """A local HF VLM folder, with SeVa's adapter on top if given (see load_adapter for when it is merged)."""
     model, processor = vlm.load(model_dir, device, dtype)
     if adapter:
         load_adapter(model, adapter, merge)
@@ -137,6 +143,15 @@ def question_image(question, image_folder, pad=True):
             raise ValueError(f"question {question['question_id']}: cannot decode its base64 image: {e}") from e
         return vlm.pad_to_square(image) if pad else image
     return vlm.load_image(os.path.join(image_folder, question["image"]), pad=pad)
+
+
+def check_images(questions, image_folder):
+    """Every question's image file must exist: a missing one stops the run before any answering, named."""
+    missing = [(q["question_id"], os.path.join(image_folder, q["image"])) for q in questions
+               if "image" in q and not os.path.isfile(os.path.join(image_folder, q["image"]))]
+    if missing:
+        listed = ", ".join(f"question {qid}: {path}" for qid, path in missing[:10])
+        raise ValueError(f"{len(missing)} of {len(questions)} questions have no image ({listed})")
 
 
 def questions_digest(questions):
@@ -208,8 +223,16 @@ def answer_chunk(model, processor, questions, chunk, chunk_index, image_folder, 
         noise = augment.noise_transform([q["question_id"] for q in batch], noise_step, seed)
     if temperature > 0:
         model = SampledModel(model, temperature, common.sample_seed(seed, f"chunk-{chunk_index}"))
-    return generate(model, processor, images, [q["text"] for q in batch], template=template,
-                    max_new_tokens=max_new_tokens, batch_size=len(batch), pixel_transform=noise)
+    with inference_autocast(model):
+        return generate(model, processor, images, [q["text"] for q in batch], template=template,
+                        max_new_tokens=max_new_tokens, batch_size=len(batch), pixel_transform=noise)
+
+
+def inference_autocast(model):
+    """Answers of a bf16 model run under bf16 autocast: the same numbers for the plain model, and an unmerged
+    fp32 adapter (load_adapter) keeps its small update in an fp32 sum."""
+    dtype = model.dtype
+    return common.autocast(next(model.parameters()).device, None if dtype == torch.float32 else dtype)
 
 
 def answer_questions(model, processor, questions, out, model_id, image_folder=".", template=None, pad=True,
@@ -233,6 +256,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
         with open(sidecar) as f:
             if json.load(f).get("args_hash") == common.args_digest(settings):
                 return common.read_jsonl(out)
+    check_images(questions, image_folder)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     output = common.ShardedOutput(out, settings, [q["question_id"] for q in questions], batch_size, rank, world_size,
                                   what="settings", items="questions")
