@@ -28,13 +28,9 @@ from tqdm import tqdm
 
 import common
 import vlm
+from toygrammar import COLOURS, SHAPES, SIZES, WORDS  # the world's vocabulary is its language's
 
-# ----------------------------------------------------------------------------- the world's vocabulary
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-           "yellow": (235, 210, 30), "purple": (140, 50, 180), "orange": (245, 130, 20)}
-SHAPES = ["circle", "square", "triangle", "star"]
-SIZES = {"small": 9, "large": 12}  # half-width in pixels at 64 px
-WORDS = ["cat", "dog", "sun", "map", "key", "cup", "hat", "pen", "bus", "egg"]
+# ----------------------------------------------------------------------------- the questions
 QUESTION_FAMILIES = ["colour", "shape", "count", "exist", "word"]
 IMAGE_SIZE = 64
 
@@ -390,4 +386,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    build(parse_args())
+    common.run_main(lambda: build(parse_args()), "toyworld.py")

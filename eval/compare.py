@@ -19,7 +19,7 @@ import os
 
 import common
 from eval import judge as judge_lib
-from eval import multiple_choice, pope, runner, toyvqa
+from eval import gqa, judge_client, mc_files, multiple_choice, pope, runner, shr, toyvqa
 
 MODELS = ("SFT", "SeVa")
 TEMPERATURES = "0.2,0.4,0.5,0.7,0.9,1.0"  # paper Table 5's rows
@@ -55,18 +55,24 @@ def evaluate_model(model, processor, model_id, weights, out_dir, args, judge=Non
     if args.pope_dir:
         results["pope"] = pope.evaluate(model, processor, model_id, args.pope_dir, args.image_folder, out_dir,
                                         args.pope_splits, args.prompt_suffix, **shared)
+    if args.gqa_dir:
+        results["gqa"] = gqa.evaluate(model, processor, model_id, os.path.join(args.gqa_dir, gqa.QUESTIONS_FILE),
+                                      os.path.join(args.gqa_dir, "images"), out_dir, **shared)
     if args.val:
         results["toyvqa"] = toyvqa.evaluate(model, processor, model_id, args.val, args.image_folder, out_dir,
                                             args.noise_step, args.seed, **shared)
     for name, path in args.mc:
         results[f"mc/{name}"] = multiple_choice.evaluate(model, processor, model_id, path, args.mc_image_folder,
-                                                         out_dir, args.circular, args.lang, name, **shared)
+                                                         out_dir, args.circular, args.lang, name, split=args.mc_split,
+                                                         letter_rule=args.letter_rule, **shared)
     if args.mmvet_dir:
         results["mmvet"] = judge_lib.evaluate_mmvet(model, processor, model_id, args.mmvet_dir, out_dir, judge,
                                                     **shared)
     if args.llava_bench_dir:
         results["llava-bench"] = judge_lib.evaluate_llava_bench(model, processor, model_id, args.llava_bench_dir,
                                                                 out_dir, judge, **shared)
+    if args.shr_dir:
+        results["shr"] = shr.evaluate(model, processor, model_id, args.shr_dir, args.vg_dir, out_dir, judge, **shared)
     if args.val and args.temperatures:
         results["consistency"] = consistency(model, processor, model_id, common.read_records(args.val),
                                              args.image_folder, out_dir, args.temperatures, args.seed, **shared)
@@ -85,6 +91,10 @@ def outcomes(out_dir, args, results):
             answers = common.read_jsonl(os.path.join(out_dir, f"pope-{split}.jsonl"))
             per["POPE"].update((f"{split}/{row['question_id']}", float(ok))
                                for row, ok in zip(rows, pope.correctness(rows, answers)))
+    if args.gqa_dir:
+        records = gqa.read_questions(os.path.join(args.gqa_dir, gqa.QUESTIONS_FILE))
+        answers = common.read_jsonl(os.path.join(out_dir, gqa.ANSWER_FILE))
+        per["GQA"] = {r["question_id"]: float(ok) for r, ok in zip(records, gqa.correctness(records, answers))}
     if args.val:
         records = common.read_records(args.val)
         files = {"VQA": "toyvqa-clean.jsonl"}
@@ -94,10 +104,10 @@ def outcomes(out_dir, args, results):
             answers = common.read_jsonl(os.path.join(out_dir, file))
             per[name] = {r["id"]: float(ok) for r, ok in zip(records, toyvqa.correctness(records, answers))}
     for name, path in args.mc:
-        questions = [q for q in multiple_choice.read_questions(path) if q["answer"] is not None]
+        questions = mc_files.read_questions(path, args.mc_split)
         answers = common.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
-        per[name] = {q["question_id"]: float(right) for q, (right, _) in
-                     zip(questions, multiple_choice.outcomes(questions, answers, args.circular))}
+        groups = multiple_choice.group_outcomes(questions, answers, args.circular, args.letter_rule)
+        per[name] = {group: float(right) for group, (right, _) in groups.items()}  # MMBench: one per question
     for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W")):
         if results.get(key):
             per[column] = results[key]["per_question"]
@@ -122,6 +132,10 @@ def table_columns(results):
     for key, value in results.items():
         if key.startswith("mc/") and value:
             columns[key[3:]] = 100 * value["accuracy"]
+    if results.get("gqa") and results["gqa"]["accuracy"] is not None:
+        columns["GQA"] = 100 * results["gqa"]["accuracy"]
+    if results.get("shr"):
+        columns["SHR"] = 100 * results["shr"]["shr"]  # lower is better
     if "pope" in results:  # F1, as LLaVA-1.5 and SeVa report POPE
         short = {"random": "rand", "popular": "pop", "adversarial": "adv"}
         for split, metrics in results["pope"].items():
@@ -135,13 +149,25 @@ def table_columns(results):
     return columns
 
 
-def markdown(table, pairwise, consistency_by_model, model_ids, args):
+def judged_notes(results):
+    """The judged columns whose scores are not comparable with published ones, and why (eval/judge_client.py)."""
+    notes = []
+    for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W"), ("shr", "SHR")):
+        for name in MODELS:
+            if results[name].get(key) and not results[name][key]["comparable"]:
+                notes.append(f"{column} ({name}): {results[name][key]['note']}")
+    return notes
+
+
+def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=()):
     rows = [[f"{name} (`{model_ids[name]}`)" if name in model_ids else "delta (SeVa - SFT)"]
             + [f"{v:+.1f}" if name == "delta" else f"{v:.1f}" for v in table[name]] for name in MODELS + ("delta",)]
     lines = ["## Benchmarks (paper Table 2)", ""] + common.markdown_table(["model", *table["columns"]], rows)
     lines += ["", "Percent. POPE columns: F1 (POPE = the average over the splits, as in the paper). "
               f"VQA: toy-world exact match; VQA-noisy: the same under diffusion noise at step {args.noise_step}. "
-              "MMVet: judge score; LLaVA-W: relative score to the reference answers."]
+              "MMVet: judge score; LLaVA-W: relative score to the reference answers; SHR: hallucinated sentences "
+              "(lower is better)."]
+    lines += [f"**{note}**" for note in notes]
     if pairwise:
         lines += ["", "## Pair-wise, SeVa against SFT (paper Fig. 5)", ""] + common.markdown_table(
             ["benchmark", "win", "lose", "tie"], [[name, c["win"], c["lose"], c["tie"]] for name, c in pairwise.items()])
@@ -213,8 +239,18 @@ def parse_args(argv=None):
     g.add_argument("--temperatures", default=TEMPERATURES,
                    help=f"sampling temperatures of the consistency study (paper Table 5: {TEMPERATURES}); '' skips it")
     g.add_argument("--mc", action="append", default=[], metavar="NAME=PATH",
-                   help="a multiple-choice benchmark (MMBench tsv, SEED/ScienceQA jsonl), repeatable: "
-                        "--mc MMB=mmbench_dev.tsv")
+                   help="a multiple-choice benchmark (MMBench tsv, SEED-Bench.json, ScienceQA problems.json, or a "
+                        "jsonl of questions), repeatable: --mc MMB=mmbench_dev.tsv")
+    g.add_argument("--mc-split", default="test", help="ScienceQA's split (official: test)")
+    g.add_argument("--letter-rule", default="official", choices=["official", "loose"],
+                   help="how a letter is read from an answer: official (ScienceQA and SEED as LLaVA's scorers; "
+                        "MMBench by our rules) or loose (our rules everywhere)")
+    g.add_argument("--shr-dir", default="", help="HA-DPO's SHR annotations (val_images_final.json, ...); needs "
+                                                 "--vg-dir and a judge (--judge-url, --judge-prompt)")
+    g.add_argument("--vg-dir", default="", help="Visual Genome (image_data.json, region_descriptions.json, images)")
+    g.add_argument("--gqa-dir", default="",
+                   help=f"GQA folder as LLaVA lays it out (playground/data/eval/gqa/data): {gqa.QUESTIONS_FILE} and "
+                        f"images/")
     g.add_argument("--mc-image-folder", default=".", help="folder of the multiple-choice image paths")
     g.add_argument("--circular", action="store_true",
                    help="circular evaluation of the multiple-choice benchmarks (MMBench's)")
@@ -222,7 +258,7 @@ def parse_args(argv=None):
                    help="multiple-choice prompt language (cn: MMBench-CN)")
     g.add_argument("--mmvet-dir", default="", help="MM-Vet folder (mm-vet.json, images/)")
     g.add_argument("--llava-bench-dir", default="", help="LLaVA-Bench in-the-wild folder (questions.jsonl, ...)")
-    judge_lib.add_judge_args(p)
+    judge_client.add_judge_args(p)
     p.add_argument("--out", default="runs/compare",
                    help="output folder: compare.md, compare.png, compare.json, answers/")
     args = p.parse_args(argv)
@@ -247,7 +283,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {args.adapter}: no adapter_config.json (train one with train_ddp.py)")
     rank, world_size, device = common.compute_init(args.seed)
-    judge = judge_lib.judge_from_args(args)
+    judge = judge_client.judge_from_args(args)
     model_ids = {"SFT": runner.model_id_of(args.base), "SeVa": runner.model_id_of(args.base, args.adapter)}
     answer_dirs = {"SFT": os.path.join(args.out, "answers", "sft"), "SeVa": os.path.join(args.out, "answers", "seva")}
 
@@ -273,7 +309,7 @@ def main(argv=None):
         pairwise = {bench: win_lose_tie(per["SFT"][bench], per["SeVa"][bench]) for bench in per["SFT"]}
         consistency_by_model = {name: results[name].get("consistency", {}) for name in MODELS}
         os.makedirs(args.out, exist_ok=True)
-        text = markdown(table, pairwise, consistency_by_model, model_ids, args)
+        text = markdown(table, pairwise, consistency_by_model, model_ids, args, judged_notes(results))
         report = dict(args=vars(args), models=model_ids, answers=answer_dirs, table=table, pairwise=pairwise,
                       consistency=consistency_by_model, results={m: without_per_question(results[m]) for m in MODELS})
         common.write_atomic(os.path.join(args.out, "compare.md"), [text])

@@ -9,10 +9,14 @@ The open-ended benchmarks of paper Table 2, graded by a judge model (GPT-4 in th
 
 Answers are exported in the official formats (MM-Vet: a json {question_id: answer} for its online
 grader; LLaVA-Bench: the answer jsonl, and the reviews in the jsonl LLaVA's summarize_gpt_review.py reads).
-The judge is optional: any OpenAI-compatible chat-completions endpoint (--judge-url, --judge-model, the key
-from OPENAI_API_KEY), called with urllib, retried with exponential backoff, and cached on disk by a hash
-of the request, so a rerun sends nothing. The grading prompts follow the structure of the official ones,
-in our own words.
+The judge is optional (eval/judge_client.py: any OpenAI-compatible endpoint, retried, its replies cached).
+
+Comparable with published scores only with the official grading prompts, which this project does not copy:
+the user gives their copy of the official files (--judge-prompt: MM-Vet's grader prompt; --rules and
+--judge-system: LLaVA's rule.json and the review script's system message) and the official judge model (the
+default). Without them a built-in paraphrase grades, and every output says "not comparable with published
+scores" (comparable: false, and a note). The requests, the parsing of the replies and the averaging are the
+official scripts' (mm-vet_evaluator.py; LLaVA's eval_gpt_review_bench.py and summarize_gpt_review.py).
 
     python -m eval.judge --benchmark mmvet --data-dir /data/mm-vet --model /models/llava-1.5-7b-hf \
         --judge-url https://api.openai.com/v1 --judge-model gpt-4-0613 --out runs/eval/mmvet-7b
@@ -20,69 +24,16 @@ in our own words.
         --adapter runs/seva-7b/adapter --judge-url ... --out runs/eval/llava-bench-seva-7b
 """
 import argparse
-import hashlib
 import json
 import os
-import re
-import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 
 import common
-from eval import runner
-
-
-# ----------------------------------------------------------------------------- the judge client
-def endpoint(url):
-    """A base URL (https://host/v1) or the full chat-completions URL."""
-    url = url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
-
-
-def request_key(body):
-    """The cache key of a request: a hash of its body (model, messages, temperature, max_tokens)."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def chat_completion(url, model, messages, api_key=None, cache_dir=None, temperature=0.0, max_tokens=1024,
-                    retries=5, backoff=1.0, timeout=120):
-    """The judge's reply (a string) to one chat; retried with exponential backoff on 429, 5xx and network
-    errors; cached in CACHE_DIR/<hash>.json so that asking the same again costs no request."""
-    body = dict(model=model, messages=messages, temperature=temperature, max_tokens=max_tokens)
-    key = request_key(body)
-    cache_path = os.path.join(cache_dir, f"{key}.json") if cache_dir else None
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path, encoding="utf-8") as f:
-            return json.load(f)["reply"]
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    data = json.dumps(body).encode()
-    for attempt in range(retries + 1):
-        try:
-            request = urllib.request.Request(endpoint(url), data=data, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                reply = json.loads(response.read())["choices"][0]["message"]["content"]
-            break
-        except urllib.error.HTTPError as e:
-            if e.code != 429 and e.code < 500:  # a bad request or key: retrying will not help
-                raise RuntimeError(f"judge {endpoint(url)}: HTTP {e.code}: {e.read()[:500]!r}") from e
-            error = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError, KeyError, IndexError) as e:
-            error = repr(e)  # network trouble, or a reply that is not a chat completion
-        if attempt == retries:
-            raise RuntimeError(f"judge {endpoint(url)}: no answer after {retries + 1} tries; last error: {error}")
-        time.sleep(backoff * 2 ** attempt)
-    if cache_path:
-        os.makedirs(cache_dir, exist_ok=True)
-        common.write_atomic(cache_path, [json.dumps(dict(request=body, reply=reply), ensure_ascii=False)])
-    return reply
-
+from eval import judge_client, runner
 
 # ----------------------------------------------------------------------------- MM-Vet
-# The structure of MM-Vet's grader: instructions, a few-shot table of (question, ground truth,
-# prediction, correctness), and the row to grade with its last cell left empty. Our wording and examples.
+# The fallback without --judge-prompt: the structure of MM-Vet's grader (instructions, a few-shot table of
+# (question, ground truth, prediction, correctness)) in our own wording and examples. Not comparable.
 MMVET_INSTRUCTIONS = (
     "Grade how correct a model's prediction is against the ground truth, with a score from 0.0 (entirely wrong) "
     "to 1.0 (entirely right) in steps of 0.1. In a ground truth, <AND> joins parts that must all be in the "
@@ -102,39 +53,66 @@ MMVET_EXAMPLES = [
 ]
 
 
-def mmvet_prompt(question, ground_truth, prediction):
-    rows = [" | ".join(example) for example in MMVET_EXAMPLES]
+MMVET_RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "  # mm-vet_evaluator.py's retry query
+MMVET_RETRIES = 4  # retries whose reply is read (see grade_mmvet_answer)
+
+
+def builtin_mmvet_prompt():
+    return MMVET_INSTRUCTIONS + "\n".join(" | ".join(example) for example in MMVET_EXAMPLES)
+
+
+def mmvet_query(prompt, question, ground_truth, prediction):
+    """mm-vet_evaluator.py's query: the prompt, a newline, the row to grade with its last cell left empty."""
     ground_truth = ground_truth.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
-    return MMVET_INSTRUCTIONS + "\n".join(rows) + "\n" + " | ".join([question, ground_truth, prediction, ""])
+    return prompt + "\n" + " | ".join([question, ground_truth, prediction, ""])
 
 
 def parse_mmvet_score(reply):
-    """The score in a reply ('0.7', '0.7 because ...'), or None if there is none in 0.0..1.0."""
-    match = re.match(r"\s*([01](?:\.\d+)?|\.\d+)\b", reply)
-    if not match:
+    """mm-vet_evaluator.py: the reply's first space-separated word as a float in [0, 1], or None."""
+    try:
+        score = float(reply.split(" ")[0].strip())
+    except ValueError:
         return None
-    score = float(match.group(1))
+    # Deviation: "nan" passes the official range check (and makes its mean nan); here it is asked again.
     return score if 0.0 <= score <= 1.0 else None
 
 
-def grade_mmvet(items, answers, judge, tries=5):
-    """Score each answer; an unreadable reply is asked again at a higher temperature (as MM-Vet's grader
-    does), and scores 0.0 after `tries`. Returns (per-question rows, {"score", capability: score})."""
+def grade_mmvet_answer(query, client):
+    """(score, last reply, parsed) as mm-vet_evaluator.py grades one answer: the query at temperature 0.0
+    (max_tokens 3); while the reply does not parse, the query + MMVET_RETRY_SUFFIX, the first retry at 0.0,
+    each further one 0.5 hotter; 0.0 when 4 retries did not parse."""
+    ask = lambda content, temperature: judge_client.chat_completion(messages=[{"role": "user", "content": content}],
+                                                       temperature=temperature, max_tokens=3, **client)
+    reply = ask(query, 0.0)
+    score, temperature = parse_mmvet_score(reply), 0.0
+    for _ in range(MMVET_RETRIES):
+        if score is not None:
+            break
+        reply = ask(query + MMVET_RETRY_SUFFIX, temperature)
+        score, temperature = parse_mmvet_score(reply), temperature + 0.5
+    # The official loop then sends a 5th retry (at 2.0) and discards its reply: the score is 0.0 either way,
+    # so that request is not sent here.
+    return (0.0 if score is None else score), reply, score is not None
+
+
+def grade_mmvet(items, answers, judge, prompt=None):
+    """Score each answer (grade_mmvet_answer) with the official grader `prompt` (its text; None: our
+    paraphrase, not comparable). Returns (per-question rows, {"score", capability: score, comparable, note})."""
+    client = judge_client.client_settings(judge, judge_client.MMVET_JUDGE_MODEL)
     given = {str(a["question_id"]): a["text"] for a in answers}  # MM-Vet's keys: "v1_0", ...
     rows, by_capability = [], defaultdict(list)
     for qid, item in items.items():
-        score, reply = None, None
-        for attempt in range(tries):
-            reply = chat_completion(messages=[{"role": "user", "content": mmvet_prompt(
-                item["question"], item["answer"], given[str(qid)])}], temperature=0.5 * attempt, max_tokens=3, **judge)
-            score = parse_mmvet_score(reply)
-            if score is not None:
-                break
-        rows.append(dict(question_id=qid, score=0.0 if score is None else score, reply=reply, parsed=score is not None))
-        for capability in item.get("capability", []):
-            by_capability[capability].append(rows[-1]["score"])
+        query = mmvet_query(builtin_mmvet_prompt() if prompt is None else prompt, item["question"], item["answer"],
+                            given[str(qid)])
+        score, reply, parsed = grade_mmvet_answer(query, client)
+        rows.append(dict(question_id=qid, score=score, reply=reply, parsed=parsed))
+        for capability in set(item.get("capability", [])):  # the official counts a capability once per question
+            by_capability[capability].append(score)
     results = {"score": 100 * sum(r["score"] for r in rows) / len(rows)}
     results.update({c: 100 * sum(v) / len(v) for c, v in sorted(by_capability.items())})
+    missing = [] if prompt is not None else ["the built-in paraphrase of MM-Vet's grader prompt (--judge-prompt)"]
+    results.update(judge_client.comparability(missing, client["model"], judge_client.MMVET_JUDGE_MODEL), judge_model=client["model"],
+                   unparsed=sum(not r["parsed"] for r in rows))
     return rows, results
 
 
@@ -145,8 +123,9 @@ def read_mmvet(data_dir):
 
 
 # ----------------------------------------------------------------------------- LLaVA-Bench in-the-wild
-# The structure of LLaVA's review prompt (rule.json, llava_bench_*): the image as its caption, the
-# question, two answers between markers, then the rating instructions. Our wording.
+# The review as LLaVA's eval_gpt_review_bench.py sends it: a system message, then the image as its caption,
+# the question, the two answers between markers, the category's rule from rule.json. The fallback without
+# --rules / --judge-system: one rule and a system message in our own wording. Not comparable.
 LLAVA_BENCH_SYSTEM = "You are a careful and fair judge of the quality of answers."
 LLAVA_BENCH_RULE = (
     "We want your judgement of how well two AI assistants answered the user question shown above. The user "
@@ -158,50 +137,92 @@ LLAVA_BENCH_RULE = (
     "which the responses appear nor their length should sway you.")
 
 
-def llava_bench_prompt(caption, question, reference, answer):
-    """Assistant 1 is the reference (GPT-4) answer, assistant 2 the model's (LLaVA's convention)."""
+def llava_bench_prompt(caption, question, reference, answer, role="Assistant", rule=LLAVA_BENCH_RULE):
+    """eval_gpt_review_bench.py's user message: {role} 1 is the reference (GPT-4) answer, {role} 2 the model's;
+    role and rule from the question's category in rule.json."""
     caption = "\n".join(caption) if isinstance(caption, list) else caption
     return (f"[Context]\n{caption}\n\n[Question]\n{question}\n\n"
-            f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
-            f"[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{LLAVA_BENCH_RULE}\n\n")
+            f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+            f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n[System]\n{rule}\n\n")
 
 
 def parse_pair_scores(reply):
-    """The two scores on a reply's first line ('8 6', '8, 6', '8.5 6'), or None."""
-    parts = reply.split("\n")[0].replace(",", " ").split()
+    """The two scores as eval_gpt_review_bench.py's parse_score reads them, or None (its [-1, -1]): the first
+    line, ',' -> ' ', split on single spaces (so '8, 6' and '8  6' do not parse), exactly two floats."""
+    parts = reply.split("\n")[0].replace(",", " ").split(" ")
     try:
         return (float(parts[0]), float(parts[1])) if len(parts) == 2 else None
     except ValueError:
         return None
 
 
-def grade_llava_bench(questions, contexts, references, answers, judge):
-    """Review each answer against the reference; returns (review rows in LLaVA's format, results): per
-    category and overall, mean(ours) / mean(reference) x 100, and both means."""
+def summarize_reviews(reviews):
+    """summarize_gpt_review.py: per category and "all", the mean of every review's (reference, model) tuple,
+    the unparsed [-1, -1] ones included, each mean rounded to 3 decimals; relative = model / reference x 100."""
+    tuples = defaultdict(list)
+    for review in reviews:
+        tuples[review["category"]].append(review["tuple"])
+        tuples["all"].append(review["tuple"])
+    results = {}
+    for category, pairs in sorted(tuples.items()):
+        reference = round(sum(p[0] for p in pairs) / len(pairs), 3)
+        model = round(sum(p[1] for p in pairs) / len(pairs), 3)
+        results[category] = dict(relative=100 * model / reference if reference else 0.0, reference=reference,
+                                 model=model, reviews=len(pairs))
+    return results
+
+
+def rule_of(rules, category):
+    """The category's rule ({role, prompt}) in rule.json, or our one rule without it."""
+    if rules is None:
+        return dict(role="Assistant", prompt=LLAVA_BENCH_RULE)
+    if category not in rules:  # the official script asserts the same
+        raise ValueError(f"--rules: no rule for category {category!r} (it has {sorted(rules)})")
+    return rules[category]
+
+
+def grade_llava_bench(questions, contexts, references, answers, judge, rules=None, system=None):
+    """Review each answer against the reference (temperature 0.2, max_tokens 1024, as the official script)
+    with rule.json's `rules` and the official `system` message (None: our paraphrase, not comparable).
+    Returns (review rows in LLaVA's format, results: summarize_reviews, unparsed, comparable, note)."""
+    client = judge_client.client_settings(judge, judge_client.LLAVA_BENCH_JUDGE_MODEL)
+    system_message = LLAVA_BENCH_SYSTEM if system is None else system
     given = {a["question_id"]: a for a in answers}
-    reviews, tuples = [], defaultdict(list)
+    reviews = []
     for i, q in enumerate(questions):
         ref, ours = references[q["question_id"]], given[q["question_id"]]
-        reply = chat_completion(messages=[{"role": "system", "content": LLAVA_BENCH_SYSTEM},
-                                          {"role": "user", "content": llava_bench_prompt(
-                                              contexts[q["image"]], q["text"], ref["text"], ours["text"])}],
-                                temperature=0.2, max_tokens=1024, **judge)
-        scores = parse_pair_scores(reply)
         category = "llava_bench_" + q.get("category", "all")
+        rule = rule_of(rules, category)
+        content = llava_bench_prompt(contexts[q["image"]], q["text"], ref["text"], ours["text"], rule["role"],
+                                     rule["prompt"])
+        reply = judge_client.chat_completion(messages=[{"role": "system", "content": system_message},
+                                          {"role": "user", "content": content}],
+                                temperature=0.2, max_tokens=1024, **client)
+        scores = parse_pair_scores(reply)
         reviews.append(dict(id=i + 1, question_id=q["question_id"], answer1_id=ref.get("answer_id", ref["question_id"]),
                             answer2_id=ours["answer_id"], category=category, content=reply,
                             tuple=list(scores) if scores else [-1, -1]))
-        if scores:  # Deviation: LLaVA averages an unreadable review in as (-1, -1); we leave it out
-            tuples[category].append(scores)
-            tuples["all"].append(scores)
-    results = {}
-    for category, pairs in sorted(tuples.items()):
-        reference_mean = sum(p[0] for p in pairs) / len(pairs)
-        ours_mean = sum(p[1] for p in pairs) / len(pairs)
-        results[category] = dict(relative=100 * ours_mean / reference_mean if reference_mean else 0.0,
-                                 reference=reference_mean, model=ours_mean, reviews=len(pairs))
-    results["unparsed"] = sum(r["tuple"] == [-1, -1] for r in reviews)
+    results = summarize_reviews(reviews)
+    missing = [what for what, given_file in (("the built-in paraphrase of rule.json's rules (--rules)", rules),
+                                             ("a built-in system message (--judge-system)", system))
+               if given_file is None]
+    results.update(judge_client.comparability(missing, client["model"], judge_client.LLAVA_BENCH_JUDGE_MODEL), judge_model=client["model"],
+                   unparsed=sum(parse_pair_scores(r["content"]) is None for r in reviews))
     return reviews, results
+
+
+def read_llava_bench_prompts(rules_path, system_path):
+    """rule.json ({"llava_bench_" + category: {role, prompt}}) and the system message (one trailing newline of
+    the file dropped: the official message has none), each None when not given."""
+    rules = None
+    if rules_path:
+        with open(rules_path, encoding="utf-8") as f:
+            rules = json.load(f)
+        bad = [k for k, v in rules.items() if not isinstance(v, dict) or not {"role", "prompt"} <= set(v)]
+        if bad:
+            raise ValueError(f"{rules_path}: rules without role and prompt: {bad[:5]}")
+    system = judge_client.read_text(system_path).removesuffix("\n") if system_path else None
+    return rules, system
 
 
 def read_llava_bench(data_dir):
@@ -235,7 +256,9 @@ def evaluate_mmvet(model, processor, model_id, data_dir, out_dir, judge=None, an
                         [json.dumps({a["question_id"]: a["text"] for a in answers}, indent=1, ensure_ascii=False)])
     if not judge:
         return None
-    rows, results = grade_mmvet(items, answers, judge)
+    path = judge.get("judge_prompt")  # the official prompt string, sent as is
+    rows, results = grade_mmvet(items, answers, judge, judge_client.read_text(path) if path else None)
+    results["prompt_files"] = judge_client.prompt_files({"--judge-prompt": path})
     common.write_atomic(os.path.join(out_dir, "mmvet-grades.jsonl"), [json.dumps(r, ensure_ascii=False) for r in rows])
     return dict(results, per_question={r["question_id"]: r["score"] for r in rows})
 
@@ -253,7 +276,11 @@ def evaluate_llava_bench(model, processor, model_id, data_dir, out_dir, judge=No
                                           **decoding)
     if rank != 0 or not judge:
         return None
-    reviews, results = grade_llava_bench(questions, contexts, references, answers, judge)
+    rules, system = read_llava_bench_prompts(judge.get("llava_rules"), judge.get("llava_system"))
+    reviews, results = grade_llava_bench(questions, contexts, references, answers, judge, rules, system)
+    results["prompt_files"] = judge_client.prompt_files({"--rules": judge.get("llava_rules"),
+                                            "--judge-system": judge.get("llava_system")})
+    os.makedirs(out_dir, exist_ok=True)  # with --answers nothing has made it yet
     common.write_atomic(os.path.join(out_dir, "llava-bench-reviews.jsonl"),
                         [json.dumps(r, ensure_ascii=False) for r in reviews])
     # The model's own score per question (assistant 2), for pair-wise comparisons (paper Fig. 5).
@@ -264,26 +291,6 @@ BENCHMARKS = {"mmvet": evaluate_mmvet, "llava-bench": evaluate_llava_bench}
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_judge_args(parser):
-    g = parser.add_argument_group("judge (optional; paper: GPT-4)")
-    g.add_argument("--judge-url", default=None,
-                   help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (none: answers only, no score); "
-                        "the key is read from OPENAI_API_KEY")
-    g.add_argument("--judge-model", default="gpt-4-0613", help="judge model name (MM-Vet's grader: gpt-4-0613)")
-    g.add_argument("--judge-cache", default="runs/eval/judge-cache", help="folder of cached judge replies")
-    g.add_argument("--judge-retries", type=int, default=5, help="retries after a 429, 5xx or network error")
-    g.add_argument("--judge-backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
-    return g
-
-
-def judge_from_args(args):
-    """chat_completion's settings from the flags, or None without --judge-url."""
-    if not args.judge_url:
-        return None
-    return dict(url=args.judge_url, model=args.judge_model, api_key=os.environ.get("OPENAI_API_KEY"),
-                cache_dir=args.judge_cache, retries=args.judge_retries, backoff=args.judge_backoff)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_model_args(p, max_new_tokens=1024, batch_size=8)
@@ -294,7 +301,7 @@ def parse_args(argv=None):
                         "context.jsonl, answers_gpt4.jsonl and images/")
     g.add_argument("--answers", default=None, help="grade this answer file instead of generating (no model loaded)")
     g.add_argument("--out", default=None, help="output folder (default runs/eval/BENCHMARK)")
-    add_judge_args(p)
+    judge_client.add_judge_args(p)
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", "eval", args.benchmark)
     return args
@@ -307,7 +314,7 @@ def main(argv=None):
     else:
         run = runner.setup(args)
     evaluate = BENCHMARKS[args.benchmark]
-    results = evaluate(run.model, run.processor, run.model_id, args.data_dir, args.out, judge_from_args(args),
+    results = evaluate(run.model, run.processor, run.model_id, args.data_dir, args.out, judge_client.judge_from_args(args),
                        args.answers, run.rank, run.world_size, **run.decoding)
     if run.rank == 0:
         if results is None:
@@ -317,6 +324,8 @@ def main(argv=None):
             common.write_atomic(os.path.join(args.out, f"{args.benchmark}-scores.json"),
                                 [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=summary), indent=1)])
             print(f"{args.benchmark}: " + json.dumps(summary, indent=1))
+            if not summary["comparable"]:
+                print(f"{args.benchmark}: NOTE: {summary['note']}")
     common.finish_distributed()
     return results
 

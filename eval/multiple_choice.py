@@ -1,6 +1,6 @@
 """
-Multiple-choice benchmarks of paper Table 2: MMBench (en and cn), SEED-Bench-Image, ScienceQA, from
-local files. The options go into the prompt as LLaVA-1.5 writes them (model_vqa_mmbench.py):
+Multiple-choice benchmarks of paper Table 2: MMBench (en and cn), SEED-Bench-Image, ScienceQA-IMG, from
+their official files. The options go into the prompt as LLaVA-1.5 writes them (model_vqa_mmbench.py):
 
     {hint}
     {question}
@@ -9,103 +9,48 @@ local files. The options go into the prompt as LLaVA-1.5 writes them (model_vqa_
     ...
     Answer with the option's letter from the given choices directly.
 
-The letter is read from the answer robustly (`extract_letter`) and compared with the right one.
-Circular evaluation (MMBench's): each question is asked once per option, the options rotated each
-time; it counts as right only if it is right in every rotation.
+and for ScienceQA as LLaVA-1.5's llava_test_CQM-A question file (convert_sqa_to_llava.py, format CQM-A):
 
-Files: MMBench's tsv (index, question, hint, A, B, C, D, answer, category, image as base64), or a jsonl
-with one question a line: question_id, question, options (a list) or A/B/C/D... (or SEED's choice_a...),
-answer (a letter, or ScienceQA's option index), image (a path under --image-folder; SEED's data_id) or
-image_base64, optional hint and category; or a json list of the same (SEED-Bench.json's "questions": its
-video questions are skipped, as SEED-Image has none).
+    Context: {hint, or N/A}
+    Question: {question}
+    Options: (A) {choice A} (B) {choice B} ...
+    Answer with the option's letter from the given choices directly.
+
+The benchmark is told from the file's format (tsv: MMBench; problems.json: ScienceQA; SEED-Bench.json:
+SEED; anything else: generic) and decides the letter rule (`--letter-rule official`): ScienceQA as LLaVA's
+eval_science_qa.py, SEED as its convert_seed_for_submission.py (the answer must be the letter exactly);
+MMBench and generic files the loose `extract_letter` (MMBench's official matcher falls back to ChatGPT).
+
+Circular evaluation (MMBench's CircularEval): a question counts as right only if it is right with its options
+in every rotation. The official tsv holds the rotations as extra rows (index + k x 1,000,000): those are asked
+as given and grouped by index mod 1,000,000; a file without them is rotated here.
+
+Files: MMBench's tsv (index, question, hint, A, B, C, D, answer, category, image as base64); ScienceQA's
+problems.json (+ pid_splits.json beside it; --split; images at IMAGE_FOLDER/{pid}/image.png; text-only
+problems skipped and counted); SEED-Bench.json ("questions"; video questions skipped); or a generic jsonl /
+json list: question_id, question, options (a list) or A/B/C/D... (or choice_a...), answer (a letter or an
+option index), image (a path under --image-folder) or image_base64, optional hint and category.
 
     python -m eval.multiple_choice --model /models/llava-1.5-7b-hf --data /data/mmbench/mmbench_dev_20230712.tsv \
         --circular
     python -m eval.multiple_choice --model ... --data /data/mmbench/mmbench_dev_cn_20231003.tsv --lang cn --circular
-    python -m eval.multiple_choice --model ... --data /data/seed/seed-image.jsonl --image-folder /data/seed/images
+    python -m eval.multiple_choice --model ... --data /data/scienceqa/problems.json \
+        --image-folder /data/scienceqa/images/test
+    python -m eval.multiple_choice --model ... --data /data/seed/SEED-Bench.json \
+        --image-folder /data/seed/SEED-Bench-image
 """
 import argparse
-import csv
 import json
 import os
 import re
-import sys
 from collections import defaultdict
 
 import common
 from eval import runner
+from eval.mc_files import LETTERS, group_of, read_benchmark
 
-LETTERS = "ABCDEFGHIJ"
 SUFFIX = {"en": "Answer with the option's letter from the given choices directly.",
           "cn": "请直接回答选项字母。"}  # LLaVA's two single-prediction prompts
-
-
-# ----------------------------------------------------------------------------- reading questions
-def is_none(value):
-    """MMBench leaves cells empty or 'nan' where a question has no hint or fewer options."""
-    return value is None or (isinstance(value, float) and value != value) or \
-        (isinstance(value, str) and value.strip().lower() in ("", "nan", "none"))
-
-
-def normalize_question(row, where):
-    """One question from a tsv or jsonl row: question_id, question, hint, options, answer, category, image."""
-    qid = next((row[k] for k in ("question_id", "index", "id") if k in row), None)
-    if qid is None or is_none(row.get("question")):
-        raise ValueError(f"{where}: needs question_id (or index) and question")
-    if isinstance(qid, str) and qid.isdigit():
-        qid = int(qid)  # MMBench's index column is a number
-    if isinstance(row.get("options"), list):
-        options = [str(o) for o in row["options"]]
-    elif isinstance(row.get("choices"), list):  # ScienceQA's problems.json
-        options = [str(o) for o in row["choices"]]
-    else:
-        options = []
-        for letter in LETTERS:  # A, B, ... or SEED's choice_a, ...; stop at the first missing one
-            value = row.get(letter, row.get(f"choice_{letter.lower()}"))
-            if is_none(value):
-                break
-            options.append(str(value))
-    if len(options) < 2:
-        raise ValueError(f"{where}: question {qid} has {len(options)} option(s)")
-    answer = row.get("answer")
-    if isinstance(answer, int) and not isinstance(answer, bool):  # ScienceQA: the option's index
-        answer = LETTERS[answer]
-    answer = None if is_none(answer) else str(answer).strip()  # MMBench's test split has no answers
-    if answer is not None and answer not in LETTERS[:len(options)]:
-        raise ValueError(f"{where}: question {qid} has answer {answer!r}, not one of {LETTERS[:len(options)]}")
-    question = dict(question_id=qid, question=str(row["question"]),
-                    hint=None if is_none(row.get("hint")) else str(row["hint"]), options=options, answer=answer,
-                    category=next((str(row[k]) for k in ("category", "question_type_id") if not is_none(row.get(k))),
-                                  None))
-    image = row.get("image", row.get("data_id"))
-    if not is_none(row.get("image_base64")):
-        question["image_base64"] = row["image_base64"]
-    elif not is_none(image):
-        question["image"] = image
-    else:
-        raise ValueError(f"{where}: question {qid} has no image (text-only questions are not supported)")
-    return question
-
-
-def read_questions(path):
-    """The questions of a tsv (MMBench) or jsonl / json file, normalized."""
-    if path.endswith(".tsv"):
-        csv.field_size_limit(sys.maxsize)  # base64 images are long cells
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        for row in rows:  # MMBench's image column holds the image itself, base64
-            row["image_base64"] = row.pop("image", None)
-    elif path.endswith(".jsonl"):
-        rows = common.read_jsonl(path)
-    else:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-        if isinstance(rows, dict) and isinstance(rows.get("questions"), list):  # SEED-Bench.json
-            rows = rows["questions"]
-        elif isinstance(rows, dict):  # ScienceQA's problems.json: {id: problem}
-            rows = [dict(row, question_id=key) for key, row in rows.items()]
-    rows = [row for row in rows if row.get("data_type", "image") == "image"]  # SEED-Image: no video questions
-    return [normalize_question(row, f"{path}: row {i + 1}") for i, row in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------- prompts and rotations
@@ -117,25 +62,53 @@ def mc_prompt(question, hint, options, lang="en"):
     return text + "\n" + SUFFIX[lang]
 
 
+def scienceqa_prompt(question, hint, options, lang="en"):
+    """LLaVA-1.5's ScienceQA prompt: llava_test_CQM-A.json as convert_sqa_to_llava.py builds it (format CQM-A,
+    no caption), then model_vqa_science.py's single-prediction suffix."""
+    context = (hint or "").strip() or "N/A"  # get_context_text: the hint, the caption unused
+    choices = " ".join(f"({letter}) {option}" for letter, option in zip(LETTERS, options))
+    text = f"Context: {context}\nQuestion: {question}\nOptions: {choices}\n"
+    return text.replace("  ", " ").strip() + "\n" + SUFFIX[lang]  # create_one_example_chatbot: one pass
+
+
+PROMPTS = {"scienceqa": scienceqa_prompt}  # every other benchmark: mc_prompt
+
+
 def rotations(options, circular):
     """[(round, shown options, their original letters)]: round r shows option (j + r) % n at letter j."""
     n = len(options)
     return [(r, options[r:] + options[:r], list(LETTERS[r:n] + LETTERS[:r])) for r in range(n if circular else 1)]
 
 
-def runner_questions(questions, circular=False, lang="en"):
-    """One runner question per (question, rotation), with LLaVA's round_id / options / option_char fields."""
+def has_circular_copies(questions):
+    return any(q["question_id"] != group_of(q) for q in questions)
+
+
+def asked(questions, circular):
+    """[(question, round, shown options, their original letters)]: what the model is asked. A file holding
+    MMBench's circular copies is never rotated again: circular asks every row once as given, plain only the
+    rows with index < 1e6 (the official non-circular accuracy). Other files are rotated here when circular."""
+    copies = has_circular_copies(questions)
     out = []
     for q in questions:
-        for round_id, shown, letters in rotations(q["options"], circular):
-            item = dict(question_id=q["question_id"], text=mc_prompt(q["question"], q["hint"], shown, lang),
-                        fields=dict(round_id=round_id, options=shown, option_char=letters))
-            item.update({k: q[k] for k in ("image", "image_base64") if k in q})
-            out.append(item)
+        if circular or q["question_id"] == group_of(q):  # plain: no copy is asked
+            out += [(q, *rotation) for rotation in rotations(q["options"], circular and not copies)]
     return out
 
 
-# ----------------------------------------------------------------------------- scoring
+def runner_questions(questions, circular=False, lang="en"):
+    """One runner question per (question, round) asked, with LLaVA's round_id / options / option_char fields."""
+    out = []
+    for q, round_id, shown, letters in asked(questions, circular):
+        prompt = PROMPTS.get(q.get("benchmark"), mc_prompt)(q["question"], q["hint"], shown, lang)
+        item = dict(question_id=q["question_id"], text=prompt,
+                    fields=dict(round_id=round_id, options=shown, option_char=letters))
+        item.update({k: q[k] for k in ("image", "image_base64") if k in q})
+        out.append(item)
+    return out
+
+
+# ----------------------------------------------------------------------------- letters
 def extract_letter(text, options):
     """The option letter an answer picks, or None. In order: the answer is a letter ('B', '(b)'); it starts
     with one ('B. cat', '(B) cat', 'B: cat'); 'the answer is B' / 'Answer: B'; exactly one valid capital
@@ -158,49 +131,115 @@ def extract_letter(text, options):
     return by_text[0] if len(by_text) == 1 else None
 
 
-def round_right(answer_row, truth):
+def scienceqa_letter(text, options):
+    """The letter as LLaVA's eval_science_qa.py reads it, or None (its FAILED): newlines become '. '; the
+    stripped answer is a letter A-E; or it starts with a letter and '. '; or it holds 'The answer is X.' or
+    'The answer is X'. Only a letter of an existing choice counts (get_pred_idx)."""
+    text = text.replace("\n", ". ")
+    if text.strip() in tuple("ABCDE"):
+        letter = text.strip()
+    elif len(text) >= 3 and text[0] in tuple("ABCDE") and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        match = re.search(r"The answer is ([A-E])\.", text) or re.search(r"The answer is ([A-E])", text)
+        letter = match.group(1) if match else None
+    return letter if letter is not None and letter in LETTERS[:len(options)] else None
+
+
+def seed_letter(text, options):
+    """LLaVA's convert_seed_for_submission.py: right only if the answer is exactly the letter."""
+    return text if text in tuple(LETTERS[:len(options)]) else None
+
+
+OFFICIAL_LETTER = {"scienceqa": scienceqa_letter, "seed": seed_letter}  # LLaVA's scorers; others: extract_letter
+
+
+def letter_rule_name(benchmark, letter_rule):
+    """Which rule reads a benchmark's letters (recorded in the results)."""
+    if letter_rule == "official" and benchmark in OFFICIAL_LETTER:
+        return {"scienceqa": "official: LLaVA eval_science_qa.py",
+                "seed": "official: LLaVA convert_seed_for_submission.py (the exact letter)"}[benchmark]
+    return "loose: extract_letter"
+
+
+def answer_letter(text, options, benchmark, letter_rule="official"):
+    """The letter an answer picks under the rule (official: the benchmark's LLaVA scorer where it has one;
+    MMBench's official matcher asks ChatGPT when its rules fail, which we do not, so MMBench reads loosely)."""
+    if letter_rule == "official" and benchmark in OFFICIAL_LETTER:
+        return OFFICIAL_LETTER[benchmark](text, options)
+    return extract_letter(text, options)
+
+
+# ----------------------------------------------------------------------------- scoring
+def round_right(answer_row, truth, benchmark=None, letter_rule="official"):
     """Is one round's answer right? Its letter is mapped back through the round's rotation."""
-    letter = extract_letter(answer_row["text"], answer_row["options"])
+    letter = answer_letter(answer_row["text"], answer_row["options"], benchmark, letter_rule)
     return letter is not None and answer_row["option_char"][LETTERS.index(letter)] == truth
 
 
-def outcomes(questions, answers, circular=False):
-    """[(right in every round, right in the first round)] of each labeled question."""
+def group_outcomes(questions, answers, circular=False, letter_rule="official"):
+    """{group: (right in every row and round asked, right in the first round of its question)} of the labeled
+    questions; a group is a question and its MMBench circular copies (CircularEval: all must be right)."""
     by_key = {(a["question_id"], a["round_id"]): a for a in answers}
-    result = []
-    for q in questions:
-        if q["answer"] is not None:
-            ok = [round_right(by_key[(q["question_id"], r)], q["answer"])
-                  for r, _, _ in rotations(q["options"], circular)]
-            result.append((all(ok), ok[0]))
-    return result
+    rounds, first = defaultdict(list), {}
+    for q, round_id, _, _ in asked([q for q in questions if q["answer"] is not None], circular):
+        right = round_right(by_key[(q["question_id"], round_id)], q["answer"], q.get("benchmark"), letter_rule)
+        rounds[group_of(q)].append(right)
+        if round_id == 0 and q["question_id"] == group_of(q):  # the row with index < 1e6, as given
+            first[group_of(q)] = right
+    return {group: (all(rights), first[group]) for group, rights in rounds.items()}
 
 
-def score(questions, answers, circular=False):
-    """Accuracy (circular: right in every rotation), accuracy of the first round alone, per category."""
+def outcomes(questions, answers, circular=False, letter_rule="official"):
+    """[(right, right in the first round)] of each labeled question: its group's outcome."""
+    groups = group_outcomes(questions, answers, circular, letter_rule)
+    return [groups[group_of(q)] for q in questions if q["answer"] is not None]
+
+
+def protocol(questions, circular):
+    if has_circular_copies(questions):
+        return "circular: the file's own copies, grouped" if circular else "plain: rows with index < 1e6 only"
+    return "circular: options rotated here" if circular else "plain"
+
+
+def score(questions, answers, circular=False, letter_rule="official"):
+    """Accuracy over questions (circular: a question with all its rotations or copies right), accuracy of the
+    first round alone, per category."""
     labeled = [q for q in questions if q["answer"] is not None]
     if not labeled:
         return None  # e.g. MMBench's test split: submit the answer file instead
-    results = outcomes(labeled, answers, circular)
+    benchmark = labeled[0].get("benchmark", "generic")
+    groups = group_outcomes(labeled, answers, circular, letter_rule)
+    category = {group_of(q): q["category"] for q in labeled if q["question_id"] == group_of(q)}
     per_category = defaultdict(list)
-    for q, (right, _) in zip(labeled, results):
-        per_category[q["category"] or "all"].append(right)
-    return dict(accuracy=sum(r for r, _ in results) / len(results),
-                first_round_accuracy=sum(f for _, f in results) / len(results), num_questions=len(results),
-                circular=circular, unparsed=sum(extract_letter(a["text"], a["options"]) is None for a in answers),
-                categories={c: sum(v) / len(v) for c, v in sorted(per_category.items())})
+    for group, (right, _) in groups.items():
+        per_category[category[group] or "all"].append(right)
+    results = dict(accuracy=sum(r for r, _ in groups.values()) / len(groups),
+                   first_round_accuracy=sum(f for _, f in groups.values()) / len(groups), num_questions=len(groups),
+                   circular=circular, protocol=protocol(questions, circular), benchmark=benchmark,
+                   letter_rule=letter_rule_name(benchmark, letter_rule),
+                   unparsed=sum(answer_letter(a["text"], a["options"], benchmark, letter_rule) is None
+                                for a in answers),
+                   categories={c: sum(v) / len(v) for c, v in sorted(per_category.items())})
+    if has_circular_copies(questions) and not circular:
+        results["note"] = ("the file holds MMBench's circular copies: this is the plain accuracy over the rows with "
+                           "index < 1,000,000; --circular scores CircularEval")
+    return results
 
 
 # ----------------------------------------------------------------------------- the benchmark
 def evaluate(model, processor, model_id, path, image_folder, out_dir, circular=False, lang="en", name=None,
-             rank=0, world_size=1, **decoding):
+             rank=0, world_size=1, split="test", letter_rule="official", **decoding):
     """Answer and score one file; answers in OUT_DIR/{name}.jsonl (LLaVA's MMBench answer fields)."""
-    questions = read_questions(path)
+    data = read_benchmark(path, split)
     name = name or os.path.splitext(os.path.basename(path))[0]
-    answers = runner.answer_questions(model, processor, runner_questions(questions, circular, lang),
+    answers = runner.answer_questions(model, processor, runner_questions(data["questions"], circular, lang),
                                       os.path.join(out_dir, f"{name}.jsonl"), model_id, image_folder,
                                       rank=rank, world_size=world_size, **decoding)
-    return score(questions, answers, circular)
+    results = score(data["questions"], answers, circular, letter_rule)
+    if results is not None and data["benchmark"] == "scienceqa":
+        results.update(split=split, skipped_text_only=data["skipped_text_only"])
+    return results
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -208,15 +247,38 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_model_args(p, max_new_tokens=16)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="MMBench tsv, or a jsonl / json of questions (see above)")
+    g.add_argument("--data", required=True,
+                   help="MMBench tsv, ScienceQA problems.json, SEED-Bench.json, or a jsonl / json of questions")
     g.add_argument("--image-folder", default=".",
-                   help="folder the image paths are relative to (unused for base64 images)")
+                   help="folder the image paths are relative to (ScienceQA: e.g. scienceqa/images/test; "
+                        "unused for base64 images)")
+    g.add_argument("--split", default="test",
+                   help="ScienceQA's split (official: test): its pids from pid_splits.json beside problems.json, "
+                        "else from each problem's split field")
     g.add_argument("--circular", action="store_true",
-                   help="MMBench's circular evaluation: every rotation of the options must be answered right")
+                   help="MMBench's CircularEval (official for MMBench): a question is right only if right with its "
+                        "options in every rotation; the official tsv's own copies are used, other files rotated")
+    g.add_argument("--letter-rule", default="official", choices=["official", "loose"],
+                   help="official (default): ScienceQA as LLaVA's eval_science_qa.py, SEED as its "
+                        "convert_seed_for_submission.py (exact letter), MMBench and generic files loose; "
+                        "loose: extract_letter for every file")
     g.add_argument("--lang", default="en", choices=sorted(SUFFIX), help="prompt language (cn: MMBench-CN)")
     g.add_argument("--name", default=None, help="benchmark name for the answer file (default: the data file's name)")
     g.add_argument("--out", default="runs/eval/multiple_choice", help="folder for the answer file and NAME.json")
     return p.parse_args(argv)
+
+
+def summary(name, model_id, results):
+    """The lines main prints."""
+    lines = [f"{name} ({results['benchmark']}), {model_id}: accuracy {100 * results['accuracy']:.1f} "
+             f"({results['protocol']}) over {results['num_questions']} questions, {results['unparsed']} answer(s) "
+             f"without a letter ({results['letter_rule']})"]
+    if "skipped_text_only" in results:
+        lines.append(f"{name}: skipped {results['skipped_text_only']} text-only problem(s) of split "
+                     f"{results['split']} (ScienceQA-IMG counts problems with an image)")
+    if "note" in results:
+        lines.append(f"{name}: note: {results['note']}")
+    return lines
 
 
 def main(argv=None):
@@ -224,16 +286,14 @@ def main(argv=None):
     run = runner.setup(args)
     name = args.name or os.path.splitext(os.path.basename(args.data))[0]
     results = evaluate(run.model, run.processor, run.model_id, args.data, args.image_folder, args.out, args.circular,
-                       args.lang, name, run.rank, run.world_size, **run.decoding)
+                       args.lang, name, run.rank, run.world_size, args.split, args.letter_rule, **run.decoding)
     if run.rank == 0:
         common.write_atomic(os.path.join(args.out, f"{name}.json"),
                             [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
         if results is None:
             print(f"{name}: no answers in the data; the answer file is {os.path.join(args.out, name + '.jsonl')}")
         else:
-            print(f"{name}, {run.model_id}: accuracy {100 * results['accuracy']:.1f}"
-                  f"{' (circular)' if args.circular else ''} over {results['num_questions']} questions, "
-                  f"{results['unparsed']} answer(s) without a letter")
+            print("\n".join(summary(name, run.model_id, results)))
     common.finish_distributed()
     return results
 

@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+import toygrammar  # noqa: E402
 import toyworld  # noqa: E402
 
 torch.set_num_threads(1)  # the tests' models are tiny: one thread is fastest, and subprocess ranks use one too
@@ -32,8 +33,8 @@ def toy_world(tmp_path_factory):
 
 def wrong_answer(family, right, index):
     """A plausible wrong answer of the same family (deterministic)."""
-    options = {"colour": list(toyworld.COLOURS), "shape": toyworld.SHAPES, "count": ["1", "2", "3"],
-               "exist": ["Yes", "No"], "word": toyworld.WORDS}[family]
+    options = {"colour": list(toygrammar.COLOURS), "shape": toygrammar.SHAPES, "count": ["1", "2", "3"],
+               "exist": ["Yes", "No"], "word": toygrammar.WORDS}[family]
     wrong = [o for o in options if o != right]
     return wrong[index % len(wrong)]
 
@@ -57,3 +58,20 @@ def toy_pairs(toy_world):
 def pytest_configure(config):
     # transformers 5.24's PaliGemma processor builds numpy arrays the numpy-2 way it warns about (tests/families.py)
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def one_thread(toy_world):
+    """One torch thread for a module's tests, after the toy world's build (which sets its own thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sft(toy_world):
+    """The toy world's SFT model as eval/ loads it: (model, processor)."""
+    from eval import runner
+    return runner.load_model(os.path.join(toy_world, "model-sft"))
+

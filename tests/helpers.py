@@ -1,4 +1,6 @@
 """Small helpers the tests share that the library itself does not need."""
+import json
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -64,3 +66,10 @@ def randomize_lora_B(model, std=0.1):
         for name, p in lora_parameters(model):
             if "lora_B" in name:
                 p.normal_(0, std)
+
+
+def read_lines(path):
+    """The rows of a jsonl file, every line parsed."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+

@@ -16,28 +16,13 @@ import torch
 import lora
 import vlm
 from conftest import ROOT
-from eval import compare, judge, multiple_choice, pope, runner, toyvqa
+from eval import compare, judge, judge_client, mc_files, multiple_choice, pope, runner, toyvqa
 from generate import generate
+from helpers import read_lines
 
 ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]  # LLaVA's model_vqa.py
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(toy_world):  # after the toy world's build, which sets its own thread count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sft(toy_world):
-    return runner.load_model(os.path.join(toy_world, "model-sft"))
-
-
-def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- POPE scoring
@@ -138,7 +123,7 @@ def write_mc_files(toy_world, folder):
 def test_multiple_choice_files_through_the_runner(sft, toy_world, tmp_path):
     model, processor = sft
     tsv, jsonl = write_mc_files(toy_world, tmp_path)
-    from_tsv, from_jsonl = multiple_choice.read_questions(tsv), multiple_choice.read_questions(jsonl)
+    from_tsv, from_jsonl = mc_files.read_questions(tsv), mc_files.read_questions(jsonl)
     assert [len(q["options"]) for q in from_tsv] == [4, 3]
     assert [q["hint"] for q in from_tsv] == [None, "Count carefully."]
     assert [q["question_id"] for q in from_tsv] == [1, 2] and all("image_base64" in q for q in from_tsv)
@@ -321,7 +306,8 @@ def test_parse_mmvet_score(reply, expected):
     assert judge.parse_mmvet_score(reply) == expected
 
 
-@pytest.mark.parametrize("reply, expected", [("8 6\nAssistant 1 is more detailed.", (8.0, 6.0)), ("7, 9", (7.0, 9.0)),
+# "7, 9": the official parse replaces "," with " " and splits on single spaces, so it reads three parts.
+@pytest.mark.parametrize("reply, expected", [("8 6\nAssistant 1 is more detailed.", (8.0, 6.0)), ("7, 9", None),
                                              ("8.5 6", (8.5, 6.0)), ("Score: 7", None), ("7 8 9", None), ("", None)])
 def test_parse_pair_scores(reply, expected):
     assert judge.parse_pair_scores(reply) == expected
@@ -370,7 +356,7 @@ def test_mmvet_unreadable_reply_is_asked_again_hotter(tmp_path, no_proxy):
     with judge_server(lambda body: "0.3" if body["temperature"] > 0 else "cannot tell") as (url, requests):
         rows, results = judge.grade_mmvet(items, [dict(question_id="v1_0", text="4")],
                                           dict(url=url, model="j", cache_dir=None, backoff=0.01))
-    assert [r["body"]["temperature"] for r in requests] == [0.0, 0.5]
+    assert [r["body"]["temperature"] for r in requests] == [0.0, 0.0, 0.5]  # MM-Vet: first retry at 0.0
     assert rows[0]["score"] == 0.3 and results["score"] == pytest.approx(30.0)
 
 
@@ -382,7 +368,7 @@ def test_llava_bench_judge_pairs_with_the_reference(tmp_path, no_proxy):
                   1: dict(question_id=1, text="The dog wears a hat.", answer_id="ref1")}
     answers = [dict(question_id=0, text="A cat.", answer_id="a0"),
                dict(question_id=1, text="A hat on a dog.", answer_id="a1")]
-    replies = {"A cat.": "8 6\nAssistant 1 gives more detail.", "A hat on a dog.": "7, 7\nBoth are fine."}
+    replies = {"A cat.": "8 6\nAssistant 1 gives more detail.", "A hat on a dog.": "7 7\nBoth are fine."}
 
     def reply(body):
         return next(r for text, r in replies.items() if f"[Assistant 2]\n{text}\n" in body["messages"][1]["content"])
@@ -409,7 +395,7 @@ def test_llava_bench_judge_pairs_with_the_reference(tmp_path, no_proxy):
 def test_judge_client_does_not_retry_a_bad_request(no_proxy):
     with judge_server(lambda body: "1.0", fail_first=1, status=401) as (url, requests):
         with pytest.raises(RuntimeError, match="HTTP 401"):
-            judge.chat_completion(url, "j", [{"role": "user", "content": "hi"}], backoff=0.01)
+            judge_client.chat_completion(url, "j", [{"role": "user", "content": "hi"}], backoff=0.01)
     assert len(requests) == 1
 
 

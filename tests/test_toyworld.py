@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import toygrammar
 import toyworld
 import vlm
 from helpers import count_image_tokens
@@ -32,7 +33,7 @@ def test_colour_answers_match_the_pixels():
             k = next(i for i, o in enumerate(scene["objects"]) if o["shape"] == slots["shape"])
             pixels = object_pixels(scene, k)
             assert len(pixels) > 20
-            assert (pixels == toyworld.COLOURS[toyworld.answer(scene, "colour", slots)]).all()
+            assert (pixels == toygrammar.COLOURS[toyworld.answer(scene, "colour", slots)]).all()
             checked += 1
     assert checked > 100
 
@@ -45,7 +46,7 @@ def test_shape_answers_are_unique_and_match_the_drawn_area():
             same_colour = [i for i, o in enumerate(scene["objects"]) if o["colour"] == slots["colour"]]
             assert len(same_colour) == 1
             obj = scene["objects"][same_colour[0]]
-            box = (2 * toyworld.SIZES[obj["size"]] + 1) ** 2
+            box = (2 * toygrammar.SIZES[obj["size"]] + 1) ** 2
             measured = len(object_pixels(scene, same_colour[0])) / box
             closest = min(fill, key=lambda s: abs(fill[s] - measured))
             assert closest == toyworld.answer(scene, "shape", slots)
