@@ -9,6 +9,9 @@ OUT/runs.jsonl as soon as it ends, so a rerun only does the missing runs; the re
     python ablations.py augmentation               # Table 1: every augmentation of augment.py
     python ablations.py all --seeds 0 1 2          # everything, into ablations/report.md
     python ablations.py --confusion count --runs lr=5e-05-seed0   # what runs answer, by right answer
+
+ablations/report.md was made on wave 1's closed stage (`python toyworld.py --stage closed --out toy-closed`, then
+`--world toy-closed --subsets all`); its rows predate the subsets setting and read as subsets=all.
 """
 import argparse
 import collections
@@ -23,7 +26,7 @@ import common
 import lora
 import pairs
 import seva
-import toyworld
+import toydata
 import train_ddp
 import vlm
 from eval import toyvqa
@@ -48,9 +51,11 @@ ABLATIONS = {
     "beta": ("DPO beta (added after the runs above: not in the paper's ablations)", "beta", [0.05, 0.1, 0.5, 1.0]),
 }
 # The settings every run shares unless its ablation varies one (chosen with the pipeline, see the report).
-# sft_epochs=6: toy/model-sft itself, as toyworld.py trains it.
+# main() sets sft_epochs to the world's own (toy/model-sft itself) and subsets to --subsets.
 BASE = dict(augmentation="diffusion", noise_step=500, num_samples=1000, lora_r=32, data="pool.json", objective="dpo",
-            sft_epochs=6, pairs_used="all", lr=5e-4, beta=0.1)
+            sft_epochs=6, pairs_used="all", lr=5e-4, beta=0.1, subsets="textvqa,ocr_vqa")
+# What rows written before a setting existed ran with: the closed stage, its 6-epoch SFT model, the whole pool.
+LEGACY = dict(sft_epochs=6, subsets="all")
 # Which kept pairs pair_filter trains on, by pairs.pair_quality's classes (the true answer is never used otherwise).
 PAIR_FILTERS = {"all": pairs.QUALITY, "right_wrong": pairs.QUALITY[:1], "inverted": pairs.QUALITY[2:3],
                 "not_inverted": pairs.QUALITY[:2] + pairs.QUALITY[3:]}
@@ -70,6 +75,7 @@ def run_once(world, out, setting, seed):
     summary = seva.main(["--model", start, "--data", os.path.join(world, setting["data"]), "--image-folder", images,
                          "--augmentation", setting["augmentation"], "--noise-step", str(setting["noise_step"]),
                          "--num-samples", str(setting["num_samples"]), "--seed", str(seed), "--batch-size", "64",
+                         "--subsets", setting["subsets"],
                          "--out", os.path.join(folder, "pairs.jsonl"), "--no-progress"])
     pairs_path = filter_pairs(folder, setting["pairs_used"])
     training = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"),
@@ -124,7 +130,8 @@ def sft_model(world, out, epochs):
             "--data", os.path.join(world, "sft.json"),
             "--image-folder", os.path.join(world, "images"), "--out", run, "--batch-size", str(made["batch_size"]),
             "--epochs", str(epochs), "--lr", str(made["lr"]), "--seed", str(made["seed"]), "--cache-data",
-            "--no-progress", "--resume"]))
+            "--max-length", str(made["max_length"]), "--no-progress", "--resume"]
+            + ["--group-by-length"] * bool(made.get("group_by_length")) + ["--train-vision"] * bool(made.get("train_vision"))))
         os.replace(os.path.join(run, "model"), folder)
     return folder
 
@@ -137,7 +144,7 @@ def model_accuracy(world, out, model_dir):
         model, processor = vlm.load(model_dir)
         val = json.load(open(os.path.join(world, "val.json")))
         accuracy, _ = toyvqa.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
-        toyworld.write_json_atomic(accuracy, path)
+        toydata.write_json(accuracy, path)
     return json.load(open(path))
 
 
@@ -149,7 +156,7 @@ def sft_records(folder):
                 "conversations": [{"from": "human", "value": "<image>\n" + pair["question"]},
                                   {"from": "gpt", "value": pair["answer"]}]} for pair in kept if pair.get("answer")]
     path = os.path.join(folder, "sft.json")
-    toyworld.write_json_atomic(records, path)
+    toydata.write_json(records, path)
     return path
 
 
@@ -257,7 +264,7 @@ def load_rows(log, world, out):
     """runs.jsonl's rows, those written before a setting existed completed with its BASE value."""
     rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
     for r in rows:
-        r["setting"] = dict(BASE, **r["setting"])
+        r["setting"] = {**BASE, **LEGACY, **r["setting"]}
         r.setdefault("pairs_trained", r["pairs"])
         r.setdefault("trained_quality", r["pair_quality"])
         if "start_accuracy" not in r:
@@ -296,6 +303,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (at least 3 for a mean and a spread)")
     p.add_argument("--world", default="toy", help="the toy world folder (python toyworld.py)")
     p.add_argument("--out", default="ablations", help="runs.jsonl, report.md and each run's files")
+    p.add_argument("--subsets", default="textvqa,ocr_vqa",
+                   help="seva.py --subsets of every run (paper 4.1: textvqa,ocr_vqa; the closed stage: all)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--confusion", metavar="FAMILY", help="instead of running: the answers to one question family "
                    "(colour, shape, count, exist, word) of the SFT model and of the --runs, by right answer")
@@ -310,6 +319,8 @@ def main(argv=None):
     if unknown or not args.ablations:
         p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, or all), or ask for --confusion")
     os.makedirs(args.out, exist_ok=True)
+    BASE.update(subsets=args.subsets,
+                sft_epochs=json.load(open(os.path.join(args.world, "sft-run", "args.json")))["epochs"])
     names = list(ABLATIONS) if "all" in args.ablations else args.ablations
     log = os.path.join(args.out, "runs.jsonl")
     rows = load_rows(log, args.world, args.out)

@@ -77,6 +77,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.processor, self.template, self.max_length = processor, template, max_length
         self.cache = {} if cache else None
         self.records, self.skipped, self.skip_reasons = [], [], Counter()
+        self.lengths = []  # tokens of each usable record (its longest sequence), for --group-by-length
         extra_tokens = None
         where = "line" if source.endswith(".jsonl") else "record"
         for index, record in enumerate(tqdm(records, desc=f"checking {source}", disable=rank != 0)):
@@ -105,6 +106,7 @@ class TrainDataset(torch.utils.data.Dataset):
             if example is not None and self.cache is not None:  # measured by encoding it: keep it
                 self.cache[len(self.records)] = example
             self.records.append(record)
+            self.lengths.append(length)
         if rank == 0 and len(self.skipped) > 20:
             print(f"{source}: ... and {len(self.skipped) - 20} more skipped", flush=True)
 
@@ -146,13 +148,28 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- which examples each step sees
-def step_indices(step, num_examples, global_batch, seed):
-    """The example indices of optimizer step `step`: a seeded permutation per epoch, partial batch dropped."""
+GROUP = 16  # --group-by-length: global batches per group sorted by length
+
+
+def step_indices(step, num_examples, global_batch, seed, lengths=None):
+    """The example indices of optimizer step `step`: a seeded permutation per epoch, partial batch dropped.
+
+    lengths (--group-by-length, as LLaVA's group_by_modality_length): each run of GROUP batches of the
+    permutation is sorted by length before it is cut into batches, and the epoch's batches are shuffled, so a
+    batch holds examples of similar length and pads less. A function of (step, seed) alone: resumes are exact."""
     steps_per_epoch = num_examples // global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{num_examples} examples are fewer than one global batch ({global_batch})")
     epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_examples, generator=generator)[:steps_per_epoch * global_batch]
+    if lengths is not None:
+        size = GROUP * global_batch
+        groups = [order[i:i + size].tolist() for i in range(0, len(order), size)]
+        batches = [sorted_group[j:j + global_batch] for group in groups
+                   for sorted_group in [sorted(group, key=lambda i: lengths[i])]
+                   for j in range(0, len(sorted_group), global_batch)]
+        return batches[torch.randperm(len(batches), generator=generator)[position].item()]
     return order[position * global_batch:(position + 1) * global_batch].tolist()
 
 

@@ -4,7 +4,7 @@ Batched greedy answers from a local HF vision-language model: Alg. 1 line 2 runs
 The authors generated one answer at a time; we batch with left padding and the KV cache, and test that
 the batched answers equal batch-size-1 answers token for token. seva.py and eval/ call `generate`.
 
-    python generate.py --model toy/model-sft --image toy/images/sft/000000.png --question "What color is the star?"
+    python generate.py --model toy/model-sft --image toy/images/coco/000000.png --question "Describe the image in detail."
 """
 import argparse
 

@@ -9,8 +9,10 @@ export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 # 0. The toy world and the SFT model SeVa starts from (plays LLaVA-1.5).
 python toyworld.py
 
-# Alg. 1 lines 1-3: chosen on the original image, rejected under diffusion noise at step 500, equal answers dropped.
-[ -f runs/seva/pairs.jsonl ] || python seva.py --num-samples 1000 --batch-size 64 --out runs/seva/pairs.jsonl
+# Alg. 1 lines 1-3: chosen on the original image, rejected under diffusion noise at step 500, equal answers dropped;
+# the pool's textvqa (one-sentence captions) and ocr_vqa (reading) records, as the paper's 4.1.
+[ -f runs/seva/pairs.jsonl ] || python seva.py --subsets textvqa,ocr_vqa --num-samples 1000 --batch-size 64 \
+  --out runs/seva/pairs.jsonl
 
 # Alg. 1 line 4: LoRA-DPO on the pairs, 2 processes (gloo on CPU), the reference = the model with LoRA disabled.
 if [ ! -f runs/dpo/adapter/adapter_config.json ]; then
@@ -20,5 +22,5 @@ fi
 python -m eval.curves runs/dpo/metrics.jsonl --out runs/dpo/curves.png
 
 # Before and after: the SFT model against SFT + SeVa's adapter.
-python -m eval.compare --base toy/model-sft --adapter runs/dpo/adapter --out runs/compare \
-  --batch-size 64 --temperatures 0.5,1.0
+python -m eval.compare --base toy/model-sft --adapter runs/dpo/adapter --pairs runs/seva/pairs.jsonl \
+  --out runs/compare --batch-size 64 --temperatures 0.5,1.0

@@ -31,17 +31,18 @@ from generate import generate
 
 # ----------------------------------------------------------------------------- Alg. 1 line 1: sample (I, Q) from the pool
 SUBSETS = ("textvqa", "ocr_vqa", "gqa", "coco", "vg")  # LLaVA-665k's image folders
-OCRVQA_SUFFIX = "Answer the question using a single word or phrase."
-
-
-def clean_question(text):
-    """The authors' step 1: remove `<image>`, the OCR-VQA suffix and the newlines."""
-    text = text.replace("<image>", "").replace(OCRVQA_SUFFIX, "")
-    # Deviation: newlines become one space (the authors delete them for ocr_vqa, keep them for textvqa).
+def clean_question(text, subset="all"):
+    """The authors' step 1: `<image>` removed; for textvqa (TextCaps captions) the rest is kept as it is, newlines
+    included; every other subset loses the short-answer suffix and its newlines (the authors do this for
+    ocr_vqa; gqa and coco, ablations of the paper, get the same)."""
+    if subset == "textvqa":
+        return text.replace("<image>\n", "").replace("<image>", "").strip()
+    text = text.replace("<image>", "").replace(vlm.SINGLE_WORD, "")
+    # Deviation: newlines become one space (the authors delete them).
     return " ".join(text.split())
 
 
-def record_problem(record):
+def record_problem(record, subset="all"):
     """Why a record cannot give instances, or None."""
     if not isinstance(record, dict):
         return "not a json object"
@@ -55,7 +56,7 @@ def record_problem(record):
     humans = [t for t in turns if t["from"] == "human"]
     if not humans:
         return "no human turn"
-    if any(not clean_question(t["value"]) for t in humans):
+    if any(not clean_question(t["value"], subset) for t in humans):
         return "a human turn is empty once cleaned"
     return None
 
@@ -69,7 +70,7 @@ def subset_of(record, subsets):
     return prefix if prefix in subsets else None
 
 
-def record_instances(record, seed):
+def record_instances(record, seed, subset="all"):
     """Up to 2 of a record's human turns, picked at random (paper 4.1), each one instance."""
     turns = record["conversations"]
     humans = [k for k, turn in enumerate(turns) if turn["from"] == "human"]
@@ -79,7 +80,7 @@ def record_instances(record, seed):
         k = humans[turn]
         answer = turns[k + 1]["value"] if k + 1 < len(turns) and turns[k + 1]["from"] == "gpt" else None
         instances.append(dict(id=f"{record['id']}-{turn}", image=record["image"],
-                              question=clean_question(turns[k]["value"]), answer=answer))
+                              question=clean_question(turns[k]["value"], subset), answer=answer))
     return instances
 
 
@@ -95,7 +96,7 @@ def sample_instances(records, subsets, num_samples, seed, source="data"):
         subset = subset_of(record, subsets)
         if subset is None:
             continue
-        problem = record_problem(record)
+        problem = record_problem(record, subset)
         if problem:
             name = record.get("id", f"#{position}") if isinstance(record, dict) else f"#{position}"
             skipped["malformed record"] += 1
@@ -111,7 +112,7 @@ def sample_instances(records, subsets, num_samples, seed, source="data"):
         for i in order:
             if num_samples and len(taken) >= quota:
                 break
-            taken += record_instances(group[i], seed)
+            taken += record_instances(group[i], seed, subset)
         if not taken or (num_samples and len(taken) < quota):
             messages.append(f"{source}: subset {subset} gives only {len(taken)} instances of its share {quota or 'all'}")
         instances += taken[:quota] if num_samples else taken

@@ -74,12 +74,16 @@ def build_model(tokenizer, width, vision_layers, text_layers, patch_size, image_
 
 
 # ----------------------------------------------------------------------------- stage 0: vision pretraining
+IMAGE_PROBES = ("count", "present")  # read from the mean of the patches; the others from each patch
+
+
 def pretrain_vision(model, pixels, targets, classes, steps, batch_size, lr, seed):
     """LLaVA starts from a pretrained CLIP; we pretrain ours with linear probes on the scene graphs:
     per patch, what it shows (like a segmentation-pretrained encoder), reading the same layer (-2,
     patch tokens) that LLaVA feeds its projector; and the object count from the pooled patches.
 
-    pixels (N, C, H, W); targets {probe: (N, patches) class ids, "count": (N,)}; classes {probe: classes}."""
+    pixels (N, C, H, W); targets {probe: (N, patches) class ids, "count": (N,), optionally "present": (N, pairs)
+    multi-hot}; classes {probe: classes}."""
     torch.manual_seed(seed)
     tower = model.model.vision_tower
     width = tower.config.hidden_size
@@ -92,8 +96,11 @@ def pretrain_vision(model, pixels, targets, classes, steps, batch_size, lr, seed
         idx = torch.randint(len(pixels), (batch_size,), generator=generator)
         hidden = tower(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # (B, P, C): no CLS
         loss = sum(cross_entropy(heads[name](hidden).flatten(0, 1), targets[name][idx].flatten())
-                   for name in classes if name != "count")  # per patch
+                   for name in classes if name not in IMAGE_PROBES)  # per patch
         loss = loss + cross_entropy(heads["count"](hidden.mean(1)), targets["count"][idx])  # per image
+        if "present" in classes:  # per image, several labels: which (colour, shape) pairs it holds
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(heads["present"](hidden.mean(1)),
+                                                                               targets["present"][idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -33,7 +33,7 @@ import vlm
 
 # ----------------------------------------------------------------------------- model
 def prepare_model(path, device, amp_dtype=None, objective="dpo", lora_r=0, lora_alpha=0.0, lora_dropout=0.0,
-                  train_projector=False, parallel="ddp", gradient_checkpointing=False):
+                  train_projector=False, parallel="ddp", gradient_checkpointing=False, train_vision=False):
     """Load the model, add LoRA (or not), freeze what SeVa never trains. Returns (model, processor).
 
     LoRA under bf16 autocast with DDP stores the frozen base in bf16: half its memory, and autocast computes
@@ -47,6 +47,8 @@ def prepare_model(path, device, amp_dtype=None, objective="dpo", lora_r=0, lora_
         vlm.freeze_vision(model, train_projector=train_projector)
     else:  # full fine-tuning of the language model (and the projector, as LLaVA's SFT)
         vlm.freeze_vision(model, train_projector=objective == "sft" or train_projector)
+    if train_vision:
+        vlm.unfreeze_vision(model)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # master weights in fp32
@@ -147,6 +149,7 @@ class Run:
     world_size: int
     device: torch.device
     amp_dtype: torch.dtype | None
+    group_by_length: bool = False  # batches of similar lengths (data.step_indices)
 
 
 def setup(args):
@@ -160,7 +163,7 @@ def setup(args):
     parallel = args.parallel if world_size > 1 else "ddp"  # nothing to shard in one process
     raw_model, processor = prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r, args.lora_alpha,
                                          args.lora_dropout, args.train_projector, parallel,
-                                         args.gradient_checkpointing)
+                                         args.gradient_checkpointing, args.train_vision)
     pad = vlm.pads_to_square(raw_model)
     if args.objective == "dpo":  # the images as seva.py padded them to make the pairs
         pad = data.pairs_padding(args.data, pad)
@@ -212,7 +215,8 @@ def setup(args):
                                            if row["step"] <= start_step])
         common.write_atomic(os.path.join(args.out, "args.json"), [json.dumps(config, indent=2)])
     return Run(config, args.objective, parallel, model, raw_model, processor, dataset, micro_step, params, optimizer,
-               scheduler, global_batch, num_steps, start_step, rank, world_size, device, amp_dtype)
+               scheduler, global_batch, num_steps, start_step, rank, world_size, device, amp_dtype,
+               args.group_by_length)
 
 
 def lr_lambda(warmup_steps, total_steps):
@@ -235,7 +239,8 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
     bar = tqdm(total=run.num_steps, initial=run.start_step, desc=run.objective, disable=rank != 0 or not progress)
     for step in range(run.start_step, run.num_steps):
         t0 = time.time()
-        indices = data.step_indices(step, len(dataset), run.global_batch, seed)
+        indices = data.step_indices(step, len(dataset), run.global_batch, seed,
+                                    dataset.lengths if run.group_by_length else None)
         batches = [dataset.collate([dataset[i] for i in micro])
                    for micro in data.rank_micro_batches(indices, rank, world_size, accumulation)]
         # Normalise by the whole global batch: pairs for DPO, answer tokens for SFT (counted over ranks).
@@ -281,7 +286,8 @@ def train(args):
     run = setup(args)
     loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress)
     fresh_model = lambda: prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r,
-                                        args.lora_alpha, args.lora_dropout, args.train_projector)[0]
+                                        args.lora_alpha, args.lora_dropout, args.train_projector,
+                                        train_vision=args.train_vision)[0]
     checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r, args.merge,
                       run.parallel == "fsdp", fresh_model)
     common.barrier(run.world_size)
@@ -310,6 +316,9 @@ def parse_args(argv=None):
                    help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--max-length", type=int, default=2048, help="longer examples are skipped (paper: 2048)")
     g.add_argument("--cache-data", action="store_true", help="keep tokenized examples in memory (small data sets)")
+    g.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length, so batches pad less (LLaVA's group_by_modality_length); "
+                        "the order stays a function of --seed, and resumes stay exact")
     g.add_argument("--out", help="output folder: metrics.jsonl, args.json, checkpoints, adapter/ or model/")
     g = p.add_argument_group("LoRA and DPO")
     g.add_argument("--lora-r", type=int, help="LoRA rank, 0 = full fine-tuning (paper: 1024; toy: 32)")
@@ -318,6 +327,9 @@ def parse_args(argv=None):
                    help="LoRA dropout, sft only: dpo turns every dropout off (paper config 0.05, effectively 0)")
     g.add_argument("--train-projector", action="store_true",
                    help="also train the multimodal projector (the authors' code does; the paper does not say)")
+    g.add_argument("--train-vision", action="store_true",
+                   help="also train the vision tower (the toy world's SFT, whose small CLIP stands in for a "
+                        "pretrained one; LLaVA and SeVa keep it frozen)")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta (paper: 0.1)")
     g.add_argument("--loss-type", default="sigmoid", choices=dpo.LOSS_TYPES, help="sigmoid is Eq. 7 (paper)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (paper: 0)")

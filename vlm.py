@@ -74,10 +74,13 @@ FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"], pair_forwards=("concatenated",)
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SINGLE_WORD = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer suffix
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalization, as LLaVA-1.5's processor has it
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_MEAN_RGB = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square colour
-TEMPLATES = ("llava_v1", "chat")  # llava_v1: the authors' template; chat: the processor's chat template
+# llava_v1: the authors' template; chat: the processor's chat template; plain: LLaVA's stage-1 (feature alignment)
+# format, "<image>{caption}\n", the question dropped and no system prompt (the authors' conv_llava_plain).
+TEMPLATES = ("llava_v1", "chat", "plain")
 
 
 def family_of(model_or_config):
@@ -104,8 +107,8 @@ def resolve_template(model, template=None):
     template = template or spec(model)["template"]
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
-    if template == "llava_v1" and family_of(model) != "llava":
-        raise ValueError(f"the llava_v1 template is LLaVA-1.5's; a {family_of(model)} model takes --template chat")
+    if template in ("llava_v1", "plain") and family_of(model) != "llava":
+        raise ValueError(f"the {template} template is LLaVA-1.5's; a {family_of(model)} model takes --template chat")
     return template
 
 
@@ -155,6 +158,20 @@ def freeze_vision(model, train_projector=False):
         p.requires_grad_(False)
     for p in model.get_submodule(row["projector"]).parameters():
         p.requires_grad_(train_projector)
+
+
+def unfreeze_vision(model):
+    """Train the vision tower too (the toy world's SFT: its small CLIP stands in for a far stronger pretrained
+    one). The layers after the one LLaVA reads (vision_feature_layer -2: the last layer and post_layernorm) get
+    no gradient and stay frozen, so DDP finds no unused parameter."""
+    tower = model.get_submodule(spec(model)["vision_tower"])
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if isinstance(layer, int) and layer < 0 and hasattr(tower, "vision_model"):
+        for unused in list(tower.vision_model.encoder.layers)[len(tower.vision_model.encoder.layers) + layer + 1:]:
+            unused.requires_grad_(False)
+        tower.vision_model.post_layernorm.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -242,6 +259,12 @@ def render_turns(processor, turns, template):
             pieces.append((user + " ASSISTANT:", False))
             if answer is not None:
                 pieces.append((f" {answer}{eos}", True))
+    elif template == "plain":  # "<image>{a}\n": one turn, its question replaced by the image, as LLaVA's stage 1
+        if len(turns) != 1:
+            raise ValueError(f"the plain template takes one turn (an image and its caption), got {len(turns)}")
+        pieces.append(("<image>", False))
+        if turns[0][1] is not None:
+            pieces.append((f"{turns[0][1]}\n", True))
     elif template == "chat":  # the processor's own chat template, rendered prefix by prefix
         messages, rendered, held = [], "", ""  # rendered: the template's text so far
         for i, (question, answer) in enumerate(turns):

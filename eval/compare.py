@@ -8,20 +8,28 @@ The SFT model against the SeVa model (the same model + the DPO LoRA adapter) on 
     answers equal to the model's greedy answer (the paper asks GPT-4 for a 1-10 consistency score; the
     toy world's one-word answers can be compared exactly).
 
-Toy world (the default): POPE (3 splits), toy VQA clean and under diffusion noise at step 500, consistency:
-    python -m eval.compare --base toy/model-sft --adapter runs/dpo/adapter
+Toy world (the default): POPE (3 splits, accuracy and yes-ratio beside F1), short answers by family, clean and
+under diffusion noise at step 500, captions and descriptions (CHAIR_i, CHAIR_s, Cover, SHR-like, length),
+sentence answers, consistency, and the pairs trained (which side holds more false claims):
+    python -m eval.compare --base toy/model-sft --adapter runs/dpo/adapter --pairs runs/seva/pairs.jsonl
 writes OUT/compare.md, OUT/compare.png, OUT/compare.json and every answer file under OUT/answers/{sft,seva}/
 (resumable: a rerun generates only what is missing). Under torchrun the questions are shared out.
+
+No headline hides a collapse: a model whose POPE yes-ratio leaves 0.2-0.8 answers nearly always one way, and
+its POPE cells (and their delta) are marked degenerate.
 """
 import argparse
 import json
 import os
 
 import common
+import pairs
 from eval import judge as judge_lib
-from eval import gqa, judge_client, mc_files, multiple_choice, pope, runner, shr, toyvqa
+from eval import gqa, hallucination, judge_client, mc_files, multiple_choice, pope, runner, shr, toyvqa
 
 MODELS = ("SFT", "SeVa")
+YES_RATIO_BAND = (0.2, 0.8)  # outside it, a POPE model answers nearly always yes (or no): its F1 says nothing
+LOWER_IS_BETTER = ("CHAIR", "SHR")  # column prefixes
 TEMPERATURES = "0.2,0.4,0.5,0.7,0.9,1.0"  # paper Table 5's rows
 
 
@@ -73,6 +81,9 @@ def evaluate_model(model, processor, model_id, weights, out_dir, args, judge=Non
                                                                 out_dir, judge, **shared)
     if args.shr_dir:
         results["shr"] = shr.evaluate(model, processor, model_id, args.shr_dir, args.vg_dir, out_dir, judge, **shared)
+    if args.world and os.path.exists(os.path.join(args.world, "val-captions.json")):  # the open stage's files
+        results["open"] = hallucination.evaluate(model, processor, model_id, args.world, args.image_folder, out_dir,
+                                                 **dict(shared, max_new_tokens=args.open_max_new_tokens))
     if args.val and args.temperatures:
         results["consistency"] = consistency(model, processor, model_id, common.read_records(args.val),
                                              args.image_folder, out_dir, args.temperatures, args.seed, **shared)
@@ -103,6 +114,12 @@ def outcomes(out_dir, args, results):
         for name, file in files.items():
             answers = common.read_jsonl(os.path.join(out_dir, file))
             per[name] = {r["id"]: float(ok) for r, ok in zip(records, toyvqa.correctness(records, answers))}
+    if results.get("open"):
+        records = common.read_records(os.path.join(args.world, "val-sentences.json"))
+        scenes = common.read_records(os.path.join(args.world, "scenes.json"))
+        texts = toyvqa.texts_of(records, common.read_jsonl(os.path.join(out_dir, "sentence-clean.jsonl")))
+        per["Sentences"] = {r["id"]: float(hallucination.sentence_right(text, r, scenes[r["image"]]))
+                            for r, text in zip(records, texts)}
     for name, path in args.mc:
         questions = mc_files.read_questions(path, args.mc_split)
         answers = common.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
@@ -146,7 +163,21 @@ def table_columns(results):
         columns["VQA"] = 100 * results["toyvqa"]["clean"]["overall"]
         if "noisy" in results["toyvqa"]:
             columns["VQA-noisy"] = 100 * results["toyvqa"]["noisy"]["overall"]
+    if results.get("open"):
+        for kind, short in (("caption", "cap"), ("description", "desc")):
+            for metric, name in (("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("cover", "Cover"), ("shr", "SHR")):
+                columns[f"{name}-{short}"] = 100 * results["open"][kind][metric]
+        columns["Sentences"] = 100 * results["open"]["sentence"]["overall"]
     return columns
+
+
+def degenerate_columns(results):
+    """The POPE columns of one model whose yes-ratio leaves YES_RATIO_BAND (the average: if any split does)."""
+    low, high = YES_RATIO_BAND
+    short = {"random": "rand", "popular": "pop", "adversarial": "adv"}
+    bad = {f"POPE-{short.get(split, split)}" for split, metrics in results.get("pope", {}).items()
+           if split != "average" and not low <= metrics["yes_ratio"] <= high}
+    return bad | ({"POPE"} if bad else set())
 
 
 def judged_notes(results):
@@ -159,15 +190,110 @@ def judged_notes(results):
     return notes
 
 
-def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=()):
-    rows = [[f"{name} (`{model_ids[name]}`)" if name in model_ids else "delta (SeVa - SFT)"]
-            + [f"{v:+.1f}" if name == "delta" else f"{v:.1f}" for v in table[name]] for name in MODELS + ("delta",)]
-    lines = ["## Benchmarks (paper Table 2)", ""] + common.markdown_table(["model", *table["columns"]], rows)
+def table_rows(table, degenerate):
+    """The main table's rows: each model, then the delta; a POPE cell of a degenerate model (and its delta) marked."""
+    rows = []
+    for name in MODELS + ("delta",):
+        cells = []
+        for column, value in zip(table["columns"], table[name]):
+            marked = column in degenerate["SFT"] | degenerate["SeVa"] if name == "delta" else column in degenerate[name]
+            cells.append((f"{value:+.1f}" if name == "delta" else f"{value:.1f}") + (" (degenerate)" if marked else ""))
+        rows.append([name if name != "delta" else "delta (SeVa - SFT)"] + cells)
+    return rows
+
+
+def pope_section(results):
+    """Every POPE metric of both models, split by split, with the yes-ratio that F1 hides."""
+    rows = []
+    for name in MODELS:
+        for split, m in results[name].get("pope", {}).items():
+            if split == "average":
+                continue
+            low, high = YES_RATIO_BAND
+            rows.append([name, split] + [f"{100 * m[k]:.1f}" for k in ("accuracy", "f1", "precision", "recall")]
+                        + [f"{m['yes_ratio']:.2f}", "" if low <= m["yes_ratio"] <= high else "**degenerate**"])
+    if not rows:
+        return []
+    return ["", "## POPE, every metric", ""] + common.markdown_table(
+        ["model", "split", "accuracy", "F1", "precision", "recall", "yes-ratio", ""], rows) + [
+        "", f"Degenerate: the yes-ratio leaves {YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]}; such a model answers "
+            "(nearly) always one way, and a change of its F1 is no change of what it sees."]
+
+
+def short_answer_section(results):
+    """Toy VQA exact match by question family, both models and the delta (clean images)."""
+    if not all("toyvqa" in results[name] for name in MODELS):
+        return []
+    scores = {name: results[name]["toyvqa"]["clean"] for name in MODELS}
+    families = list(scores["SFT"])
+    rows = [[name] + [f"{100 * scores[name][f]:.1f}" for f in families] for name in MODELS]
+    rows.append(["delta"] + [f"{100 * (scores['SeVa'][f] - scores['SFT'][f]):+.1f}" for f in families])
+    return ["", "## Short answers by family (toy VQA, exact match)", ""] + common.markdown_table(["model", *families],
+                                                                                                  rows)
+
+
+def open_section(results):
+    """Captions and descriptions: every hallucination metric and the answer length, both models and the delta."""
+    if not all(results[name].get("open") for name in MODELS):
+        return []
+    metrics = (("chair_i", "CHAIR_i", 100), ("chair_s", "CHAIR_s", 100), ("cover", "Cover", 100),
+               ("shr", "SHR-like", 100), ("words", "words", 1), ("sentences", "sentences", 1),
+               ("unparsed", "unparsed", 1))
+    rows = []
+    for kind in hallucination.KINDS:
+        for name in MODELS:
+            m = results[name]["open"][kind]
+            rows.append([kind, name] + [f"{scale * m[k]:.1f}" if scale == 100 or k != "unparsed" else str(m[k])
+                                        for k, _, scale in metrics])
+        a, b = results["SFT"]["open"][kind], results["SeVa"]["open"][kind]
+        rows.append([kind, "delta"] + [f"{scale * (b[k] - a[k]):+.1f}" for k, _, scale in metrics])
+    sentence = {name: results[name]["open"]["sentence"] for name in MODELS}
+    return ["", "## Open-ended answers (toy world, scored against the scene graphs)", ""] + common.markdown_table(
+        ["answers", "model", *[label for _, label, _ in metrics]], rows) + [
+        "", "Percent but words, sentences (per answer) and unparsed (sentences outside the grammar, counted as false "
+            "in SHR-like). CHAIR and SHR-like: lower is better; Cover: higher is better; words: the length change "
+            "(paper Fig. 5).",
+        "", "Sentence answers right: " + "; ".join(
+            f"{name} " + ", ".join(f"{f} {100 * v:.1f}" for f, v in sentence[name].items()) for name in MODELS)]
+
+
+def pairs_section(pair_table, quality):
+    """The pairs trained: which side holds more false claims (open-ended answers, per subset) and, where the json
+    had the answer, whether chosen is right and rejected wrong (seva.py's pair quality)."""
+    lines = []
+    if pair_table:
+        rows = [[subset, r["pairs"]] + [f"{100 * r[c] / r['pairs']:.1f}" for c in hallucination.PAIR_CLASSES]
+                + [f"{r['false_chosen']:.2f}", f"{r['false_rejected']:.2f}", f"{r['words_chosen']:.1f}",
+                   f"{r['words_rejected']:.1f}"] for subset, r in pair_table.items()]
+        lines += ["", "## The pairs trained: which side holds more false claims", ""] + common.markdown_table(
+            ["subset", "pairs", *[f"{c} %" for c in hallucination.PAIR_CLASSES], "false claims chosen",
+             "false claims rejected", "words chosen", "words rejected"], rows) + [
+            "", "False claims: claims the image's scene graph contradicts, and sentences outside the grammar."]
+    if quality:
+        total = sum(quality.values())
+        lines += ["", f"Pairs with the json's answer ({total}): " + ", ".join(
+            f"{name} {100 * count / total:.1f}%" for name, count in quality.items())]
+    return lines
+
+
+def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=(), results=None, pair_table=None,
+             quality=None):
+    results = results or {name: {} for name in MODELS}
+    degenerate = {name: degenerate_columns(results[name]) for name in MODELS}
+    lines = [f"Models: SFT `{model_ids['SFT']}`; SeVa `{model_ids['SeVa']}`.", "",
+             "## Benchmarks (paper Table 2)", ""]
+    lines += common.markdown_table(["model", *table["columns"]], table_rows(table, degenerate))
     lines += ["", "Percent. POPE columns: F1 (POPE = the average over the splits, as in the paper). "
               f"VQA: toy-world exact match; VQA-noisy: the same under diffusion noise at step {args.noise_step}. "
-              "MMVet: judge score; LLaVA-W: relative score to the reference answers; SHR: hallucinated sentences "
-              "(lower is better)."]
+              "CHAIR_i, CHAIR_s, Cover, SHR (SHR-like on the toy world) of captions (cap) and descriptions (desc); "
+              "Sentences: sentence answers right. MMVet: judge score; LLaVA-W: relative score to the reference "
+              "answers. CHAIR and SHR: lower is better."]
+    if degenerate["SFT"] | degenerate["SeVa"]:
+        lines += ["", f"**(degenerate): POPE yes-ratio outside {YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]}; the F1 and "
+                      "its delta say nothing.**"]
     lines += [f"**{note}**" for note in notes]
+    lines += pope_section(results) + short_answer_section(results) + open_section(results)
+    lines += pairs_section(pair_table, quality)
     if pairwise:
         lines += ["", "## Pair-wise, SeVa against SFT (paper Fig. 5)", ""] + common.markdown_table(
             ["benchmark", "win", "lose", "tie"], [[name, c["win"], c["lose"], c["tie"]] for name, c in pairwise.items()])
@@ -238,6 +364,13 @@ def parse_args(argv=None):
                    help="diffusion step of the noisy VQA run, -1 to skip (paper: 500 for 13B, 800 for 7B)")
     g.add_argument("--temperatures", default=TEMPERATURES,
                    help=f"sampling temperatures of the consistency study (paper Table 5: {TEMPERATURES}); '' skips it")
+    g.add_argument("--world", default="toy",
+                   help="the toy world: its open-ended val files (captions, descriptions, sentence answers) and "
+                        "scenes, when it has them (python toyworld.py, open stage); '' skips them")
+    g.add_argument("--open-max-new-tokens", type=int, default=96,
+                   help="answer length limit of the captions, descriptions and sentence answers")
+    g.add_argument("--pairs", default="", help="the pairs SeVa trained on (seva.py's OUT): which side holds more "
+                                               "false claims, against --world's scenes")
     g.add_argument("--mc", action="append", default=[], metavar="NAME=PATH",
                    help="a multiple-choice benchmark (MMBench tsv, SEED-Bench.json, ScienceQA problems.json, or a "
                         "jsonl of questions), repeatable: --mc MMB=mmbench_dev.tsv")
@@ -309,9 +442,19 @@ def main(argv=None):
         pairwise = {bench: win_lose_tie(per["SFT"][bench], per["SeVa"][bench]) for bench in per["SFT"]}
         consistency_by_model = {name: results[name].get("consistency", {}) for name in MODELS}
         os.makedirs(args.out, exist_ok=True)
-        text = markdown(table, pairwise, consistency_by_model, model_ids, args, judged_notes(results))
+        pair_table = quality = None
+        if args.pairs:
+            trained = common.read_jsonl(args.pairs)
+            quality = pairs.pair_quality(trained)
+            scenes_path = os.path.join(args.world, "scenes.json")
+            if args.world and os.path.exists(scenes_path):
+                pair_table = hallucination.pair_claims(trained, common.read_records(scenes_path))
+        text = markdown(table, pairwise, consistency_by_model, model_ids, args, judged_notes(results), results,
+                        pair_table, quality)
         report = dict(args=vars(args), models=model_ids, answers=answer_dirs, table=table, pairwise=pairwise,
-                      consistency=consistency_by_model, results={m: without_per_question(results[m]) for m in MODELS})
+                      consistency=consistency_by_model, pairs=dict(claims=pair_table, quality=quality),
+                      degenerate={m: sorted(degenerate_columns(results[m])) for m in MODELS},
+                      results={m: without_per_question(results[m]) for m in MODELS})
         common.write_atomic(os.path.join(args.out, "compare.md"), [text])
         common.write_atomic(os.path.join(args.out, "compare.json"), [json.dumps(report, indent=1)])
         bar_chart(table, consistency_by_model, os.path.join(args.out, "compare.png"))

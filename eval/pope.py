@@ -17,11 +17,12 @@ import json
 import os
 
 import common
+import vlm
 from eval import runner
 
 SPLITS = ("random", "popular", "adversarial")
 # LLaVA-1.5's POPE question file appends this to every question.
-LLAVA_SUFFIX = "\nAnswer the question using a single word or phrase."
+LLAVA_SUFFIX = "\n" + vlm.SINGLE_WORD
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 

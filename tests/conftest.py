@@ -16,11 +16,13 @@ import toyworld  # noqa: E402
 
 torch.set_num_threads(1)  # the tests' models are tiny: one thread is fastest, and subprocess ranks use one too
 
-# Small enough to build in seconds; the model is barely trained: tests check plumbing, not accuracy.
+# Small enough to build in seconds; the model is barely trained: tests check plumbing, not accuracy. Every stage
+# runs; at a lower lr than the real world's, so that the model's answers still depend on the image (at 1e-3 its
+# three stage-1 steps make it repeat one token, and noise changes no answer of seva's tests).
 TINY_WORLD = ["--sft-images", "48", "--pool-size", "12", "--unseen-images", "8", "--val-images", "10",
               "--pope-images", "3", "--vocab-size", "400", "--width", "32", "--vision-layers", "2",
-              "--text-layers", "1", "--patch-size", "16", "--vision-steps", "3", "--sft-epochs", "1",
-              "--sft-batch-size", "16", "--noise-check", "8", "--threads", "1"]
+              "--text-layers", "1", "--patch-size", "16", "--vision-steps", "3", "--pretrain-epochs", "1",
+              "--sft-epochs", "1", "--sft-batch-size", "16", "--sft-lr", "1e-4", "--noise-check", "8", "--threads", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +34,12 @@ def toy_world(tmp_path_factory):
 
 
 def wrong_answer(family, right, index):
-    """A plausible wrong answer of the same family (deterministic)."""
+    """A plausible wrong answer of the same family (deterministic): another word of its kind; in a caption or a
+    description, the first colour named replaced by another."""
+    if family in ("caption", "description"):
+        colour = next(word for word in right.replace(",", " ").replace(".", " ").split() if word in toygrammar.COLOURS)
+        other = [c for c in toygrammar.COLOURS if c != colour][index % (len(toygrammar.COLOURS) - 1)]
+        return right.replace(colour, other, 1)
     options = {"colour": list(toygrammar.COLOURS), "shape": toygrammar.SHAPES, "count": ["1", "2", "3"],
                "exist": ["Yes", "No"], "word": toygrammar.WORDS}[family]
     wrong = [o for o in options if o != right]

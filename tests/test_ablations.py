@@ -9,7 +9,6 @@ from eval import toyvqa
 def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     monkeypatch.setitem(ablations.ABLATIONS, "noise_step", ("Fig. 6", "noise_step", [999]))
     monkeypatch.setattr(ablations, "GLOBAL_BATCH", 4)
-    monkeypatch.setitem(ablations.BASE, "sft_epochs", 1)  # the tiny world's own SFT model (toyworld.py: 6 epochs)
     argv = ["noise_step", "--seeds", "0", "1", "--world", toy_world, "--out", str(tmp_path), "--threads", "1"]
     ablations.main(argv)
     rows = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]

@@ -70,6 +70,9 @@ def test_clean_question_by_hand():
     assert seva.clean_question(f"What is the title of this book?\n<image>\n{SUFFIX}") == "What is the title of this book?"
     assert (seva.clean_question("<image>\nProvide a one-sentence caption for the provided image.\nReference OCR token: A")
             == "Provide a one-sentence caption for the provided image. Reference OCR token: A")
+    # the authors keep textvqa's caption prompts as they are, but for the <image> placeholder
+    assert (seva.clean_question("<image>\nProvide a one-sentence caption for the provided image.\nReference OCR token: A",
+                                "textvqa") == "Provide a one-sentence caption for the provided image.\nReference OCR token: A")
 
 
 def test_sampling_two_turns_per_image_cleaned_by_subset_and_seeded():
@@ -83,10 +86,13 @@ def test_sampling_two_turns_per_image_cleaned_by_subset_and_seeded():
         record_id, turn = instance["id"].rsplit("-", 1)
         by_record.setdefault(record_id, []).append(int(turn))
         question = instance["question"]
-        assert "<image>" not in question and "\n" not in question and SUFFIX not in question and question
+        assert "<image>" not in question and SUFFIX not in question and question
         record = next(r for r in records if r["id"] == record_id)  # the instance is that turn, cleaned
         human = [t["value"] for t in record["conversations"] if t["from"] == "human"][int(turn)]
-        assert question == " ".join(human.replace("<image>", "").replace(SUFFIX, "").split())
+        if instance["image"].startswith("textvqa/"):  # the authors' textvqa: only <image> goes
+            assert question == human.replace("<image>\n", "")
+        else:
+            assert "\n" not in question and question == " ".join(human.replace("<image>", "").replace(SUFFIX, "").split())
         assert instance["answer"] == record["conversations"][2 * int(turn) + 1]["value"]
     assert all(len(t) <= 2 and len(set(t)) == len(t) for t in by_record.values())
     assert any(len(t) == 2 for t in by_record.values())

@@ -5,7 +5,7 @@ import random
 import pytest
 
 import toygrammar
-import toyworld
+import toyscenes
 
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "small", "center": [10, 10]},
                      {"shape": "star", "colour": "blue", "size": "large", "center": [50, 30]}], "word": "cat"}
@@ -60,7 +60,7 @@ def test_false_claims_by_hand():
 def test_every_sentence_of_the_grammar_round_trips(seed):
     rng = random.Random(seed)
     for _ in range(200):
-        scene = toyworld.make_scene(rng)
+        scene = toyscenes.make_scene(rng)
         texts = [toygrammar.caption(scene)] + toygrammar.split_sentences(toygrammar.description(scene))
         shapes = [o["shape"] for o in scene["objects"]]
         colours = [o["colour"] for o in scene["objects"]]

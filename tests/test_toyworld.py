@@ -5,23 +5,27 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+import data
+import toydata
 import toygrammar
+import toyscenes
 import toyworld
 import vlm
 from helpers import count_image_tokens
 
 
 def scenes(n=200):
-    return [toyworld.make_scene(random.Random(i)) for i in range(n)]
+    return [toyscenes.make_scene(random.Random(i)) for i in range(n)]
 
 
 def object_pixels(scene, k):
     """The RGB values of object k, read from the rendered image through the label map."""
-    image = np.asarray(toyworld.render(scene))
-    labels = np.asarray(toyworld.render(scene, label_map=True))
+    image = np.asarray(toyscenes.render(scene))
+    labels = np.asarray(toyscenes.render(scene, label_map=True))
     return image[labels == k + 1]
 
 
@@ -29,11 +33,11 @@ def object_pixels(scene, k):
 def test_colour_answers_match_the_pixels():
     checked = 0
     for scene in scenes():
-        for slots in toyworld.askable(scene, "colour"):
+        for slots in toydata.askable(scene, "colour"):
             k = next(i for i, o in enumerate(scene["objects"]) if o["shape"] == slots["shape"])
             pixels = object_pixels(scene, k)
             assert len(pixels) > 20
-            assert (pixels == toygrammar.COLOURS[toyworld.answer(scene, "colour", slots)]).all()
+            assert (pixels == toygrammar.COLOURS[toydata.answer(scene, "colour", slots)]).all()
             checked += 1
     assert checked > 100
 
@@ -42,29 +46,29 @@ def test_shape_answers_are_unique_and_match_the_drawn_area():
     # A square fills its box, a circle ~pi/4 of it, a triangle ~1/2, a star less: the area tells them apart.
     fill = {"square": 1.0, "circle": 0.785, "triangle": 0.5, "star": 0.3}
     for scene in scenes():
-        for slots in toyworld.askable(scene, "shape"):
+        for slots in toydata.askable(scene, "shape"):
             same_colour = [i for i, o in enumerate(scene["objects"]) if o["colour"] == slots["colour"]]
             assert len(same_colour) == 1
             obj = scene["objects"][same_colour[0]]
             box = (2 * toygrammar.SIZES[obj["size"]] + 1) ** 2
             measured = len(object_pixels(scene, same_colour[0])) / box
             closest = min(fill, key=lambda s: abs(fill[s] - measured))
-            assert closest == toyworld.answer(scene, "shape", slots)
+            assert closest == toydata.answer(scene, "shape", slots)
 
 
 def test_count_exist_and_word_answers():
     for scene in scenes():
-        labels = np.asarray(toyworld.render(scene, label_map=True))
+        labels = np.asarray(toyscenes.render(scene, label_map=True))
         drawn = {int(v) for v in np.unique(labels)} - {0, 255}
-        assert toyworld.answer(scene, "count", {}) == str(len(drawn))
-        for slots in toyworld.askable(scene, "exist"):
+        assert toydata.answer(scene, "count", {}) == str(len(drawn))
+        for slots in toydata.askable(scene, "exist"):
             present = any(o["colour"] == slots["colour"] and o["shape"] == slots["shape"] for o in scene["objects"])
-            assert toyworld.answer(scene, "exist", slots) == ("Yes" if present else "No")
+            assert toydata.answer(scene, "exist", slots) == ("Yes" if present else "No")
         # the word band holds dark text pixels exactly when the scene has a word
-        band = np.asarray(toyworld.render(scene))[toyworld.IMAGE_SIZE - 16:]
+        band = np.asarray(toyscenes.render(scene))[toyscenes.IMAGE_SIZE - 16:]
         assert ((band.sum(-1) < 200).any()) == (scene["word"] is not None)
         if scene["word"]:
-            assert toyworld.answer(scene, "word", {}) == scene["word"]
+            assert toydata.answer(scene, "word", {}) == scene["word"]
 
 
 def test_pope_splits(toy_world):
@@ -97,11 +101,16 @@ def test_records_are_llava_665k_format(toy_world):
 
 
 # ----------------------------------------------------------------------------- determinism
-def test_same_seed_gives_identical_files(tmp_path):
-    sizes = dict(sft=12, unseen=4, val=5, pope=2, pool=4)
-    toyworld.build_data(str(tmp_path / "a"), 7, sizes)
-    toyworld.build_data(str(tmp_path / "b"), 7, sizes)
-    toyworld.build_data(str(tmp_path / "c"), 8, sizes)
+@pytest.mark.parametrize("stage", ["open", "closed"])
+def test_same_seed_gives_identical_files(tmp_path, stage):
+    if stage == "open":
+        build, sizes = toydata.build_open, dict(sft=12, shares=(0.25, 0.25, 0.25, 0.25), pool=2, unseen=1, pope=2,
+                                                val=dict(short=5, sentence=3, caption=2, description=2))
+    else:
+        build, sizes = toydata.build_closed, dict(sft=12, unseen=4, val=5, pope=2, pool=4)
+    build(str(tmp_path / "a"), 7, sizes)
+    build(str(tmp_path / "b"), 7, sizes)
+    build(str(tmp_path / "c"), 8, sizes)
     compared = 0
     for root, _, files in os.walk(tmp_path / "a"):
         for f in files:
@@ -152,9 +161,27 @@ def test_chat_template_renders_the_trained_format(toy_world):
     assert vlm.prompt_text(processor, "q?", "chat") == vlm.prompt_text(processor, "q?", "llava_v1")
 
 
+def test_plain_template_is_llava_stage_one_format(toy_world):
+    """Stage 1 (toy/pretrain.json): "<image>{caption}\n", the prompt dropped, no system prompt, only the caption
+    and its newline trained, as the authors' conv_llava_plain."""
+    _, processor = vlm.load(os.path.join(toy_world, "model-init"))
+    record = json.load(open(os.path.join(toy_world, "pretrain.json")))[0]
+    image = Image.open(os.path.join(toy_world, "images", record["image"])).convert("RGB")
+    caption = record["conversations"][1]["value"]
+    example = vlm.encode(processor, image, data.sft_turns(record), "plain")
+    tokenizer = processor.tokenizer
+    image_tokens = count_image_tokens(example["input_ids"][None], processor)
+    expected = [tokenizer.bos_token_id] + [tokenizer.convert_tokens_to_ids("<image>")] * image_tokens + \
+        tokenizer(caption + "\n", add_special_tokens=False).input_ids
+    assert example["input_ids"].tolist() == expected
+    assert tokenizer.decode(example["input_ids"][example["labels"] != -100]) == caption + "\n"
+    with pytest.raises(ValueError, match="one turn"):
+        vlm.render_turns(processor, [("q", "a"), ("q", "a")], "plain")
+
+
 def test_build_is_idempotent(toy_world, capsys):
     before = os.path.getmtime(os.path.join(toy_world, "model-sft", "config.json"))
     from conftest import TINY_WORLD
     toyworld.build(toyworld.parse_args(["--out", toy_world] + TINY_WORLD))
     assert os.path.getmtime(os.path.join(toy_world, "model-sft", "config.json")) == before
-    assert "band 55%-90%" in capsys.readouterr().out
+    assert "band short answers: exact match overall 55-90%" in capsys.readouterr().out

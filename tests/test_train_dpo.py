@@ -179,7 +179,9 @@ def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
     assert_same_adapter(one, two)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-7)
+        # margins are beta x differences of log-prob sums: a caption's sum (~-100) in fp32 carries ~1e-5 of
+        # rounding that depends on the batch split, so ~1e-6 on the margin
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-6)
 
 
 def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_pairs, tmp_path):

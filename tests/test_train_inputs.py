@@ -37,6 +37,25 @@ def crash_after_first_checkpoint(toy_world, toy_pairs, out, monkeypatch, *flags)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
 
 
+# ----------------------------------------------------------------------------- which examples each step sees
+def test_grouping_by_length_keeps_each_epoch_a_permutation_and_pads_less():
+    lengths = torch.randint(20, 200, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    batch, steps = 8, 1000 // 8
+
+    def epoch(grouped, epoch=0, seed=3):
+        return [data.step_indices(epoch * steps + k, 1000, batch, seed, lengths if grouped else None)
+                for k in range(steps)]
+    plain, grouped = epoch(False), epoch(True)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))  # every example once an epoch
+    assert grouped == epoch(True) and grouped != epoch(True, epoch=1)  # a function of (step, seed) alone
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded(grouped) < 0.8 * padded(plain)  # a batch holds examples of similar length
+    # groups of data.GROUP batches: no batch mixes examples of two groups of the same epoch's permutation
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(3)).tolist()
+    group_of = {i: k // (data.GROUP * batch) for k, i in enumerate(order)}
+    assert all(len({group_of[i] for i in b}) == 1 for b in grouped)
+
+
 # ----------------------------------------------------------------------------- exact resume
 def test_resume_under_another_number_of_processes_is_refused_in_one_line(toy_world, toy_pairs, tmp_path,
                                                                         monkeypatch):
