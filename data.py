@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import common
 import dpo
+import pairs
 import vlm
 
 
@@ -30,8 +31,8 @@ def sft_turns(record):
 
 
 def pair_turns(record):
-    """The chosen and rejected conversations of a seva.py pair."""
-    return [(record["question"], record["chosen"])], [(record["question"], record["rejected"])]
+    """The chosen conversation of a seva.py pair, then each rejected one."""
+    return [[(record["question"], answer)] for answer in [record["chosen"]] + pairs.rejected_list(record["rejected"])]
 
 
 def record_problem(record, objective):
@@ -42,8 +43,10 @@ def record_problem(record, objective):
     missing = [key for key in keys if key not in record]
     if missing:
         return f"missing key(s): {', '.join(missing)}"
-    if objective == "dpo" and not all(isinstance(record[key], str) for key in keys):
-        return "image, question, chosen and rejected must be strings"
+    if objective == "dpo" and not (all(isinstance(record[key], str) for key in keys[:3]) and (
+            isinstance(record["rejected"], str) or (isinstance(record["rejected"], list) and record["rejected"]
+                                                    and all(isinstance(r, str) for r in record["rejected"])))):
+        return "image, question and chosen must be strings, rejected a string or a non-empty list of strings"
     if objective == "sft" and not (isinstance(record["conversations"], list) and record["conversations"]
                                    and all(isinstance(t, dict) and isinstance(t.get("value"), str)
                                            for t in record["conversations"])):
@@ -120,7 +123,7 @@ class TrainDataset(torch.utils.data.Dataset):
         pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
                                self.template)
         if check:
-            self.check_length(record, pair["chosen"], pair["rejected"])
+            self.check_length(record, pair["chosen"], *pairs.rejected_list(pair["rejected"]))
         pair.update({k: record[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in record})
         return pair
 
@@ -182,18 +185,19 @@ def rank_micro_batches(indices, rank, world_size, accumulation):
 
 
 # ----------------------------------------------------------------------------- the precomputed reference
-def reference_path(pairs_path, model_path, image_folder, pad, template, precision, max_length, pair_forward):
+def reference_path(pairs_path, model_path, image_folder, pad, template, precision, max_length, pair_forward,
+                   ld_alpha=None):
     """Where precompute_reference keeps the reference log-probs of a pairs file: beside it, keyed by what
     decides them (the pairs' content, the weights' files, the images and their padding, template, precision,
     length limit, forward)."""
-    key = common.args_digest([common.files_fingerprint(model_path), common.file_digest(pairs_path),
-                              os.path.abspath(image_folder), pad, template, precision, max_length,
-                              pair_forward])[:12]
+    decides = [common.files_fingerprint(model_path), common.file_digest(pairs_path), os.path.abspath(image_folder),
+               pad, template, precision, max_length, pair_forward] + ([ld_alpha] if ld_alpha is not None else [])
+    key = common.args_digest(decides)[:12]
     return f"{os.path.splitext(pairs_path)[0]}.reference-{key}.jsonl"
 
 
 def pair_key(record):
-    """A pair's content (image, question, both answers): what its reference log-probs belong to."""
+    """A pair's content (image, question, its answers): what its reference log-probs belong to."""
     return common.args_digest([record["image"], record["question"], record["chosen"], record["rejected"]])
 
 
@@ -220,9 +224,13 @@ def precompute_reference(model, dataset, path, pair_forward, batch_size, rank, w
             batch = {k: v.to(device) for k, v in dataset.collate([dataset[i] for i in indices]).items()}
             with common.autocast(device, amp_dtype):
                 chosen, rejected = pair_forward(model, batch)
-            rows += [{"key": pair_key(dataset.records[i]), "id": dataset.records[i].get("id"),
-                      "reference_chosen_logps": c, "reference_rejected_logps": r}
-                     for i, c, r in zip(indices, chosen.tolist(), rejected.tolist())]
+            rejected = rejected.tolist()  # flat, in pair order: back into each pair's own
+            for i, c in zip(indices, chosen.tolist()):
+                record = dataset.records[i]
+                count = len(pairs.rejected_list(record["rejected"]))
+                own, rejected = rejected[:count], rejected[count:]
+                rows.append({"key": pair_key(record), "id": record.get("id"), "reference_chosen_logps": c,
+                             "reference_rejected_logps": own if isinstance(record["rejected"], list) else own[0]})
         if world_size > 1:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rows)

@@ -8,27 +8,41 @@ with log pi(y|x) the sum of the answer tokens' log-probabilities (`sequence_logp
 token; image, system prompt and question masked out). As eric-mitchell/direct-preference-optimization has it,
 the loss is a pure function of four (B,) tensors, and chosen and rejected go through one forward. Read the
 naive forward (`concatenated_forward`) first; `shared_image_forward` and `shared_prefix_forward` compute the
-same numbers paying for the image and the prompt once per pair. Nothing here prints, reads the environment
-or stores anything on the model: train_ddp.py decides which forward runs (and says so).
+same numbers paying for the image and the prompt once per pair. Each forward also takes pairs with several
+rejected answers (paper 3.3: `multi_negative_loss`), and LD-DPO's length weighting; `rpo_term` is RPO's NLL.
+Nothing here prints, reads the environment or stores anything on the model: train_ddp.py decides which forward
+runs (and says so).
 """
 import torch
 import torch.nn.functional as F
 
 import vlm
+from pairs import rejected_list
 
 
 # ----------------------------------------------------------------------------- log-probs
-def sequence_logps(logits, labels, average=False):
-    """Log-probability of each sequence's labelled tokens: the sum (or mean) over labels != -100."""
+def sequence_logps(logits, labels, average=False, public=None, ld_alpha=None):
+    """Log-probability of each sequence's labelled tokens: the sum (or mean) over labels != -100.
+
+    public, ld_alpha (LD-DPO, Liu et al. 2024): a row's first public[i] answer tokens count fully, the tokens
+    after them (the "verbose" part beyond the shorter answer of its pair) are weighted by ld_alpha."""
     logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1; fp32 before log_softmax
     labels = labels[:, 1:]  # (B, T-1)
     mask = labels != -100  # (B, T-1): answer tokens (and their end-of-turn token)
     safe_labels = labels.masked_fill(~mask, 0)  # (B, T-1): any valid index; masked out below
     token_logps = logits.log_softmax(-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    if public is not None:
+        index = mask.cumsum(-1) - 1  # (B, T-1): the answer token's index within its answer
+        token_logps = torch.where(index < public[:, None], token_logps, ld_alpha * token_logps)
     total = (token_logps * mask).sum(-1)  # (B,)
     if average:
         return total / mask.sum(-1).clamp(min=1)  # (B,); a row with no labels gives 0, not nan
     return total  # (B,): Eq. 7 uses the sum
+
+
+def answer_tokens(labels):
+    """(B,) the number of labelled (scored) tokens of each row, as sequence_logps counts them."""
+    return (labels[:, 1:] != -100).sum(-1)
 
 
 # ----------------------------------------------------------------------------- DPO loss
@@ -59,13 +73,67 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return losses, chosen_rewards, rejected_rewards
 
 
+# Paper 3.3: SeVa as contrastive learning. With K rejected answers r_1..r_K of one chosen answer c, and the
+# implicit rewards r = beta * (log pi - log ref):
+#   infonce   L = -log( exp(r_c) / (exp(r_c) + sum_j exp(r_j)) ) = logsumexp(r_c, r_1..r_K) - r_c   (Eq. 12-13)
+#   pairwise  L = mean_j dpo_loss(c, r_j)                                                     (K separate pairs)
+# With K = 1 both are Eq. 7: logsumexp(r_c, r_1) - r_c = log(1 + exp(r_1 - r_c)) = -log sigmoid(r_c - r_1).
+# Worked example, beta 1, log-ratios (log pi - log ref): chosen 1.0, rejected 0.0 and 1.0 (K = 2):
+#   infonce   logsumexp(1, 0, 1) - 1 = log(e + 1 + e) - 1 = log(6.4366) - 1 = 0.8620
+#   pairwise  (-log sigmoid(1) - log sigmoid(0)) / 2 = (0.3133 + 0.6931) / 2 = 0.5032
+NEGATIVE_LOSSES = ("infonce", "pairwise")
+
+
+def multi_negative_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                        pair_index, beta=0.1, form="infonce", label_smoothing=0.0, loss_type="sigmoid"):
+    """The loss of each pair of chosen against its K rejected answers (K may differ from pair to pair).
+
+    The chosen tensors are (B,); the rejected ones are flat (R,), rejected answer j belonging to pair
+    pair_index[j] (R,): no padding answer is ever scored. Returns (losses (B,), chosen_rewards (B,),
+    rejected_rewards (R,))."""
+    if form not in NEGATIVE_LOSSES:
+        raise ValueError(f"unknown multi-negative loss {form!r}; choose from {NEGATIVE_LOSSES}")
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)  # (R,)
+    pairs = policy_chosen_logps.shape[0]
+    counts = torch.zeros(pairs, device=pair_index.device).index_add_(
+        0, pair_index, torch.ones_like(pair_index, dtype=torch.float32))  # (B,): K of each pair
+    if form == "pairwise":
+        each, _, _ = dpo_loss(policy_chosen_logps[pair_index], policy_rejected_logps,
+                              reference_chosen_logps[pair_index], reference_rejected_logps, beta, label_smoothing,
+                              loss_type)  # (R,): one DPO loss per (chosen, rejected j)
+        losses = torch.zeros_like(chosen_rewards).index_add(0, pair_index, each) / counts  # (B,)
+    else:
+        if label_smoothing or loss_type != "sigmoid":
+            raise ValueError("the infonce loss has no label smoothing and no ipo or hinge form; use pairwise")
+        # (B, 1 + K_max): each pair's chosen reward, then its rejected rewards, -inf where a pair has fewer
+        slot = torch.arange(pair_index.shape[0], device=pair_index.device) - torch.searchsorted(
+            pair_index, pair_index)  # (R,): the answer's place among its pair's negatives (pairs are contiguous)
+        logits = torch.full((pairs, 1 + int(counts.max())), float("-inf"), device=chosen_rewards.device,
+                            dtype=chosen_rewards.dtype)
+        logits[:, 0] = chosen_rewards
+        logits[pair_index, 1 + slot] = rejected_rewards
+        losses = torch.logsumexp(logits, -1) - chosen_rewards  # (B,)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def rpo_term(policy_chosen_logps, chosen_tokens, alpha):
+    """RPO (Pang et al. 2024; TRL's rpo_alpha): alpha x the chosen answer's negative log-likelihood per token,
+    added to each pair's preference loss, so that the chosen answer's probability is pulled up, not only apart
+    from the rejected one. Example: log pi(c) = -6.0 over 3 tokens, alpha 0.5: 0.5 x 6.0 / 3 = 1.0."""
+    return alpha * -policy_chosen_logps / chosen_tokens.clamp(min=1)
+
+
 # ----------------------------------------------------------------------------- pairs as batches
-# A DPO batch holds the B chosen sequences, then the B rejected ones, each on the pair's ORIGINAL image
-# (Alg. 1 line 4: the augmented image only produced the rejected answer).
+# A DPO batch holds the B chosen sequences, then the rejected ones, each on the pair's ORIGINAL image (Alg. 1
+# line 4: the augmented image only produced the rejected answer). With one rejected answer per pair (Eq. 7) rows
+# B..2B-1 are the rejected; with several (paper 3.3) they follow in pair order and `pair_index` says whose each is.
 def encode_pair(processor, image, question, chosen, rejected, template):
-    """A preference pair as two training sequences; labels cover each answer and its end-of-turn token."""
-    return {"chosen": vlm.encode(processor, image, [(question, chosen)], template),
-            "rejected": vlm.encode(processor, image, [(question, rejected)], template)}
+    """A preference pair as training sequences; labels cover each answer and its end-of-turn token. rejected: one
+    answer, or a list of them (then "rejected" is a list of sequences)."""
+    encode = lambda answer: vlm.encode(processor, image, [(question, answer)], template)
+    return {"chosen": encode(chosen),
+            "rejected": [encode(r) for r in rejected] if isinstance(rejected, list) else encode(rejected)}
 
 
 def collate(examples, pad_token_id):
@@ -100,122 +168,177 @@ def cat_padded(tensors):
 
 
 def collate_pairs(pairs, pad_token_id):
-    """A batch of 2B sequences: rows 0..B-1 chosen, rows B..2B-1 rejected (one forward for both)."""
-    batch = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_token_id)
+    """A batch of B chosen rows, then the rejected rows (B of them with one per pair: one forward for all).
+    Pairs with several rejected answers add `pair_index` (R,): the pair of each rejected row."""
+    negatives = [rejected_list(p["rejected"]) for p in pairs]
+    batch = collate([p["chosen"] for p in pairs] + [n for group in negatives for n in group], pad_token_id)
+    if any(isinstance(p["rejected"], list) for p in pairs):
+        batch["pair_index"] = torch.tensor([i for i, group in enumerate(negatives) for _ in group])
     for key in ("reference_chosen_logps", "reference_rejected_logps"):
-        if key in pairs[0]:  # precomputed reference log-probs travel with the batch
-            batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float32)
+        if key in pairs[0]:  # precomputed reference log-probs travel with the batch (flat, as the rows)
+            values = [v for p in pairs for v in rejected_list(p[key])]
+            batch[key] = torch.tensor(values, dtype=torch.float32)
     return batch
 
 
+def split_rows(batch):
+    """(B, pair_index (R,)): the number of pairs and the pair of each rejected row."""
+    pairs = batch["input_ids"].shape[0] // 2
+    if "pair_index" in batch:
+        pairs = batch["input_ids"].shape[0] - batch["pair_index"].shape[0]
+        return pairs, batch["pair_index"]
+    return pairs, torch.arange(pairs, device=batch["input_ids"].device)
+
+
+def model_inputs(batch):
+    """What the model is called with: the batch less labels, reference log-probs and pair_index."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "pair_index") and not k.startswith("reference_")}
+
+
+def ld_public(labels, pairs, pair_index):
+    """LD-DPO's public length of each row: the shorter of its pair's two answers, in scored tokens."""
+    tokens = answer_tokens(labels)  # (B + R,)
+    public = torch.minimum(tokens[:pairs][pair_index], tokens[pairs:])  # (R,)
+    return torch.cat([public, public])
+
+
 # ----------------------------------------------------------------------------- the naive pair forward
-def concatenated_forward(model, batch):
-    """log pi(chosen|x) and log pi(rejected|x), each (B,), from one forward over the 2B sequences."""
-    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("reference_")}
-    logits = model(**inputs).logits  # (2B, T, V)
-    logps = sequence_logps(logits, batch["labels"])  # (2B,)
-    return logps.chunk(2)
+def concatenated_forward(model, batch, ld_alpha=None):
+    """log pi(chosen|x) (B,) and log pi(rejected|x) (B,), or (R,) in pair order with several rejected answers per
+    pair, from one forward over every sequence. ld_alpha: LD-DPO's weight of the tokens beyond the shorter answer
+    (one rejected answer per pair only)."""
+    logits = model(**model_inputs(batch)).logits  # (B + R, T, V)
+    pairs, pair_index = split_rows(batch)
+    public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
+    logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)  # (B + R,)
+    return logps[:pairs], logps[pairs:]
 
 
 # ----------------------------------------------------------------------------- the prompt once per pair
 # The prompt (system prompt, 576 image tokens, question) is most of every sequence and is the same in
 # chosen and rejected: the two forwards below pay for it once per pair instead of twice.
 def pair_images(batch):
-    """The image tensors (pixel_values, ...) of each pair once: both rows of a pair show the same image."""
-    pairs = batch["input_ids"].shape[0] // 2
-    images = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask")
+    """The image tensors (pixel_values, ...) of each pair once: every row of a pair shows the same image."""
+    pairs, pair_index = split_rows(batch)
+    images = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "pair_index")
               and k not in vlm.TOKEN_KEYS and not k.startswith("reference_")}
     for key, value in images.items():
-        if not torch.equal(value[:pairs], value[pairs:]):  # Alg. 1 line 4: both answers on the original image
+        if not torch.equal(value[:pairs][pair_index], value[pairs:]):  # Alg. 1 line 4: all on the original image
             raise ValueError(f"{key}: the chosen and rejected rows of a pair must show the same image")
     return {k: v[:pairs] for k, v in images.items()}
 
 
-def shared_image_forward(model, batch):
-    """As concatenated_forward, but the vision tower and projector run on B images, not 2B: each pair's
-    image features are computed once and placed into both its chosen and its rejected row. Only for a model
+def shared_image_forward(model, batch, ld_alpha=None):
+    """As concatenated_forward, but the vision tower and projector run on B images, not B + R: each pair's
+    image features are computed once and placed into its chosen row and its rejected rows. Only for a model
     that vlm.pair_forward_problem(model, "shared_image") finds no problem with (train_ddp.pair_forward_for)."""
+    pairs, pair_index = split_rows(batch)
     image_outputs = vlm.unwrap(model).get_image_features(**pair_images(batch), return_dict=True)
     features = list(image_outputs.pooler_output)  # B tensors (image tokens, D): one per pair
-    encoded = {"image": type(image_outputs)(pooler_output=features + features)}  # rows: chosen, then rejected
+    rows = features + [features[i] for i in pair_index.tolist()]  # rows: chosen, then rejected
+    encoded = {"image": type(image_outputs)(pooler_output=rows)}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   mm_encoder_outputs=encoded).logits  # (2B, T, V)
-    return sequence_logps(logits, batch["labels"]).chunk(2)
+                   mm_encoder_outputs=encoded).logits  # (B + R, T, V)
+    public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
+    logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)
+    return logps[:pairs], logps[pairs:]
 
 
 def pack_pairs(batch):
-    """One sequence per pair, prompt + chosen answer + rejected answer, from a collate_pairs batch.
+    """One sequence per pair, prompt + chosen answer + its rejected answer(s), from a collate_pairs batch.
 
-    The prompt is everything before a row's first labelled token and must be the same in both rows.
-    Returns input_ids and position_ids (B, L), the block mask `allowed` (B, L, L) (True: query may
-    attend to key) and, per answer, the packed positions whose logits score it and its labels, each
-    (B, 1 + longest answer): column 0 is the prompt's last position (it predicts both answers' first
-    token) with label -100, so that sequence_logps' shift pairs column j's logits with label j + 1.
+    The prompt is everything before a row's first labelled token and must be the same in every row of a pair.
+    Returns input_ids and position_ids (B, L), the block mask `allowed` (B, L, L) (True: query may attend to
+    key), `slot` (R,): which rejected answer of its pair each rejected row is, and per answer slot (0: chosen,
+    1..K: rejected) the packed positions whose logits score it and its labels, each (B, 1 + longest answer):
+    column 0 is the prompt's last position (it predicts every answer's first token) with label -100, so that
+    sequence_logps' shift pairs column j's logits with label j + 1. A pair with fewer than K rejected answers
+    has no labels in its missing slots.
     """
-    input_ids, labels = batch["input_ids"], batch["labels"]  # (2B, T)
-    pairs, device = input_ids.shape[0] // 2, input_ids.device
-    lengths = batch["attention_mask"].sum(-1)  # (2B,): right padding
-    labelled = labels != -100  # (2B, T)
+    input_ids, labels = batch["input_ids"], batch["labels"]  # (B + R, T)
+    pairs, pair_index = split_rows(batch)
+    device, rejected_rows = input_ids.device, input_ids.shape[0] - pairs
+    lengths = batch["attention_mask"].sum(-1)  # (B + R,): right padding
+    labelled = labels != -100  # (B + R, T)
     if not labelled.any(-1).all():
         raise ValueError("every sequence of a pair needs labelled answer tokens")
-    prompt = labelled.int().argmax(-1)  # (2B,): index of the first labelled token = prompt length
+    prompt_all = labelled.int().argmax(-1)  # (B + R,): index of the first labelled token = prompt length
+    prompt = prompt_all[:pairs]  # (B,)
     column = torch.arange(input_ids.shape[1], device=device)  # (T,)
-    same_prompt = (input_ids[:pairs] == input_ids[pairs:]) | (column >= prompt[:pairs, None])  # (B, T)
-    if not (torch.equal(prompt[:pairs], prompt[pairs:]) and same_prompt.all()):
+    same_prompt = (input_ids[pairs:] == input_ids[:pairs][pair_index]) | (column >= prompt_all[pairs:, None])
+    if not (torch.equal(prompt[pair_index], prompt_all[pairs:]) and same_prompt.all()):
         raise ValueError("chosen and rejected must share their prompt to be packed into one sequence")
-    prompt, chosen, rejected = prompt[:pairs], lengths[:pairs] - prompt[:pairs], lengths[pairs:] - prompt[:pairs]
 
-    # Packed index k of pair i: segment 0 = prompt, 1 = chosen, 2 = rejected, 3 = padding.
-    end = (prompt + chosen + rejected)[:, None]  # (B, 1)
+    # Each pair's answers in slots 0 (chosen), 1..K (rejected, in order): their rows and lengths.
+    slot = torch.arange(rejected_rows, device=device) - torch.searchsorted(pair_index, pair_index)  # (R,)
+    negatives = int(slot.max()) + 1
+    answer_row = torch.arange(pairs, device=device)[:, None].repeat(1, 1 + negatives)  # (B, 1 + K)
+    answer_row[pair_index, 1 + slot] = pairs + torch.arange(rejected_rows, device=device)
+    answer_length = torch.zeros(pairs, 1 + negatives, dtype=torch.long, device=device)  # 0: no such answer
+    answer_length[:, 0] = lengths[:pairs] - prompt
+    answer_length[pair_index, 1 + slot] = lengths[pairs:] - prompt[pair_index]
+    first = prompt[:, None] + answer_length.cumsum(1) - answer_length  # (B, 1 + K): where each answer starts
+
+    # Packed index k of pair i: segment 0 = prompt, a + 1 = answer slot a, K + 2 = padding. A rejected answer
+    # sits after the answers before it; every answer continues the prompt's positions. Padding copies the
+    # prompt's last token (any non-image token will do: it is masked out).
+    end = (prompt + answer_length.sum(1))[:, None]  # (B, 1)
     k = torch.arange(int(end.max()), device=device)[None]  # (1, L)
-    segment = ((k >= prompt[:, None]).long() + (k >= (prompt + chosen)[:, None]).long()
-               + (k >= end).long())  # (B, L)
-    # Rejected tokens sit `chosen` places later than in their own row; both answers continue the prompt's
-    # positions. Padding copies the prompt's last token (any non-image token will do: it is masked out).
-    source_row = torch.arange(pairs, device=device)[:, None] + pairs * (segment == 2)  # (B, L)
-    source_col = torch.where(segment == 2, k - chosen[:, None], k)  # (B, L)
-    source_col = torch.where(segment == 3, prompt[:, None] - 1, source_col)
+    segment = (k >= prompt[:, None]).long() + (k[:, :, None] >= first[:, None, 1:]).sum(-1) + (k >= end).long()
+    padding = 2 + negatives
+    answer = (segment - 1).clamp(0, negatives)  # (B, L): the answer slot of an answer position
+    inside = (segment >= 1) & (segment < padding)
+    source_row = torch.where(inside, answer_row.gather(1, answer), torch.arange(pairs, device=device)[:, None])
+    source_col = torch.where(inside, k - first.gather(1, answer) + prompt[:, None], k)  # (B, L)
+    source_col = torch.where(segment == padding, prompt[:, None] - 1, source_col)
     packed_ids = input_ids[source_row, source_col]  # (B, L)
-    position_ids = torch.where(segment == 3, 0, source_col)  # (B, L)
+    position_ids = torch.where(segment == padding, 0, source_col)  # (B, L)
 
-    # Prompt causal; each answer sees the prompt and itself causally, never the other answer. Padding
-    # queries see the prompt, so no row of the mask is empty (an empty row would give nan gradients).
+    # Prompt causal; each answer sees the prompt and itself causally, never another answer. Padding queries
+    # see the prompt, so no row of the mask is empty (an empty row would give nan gradients).
     query, key = segment[:, :, None], segment[:, None, :]  # (B, L, 1), (B, 1, L)
     causal = k[0][None, :, None] >= k[0][None, None, :]  # (1, L, L)
-    allowed = causal & ((key == 0) | ((key == query) & (key != 3)))  # (B, L, L)
+    allowed = causal & ((key == 0) | ((key == query) & (key != padding)))  # (B, L, L)
 
-    def score(first, length, row_offset):  # packed positions and labels of one answer, (B, 1 + A)
+    def score(a):  # packed positions and labels of answer slot a, (B, 1 + A)
+        length = answer_length[:, a]
         j = torch.arange(int(length.max()) + 1, device=device)[None]  # (1, 1 + A)
         inside = (j >= 1) & (j <= length[:, None])  # (B, 1 + A): column j >= 1 holds answer token j - 1
-        positions = torch.where(inside, first[:, None] + j - 1, prompt[:, None] - 1)  # (B, 1 + A)
-        rows = torch.arange(pairs, device=device)[:, None] + row_offset
-        answer_labels = labels[rows, (prompt[:, None] + j - 1).clamp(max=labels.shape[1] - 1)]  # (B, 1 + A)
+        positions = torch.where(inside, first[:, a, None] + j - 1, prompt[:, None] - 1)  # (B, 1 + A)
+        answer_labels = labels[answer_row[:, a, None], (prompt[:, None] + j - 1).clamp(max=labels.shape[1] - 1)]
         return positions, answer_labels.masked_fill(~inside, -100)
 
-    chosen_positions, chosen_labels = score(prompt, chosen, 0)
-    rejected_positions, rejected_labels = score(prompt + chosen, rejected, pairs)
-    return dict(input_ids=packed_ids, position_ids=position_ids, allowed=allowed,
-                chosen_positions=chosen_positions, chosen_labels=chosen_labels,
-                rejected_positions=rejected_positions, rejected_labels=rejected_labels)
+    scored = [score(a) for a in range(1 + negatives)]
+    return dict(input_ids=packed_ids, position_ids=position_ids, allowed=allowed, slot=slot,
+                positions=[p for p, _ in scored], labels=[lab for _, lab in scored])
 
 
-def shared_prefix_forward(model, batch):
-    """log pi(chosen|x) and log pi(rejected|x), each (B,), from one forward over B packed sequences: the
-    image features and the prompt are computed once per pair, and the lm_head runs only where an answer
-    token is predicted. Equal to concatenated_forward (tests/test_shared_prefix.py). Only for a model that
-    vlm.pair_forward_problem(model, "shared_prefix") finds no problem with (train_ddp.pair_forward_for)."""
+def shared_prefix_forward(model, batch, ld_alpha=None):
+    """log pi(chosen|x) (B,) and log pi(rejected|x) (B,), or (R,) with several rejected answers per pair, from
+    one forward over B packed sequences: the image features and the prompt are computed once per pair, and the
+    lm_head runs only where an answer token is predicted. Equal to concatenated_forward
+    (tests/test_shared_prefix.py). Only for a model that vlm.pair_forward_problem(model, "shared_prefix") finds
+    no problem with (train_ddp.pair_forward_for)."""
     packed = pack_pairs(batch)
+    _, pair_index = split_rows(batch)
     allowed = packed["allowed"][:, None]  # (B, 1, L, L): one mask for every head
     if vlm.unwrap(model).config.get_text_config()._attn_implementation == "eager":  # eager adds it to the scores
         dtype = vlm.unwrap(model).get_input_embeddings().weight.dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
-    keep = torch.cat([packed["chosen_positions"], packed["rejected_positions"]], 1)  # (B, K)
+    keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=allowed,
-                   logits_to_keep=keep, **pair_images(batch)).logits  # (B, K, V)
-    split = packed["chosen_positions"].shape[1]
-    return (sequence_logps(logits[:, :split], packed["chosen_labels"]),
-            sequence_logps(logits[:, split:], packed["rejected_labels"]))
+                   logits_to_keep=keep, **pair_images(batch)).logits  # (B, kept, V)
+    public = None
+    if ld_alpha is not None:
+        public = torch.minimum(answer_tokens(packed["labels"][0]), answer_tokens(packed["labels"][1]))
+    logps, start = [], 0
+    for labels in packed["labels"]:  # slot by slot: (B,) each
+        logps.append(sequence_logps(logits[:, start:start + labels.shape[1]], labels, public=public,
+                                    ld_alpha=ld_alpha))
+        start += labels.shape[1]
+    rejected = torch.stack(logps[1:], 1)[pair_index, packed["slot"]]  # (R,): back to the rows' order
+    return logps[0], rejected
 
 
 # The pair forward is one replaceable function: train_ddp.py picks it by name (--pair-forward).

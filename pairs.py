@@ -5,21 +5,43 @@ The pairs file that seva.py writes and train_ddp.py --objective dpo reads: one j
 
 chosen and rejected both scored on `image` (the original: Alg. 1 line 4). `answer` is the data's own answer,
 kept for analysis only: it says which way a pair points (`pair_quality`), which the paper does not measure.
-Exports: TRL's vision preference format, and the authors' step-3 json.
+With several negatives (seva.py --num-negatives K, paper 3.3) `rejected` is a list of the distinct rejected
+answers and `noise_steps` the step each came from; `expand` makes one single-negative pair of each.
+Exports: TRL's vision preference format, and the authors' step-3 json (one pair per rejected answer).
 """
 import json
 import os
 
 
 def pair_record(instance, chosen, rejected, augmentation, noise_step):
-    """One line of the pairs file: what train_ddp.py trains on, plus the json's answer for analysis only."""
+    """One line of the pairs file: what train_ddp.py trains on, plus the json's answer for analysis only.
+    rejected, noise_step: one answer and its step, or lists of them (several negatives)."""
     pair = dict(id=instance["id"], image=instance["image"], question=instance["question"], chosen=chosen,
                 rejected=rejected, augmentation=augmentation)
     if augmentation == "diffusion":
-        pair["noise_step"] = noise_step
+        pair["noise_steps" if isinstance(noise_step, list) else "noise_step"] = noise_step
     if instance["answer"] is not None:
         pair["answer"] = instance["answer"]  # never used to make the pair
     return pair
+
+
+def rejected_list(rejected):
+    """A pair's rejected answer(s) (or their encodings) as a list: [one], or the several negatives."""
+    return rejected if isinstance(rejected, list) else [rejected]
+
+
+def expand(pairs):
+    """One single-negative pair per rejected answer (a record with one rejected answer stays as it is)."""
+    out = []
+    for pair in pairs:
+        if not isinstance(pair["rejected"], list):
+            out.append(pair)
+            continue
+        for j, rejected in enumerate(pair["rejected"]):
+            single = {k: v for k, v in pair.items() if k != "noise_steps"}
+            single.update(rejected=rejected, **({"noise_step": pair["noise_steps"][j]} if "noise_steps" in pair else {}))
+            out.append(single)
+    return out
 
 
 QUALITY = ("chosen right, rejected wrong", "both wrong", "chosen wrong, rejected right", "both right but different")
@@ -29,7 +51,7 @@ def pair_quality(pairs):
     """Does the self-supervised preference point the right way? Counts over the kept pairs with an answer
     (right: equal to the json's answer, case-insensitive, stripped); None when no pair has one."""
     counts = dict.fromkeys(QUALITY, 0)
-    for pair in pairs:
+    for pair in expand(pairs):
         if "answer" in pair:
             counts[quality_of(pair)] += 1
     return counts if sum(counts.values()) else None
@@ -43,7 +65,9 @@ def quality_of(pair):
 
 
 def export_lines(pairs, image_folder, kind):
-    """trl: TRL's vision preference format (conversational); authors: their step-3 json list."""
+    """trl: TRL's vision preference format (conversational); authors: their step-3 json list. A record with
+    several rejected answers gives one pair each."""
+    pairs = expand(pairs)
     if kind == "authors":
         return [json.dumps([dict(chosen=p["chosen"], reject=p["rejected"], question=p["question"], image_id=p["image"])
                             for p in pairs], indent=1, ensure_ascii=False)]

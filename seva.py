@@ -120,12 +120,22 @@ def sample_instances(records, subsets, num_samples, seed, source="data"):
 
 
 # ----------------------------------------------------------------------------- Alg. 1 line 2: chosen on I, rejected on T(I)
+def view_ids(ids, view):
+    """The seeds of the view-th augmented view of each instance: view 0 is the instance's own id (one negative,
+    as Alg. 1), view j > 0 its id + "/view{j}", so every view draws its own noise."""
+    return ids if view == 0 else [f"{i}/view{view}" for i in ids]
+
+
 def answer_chunk(model, processor, instances, image_folder, augmentation="diffusion", noise_step=500, seed=0,
-                 schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print):
+                 schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print,
+                 negative_steps=None):
     """Chosen and rejected answers of a chunk of instances, each generated as one batch.
     template None: the family's; pad: LLaVA-1.5's square padding, for the families that pad.
+    negative_steps (paper 3.3, several negatives): the noise step of each augmented view, each view seeded apart
+    (view_ids); None: one view at noise_step.
 
-    Returns one row per instance, in order: {chosen, rejected}, or {skipped: reason, message}.
+    Returns one row per instance, in order: {chosen, rejected} (rejected: one answer, or with negative_steps a
+    list of one per view), or {skipped: reason, message}.
     """
     template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
     rows, images = load_chunk(processor, instances, image_folder, template, pad, max_new_tokens, max_length, warn)
@@ -134,11 +144,14 @@ def answer_chunk(model, processor, instances, image_folder, augmentation="diffus
         questions, ids = [instances[k]["question"] for k in ready], [instances[k]["id"] for k in ready]
         decoding = dict(template=template, max_new_tokens=max_new_tokens, batch_size=len(ready))
         chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
-        augmented, pixel_transform = augment.augmented_batch(augmentation, images, ids, seed, noise_step, schedule)
-        rejected = generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
-                            **decoding)  # rejected = model(T(I), Q), each instance its own seeded T
-        for k, c, r in zip(ready, chosen, rejected):
-            rows[k] = dict(chosen=c, rejected=r)
+        views = []
+        for view, step in enumerate(negative_steps or [noise_step]):
+            augmented, pixel_transform = augment.augmented_batch(augmentation, images, view_ids(ids, view), seed,
+                                                                 step, schedule)
+            views.append(generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
+                                  **decoding))  # rejected = model(T(I), Q), each instance its own seeded T
+        for n, (k, c) in enumerate(zip(ready, chosen)):
+            rows[k] = dict(chosen=c, rejected=[v[n] for v in views] if negative_steps else views[0][n])
     return rows
 
 
@@ -167,6 +180,16 @@ def load_chunk(processor, instances, image_folder, template, pad, max_new_tokens
 
 
 # ----------------------------------------------------------------------------- Alg. 1 line 3: drop equal answers
+def distinct_rejected(chosen, rejected, mode="exact"):
+    """Several negatives (paper 3.3): the rejected answers that differ from the chosen one and from each other,
+    in view order; [] drops the instance, as line 3 drops a pair whose answers are equal."""
+    kept = []
+    for answer in rejected:
+        if not same_answer(chosen, answer, mode) and not any(same_answer(answer, k, mode) for k in kept):
+            kept.append(answer)
+    return kept
+
+
 def normalize(answer):
     """Lowercase, whitespace collapsed, trailing punctuation stripped."""
     return " ".join(answer.lower().split()).rstrip(".,;:!?").rstrip()
@@ -184,7 +207,8 @@ def same_answer(chosen, rejected, mode="exact"):
 # ----------------------------------------------------------------------------- the pairs file, its summary and exports
 # The arguments that decide the output: partial files made with others are not resumed.
 OUTPUT_ARGS = ("model", "data", "image_folder", "subsets", "num_samples", "seed", "augmentation", "noise_step",
-               "noise_schedule", "template", "pad", "max_new_tokens", "max_length", "batch_size", "precision")
+               "noise_schedule", "template", "pad", "max_new_tokens", "max_length", "batch_size", "precision",
+               "negative_steps")
 
 
 def sharded_output(args, instances, rank, world_size):
@@ -196,7 +220,8 @@ def sharded_output(args, instances, rank, world_size):
 def summarize(instances, rows, kept, sampling_skipped, messages):
     skipped = Counter(sampling_skipped) + Counter(row["skipped"] for row in rows if "skipped" in row)
     answered = sum("skipped" not in row for row in rows)
-    words = lambda key: round(sum(len(p[key].split()) for p in kept) / max(len(kept), 1), 2)
+    single = pairs.expand(kept)  # one (chosen, rejected) per rejected answer
+    words = lambda key: round(sum(len(p[key].split()) for p in single) / max(len(single), 1), 2)
     return dict(instances=len(instances), answered=answered, pairs=len(kept),
                 kept_percent=round(100 * len(kept) / max(answered, 1), 1),
                 mean_words_chosen=words("chosen"), mean_words_rejected=words("rejected"),
@@ -245,6 +270,13 @@ def parse_args(argv=None):
     g.add_argument("--augmentation", default="diffusion",
                    help=f"T(I) for the rejected answer: {', '.join(augment.ALL_AUGMENTATIONS)} (paper: diffusion)")
     g.add_argument("--noise-step", type=int, default=500, help="diffusion step 0..999 (paper: 500 for 13B, 800 for 7B)")
+    g.add_argument("--num-negatives", type=int, default=1,
+                   help="K augmented views per instance, K rejected answers (paper 3.3); the distinct ones that "
+                        "differ from the chosen answer are kept in one record (train_ddp.py --negatives-loss), the "
+                        "instance dropped when none does (Alg. 1: 1)")
+    g.add_argument("--negative-steps", default="",
+                   help="with diffusion noise, one step per view (comma list, e.g. 300,500,800; K = its length); "
+                        "default: K views at --noise-step, each with its own noise")
     g.add_argument("--noise-schedule", default="sigmoid", choices=["sigmoid", "linear"],
                    help="sigmoid: the authors' (VCD) betas; linear: DDPM's")
     g.add_argument("--template", choices=vlm.TEMPLATES,
@@ -269,14 +301,28 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     args.export = [s.strip() for s in args.export.split(",") if s.strip()]
+    try:
+        steps = [int(step) for step in args.negative_steps.split(",") if step.strip()]
+    except ValueError:
+        p.error(f"--negative-steps {args.negative_steps}: a comma list of integers")
+    if steps and args.num_negatives not in (1, len(steps)):
+        p.error(f"--negative-steps gives {len(steps)} steps but --num-negatives is {args.num_negatives}")
+    if args.num_negatives < 1:
+        p.error(f"--num-negatives must be >= 1, got {args.num_negatives}")
+    # None: Alg. 1's one negative (the pairs file as ever); else the step of each view
+    args.negative_steps = steps or ([args.noise_step] * args.num_negatives if args.num_negatives > 1 else None)
+    args.num_negatives = len(args.negative_steps or [None])
     return args
 
 
 def check_args(args):
     """Refuse bad arguments before any work, the model not yet loaded."""
     augment.check_augmentation(args.augmentation)
-    if not 0 <= args.noise_step < diffusion.NUM_DIFFUSION_STEPS:
-        raise ValueError(f"--noise-step must be in 0..{diffusion.NUM_DIFFUSION_STEPS - 1}, got {args.noise_step}")
+    for flag, step in [("--noise-step", args.noise_step)] + [("--negative-steps", s) for s in args.negative_steps or []]:
+        if not 0 <= step < diffusion.NUM_DIFFUSION_STEPS:
+            raise ValueError(f"{flag} must be in 0..{diffusion.NUM_DIFFUSION_STEPS - 1}, got {step}")
+    if args.negative_steps and len(set(args.negative_steps)) > 1 and args.augmentation != "diffusion":
+        raise ValueError("--negative-steps are diffusion steps: use them with --augmentation diffusion")
     if args.subsets != ["all"] and (not args.subsets or any(s not in SUBSETS for s in args.subsets)):
         raise ValueError(f"--subsets {','.join(args.subsets)}: choose from {', '.join(SUBSETS)}, or all")
     if any(kind not in ("trl", "authors") for kind in args.export):
@@ -326,7 +372,7 @@ def main(argv=None):
         chunk = output.chunks[k]
         rows = answer_chunk(model, processor, [instances[i] for i in chunk], args.image_folder, args.augmentation,
                             args.noise_step, args.seed, args.noise_schedule, args.template, args.pad,
-                            args.max_new_tokens, args.max_length, warn)
+                            args.max_new_tokens, args.max_length, warn, args.negative_steps)
         output.append([dict(index=i, id=instances[i]["id"], **row) for i, row in zip(chunk, rows)])
     common.barrier(world_size)
 
@@ -334,9 +380,17 @@ def main(argv=None):
     summary = None
     if rank == 0:
         rows = output.merge()
-        kept = [pairs.pair_record(instance, row["chosen"], row["rejected"], args.augmentation, args.noise_step)
-                for instance, row in zip(instances, rows)
-                if "skipped" not in row and not same_answer(row["chosen"], row["rejected"], args.filter)]
+        if args.negative_steps is None:  # one negative
+            kept = [pairs.pair_record(instance, row["chosen"], row["rejected"], args.augmentation, args.noise_step)
+                    for instance, row in zip(instances, rows)
+                    if "skipped" not in row and not same_answer(row["chosen"], row["rejected"], args.filter)]
+        else:  # several: the distinct rejected answers that differ from chosen, with the step each came from
+            kept = []
+            for instance, row in zip(instances, rows):
+                rejected = [] if "skipped" in row else distinct_rejected(row["chosen"], row["rejected"], args.filter)
+                if rejected:
+                    steps = [args.negative_steps[row["rejected"].index(r)] for r in rejected]
+                    kept.append(pairs.pair_record(instance, row["chosen"], rejected, args.augmentation, steps))
         summary = summarize(instances, rows, kept, sampling_skipped, messages)
         write_outputs(args, kept, summary, world_size)
         output.remove()

@@ -13,6 +13,7 @@ uninterrupted one.
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -111,18 +112,53 @@ def reference_logps(raw_model, reference_model, batch, pair_forward):
 
 
 def dpo_micro_step(model, raw_model, reference_model, batch, pair_forward, beta=0.1, label_smoothing=0.0,
-                   loss_type="sigmoid"):
-    """Summed DPO loss (Eq. 7) of a micro-batch of pairs, and the summed statistics we log."""
+                   loss_type="sigmoid", negatives_loss="infonce", rpo_alpha=0.0, max_negatives=0):
+    """Summed DPO loss of a micro-batch of pairs (Eq. 7), plus RPO's term if asked, and the summed statistics we
+    log. max_negatives > 0: the data's records hold up to that many rejected answers each (seva.py
+    --num-negatives), and every batch takes paper 3.3's loss, so that every step and rank logs the same keys."""
     reference_chosen, reference_rejected = reference_logps(raw_model, reference_model, batch, pair_forward)
-    policy_chosen, policy_rejected = pair_forward(model, batch)  # (B,), (B,)
-    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(
-        policy_chosen, policy_rejected, reference_chosen.to(policy_chosen), reference_rejected.to(policy_chosen),
-        beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
-    stats = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-             "rewards/margins": chosen_rewards - rejected_rewards,
-             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-             "logps/chosen": policy_chosen.detach(), "logps/rejected": policy_rejected.detach(),
-             "logps/ref_chosen": reference_chosen, "logps/ref_rejected": reference_rejected}
+    policy_chosen, policy_rejected = pair_forward(model, batch)  # (B,), (B,) or (R,)
+    reference_chosen, reference_rejected = reference_chosen.to(policy_chosen), reference_rejected.to(policy_chosen)
+    pairs = policy_chosen.shape[0]
+    if "pair_index" in batch and not max_negatives:
+        raise ValueError("a batch with several rejected answers per pair needs max_negatives (the data's most)")
+    if max_negatives:  # several rejected answers per pair
+        pair_index = batch.get("pair_index", torch.arange(pairs, device=policy_chosen.device))
+        losses, chosen_rewards, rejected_rewards = dpo.multi_negative_loss(
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected, pair_index, beta,
+            negatives_loss, label_smoothing, loss_type)
+    else:
+        losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+            beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+    stats = {"loss": losses.detach()}
+    if rpo_alpha:
+        nll = dpo.rpo_term(policy_chosen, dpo.answer_tokens(batch["labels"][:pairs]), 1.0)  # (B,): per token
+        losses = losses + rpo_alpha * nll
+        stats.update({"loss": losses.detach(), "rpo/nll_chosen": nll.detach()})
+    if not max_negatives:
+        stats.update({"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                      "rewards/margins": chosen_rewards - rejected_rewards,
+                      "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                      "logps/chosen": policy_chosen.detach(), "logps/rejected": policy_rejected.detach(),
+                      "logps/ref_chosen": reference_chosen, "logps/ref_rejected": reference_rejected})
+        return losses.sum(), {k: v.sum() for k, v in stats.items()}
+    # Several rejected answers per pair: rewards/rejected is their mean per pair, rewards/margins the chosen
+    # reward minus it, rewards/accuracies whether the chosen reward beats every one; neg{j}/... are the j-th
+    # rejected answers of the pairs that have one (the loop averages them over neg{j}/pairs).
+    counts = torch.zeros(pairs, device=pair_index.device).index_add(0, pair_index, torch.ones(len(pair_index)))
+    per_pair = lambda values: torch.zeros(pairs, device=values.device).index_add(0, pair_index, values) / counts
+    beaten = per_pair((chosen_rewards[pair_index] > rejected_rewards).float())
+    stats.update({"rewards/chosen": chosen_rewards, "rewards/rejected": per_pair(rejected_rewards),
+                  "rewards/margins": chosen_rewards - per_pair(rejected_rewards),
+                  "rewards/accuracies": (beaten == 1).float(), "negatives": counts,
+                  "logps/chosen": policy_chosen.detach(), "logps/rejected": per_pair(policy_rejected.detach()),
+                  "logps/ref_chosen": reference_chosen, "logps/ref_rejected": per_pair(reference_rejected)})
+    slot = torch.arange(len(pair_index), device=pair_index.device) - torch.searchsorted(pair_index, pair_index)
+    for j in range(max_negatives):  # every slot of the data, so that every rank logs the same keys
+        mine = slot == j
+        stats.update({f"neg{j + 1}/pairs": mine.float(), f"neg{j + 1}/rewards/rejected": rejected_rewards[mine],
+                      f"neg{j + 1}/rewards/margins": chosen_rewards[pair_index[mine]] - rejected_rewards[mine]})
     return losses.sum(), {k: v.sum() for k, v in stats.items()}
 
 
@@ -180,14 +216,22 @@ def setup(args):
     micro_step = sft_micro_step
     if args.objective == "dpo":
         pair_forward, reference_model = pair_forward_for(raw_model, args.pair_forward), None
+        several = any(isinstance(r["rejected"], list) for r in dataset.records)  # seva.py --num-negatives K > 1
+        max_negatives = max(len(r["rejected"]) for r in dataset.records) if several else 0
+        if args.ld_alpha is not None and several:
+            raise ValueError(f"{args.data}: --ld-alpha weighs the tokens beyond the shorter answer of a pair; its "
+                             f"records have several rejected answers (seva.py --num-negatives): train without it")
+        if args.ld_alpha is not None:
+            pair_forward = functools.partial(pair_forward, ld_alpha=args.ld_alpha)
         if args.reference == "precomputed":  # before any update
             path = data.reference_path(args.data, args.model, args.image_folder, pad, config["template"],
-                                       args.precision, args.max_length, args.pair_forward)
+                                       args.precision, args.max_length, args.pair_forward, args.ld_alpha)
             data.precompute_reference(raw_model, dataset, path, pair_forward, args.batch_size, rank, world_size,
                                       device, amp_dtype)
         elif args.lora_r == 0:  # full fine-tuning: the reference is a frozen copy
             reference_model = copy.deepcopy(raw_model).requires_grad_(False)
-        loss_settings = dict(beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+        loss_settings = dict(beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type,
+                             negatives_loss=args.negatives_loss, rpo_alpha=args.rpo_alpha, max_negatives=max_negatives)
         micro_step = lambda model, batch: dpo_micro_step(model, raw_model, reference_model, batch, pair_forward,
                                                          **loss_settings)
     num_steps = args.max_steps or int(args.epochs * (len(dataset) // global_batch))  # whole batches of each epoch
@@ -266,7 +310,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches) * world_size  # unpacked: prompt twice per pair
-        row = {"step": step + 1, **{k: v / normaliser for k, v in totals.items()},
+        row = {"step": step + 1, **{k: v / normalisers(totals, normaliser, k) for k, v in totals.items()},
                "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                "tokens_per_s": tokens / (time.time() - t0)}
         if rank == 0:
@@ -278,6 +322,15 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
             checkpoint.save_checkpoint(model, run.raw_model, run.optimizer, run.scheduler, step + 1, out, run.config,
                                        rank, world_size)
     bar.close()
+
+
+def normalisers(totals, normaliser, key):
+    """What a summed statistic is divided by: the global batch, or for the j-th rejected answers' statistics
+    (neg{j}/..., several negatives per pair) the number of pairs that have a j-th."""
+    slot, _, rest = key.partition("/")
+    if slot.startswith("neg") and slot[3:].isdigit() and rest != "pairs":
+        return max(totals[f"{slot}/pairs"], 1.0)
+    return normaliser
 
 
 def train(args):
@@ -333,6 +386,16 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta (paper: 0.1)")
     g.add_argument("--loss-type", default="sigmoid", choices=dpo.LOSS_TYPES, help="sigmoid is Eq. 7 (paper)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (paper: 0)")
+    g.add_argument("--negatives-loss", default="infonce", choices=dpo.NEGATIVE_LOSSES,
+                   help="pairs with several rejected answers (seva.py --num-negatives): infonce, paper 3.3's "
+                        "contrastive form (Eq. 12-13), or pairwise, the mean of K Eq. 7 losses; both are Eq. 7 at K=1")
+    g.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="RPO (Pang et al. 2024, TRL's rpo_alpha): add alpha x the chosen answer's NLL per token, "
+                        "against the chosen log-prob falling during DPO (paper: 0, off)")
+    g.add_argument("--ld-alpha", type=float, default=None,
+                   help="LD-DPO (Liu et al. 2024, TRL's ld_alpha): weight the log-probs of the tokens beyond the "
+                        "shorter answer of a pair by alpha (0-1), against DPO's pull towards length "
+                        "(paper: off; 1 = plain DPO); one rejected answer per pair only")
     g.add_argument("--reference", default="adapter", choices=["adapter", "precomputed"],
                    help="adapter: the policy with LoRA disabled (a frozen copy for full fine-tuning); "
                         "precomputed: log-probs computed once, stored beside the pairs")

@@ -5,6 +5,8 @@ of dpo.py, on a random LLaVA at LLaVA-1.5's proportions: 576 image tokens, ~40 p
     python bench/dpo_step.py                                  # the default run: ~3 minutes on 2 CPU cores
     python bench/dpo_step.py --answers 16 --pairs 4 --rounds 5
     python bench/dpo_step.py --width 1024 --layers 8 --pairs 8  # on a GPU (cuda is used when present, bf16 autocast)
+    python bench/dpo_step.py --negatives 1,2,4 --answers 16 --forwards concatenated,shared_prefix --no-memory
+                                                              # several rejected answers per pair (paper 3.3)
 
 Variants: concatenated (naive: 2B full sequences), shared_image (vision tower once per pair), shared_prefix
 (one packed sequence per pair), each with the on-the-fly reference (LoRA disabled) and the precomputed one.
@@ -12,7 +14,8 @@ The step is train_ddp.py's own `dpo_micro_step`, then gradient clipping and Adam
 every variant and round starts from the same weights: the losses of the variants are compared (max |delta|).
 All numbers come from this one run: a warm-up step of every variant first, then the variants alternate
 (order reversed every other round); step time is the median of --rounds, "x naive" the median of the per-round
-ratios to concatenated with the same reference. Not a test: CPU numbers are noisy.
+ratios to concatenated with the same reference. With K rejected answers per pair (--negatives) a step scores
+B (1 + K) answers; "s per answer" is the step time divided by them. Not a test: CPU numbers are noisy.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated during the step minus what was allocated before it;
 on CPU the same quantity from torch's profiler (every tensor allocation and free during one profiled step,
@@ -77,9 +80,10 @@ def build_model(args, device):
     return model.train()
 
 
-def make_batch(args, answer_tokens, device):
+def make_batch(args, answer_tokens, device, negatives=1):
     """B pairs as collate_pairs makes them: [text, 576 image tokens, text] prompt, then an answer. Chosen
-    answers have `answer_tokens` tokens, rejected ones 3/4 of that in every other pair (padding, as real pairs)."""
+    answers have `answer_tokens` tokens, rejected ones 3/4 of that in every other pair (padding, as real pairs);
+    negatives > 1: that many rejected answers per pair, the j-th in every other pair shorter again."""
     generator = torch.Generator().manual_seed(answer_tokens)
     image_tokens = (args.image_size // args.patch_size) ** 2
     image_id, before = args.vocab - 1, args.prompt_tokens * 3 // 4  # system prompt + "USER:" before the image
@@ -95,9 +99,11 @@ def make_batch(args, answer_tokens, device):
     for i in range(args.pairs):
         prompt = torch.cat([text(before), torch.full((image_tokens,), image_id), text(args.prompt_tokens - before)])
         pixel_values = torch.randn(1, 3, args.image_size, args.image_size, generator=generator)
-        rejected_tokens = max(1, answer_tokens * 3 // 4) if i % 2 else answer_tokens
+        lengths = [max(1, answer_tokens * (4 - j % 3) // 4) if (i + j) % 2 else answer_tokens
+                   for j in range(1, negatives + 1)]
+        rejected = [sequence(prompt, text(n), pixel_values) for n in lengths]
         pairs.append({"chosen": sequence(prompt, text(answer_tokens), pixel_values),
-                      "rejected": sequence(prompt, text(rejected_tokens), pixel_values)})
+                      "rejected": rejected if negatives > 1 else rejected[0]})
     return {k: v.to(device) for k, v in dpo.collate_pairs(pairs, pad_token_id=0).items()}
 
 
@@ -105,9 +111,11 @@ def make_batch(args, answer_tokens, device):
 def dpo_step(model, optimizer, batch, forward, amp_dtype):
     """train_ddp.py's DPO step on one micro-batch: (summed loss, summed policy chosen log-probs)."""
     with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        pairs = dpo.split_rows(batch)[0]
+        negatives = (batch["input_ids"].shape[0] - pairs) // pairs if "pair_index" in batch else 0
         loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, train_ddp.pair_forward_for(model, forward),
-                                               beta=0.1)
-        (loss / (batch["input_ids"].shape[0] // 2)).backward()  # the mean over the pairs
+                                               beta=0.1, max_negatives=negatives)
+        (loss / pairs).backward()  # the mean over the pairs
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -191,15 +199,15 @@ def step_flops(model, batch, forward, reference):
     n_projector = linear_weights(model.model.multi_modal_projector)[0]
     n_base, n_lora = linear_weights(model.model.language_model)
     h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
-    pairs = batch["input_ids"].shape[0] // 2
+    pairs = dpo.split_rows(batch)[0]
     if forward == "shared_prefix":
         packed = dpo.pack_pairs(batch)
         rows, length = pairs, packed["input_ids"].shape[1]
-        positions = pairs * (packed["chosen_positions"].shape[1] + packed["rejected_positions"].shape[1])
+        positions = pairs * sum(p.shape[1] for p in packed["positions"])
     else:
-        rows, length = 2 * pairs, batch["input_ids"].shape[1]
+        rows, length = batch["input_ids"].shape[0], batch["input_ids"].shape[1]  # B chosen + R rejected
         positions = rows * length
-    images = pairs if forward != "concatenated" else 2 * pairs
+    images = pairs if forward != "concatenated" else batch["input_ids"].shape[0]
     vision_forward = images * (2 * n_vision * vision_tokens + 4 * vision.hidden_size * vision_tokens ** 2
                                * vision.num_hidden_layers + 2 * n_projector * image_tokens
                                + 2 * 3 * vision.patch_size ** 2 * vision.hidden_size * image_tokens)
@@ -235,6 +243,9 @@ def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
         for v in (variants if round_index % 2 == 0 else variants[::-1]):
             times[v].append(timed(step[v], device)[0])
     rows, answer_tokens = [], int((batch["labels"][0] != -100).sum())
+    pairs = dpo.split_rows(batch)[0]
+    answers = batch["input_ids"].shape[0]  # B chosen + R rejected
+    negatives = (answers - pairs) // pairs
     for v in variants:
         naive = ("concatenated", v[1]) if "concatenated" in forwards else v  # same reference
         seconds, flops = statistics.median(times[v]), step_flops(model, batch, *v)
@@ -244,7 +255,8 @@ def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
         # of a shared machine slows both sides of a ratio alike
         ratio = statistics.median(t / t_naive for t, t_naive in zip(times[v], times[naive]))
         loss_delta = abs(results[v][0] - results[naive][0]) / args.pairs
-        rows.append(f"| {answer_tokens} | {v[0]} | {v[1]} | {seconds:.3f} | {min(times[v]):.3f} | {ratio:.2f} "
+        rows.append(f"| {answer_tokens} | {negatives} | {v[0]} | {v[1]} | {seconds:.3f} | {min(times[v]):.3f} "
+                    f"| {1e3 * seconds / answers:.1f} | {ratio:.2f} "
                     f"| {memory[v] / 2**20:.0f} | {memory[v] / memory[naive]:.2f} | {flops / 1e9:.2f}{counted} "
                     f"| {flops / seconds / 1e9:.1f} | {100 * flops / seconds / peak:.0f} | {loss_delta:.1e} |")
     return rows
@@ -269,6 +281,8 @@ def parse_args(argv=None):
     g.add_argument("--prompt-tokens", type=int, default=40, help="prompt text tokens besides the image tokens")
     g.add_argument("--answers", default="4,16,64", help="answer lengths in tokens, comma-separated")
     g.add_argument("--forwards", default=",".join(FORWARDS), help="pair forwards to compare, comma-separated")
+    g.add_argument("--negatives", default="1",
+                   help="rejected answers per pair, comma-separated (seva.py --num-negatives; paper 3.3: K views)")
     g.add_argument("--rounds", type=int, default=5, help="timed rounds per variant, after one warm-up step")
     g.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     g.add_argument("--check-flops", action="store_true", help="also print torch's FlopCounterMode count per variant")
@@ -295,14 +309,15 @@ if __name__ == "__main__":
           f"params (language linears {n_base / 1e6:.2f} M + LoRA {n_lora / 1e6:.2f} M), "
           f"{args.pairs} pairs per step, {args.rounds} rounds", flush=True)
 
-    table = ["| answer tokens | forward | reference | step s (median) | min s | x naive | peak MiB | x naive | GFLOP "
-             "| GFLOP/s | % matmul peak | abs dloss vs naive |", "|---" * 12 + "|"]
+    table = ["| answer tokens | negatives | forward | reference | step s (median) | min s | ms per answer | x naive "
+             "| peak MiB | x naive | GFLOP | GFLOP/s | % matmul peak | abs dloss vs naive |", "|---" * 14 + "|"]
     print("\n".join(table), flush=True)
-    for answer_tokens in [int(a) for a in args.answers.split(",")]:
-        batch = make_batch(args, answer_tokens, device)
-        rows = measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak)
-        print("\n".join(rows), flush=True)
-        table += rows
+    for negatives in [int(k) for k in args.negatives.split(",")]:
+        for answer_tokens in [int(a) for a in args.answers.split(",")]:
+            batch = make_batch(args, answer_tokens, device, negatives)
+            rows = measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak)
+            print("\n".join(rows), flush=True)
+            table += rows
     prompt = args.prompt_tokens + (args.image_size // args.patch_size) ** 2
     print(f"\nprompt {prompt} tokens ({args.prompt_tokens} text + image); x naive: against concatenated with the "
           f"same reference; abs dloss: |mean DPO loss - naive's|, fp32 on CPU, bf16 autocast on CUDA")

@@ -208,8 +208,7 @@ def main(argv=None):
     results = evaluate(run.model, run.processor, run.model_id, questions_path, args.image_folder, args.out,
                        run.rank, run.world_size, answers_path=answers_path, **run.decoding)
     if run.rank == 0:
-        common.write_atomic(os.path.join(args.out, "gqa.json"),
-                            [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+        runner.write_results(args, run, "gqa", results)
         if results["accuracy"] is None:
             print(f"GQA, {run.model_id}: {results['questions']['all']} answers in {args.out}/{PREDICTIONS_FILE}; "
                   "not scored (give --questions-json for the answers)")

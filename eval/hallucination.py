@@ -19,10 +19,10 @@ sentence holds the expected claim and no false one.
     python -m eval.hallucination --model toy/model-sft --adapter runs/dpo/adapter
 """
 import argparse
-import json
 import os
 
 import common
+import pairs as pairs_file
 import toygrammar
 from eval import runner, shr, toyvqa
 
@@ -97,9 +97,10 @@ def false_count(text, scene):
 def pair_claims(pairs, scenes):
     """Does the self-supervised preference point the right way on open-ended answers? Per subset (the image's
     folder) of the pairs: how many pairs have fewer false claims in chosen than in rejected, as many, or more;
-    the mean false claims and words of each side. Pairs whose image has no scene are left out."""
+    the mean false claims and words of each side. Pairs whose image has no scene are left out; a record with
+    several rejected answers counts once per rejected answer."""
     table = {}
-    for pair in pairs:
+    for pair in pairs_file.expand(pairs):
         scene = scenes.get(pair["image"])
         if scene is None:
             continue
@@ -171,8 +172,7 @@ def main(argv=None):
                        None if args.noise_step < 0 else args.noise_step, args.seed, run.rank, run.world_size,
                        **run.decoding)
     if run.rank == 0:
-        common.write_atomic(os.path.join(args.out, "hallucination.json"),
-                            [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+        runner.write_results(args, run, "hallucination", results)
         print(f"toy hallucination, {run.model_id} (percent)\n" + format_table(results))
     common.finish_distributed()
     return results

@@ -40,7 +40,6 @@ option index), image (a path under --image-folder) or image_base64, optional hin
         --image-folder /data/seed/SEED-Bench-image
 """
 import argparse
-import json
 import os
 import re
 from collections import defaultdict
@@ -288,8 +287,7 @@ def main(argv=None):
     results = evaluate(run.model, run.processor, run.model_id, args.data, args.image_folder, args.out, args.circular,
                        args.lang, name, run.rank, run.world_size, args.split, args.letter_rule, **run.decoding)
     if run.rank == 0:
-        common.write_atomic(os.path.join(args.out, f"{name}.json"),
-                            [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+        runner.write_results(args, run, name, results)
         if results is None:
             print(f"{name}: no answers in the data; the answer file is {os.path.join(args.out, name + '.jsonl')}")
         else:

@@ -13,7 +13,6 @@ COCO POPE (the POPE repo's coco_pope_{random,popular,adversarial}.json, jsonl de
         --image-folder /data/coco/val2014 --prompt-suffix llava --max-new-tokens 128 --out runs/eval/pope-7b
 """
 import argparse
-import json
 import os
 
 import common
@@ -151,8 +150,7 @@ def main(argv=None):
     results = evaluate(run.model, run.processor, run.model_id, args.pope_dir, args.image_folder, args.out, args.splits,
                        args.prompt_suffix, run.rank, run.world_size, **run.decoding)
     if run.rank == 0:
-        common.write_atomic(os.path.join(args.out, "pope.json"),
-                            [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+        runner.write_results(args, run, "pope", results)
         print(f"POPE, {run.model_id} (percent; paper Table 2 reports the average F1)\n" + format_table(results))
     common.finish_distributed()
     return results

@@ -123,6 +123,12 @@ def setup(args):
                   decoding(args, fingerprint(args.model, args.adapter)))
 
 
+def write_results(args, run, name, results):
+    """A benchmark CLI's OUT/{name}.json: its arguments (and the model's readable name) beside its results."""
+    common.write_atomic(os.path.join(args.out, f"{name}.json"),
+                        [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+
+
 def decoding(args, weights):
     """The runner's keyword arguments from the shared flags; `weights`: fingerprint() of the model's files."""
     return dict(template=args.template, pad=args.pad, max_new_tokens=args.max_new_tokens,

@@ -24,7 +24,6 @@ not a sentence of the toy grammar; "correct" otherwise.
         --judge-url https://api.openai.com/v1 --judge-prompt shr_prompt.txt --out runs/eval/shr-7b
 """
 import argparse
-import json
 import os
 
 import common
@@ -195,8 +194,7 @@ def main(argv=None):
         if results is None:
             print(f"shr: descriptions written to {args.out}; no --judge-url, so no score")
         else:
-            common.write_atomic(os.path.join(args.out, "shr.json"), [json.dumps(
-                dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+            runner.write_results(args, run, "shr", results)
             print(f"SHR {100 * results['shr']:.1f} (lower is better), {results['sentences_per_image']:.2f} "
                   f"sentences per image" + ("" if results["comparable"] else f"; NOTE: {results['note']}"))
     common.finish_distributed()

@@ -11,7 +11,6 @@ The one place toy VQA is scored (`is_right`: case-insensitive exact match): the 
 (tested).
 """
 import argparse
-import json
 import os
 
 import augment
@@ -146,8 +145,7 @@ def main(argv=None):
     results = evaluate(run.model, run.processor, run.model_id, args.val, args.image_folder, args.out, noise_step,
                        args.seed, run.rank, run.world_size, **run.decoding)
     if run.rank == 0:
-        common.write_atomic(os.path.join(args.out, "toyvqa.json"),
-                            [json.dumps(dict(args=dict(vars(args), model_id=run.model_id), results=results), indent=1)])
+        runner.write_results(args, run, "toyvqa", results)
         print(f"toy VQA exact match, {run.model_id} (percent)\n" + format_table(results))
         if "changed" in results:
             print(f"answers changed by noise at step {noise_step}: {results['changed']:.1%}")

@@ -94,10 +94,10 @@ def test_pack_pairs_by_hand():
                                                    [1, 1, 1, 0, 0, 1]]  # rejected: prompt + itself, not chosen
     assert packed["allowed"][1, 5].int().tolist() == [1, 1, 0, 0, 0, 0]  # padding sees the prompt only
     # Column j's logits predict label j + 1 (sequence_logps shifts); column 0 is the prompt's last position.
-    assert packed["chosen_positions"].tolist() == [[2, 3, 4], [1, 2, 1]]
-    assert packed["chosen_labels"].tolist() == [[-100, 8, 9], [-100, 11, -100]]
-    assert packed["rejected_positions"].tolist() == [[2, 5, 2], [1, 3, 4]]
-    assert packed["rejected_labels"].tolist() == [[-100, 10, -100], [-100, 12, 13]]
+    assert packed["positions"][0].tolist() == [[2, 3, 4], [1, 2, 1]]  # slot 0: chosen
+    assert packed["labels"][0].tolist() == [[-100, 8, 9], [-100, 11, -100]]
+    assert packed["positions"][1].tolist() == [[2, 5, 2], [1, 3, 4]]  # slot 1: rejected
+    assert packed["labels"][1].tolist() == [[-100, 10, -100], [-100, 12, 13]]
 
 
 def test_shared_forwards_refuse_what_they_cannot_share(lora_model, batch):
