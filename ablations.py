@@ -2,16 +2,21 @@
 The paper's ablations replayed on the toy world, where every answer can be checked.
 
 One SeVa run = seva.py pairs -> LoRA-DPO (train_ddp.py, one process) -> greedy exact match on toy/val.json,
-for each value of one setting and each seed; the SFT model is the baseline. Every run is written to
-OUT/runs.jsonl as soon as it ends, so a rerun only does the missing runs; the report is rewritten at the end.
+for each value of one setting and each seed; the SFT model is the baseline. On the open stage (the default
+world) every run is also scored as ablations/protocol.md says: captions' and descriptions' CHAIR_i, CHAIR_s,
+Cover, SHR-like and length, sentence answers, POPE, and the chosen answers' log-prob over training. Every run
+is written to OUT/runs.jsonl as soon as it ends, so a rerun only does the missing runs; the report is
+rewritten at the end.
 
+    python ablations.py table2                     # Table 2 in small: the default setting, 3 seeds
     python ablations.py noise_step                 # Fig. 6: noise step 100..900
     python ablations.py augmentation               # Table 1: every augmentation of augment.py
-    python ablations.py all --seeds 0 1 2          # everything, into ablations/report.md
+    python ablations.py all --seeds 0 1 2          # everything, into ablations/open/report.md
     python ablations.py --confusion count --runs lr=5e-05-seed0   # what runs answer, by right answer
 
 ablations/report.md was made on wave 1's closed stage (`python toyworld.py --stage closed --out toy-closed`, then
-`--world toy-closed --subsets all`); its rows predate the subsets setting and read as subsets=all.
+`--world toy-closed --subsets all --out ablations`); its rows predate the subsets setting and read as
+subsets=all. The open stage's runs go to ablations/open/.
 """
 import argparse
 import collections
@@ -29,10 +34,11 @@ import seva
 import toydata
 import train_ddp
 import vlm
-from eval import toyvqa
+from eval import hallucination, pope, runner, toyvqa
 
 # name -> (what the paper calls it, the setting that varies, its values)
 ABLATIONS = {
+    "table2": ("Table 2 in small: SeVa against the SFT model, the default setting", "noise_step", [500]),
     "augmentation": ("Table 1: the source of rejected answers", "augmentation", augment.ALL_AUGMENTATIONS),
     "noise_step": ("Fig. 6: diffusion noise step", "noise_step", [100, 200, 300, 400, 500, 600, 700, 800, 900]),
     "pool_size": ("Table 4: unlabeled instances sampled", "num_samples", [250, 500, 1000, 2000]),
@@ -90,6 +96,9 @@ def run_once(world, out, setting, seed):
                pair_quality=summary["pair_quality"], pairs_trained=len(common.read_jsonl(pairs_path)),
                trained_quality=pairs.pair_quality(common.read_jsonl(pairs_path)),
                steps=0, mean_margin=None, accuracy=None, start_accuracy=model_accuracy(world, out, start))
+    if is_open(world):
+        row["open"] = open_scores(world, out, start)  # until a step is trained: the start model's
+        row["pair_claims"] = pair_claims(world, common.read_jsonl(pairs_path))
     if row["pairs_trained"] < GLOBAL_BATCH:  # too few pairs for one step: the model stays the SFT model
         return row
     model = train_ddp.train(train_ddp.parse_args(training))
@@ -101,7 +110,83 @@ def run_once(world, out, setting, seed):
     row["steps"] = len(metrics)
     if setting["objective"] == "dpo":
         row["mean_margin"] = statistics.mean(m["rewards/margins"] for m in metrics)
+        # likelihood displacement: the chosen answers' mean log-prob under the policy, first and last step
+        row["chosen_logps"] = [metrics[0]["logps/chosen"], metrics[-1]["logps/chosen"]]
+    if is_open(world):
+        row["open"] = score_open(model, processor, world, os.path.join(folder, "answers"), run_name(setting, seed),
+                                 runner.fingerprint(start, os.path.join(folder, "train", "adapter")))
     return row
+
+
+# ----------------------------------------------------------------------------- the open stage's metrics
+def is_open(world):
+    """An open-stage world (python toyworld.py): it has captions, descriptions and sentence answers."""
+    return os.path.exists(os.path.join(world, "val-descriptions.json"))
+
+
+def score_open(model, processor, world, answers_dir, model_id, weights):
+    """ablations/protocol.md's metrics of one model, as eval.compare computes them (greedy, 96 new tokens for
+    the open-ended answers), flat: {chair_i_desc, cover_desc, ..., sentences, pope_f1, pope_yes}. weights:
+    runner.fingerprint of the model's files (the answer files' resume key)."""
+    images = os.path.join(world, "images")
+    decoding = dict(batch_size=64, progress=False, weights=weights)
+    found = hallucination.evaluate(model, processor, model_id, world, images, answers_dir, max_new_tokens=96,
+                                   **decoding)
+    scores = {f"{metric}_{short}": found[kind][metric] for kind, short in (("caption", "cap"), ("description", "desc"))
+              for metric in ("chair_i", "chair_s", "cover", "shr", "words")}
+    probes = pope.evaluate(model, processor, model_id, os.path.join(world, "pope"), images, answers_dir, **decoding)
+    return dict(scores, sentences=found["sentence"]["overall"], pope_f1=probes["average"]["f1"],
+                pope_yes=probes["average"]["yes_ratio"])
+
+
+def pair_claims(world, trained):
+    """Which side of the trained pairs holds more false claims (eval/hallucination.py), over every subset:
+    {class: pairs}; rejected answers of a record with several count once each."""
+    table = hallucination.pair_claims(trained, common.read_records(os.path.join(world, "scenes.json")))
+    return {c: sum(row[c] for row in table.values()) for c in hallucination.PAIR_CLASSES}
+
+
+def open_scores(world, out, model_dir):
+    """A start model's open-stage metrics, computed once (OUT/models/NAME.open.json)."""
+    path = os.path.join(out, "models", os.path.basename(os.path.normpath(model_dir)) + ".open.json")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        model, processor = runner.load_model(model_dir)
+        name = os.path.basename(os.path.normpath(model_dir))
+        answers = os.path.join(out, "models", name + "-answers")
+        toydata.write_json(score_open(model, processor, world, answers, name, runner.fingerprint(model_dir)), path)
+    return json.load(open(path))
+
+
+# The protocol's primary metric first, then its guards and the secondary ones: (key, column, percent).
+OPEN_COLUMNS = [("chair_i_desc", "CHAIR_i desc (primary)", True), ("cover_desc", "Cover desc", True),
+                ("words_desc", "words desc", False), ("chair_s_desc", "CHAIR_s desc", True),
+                ("shr_desc", "SHR-like desc", True), ("chair_i_cap", "CHAIR_i cap", True),
+                ("cover_cap", "Cover cap", True), ("sentences", "sentence answers", True),
+                ("pope_f1", "POPE F1", True), ("pope_yes", "POPE yes-ratio", False)]
+
+
+def open_table(runs_of_ablation, key, values, start):
+    """Per value: every protocol metric, mean ± sd over seeds, with the start (SFT) model's row first."""
+    cell = lambda v, percent: f"{100 * v:.1f}" if percent else f"{v:.2f}"
+    fewer = hallucination.PAIR_CLASSES[0]
+    lines = [f"| {key} | seeds | short answers | " + " | ".join(c for _, c, _ in OPEN_COLUMNS) + " | chosen log-prob "
+             f"first -> last | trained: {fewer} % |", "|---" * (len(OPEN_COLUMNS) + 5) + "|",
+             "| SFT model | - | " + f"{100 * start['accuracy']['overall']:.1f} | "
+             + " | ".join(cell(start["open"][k], p) for k, _, p in OPEN_COLUMNS) + " | - | - |"]
+    for value in values:
+        runs = [r for r in runs_of_ablation if r["setting"][key] == value and r.get("open")]
+        if not runs:
+            continue
+        spread = lambda xs, percent: (mean_spread([100 * x for x in xs], 1) if percent else mean_spread(xs, 2))
+        logps = [r["chosen_logps"] for r in runs if r.get("chosen_logps")]
+        shares = [r["pair_claims"][fewer] / sum(r["pair_claims"].values()) for r in runs
+                  if r.get("pair_claims") and sum(r["pair_claims"].values())]
+        lines.append(f"| {value} | {len(runs)} | {spread([accuracy_of(r) for r in runs], True)} | "
+                     + " | ".join(spread([r["open"][k] for r in runs], p) for k, _, p in OPEN_COLUMNS) + " | "
+                     + (f"{statistics.mean(a for a, _ in logps):.2f} -> {statistics.mean(b for _, b in logps):.2f}"
+                        if logps else "-") + f" | {spread(shares, True) if shares else '-'} |")
+    return lines
 
 
 def filter_pairs(folder, pairs_used):
@@ -160,19 +245,32 @@ def sft_records(folder):
     return path
 
 
-def mean_spread(values):
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+def mean_spread(values, digits=3):
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(out, rows, base, argv):
+def report(out, rows, base, argv, base_open=None):
     """OUT/report.md: per ablation, per value: pairs kept, pair quality, reward margin, accuracy (mean ± sd); the
-    accuracy change by question family; and the pair-quality analysis. base: the SFT model's accuracy."""
+    accuracy change by question family; and the pair-quality analysis. base: the SFT model's accuracy;
+    base_open: its open-stage metrics (an open-stage world), which add ablations/protocol.md's table per
+    ablation."""
+    here = lambda name: os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablations", name), out)
     lines = ["# SeVa's ablations on the toy world", "",
              f"Made by `python ablations.py {' '.join(argv)}`. Mean ± standard deviation over seeds "
              f"(seeds vary the pair sampling, the noise and the DPO data order; the SFT model is fixed except in "
-             f"the SFT-strength ablation). What the numbers say, and why: [findings.md](findings.md).", "",
+             f"the SFT-strength ablation). What the numbers say, and why: [findings.md]({here('findings.md')}).", "",
              f"SFT baseline accuracy on toy/val.json: overall {base['overall']:.3f} "
-             f"({', '.join(f'{k} {v:.2f}' for k, v in base.items() if k != 'overall')}).", "",
+             f"({', '.join(f'{k} {v:.2f}' for k, v in base.items() if k != 'overall')}).", ""]
+    if base_open:
+        lines += [f"Open stage. What was chosen when: the stage and its bands, then [protocol.md]({here('protocol.md')}) (the "
+                  "settings, the metrics, and what would count as support or refutation of each claim), were "
+                  "committed before any SeVa result on the stage was read. In each ablation's protocol table: "
+                  "percent except words and the yes-ratio; CHAIR and SHR lower is better; the chosen log-prob is "
+                  "the policy's mean over the step's pairs at the first and last step.", ""]
+    else:
+        lines += [
              "What was chosen when: the toy world (data sizes, model, SFT) was fixed to meet its own bands "
              "(val accuracy 55-90%, >= 15% of answers changed by noise at step 500) before any SeVa run. "
              "The DPO settings shared by every run (LoRA r 32 / alpha 64, lr 5e-4, 1 epoch, beta 0.1, global "
@@ -186,6 +284,8 @@ def report(out, rows, base, argv):
         mine = [r for r in rows if r["ablation"] == name]
         if mine:
             lines += [f"## {title}", ""] + table(mine, key, values) + [""]
+            if base_open:
+                lines += open_table(mine, key, values, dict(accuracy=base, open=base_open)) + [""]
     lines += family_table(rows) + pair_quality_analysis(rows)
     lines += ["Runs with fewer pairs than one global batch (16) train no step: their accuracy is their start "
               "model's. *start* is the accuracy of the SFT model the run started from.", ""]
@@ -302,7 +402,8 @@ def main(argv=None):
     p.add_argument("ablations", nargs="*", help=f"which ablations to run: {', '.join(ABLATIONS)}, or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (at least 3 for a mean and a spread)")
     p.add_argument("--world", default="toy", help="the toy world folder (python toyworld.py)")
-    p.add_argument("--out", default="ablations", help="runs.jsonl, report.md and each run's files")
+    p.add_argument("--out", default="ablations/open",
+                   help="runs.jsonl, report.md and each run's files (the closed stage's: ablations)")
     p.add_argument("--subsets", default="textvqa,ocr_vqa",
                    help="seva.py --subsets of every run (paper 4.1: textvqa,ocr_vqa; the closed stage: all)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -325,6 +426,8 @@ def main(argv=None):
     log = os.path.join(args.out, "runs.jsonl")
     rows = load_rows(log, args.world, args.out)
     base = model_accuracy(args.world, args.out, sft_model(args.world, args.out, BASE["sft_epochs"]))
+    base_open = open_scores(args.world, args.out, sft_model(args.world, args.out, BASE["sft_epochs"])) \
+        if is_open(args.world) else None
     for name in names:
         _, key, values = ABLATIONS[name]
         for value in values:
@@ -338,8 +441,8 @@ def main(argv=None):
                 rows.append(row)
                 with open(log, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                report(args.out, rows, base, argv if argv is not None else [])
-    report(args.out, rows, base, argv if argv is not None else [])
+                report(args.out, rows, base, argv if argv is not None else [], base_open)
+    report(args.out, rows, base, argv if argv is not None else [], base_open)
     print(open(os.path.join(args.out, "report.md")).read())
 
 

@@ -3,7 +3,8 @@ import json
 import os
 
 import ablations
-from eval import toyvqa
+import common
+from eval import hallucination, toyvqa
 
 
 def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
@@ -33,6 +34,15 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
                    line.split("|")[3].strip().isdigit()) == questions
     mean_kept = sum(r["kept_percent"] for r in rows) / 2
     assert f"{mean_kept:.3f} ±" in report
+    # the open stage's protocol metrics: recomputed from the answer files a trained run wrote
+    run = next(r for r in rows if r["steps"])
+    answers = common.read_jsonl(str(tmp_path / "runs" / trained[0] / "answers" / "description-clean.jsonl"))
+    records = common.read_records(os.path.join(toy_world, "val-descriptions.json"))
+    scenes = common.read_records(os.path.join(toy_world, "scenes.json"))
+    again = hallucination.hallucination(toyvqa.texts_of(records, answers), [scenes[r["image"]] for r in records])
+    assert run["open"]["chair_i_desc"] == again["chair_i"] and run["open"]["cover_desc"] == again["cover"]
+    assert sum(run["pair_claims"].values()) == run["pairs_trained"]  # one record, one rejected answer each
+    assert "CHAIR_i desc (primary)" in report and "| SFT model | - |" in report
 
 
 def test_pair_filter_keeps_exactly_its_classes(tmp_path):
