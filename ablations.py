@@ -55,17 +55,40 @@ ABLATIONS = {
     "dpo_lr": ("DPO learning rate (added after the runs above: not in the paper's ablations)", "lr",
                [5e-5, 1e-4, 2e-4, 5e-4]),
     "beta": ("DPO beta (added after the runs above: not in the paper's ablations)", "beta", [0.05, 0.1, 0.5, 1.0]),
+    # Values that are dicts set several settings at once (their label names them).
+    "negatives": ("Paper 3.3: K negatives (K noise seeds at the step), InfoNCE against K pairwise losses", "negatives",
+                  [{"num_negatives": 1}, {"num_negatives": 2, "negatives_loss": "infonce"},
+                   {"num_negatives": 4, "negatives_loss": "infonce"}, {"num_negatives": 2, "negatives_loss": "pairwise"},
+                   {"num_negatives": 4, "negatives_loss": "pairwise"}]),
+    "remedies": ("The DPO remedies: RPO's NLL on the chosen answer, LD-DPO's length weighting", "remedy",
+                 [{"rpo_alpha": 0.0}, {"rpo_alpha": 0.5}, {"rpo_alpha": 1.0}, {"ld_alpha": 0.5}]),
 }
 # The settings every run shares unless its ablation varies one (chosen with the pipeline, see the report).
 # main() sets sft_epochs to the world's own (toy/model-sft itself) and subsets to --subsets.
 BASE = dict(augmentation="diffusion", noise_step=500, num_samples=1000, lora_r=32, data="pool.json", objective="dpo",
-            sft_epochs=6, pairs_used="all", lr=5e-4, beta=0.1, subsets="textvqa,ocr_vqa")
+            sft_epochs=6, pairs_used="all", lr=5e-4, beta=0.1, subsets="textvqa,ocr_vqa", num_negatives=1,
+            negatives_loss="infonce", rpo_alpha=0.0, ld_alpha=None)
 # What rows written before a setting existed ran with: the closed stage, its 6-epoch SFT model, the whole pool.
 LEGACY = dict(sft_epochs=6, subsets="all")
 # Which kept pairs pair_filter trains on, by pairs.pair_quality's classes (the true answer is never used otherwise).
 PAIR_FILTERS = {"all": pairs.QUALITY, "right_wrong": pairs.QUALITY[:1], "inverted": pairs.QUALITY[2:3],
                 "not_inverted": pairs.QUALITY[:2] + pairs.QUALITY[3:]}
 GLOBAL_BATCH = 16  # as run_toy.sh's 2 processes x 8
+
+
+def setting_of(key, value):
+    """The settings one value of an ablation sets: {key: value}, or the value itself when it is a dict."""
+    return dict(value) if isinstance(value, dict) else {key: value}
+
+
+def label(value):
+    """A value as the report's tables show it."""
+    return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+
+def matches(run, key, value):
+    """Whether a run is that value of that ablation's setting."""
+    return all(run["setting"].get(k) == v for k, v in setting_of(key, value).items())
 
 
 def run_name(setting, seed):
@@ -81,13 +104,16 @@ def run_once(world, out, setting, seed):
     summary = seva.main(["--model", start, "--data", os.path.join(world, setting["data"]), "--image-folder", images,
                          "--augmentation", setting["augmentation"], "--noise-step", str(setting["noise_step"]),
                          "--num-samples", str(setting["num_samples"]), "--seed", str(seed), "--batch-size", "64",
-                         "--subsets", setting["subsets"],
+                         "--subsets", setting["subsets"], "--num-negatives", str(setting["num_negatives"]),
                          "--out", os.path.join(folder, "pairs.jsonl"), "--no-progress"])
     pairs_path = filter_pairs(folder, setting["pairs_used"])
     training = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"),
                 "--seed", str(seed), "--lora-r", str(setting["lora_r"]), "--lora-alpha", str(2 * setting["lora_r"]),
                 "--lr", str(setting["lr"]), "--beta", str(setting["beta"]), "--batch-size", str(GLOBAL_BATCH),
-                "--no-progress", "--cache-data"]
+                "--no-progress", "--cache-data", "--negatives-loss", setting["negatives_loss"],
+                "--rpo-alpha", str(setting["rpo_alpha"])]
+    if setting["ld_alpha"] is not None:
+        training += ["--ld-alpha", str(setting["ld_alpha"])]
     if setting["objective"] == "dpo":
         training += ["--objective", "dpo", "--pairs", pairs_path]
     else:  # Table 3: the same images and questions, trained on their true answers, same step budget
@@ -175,14 +201,14 @@ def open_table(runs_of_ablation, key, values, start):
              "| SFT model | - | " + f"{100 * start['accuracy']['overall']:.1f} | "
              + " | ".join(cell(start["open"][k], p) for k, _, p in OPEN_COLUMNS) + " | - | - |"]
     for value in values:
-        runs = [r for r in runs_of_ablation if r["setting"][key] == value and r.get("open")]
+        runs = [r for r in runs_of_ablation if matches(r, key, value) and r.get("open")]
         if not runs:
             continue
         spread = lambda xs, percent: (mean_spread([100 * x for x in xs], 1) if percent else mean_spread(xs, 2))
         logps = [r["chosen_logps"] for r in runs if r.get("chosen_logps")]
         shares = [r["pair_claims"][fewer] / sum(r["pair_claims"].values()) for r in runs
                   if r.get("pair_claims") and sum(r["pair_claims"].values())]
-        lines.append(f"| {value} | {len(runs)} | {spread([accuracy_of(r) for r in runs], True)} | "
+        lines.append(f"| {label(value)} | {len(runs)} | {spread([accuracy_of(r) for r in runs], True)} | "
                      + " | ".join(spread([r["open"][k] for r in runs], p) for k, _, p in OPEN_COLUMNS) + " | "
                      + (f"{statistics.mean(a for a, _ in logps):.2f} -> {statistics.mean(b for _, b in logps):.2f}"
                         if logps else "-") + f" | {spread(shares, True) if shares else '-'} |")
@@ -301,14 +327,14 @@ def table(runs_of_ablation, key, values):
     lines = [f"| {key} | seeds | pairs kept % | trained: chosen right & rejected wrong % | trained: inverted % | "
              f"pairs trained | mean reward margin | start | accuracy | delta vs start |", "|---" * 10 + "|"]
     for value in values:
-        runs = [r for r in runs_of_ablation if r["setting"][key] == value]
+        runs = [r for r in runs_of_ablation if matches(r, key, value)]
         if not runs:
             continue
         share = lambda k: [100 * r["trained_quality"][k] / max(1, sum(r["trained_quality"].values()))
                            for r in runs if r["trained_quality"]]
         margins = [r["mean_margin"] for r in runs if r["mean_margin"] is not None]
         delta = statistics.mean(accuracy_of(r) - r["start_accuracy"]["overall"] for r in runs)
-        lines.append(f"| {value} | {len(runs)} | {mean_spread([r['kept_percent'] for r in runs])} | "
+        lines.append(f"| {label(value)} | {len(runs)} | {mean_spread([r['kept_percent'] for r in runs])} | "
                      f"{mean_spread(share(pairs.QUALITY[0])) if share(pairs.QUALITY[0]) else '-'} | "
                      f"{mean_spread(share(pairs.QUALITY[2])) if share(pairs.QUALITY[2]) else '-'} | "
                      f"{statistics.mean(r['pairs_trained'] for r in runs):.0f} | "
@@ -326,11 +352,11 @@ def family_table(rows):
              "|---|---|" + "---|" * (len(families) + 1)]
     for name, (_, key, values) in ABLATIONS.items():
         for value in values:
-            runs = [r for r in rows if r["ablation"] == name and r["setting"][key] == value]
+            runs = [r for r in rows if r["ablation"] == name and matches(r, key, value)]
             if runs:
                 change = [statistics.mean(accuracy_of(r, f) - r["start_accuracy"][f] for r in runs)
                           for f in families + ["overall"]]
-                lines.append(f"| {name} | {value} | " + " | ".join(f"{c:+.3f}" for c in change) + " |")
+                lines.append(f"| {name} | {label(value)} | " + " | ".join(f"{c:+.3f}" for c in change) + " |")
     return lines + [""]
 
 
@@ -432,7 +458,7 @@ def main(argv=None):
         _, key, values = ABLATIONS[name]
         for value in values:
             for seed in args.seeds:
-                setting = dict(BASE, **{key: value})
+                setting = dict(BASE, **setting_of(key, value))
                 if any(r["ablation"] == name and r["setting"] == setting and r["seed"] == seed for r in rows):
                     continue
                 # runs are deterministic: a run another ablation already made (its base value) is reused

@@ -84,3 +84,21 @@ def test_sft_strength_starts_from_a_model_trained_for_other_epochs(toy_world, tm
     assert args["epochs"] == 0.5 and args["lr"] == json.load(open(os.path.join(toy_world, "sft-run", "args.json")))["lr"]
     a = ablations.model_accuracy(toy_world, str(tmp_path), weaker)
     assert set(a) >= {"overall"} and os.path.exists(os.path.join(str(tmp_path), "models", "sft-epochs=0.5.accuracy.json"))
+
+
+def test_a_value_can_set_several_settings(toy_world, tmp_path, monkeypatch):
+    """negatives: K rejected answers per instance and the loss that trains them, in one run."""
+    value = {"num_negatives": 2, "negatives_loss": "pairwise"}
+    monkeypatch.setitem(ablations.ABLATIONS, "negatives", ("3.3", "negatives", [value]))
+    monkeypatch.setattr(ablations, "GLOBAL_BATCH", 4)
+    monkeypatch.setitem(ablations.BASE, "noise_step", 999)
+    ablations.main(["negatives", "--seeds", "0", "--world", toy_world, "--out", str(tmp_path), "--threads", "1"])
+    row = json.loads(open(tmp_path / "runs.jsonl").read().splitlines()[0])
+    assert ablations.matches(row, "negatives", value) and not ablations.matches(row, "negatives", {"num_negatives": 1})
+    name = ablations.run_name(row["setting"], 0)
+    assert name == "negatives_loss=pairwise-num_negatives=2-seed0"
+    kept = common.read_jsonl(str(tmp_path / "runs" / name / "pairs.jsonl"))
+    assert kept and all(isinstance(p["rejected"], list) and 1 <= len(p["rejected"]) <= 2 for p in kept)
+    trained = json.load(open(tmp_path / "runs" / name / "train" / "args.json"))
+    assert trained["negatives_loss"] == "pairwise" and row["steps"] > 0
+    assert "| num_negatives 2, negatives_loss pairwise | 1 |" in open(tmp_path / "report.md").read()
