@@ -86,9 +86,13 @@ def label(value):
     return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
-def matches(run, key, value):
-    """Whether a run is that value of that ablation's setting."""
-    return all(run["setting"].get(k) == v for k, v in setting_of(key, value).items())
+def matches(run, key, value, values=()):
+    """Whether a run is that value of that ablation's setting: with dict values, every setting any of the
+    ablation's `values` sets is the value's or else BASE's (rpo_alpha 0 is not the LD-DPO run, whose rpo_alpha
+    is 0 too)."""
+    keys = {k for v in values for k in setting_of(key, v)} | set(setting_of(key, value))
+    expected = {k: BASE[k] for k in keys if k in BASE} | setting_of(key, value)
+    return all(run["setting"].get(k) == v for k, v in expected.items())
 
 
 def run_name(setting, seed):
@@ -201,7 +205,7 @@ def open_table(runs_of_ablation, key, values, start):
              "| SFT model | - | " + f"{100 * start['accuracy']['overall']:.1f} | "
              + " | ".join(cell(start["open"][k], p) for k, _, p in OPEN_COLUMNS) + " | - | - |"]
     for value in values:
-        runs = [r for r in runs_of_ablation if matches(r, key, value) and r.get("open")]
+        runs = [r for r in runs_of_ablation if matches(r, key, value, values) and r.get("open")]
         if not runs:
             continue
         spread = lambda xs, percent: (mean_spread([100 * x for x in xs], 1) if percent else mean_spread(xs, 2))
@@ -327,7 +331,7 @@ def table(runs_of_ablation, key, values):
     lines = [f"| {key} | seeds | pairs kept % | trained: chosen right & rejected wrong % | trained: inverted % | "
              f"pairs trained | mean reward margin | start | accuracy | delta vs start |", "|---" * 10 + "|"]
     for value in values:
-        runs = [r for r in runs_of_ablation if matches(r, key, value)]
+        runs = [r for r in runs_of_ablation if matches(r, key, value, values)]
         if not runs:
             continue
         share = lambda k: [100 * r["trained_quality"][k] / max(1, sum(r["trained_quality"].values()))
@@ -352,7 +356,7 @@ def family_table(rows):
              "|---|---|" + "---|" * (len(families) + 1)]
     for name, (_, key, values) in ABLATIONS.items():
         for value in values:
-            runs = [r for r in rows if r["ablation"] == name and matches(r, key, value)]
+            runs = [r for r in rows if r["ablation"] == name and matches(r, key, value, values)]
             if runs:
                 change = [statistics.mean(accuracy_of(r, f) - r["start_accuracy"][f] for r in runs)
                           for f in families + ["overall"]]

@@ -95,6 +95,9 @@ def test_a_value_can_set_several_settings(toy_world, tmp_path, monkeypatch):
     ablations.main(["negatives", "--seeds", "0", "--world", toy_world, "--out", str(tmp_path), "--threads", "1"])
     row = json.loads(open(tmp_path / "runs.jsonl").read().splitlines()[0])
     assert ablations.matches(row, "negatives", value) and not ablations.matches(row, "negatives", {"num_negatives": 1})
+    remedies = ablations.ABLATIONS["remedies"][2]  # rpo_alpha 0 (plain DPO) is not the LD-DPO run (rpo_alpha 0 too)
+    ld = {"setting": dict(ablations.BASE, ld_alpha=0.5)}
+    assert [ablations.matches(ld, "remedy", v, remedies) for v in remedies] == [False, False, False, True]
     name = ablations.run_name(row["setting"], 0)
     assert name == "negatives_loss=pairwise-num_negatives=2-seed0"
     kept = common.read_jsonl(str(tmp_path / "runs" / name / "pairs.jsonl"))

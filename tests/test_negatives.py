@@ -121,6 +121,17 @@ def test_packed_forwards_equal_naive_for_k_negatives(toy_world, toy_pairs, lora_
         torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("name", ["shared_prefix", "shared_image"])
+def test_ld_dpo_weights_alike_in_every_forward(toy_world, toy_pairs, lora_model, name):
+    """LD-DPO's weighting (alpha 0.5) gives the packed forwards the naive forward's numbers, and it changes them."""
+    model, processor = lora_model
+    batch = {k: v for k, v in k_batch(toy_world, toy_pairs, processor, (1, 1, 1)).items() if k != "pair_index"}
+    naive = dpo.concatenated_forward(model, batch, ld_alpha=0.5)
+    torch.testing.assert_close(dpo.PAIR_FORWARDS[name](model, batch, ld_alpha=0.5), naive, rtol=1e-5, atol=1e-5)
+    plain = dpo.concatenated_forward(model, batch)
+    assert not torch.allclose(torch.cat(naive), torch.cat(plain))  # the answers differ in length: weights bite
+
+
 def test_a_list_of_one_negative_scores_as_a_string(toy_world, toy_pairs, lora_model):
     """Records with rejected: [r] (seva.py --num-negatives K where one answer survived) give Eq. 7's numbers."""
     model, processor = lora_model
