@@ -308,8 +308,9 @@ def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=(), r
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(table, consistency_by_model, path):
-    """Grouped bars per benchmark (and the consistency curves, if measured) into a PNG."""
+def bar_chart(table, consistency_by_model, path, degenerate=None):
+    """Grouped bars per benchmark (and the consistency curves, if measured) into a PNG; degenerate ({model:
+    columns}, degenerate_columns): those bars hatched and their labels marked, as the table marks them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -320,12 +321,20 @@ def bar_chart(table, consistency_by_model, path):
     for k, name in enumerate(MODELS):
         positions = [i + (k - 0.5) * width for i in range(len(columns))]
         bars = ax.bar(positions, table[name], width, label=name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        marked = (degenerate or {}).get(name, set())
+        for bar, column in zip(bars, columns):
+            if column in marked:
+                bar.set_hatch("//")
+        ax.bar_label(bars, labels=[f"{v:.1f}" + ("*" if c in marked else "") for v, c in zip(table[name], columns)],
+                     fontsize=7)
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_ylabel("percent")
     ax.set_ylim(0, 110)
-    ax.set_title("SFT vs SeVa (paper Table 2)")
-    ax.legend()
+    ax.set_title("SFT vs SeVa (paper Table 2)" + ("; hatched*: degenerate (POPE yes-ratio outside "
+                                                   f"{YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]})"
+                                                   if any((degenerate or {}).values()) else ""), fontsize=9)
+    from matplotlib.patches import Patch  # plain swatches: a hatched first bar would hatch its legend entry
+    ax.legend(handles=[Patch(facecolor=f"C{k}", label=name) for k, name in enumerate(MODELS)])
     if has_curves:
         ax = axes[0][1]
         for name in MODELS:
@@ -457,7 +466,8 @@ def main(argv=None):
                       results={m: without_per_question(results[m]) for m in MODELS})
         common.write_atomic(os.path.join(args.out, "compare.md"), [text])
         common.write_atomic(os.path.join(args.out, "compare.json"), [json.dumps(report, indent=1)])
-        bar_chart(table, consistency_by_model, os.path.join(args.out, "compare.png"))
+        bar_chart(table, consistency_by_model, os.path.join(args.out, "compare.png"),
+                  {m: degenerate_columns(results[m]) for m in MODELS})
         print(text + f"\nwrote {args.out}/compare.md, compare.png, compare.json", flush=True)
     common.finish_distributed()
     return report
