@@ -197,7 +197,9 @@ OPEN_COLUMNS = [("chair_i_desc", "CHAIR_i desc (primary)", True), ("cover_desc",
 
 
 def open_table(runs_of_ablation, key, values, start):
-    """Per value: every protocol metric, mean ± sd over seeds, with the start (SFT) model's row first."""
+    """Per value: every protocol metric, mean ± sd over seeds, with the start (SFT) model's row first. A value
+    whose descriptions name fewer than half the objects the SFT model's name (Cover) is marked collapsed: its
+    low CHAIR_i would come from saying almost nothing."""
     cell = lambda v, percent: f"{100 * v:.1f}" if percent else f"{v:.2f}"
     fewer = hallucination.PAIR_CLASSES[0]
     lines = [f"| {key} | seeds | short answers | " + " | ".join(c for _, c, _ in OPEN_COLUMNS) + " | chosen log-prob "
@@ -212,7 +214,9 @@ def open_table(runs_of_ablation, key, values, start):
         logps = [r["chosen_logps"] for r in runs if r.get("chosen_logps")]
         shares = [r["pair_claims"][fewer] / sum(r["pair_claims"].values()) for r in runs
                   if r.get("pair_claims") and sum(r["pair_claims"].values())]
-        lines.append(f"| {label(value)} | {len(runs)} | {spread([accuracy_of(r) for r in runs], True)} | "
+        collapsed = statistics.mean(r["open"]["cover_desc"] for r in runs) < start["open"]["cover_desc"] / 2
+        lines.append(f"| {label(value)}{' **(collapsed)**' if collapsed else ''} | {len(runs)} | "
+                     f"{spread([accuracy_of(r) for r in runs], True)} | "
                      + " | ".join(spread([r["open"][k] for r in runs], p) for k, _, p in OPEN_COLUMNS) + " | "
                      + (f"{statistics.mean(a for a, _ in logps):.2f} -> {statistics.mean(b for _, b in logps):.2f}"
                         if logps else "-") + f" | {spread(shares, True) if shares else '-'} |")
@@ -298,7 +302,9 @@ def report(out, rows, base, argv, base_open=None):
                   "settings, the metrics, and what would count as support or refutation of each claim), were "
                   "committed before any SeVa result on the stage was read. In each ablation's protocol table: "
                   "percent except words and the yes-ratio; CHAIR and SHR lower is better; the chosen log-prob is "
-                  "the policy's mean over the step's pairs at the first and last step.", ""]
+                  "the policy's mean over the step's pairs at the first and last step; **(collapsed)**: the "
+                  "descriptions name fewer than half the objects the SFT model's do, so a low CHAIR_i is no gain.",
+                  ""]
     else:
         lines += [
              "What was chosen when: the toy world (data sizes, model, SFT) was fixed to meet its own bands "

@@ -105,3 +105,13 @@ def test_a_value_can_set_several_settings(toy_world, tmp_path, monkeypatch):
     trained = json.load(open(tmp_path / "runs" / name / "train" / "args.json"))
     assert trained["negatives_loss"] == "pairwise" and row["steps"] > 0
     assert "| num_negatives 2, negatives_loss pairwise | 1 |" in open(tmp_path / "report.md").read()
+
+
+def test_a_model_that_names_almost_nothing_is_marked_collapsed():
+    """Cover below half the SFT model's: a low CHAIR_i there is silence, not a gain."""
+    metrics = {k: 0.5 for k, _, _ in ablations.OPEN_COLUMNS}
+    start = {"accuracy": {"overall": 0.6}, "open": dict(metrics, cover_desc=0.6)}
+    runs = [{"setting": dict(ablations.BASE, lora_r=r), "accuracy": {"overall": 0.5}, "start_accuracy": None,
+             "open": dict(metrics, cover_desc=cover, chair_i_desc=0.1)} for r, cover in ((8, 0.31), (128, 0.29))]
+    lines = ablations.open_table(runs, "lora_r", [8, 128], start)
+    assert lines[3].startswith("| 8 | 1 |") and lines[4].startswith("| 128 **(collapsed)** | 1 |")
