@@ -14,7 +14,7 @@ rewritten at the end.
     python ablations.py all --seeds 0 1 2          # everything, into ablations/open/report.md
     python ablations.py --confusion count --runs lr=5e-05-seed0   # what runs answer, by right answer
 
-ablations/report.md was made on wave 1's closed stage (`python toyworld.py --stage closed --out toy-closed`, then
+ablations/report.md was made on the closed stage, the first toy world (`python toyworld.py --stage closed --out toy-closed`, then
 `--world toy-closed --subsets all --out ablations`); its rows predate the subsets setting and read as
 subsets=all. The open stage's runs go to ablations/open/.
 """

@@ -11,7 +11,7 @@ Two stages:
     coco/     LLaVA-Instruct's stand-in: "Describe the image in detail." -> a few sentences (count, each object
               with its position, the word); and the closed-set questions without the suffix -> one sentence
   Every sentence is toygrammar.py's, so every answer can be scored exactly against the scene graph.
-- closed: wave 1's world, every answer one word (five question families): ablations/report.md was made on it.
+- closed: the first toy world, every answer one word (five question families): ablations/report.md was made on it.
 """
 import json
 import os
@@ -284,9 +284,9 @@ def build_open(out, seed, sizes):
             "val": {kind: len(records) for kind, records in val.items()}}
 
 
-# ----------------------------------------------------------------------------- the closed stage (wave 1)
+# ----------------------------------------------------------------------------- the closed stage (the first toy world)
 def build_closed(out, seed, sizes):
-    """Wave 1's images and files, as they were: one-word answers, multi-turn SFT records."""
+    """The first toy world's images and files, as they were: one-word answers, multi-turn SFT records."""
     scenes, splits = {}, {}
     for split in ["sft", "unseen", "val", "pope"]:
         splits[split] = []

@@ -17,7 +17,7 @@ No model or data set can be downloaded here, so SeVa runs end to end on a world 
   toy/report.json                   the stage's bands, measured on the SFT model
 
 `python toyworld.py` builds all of it in a few minutes on 2 CPU cores; finished parts are skipped
-(`--force` redoes them). Everything is deterministic given --seed. `--stage closed` builds wave 1's world
+(`--force` redoes them). Everything is deterministic given --seed. `--stage closed` builds the first toy world
 instead (one-word answers only), on which ablations/report.md was made.
 """
 import argparse
@@ -151,7 +151,7 @@ def measure_open(out, args):
 
 
 def measure_closed(out, args):
-    """Wave 1's report: val exact match, and the share of pool answers noise at step 500 changes."""
+    """The closed stage's report: val exact match, and the share of pool answers noise at step 500 changes."""
     from eval import toyvqa
     model, processor = vlm.load(os.path.join(out, "model-sft"))
     val = common.read_records(os.path.join(out, "val.json"))
@@ -248,7 +248,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="toy", help="folder to write the toy world to")
     p.add_argument("--stage", default="open", choices=list(STAGE_DEFAULTS),
-                   help="open: LLaVA-665k's shape, captions and descriptions (the default); closed: wave 1's world "
+                   help="open: LLaVA-665k's shape, captions and descriptions (the default); closed: the first toy world "
                         "of one-word answers (ablations/report.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--force", action="store_true", help="rebuild every part, even finished ones")
