@@ -84,6 +84,17 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 NEGATIVE_LOSSES = ("infonce", "pairwise")
 
 
+def negative_counts(pair_index, pairs):
+    """(B,) float: how many rejected answers each pair has, from the pair of each rejected row (R,)."""
+    return torch.zeros(pairs, device=pair_index.device).index_add_(
+        0, pair_index, torch.ones_like(pair_index, dtype=torch.float32))
+
+
+def negative_slots(pair_index):
+    """(R,): each rejected row's place among its pair's rejected answers (0, 1, ...); a pair's rows are contiguous."""
+    return torch.arange(pair_index.shape[0], device=pair_index.device) - torch.searchsorted(pair_index, pair_index)
+
+
 def multi_negative_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                         pair_index, beta=0.1, form="infonce", label_smoothing=0.0, loss_type="sigmoid"):
     """The loss of each pair of chosen against its K rejected answers (K may differ from pair to pair).
@@ -96,8 +107,7 @@ def multi_negative_loss(policy_chosen_logps, policy_rejected_logps, reference_ch
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)  # (B,)
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)  # (R,)
     pairs = policy_chosen_logps.shape[0]
-    counts = torch.zeros(pairs, device=pair_index.device).index_add_(
-        0, pair_index, torch.ones_like(pair_index, dtype=torch.float32))  # (B,): K of each pair
+    counts = negative_counts(pair_index, pairs)  # (B,): K of each pair
     if form == "pairwise":
         each, _, _ = dpo_loss(policy_chosen_logps[pair_index], policy_rejected_logps,
                               reference_chosen_logps[pair_index], reference_rejected_logps, beta, label_smoothing,
@@ -107,8 +117,7 @@ def multi_negative_loss(policy_chosen_logps, policy_rejected_logps, reference_ch
         if label_smoothing or loss_type != "sigmoid":
             raise ValueError("the infonce loss has no label smoothing and no ipo or hinge form; use pairwise")
         # (B, 1 + K_max): each pair's chosen reward, then its rejected rewards, -inf where a pair has fewer
-        slot = torch.arange(pair_index.shape[0], device=pair_index.device) - torch.searchsorted(
-            pair_index, pair_index)  # (R,): the answer's place among its pair's negatives (pairs are contiguous)
+        slot = negative_slots(pair_index)  # (R,)
         logits = torch.full((pairs, 1 + int(counts.max())), float("-inf"), device=chosen_rewards.device,
                             dtype=chosen_rewards.dtype)
         logits[:, 0] = chosen_rewards
@@ -270,7 +279,7 @@ def pack_pairs(batch):
         raise ValueError("chosen and rejected must share their prompt to be packed into one sequence")
 
     # Each pair's answers in slots 0 (chosen), 1..K (rejected, in order): their rows and lengths.
-    slot = torch.arange(rejected_rows, device=device) - torch.searchsorted(pair_index, pair_index)  # (R,)
+    slot = negative_slots(pair_index)  # (R,)
     negatives = int(slot.max()) + 1
     answer_row = torch.arange(pairs, device=device)[:, None].repeat(1, 1 + negatives)  # (B, 1 + K)
     answer_row[pair_index, 1 + slot] = pairs + torch.arange(rejected_rows, device=device)

@@ -146,7 +146,7 @@ def dpo_micro_step(model, raw_model, reference_model, batch, pair_forward, beta=
     # Several rejected answers per pair: rewards/rejected is their mean per pair, rewards/margins the chosen
     # reward minus it, rewards/accuracies whether the chosen reward beats every one; neg{j}/... are the j-th
     # rejected answers of the pairs that have one (the loop averages them over neg{j}/pairs).
-    counts = torch.zeros(pairs, device=pair_index.device).index_add(0, pair_index, torch.ones(len(pair_index)))
+    counts = dpo.negative_counts(pair_index, pairs)
     per_pair = lambda values: torch.zeros(pairs, device=values.device).index_add(0, pair_index, values) / counts
     beaten = per_pair((chosen_rewards[pair_index] > rejected_rewards).float())
     stats.update({"rewards/chosen": chosen_rewards, "rewards/rejected": per_pair(rejected_rewards),
@@ -154,7 +154,7 @@ def dpo_micro_step(model, raw_model, reference_model, batch, pair_forward, beta=
                   "rewards/accuracies": (beaten == 1).float(), "negatives": counts,
                   "logps/chosen": policy_chosen.detach(), "logps/rejected": per_pair(policy_rejected.detach()),
                   "logps/ref_chosen": reference_chosen, "logps/ref_rejected": per_pair(reference_rejected)})
-    slot = torch.arange(len(pair_index), device=pair_index.device) - torch.searchsorted(pair_index, pair_index)
+    slot = dpo.negative_slots(pair_index)
     for j in range(max_negatives):  # every slot of the data, so that every rank logs the same keys
         mine = slot == j
         stats.update({f"neg{j + 1}/pairs": mine.float(), f"neg{j + 1}/rewards/rejected": rejected_rewards[mine],

@@ -29,7 +29,6 @@ from eval import gqa, hallucination, judge_client, mc_files, multiple_choice, po
 
 MODELS = ("SFT", "SeVa")
 YES_RATIO_BAND = (0.2, 0.8)  # outside it, a POPE model answers nearly always yes (or no): its F1 says nothing
-LOWER_IS_BETTER = ("CHAIR", "SHR")  # column prefixes
 TEMPERATURES = "0.2,0.4,0.5,0.7,0.9,1.0"  # paper Table 5's rows
 
 
@@ -171,12 +170,16 @@ def table_columns(results):
     return columns
 
 
+def degenerate_pope(metrics):
+    """A POPE split whose yes-ratio leaves YES_RATIO_BAND: the model answers (nearly) always one way."""
+    return not YES_RATIO_BAND[0] <= metrics["yes_ratio"] <= YES_RATIO_BAND[1]
+
+
 def degenerate_columns(results):
     """The POPE columns of one model whose yes-ratio leaves YES_RATIO_BAND (the average: if any split does)."""
-    low, high = YES_RATIO_BAND
     short = {"random": "rand", "popular": "pop", "adversarial": "adv"}
     bad = {f"POPE-{short.get(split, split)}" for split, metrics in results.get("pope", {}).items()
-           if split != "average" and not low <= metrics["yes_ratio"] <= high}
+           if split != "average" and degenerate_pope(metrics)}
     return bad | ({"POPE"} if bad else set())
 
 
@@ -209,9 +212,8 @@ def pope_section(results):
         for split, m in results[name].get("pope", {}).items():
             if split == "average":
                 continue
-            low, high = YES_RATIO_BAND
             rows.append([name, split] + [f"{100 * m[k]:.1f}" for k in ("accuracy", "f1", "precision", "recall")]
-                        + [f"{m['yes_ratio']:.2f}", "" if low <= m["yes_ratio"] <= high else "**degenerate**"])
+                        + [f"{m['yes_ratio']:.2f}", "**degenerate**" if degenerate_pope(m) else ""])
     if not rows:
         return []
     return ["", "## POPE, every metric", ""] + common.markdown_table(
@@ -451,6 +453,7 @@ def main(argv=None):
         pairwise = {bench: win_lose_tie(per["SFT"][bench], per["SeVa"][bench]) for bench in per["SFT"]}
         consistency_by_model = {name: results[name].get("consistency", {}) for name in MODELS}
         os.makedirs(args.out, exist_ok=True)
+        degenerate = {m: degenerate_columns(results[m]) for m in MODELS}
         pair_table = quality = None
         if args.pairs:
             trained = common.read_jsonl(args.pairs)
@@ -462,12 +465,11 @@ def main(argv=None):
                         pair_table, quality)
         report = dict(args=vars(args), models=model_ids, answers=answer_dirs, table=table, pairwise=pairwise,
                       consistency=consistency_by_model, pairs=dict(claims=pair_table, quality=quality),
-                      degenerate={m: sorted(degenerate_columns(results[m])) for m in MODELS},
+                      degenerate={m: sorted(degenerate[m]) for m in MODELS},
                       results={m: without_per_question(results[m]) for m in MODELS})
         common.write_atomic(os.path.join(args.out, "compare.md"), [text])
         common.write_atomic(os.path.join(args.out, "compare.json"), [json.dumps(report, indent=1)])
-        bar_chart(table, consistency_by_model, os.path.join(args.out, "compare.png"),
-                  {m: degenerate_columns(results[m]) for m in MODELS})
+        bar_chart(table, consistency_by_model, os.path.join(args.out, "compare.png"), degenerate)
         print(text + f"\nwrote {args.out}/compare.md, compare.png, compare.json", flush=True)
     common.finish_distributed()
     return report
