@@ -20,9 +20,12 @@ subsets=all. The open stage's runs go to ablations/open/.
 """
 import argparse
 import collections
+import itertools
 import json
 import os
+import random
 import statistics
+import time
 
 import numpy as np
 
@@ -34,14 +37,19 @@ import seva
 import toydata
 import train_ddp
 import vlm
-from eval import hallucination, pope, runner, toyvqa
+from eval import compare, hallucination, pope, runner, toyvqa
 
 # name -> (what the paper calls it, the setting that varies, its values)
 ABLATIONS = {
     "table2": ("Table 2 in small: SeVa against the SFT model, the default setting", "noise_step", [500]),
     "augmentation": ("Table 1: the source of rejected answers", "augmentation", augment.ALL_AUGMENTATIONS),
     "noise_step": ("Fig. 6: diffusion noise step", "noise_step", [100, 200, 300, 400, 500, 600, 700, 800, 900]),
+    "consistency": ("Table 5 in small: consistency under sampling, the default setting (short answers sampled at "
+                    "temperature 0.5 and 1.0 that equal the greedy one)", "noise_step", [500]),
     "pool_size": ("Table 4: unlabeled instances sampled", "num_samples", [250, 500, 1000, 2000]),
+    "subsets": ("Table 4: the pool's subsets (textvqa: captions, ocr_vqa: short reading questions, gqa: short "
+                "questions, coco: descriptions)", "subsets",
+                ["textvqa,ocr_vqa", "textvqa", "ocr_vqa", "gqa", "coco", "textvqa,ocr_vqa,gqa,coco"]),
     "lora_rank": ("Table 6: LoRA rank (alpha = 2r)", "lora_r", [8, 32, 128]),
     "pool_source": ("pool: SFT images (as the paper) or images the model never saw", "data",
                     ["pool.json", "pool-unseen.json"]),
@@ -101,8 +109,11 @@ def run_name(setting, seed):
     return "-".join(changed or ["base"]) + f"-seed{seed}"
 
 
-def run_once(world, out, setting, seed):
-    """One SeVa (or continual-SFT) run; returns its row for runs.jsonl."""
+def run_once(world, out, setting, seed, consistency=False, confirm=None):
+    """One SeVa (or continual-SFT) run; returns its row for runs.jsonl. consistency: also Table 5's agreement of
+    sampled and greedy short answers; confirm: a confirmation split's folder (toydata.build_validation) to score
+    the model on too."""
+    began = time.time()
     folder = os.path.join(out, "runs", run_name(setting, seed))
     start, images = sft_model(world, out, setting["sft_epochs"]), os.path.join(world, "images")
     summary = seva.main(["--model", start, "--data", os.path.join(world, setting["data"]), "--image-folder", images,
@@ -127,15 +138,22 @@ def run_once(world, out, setting, seed):
                trained_quality=pairs.pair_quality(common.read_jsonl(pairs_path)),
                steps=0, mean_margin=None, accuracy=None, start_accuracy=model_accuracy(world, out, start))
     if is_open(world):
-        row["open"] = open_scores(world, out, start)  # until a step is trained: the start model's
+        row["start_open"] = row["open"] = open_scores(world, out, start)  # until a step is trained: the start's
         row["pair_claims"] = pair_claims(world, common.read_jsonl(pairs_path))
     if row["pairs_trained"] < GLOBAL_BATCH:  # too few pairs for one step: the model stays the SFT model
-        return row
+        return dict(row, seconds=time.time() - began)
     model = train_ddp.train(train_ddp.parse_args(training))
     model.eval()
     _, processor = vlm.load(start)
     val = json.load(open(os.path.join(world, "val.json")))
     row["accuracy"], _ = toyvqa.vqa_accuracy(model, processor, val, images)
+    weights = runner.fingerprint(start, os.path.join(folder, "train", "adapter"))
+    if consistency:
+        row["consistency"] = sampling_consistency(model, processor, world, os.path.join(folder, "answers"),
+                                                  run_name(setting, seed), weights, seed)
+    if confirm:
+        row["confirm"] = confirm_scores(model, processor, confirm, os.path.join(folder, "confirm-answers"),
+                                        run_name(setting, seed), weights)
     metrics = common.read_jsonl(os.path.join(folder, "train", "metrics.jsonl"), appended=True)
     row["steps"] = len(metrics)
     if setting["objective"] == "dpo":
@@ -144,8 +162,148 @@ def run_once(world, out, setting, seed):
         row["chosen_logps"] = [metrics[0]["logps/chosen"], metrics[-1]["logps/chosen"]]
     if is_open(world):
         row["open"] = score_open(model, processor, world, os.path.join(folder, "answers"), run_name(setting, seed),
-                                 runner.fingerprint(start, os.path.join(folder, "train", "adapter")))
-    return row
+                                 weights)
+    return dict(row, seconds=time.time() - began)
+
+
+TEMPERATURES = (0.5, 1.0)  # ablations/protocol.md, C5
+
+
+def sampling_consistency(model, processor, world, answers_dir, model_id, weights, seed):
+    """C5: {temperature: share of short answers (toy/val.json) sampled at it, seeded, that equal the greedy
+    ones}, as eval.compare measures it (its answer files in answers_dir)."""
+    found = compare.consistency(model, processor, model_id, common.read_records(os.path.join(world, "val.json")),
+                                os.path.join(world, "images"), answers_dir, TEMPERATURES, seed, batch_size=64,
+                                weights=weights)
+    return {t: v["agreement"] for t, v in found.items()}
+
+
+def start_consistency(world, out, model_dir, seeds):
+    """A start model's sampling_consistency, per seed (the seed sets the sampling), computed once."""
+    name = os.path.basename(os.path.normpath(model_dir))
+    path = os.path.join(out, "models", name + ".consistency.json")
+    found = json.load(open(path)) if os.path.exists(path) else {}
+    if any(str(seed) not in found for seed in seeds):
+        model, processor = runner.load_model(model_dir)
+        for seed in seeds:
+            found.setdefault(str(seed), sampling_consistency(
+                model, processor, world, os.path.join(out, "models", f"{name}-answers-seed{seed}"), name,
+                runner.fingerprint(model_dir), seed))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        toydata.write_json(found, path)
+    return found
+
+
+def confirm_scores(model, processor, confirm, answers_dir, model_id, weights):
+    """The exploratory search's confirmation: a model's open-stage metrics and short-answer accuracy on a split
+    the search never saw."""
+    val = json.load(open(os.path.join(confirm, "val.json")))
+    accuracy, _ = toyvqa.vqa_accuracy(model, processor, val, os.path.join(confirm, "images"))
+    return dict(score_open(model, processor, confirm, answers_dir, model_id, weights), accuracy=accuracy)
+
+
+# ----------------------------------------------------------------------------- the exploratory search
+# ablations/protocol.md, "Exploratory": the grid, and how much of it is run (its dated section of 2026-12-02).
+SEARCH = dict(num_negatives=[1, 2, 4], negatives_loss=["infonce", "pairwise"], rpo_alpha=[0.0, 0.5],
+              ld_alpha=[None, 0.5], lr=[1e-4, 5e-4], beta=[0.1, 0.5], noise_step=[500, 800])
+SEARCH_DRAWS = 15  # settings drawn at random from the grid, beside the default
+CONFIRM_SEEDS = [3, 4, 5]
+CONFIRM_DATA_SEED = 1  # the confirmation split's images and questions; the world's own are seed 0
+GUARD = 0.02  # Cover and short-answer accuracy within 2 points of the SFT model's
+
+
+def search_settings():
+    """The default and SEARCH_DRAWS settings drawn (seeded) from the grid; with one negative the InfoNCE and
+    pairwise losses are the same loss, so those settings count once."""
+    grid = [dict(zip(SEARCH, values)) for values in itertools.product(*SEARCH.values())]
+    grid = [g for g in grid if g.get("num_negatives", 2) > 1 or g["negatives_loss"] == "infonce"]
+    default = {k: BASE[k] for k in SEARCH}
+    return [default] + random.Random("search/0").sample([g for g in grid if g != default], SEARCH_DRAWS)
+
+
+def guarded(scores, accuracy, base_open, base):
+    """Whether a model keeps Cover and short-answer accuracy within GUARD of the SFT model's."""
+    return scores["cover_desc"] >= base_open["cover_desc"] - GUARD and accuracy >= base["overall"] - GUARD
+
+
+def search_best(rows, base, base_open):
+    """The searched setting with the lowest descriptions' CHAIR_i among the guarded ones (seed 0), or None."""
+    searched = [r for r in rows if r["ablation"] == "search" and r.get("open")]
+    ok = [r for r in searched if guarded(r["open"], accuracy_of(r), base_open, base)]
+    return min(ok, key=lambda r: r["open"]["chair_i_desc"])["setting"] if ok else None
+
+
+def search(args, rows, run, base, base_open):
+    """Search the grid on seed 0, then run the best guarded setting on CONFIRM_SEEDS, scored on a confirmation
+    split made (before the search's first run) with another data seed."""
+    confirm = os.path.join(args.out, "confirm")
+    if not os.path.exists(os.path.join(confirm, "scenes.json")):
+        sizes = {kind: len(json.load(open(os.path.join(args.world, name)))) for kind, name in
+                 (("short", "val.json"), ("sentence", "val-sentences.json"), ("caption", "val-captions.json"),
+                  ("description", "val-descriptions.json"))}
+        print("confirmation split:", toydata.build_validation(confirm, CONFIRM_DATA_SEED, sizes))
+    for setting in search_settings():
+        run("search", dict(BASE, **setting), 0)
+    best = search_best(rows, base, base_open)
+    for seed in CONFIRM_SEEDS if best else []:
+        run("confirm", best, seed, confirm=confirm)
+
+
+def confirm_start(out, model_dir):
+    """The SFT model's scores on the confirmation split, computed once (OUT/models/NAME.confirm.json)."""
+    name = os.path.basename(os.path.normpath(model_dir))
+    path = os.path.join(out, "models", name + ".confirm.json")
+    if not os.path.exists(path):
+        model, processor = runner.load_model(model_dir)
+        toydata.write_json(confirm_scores(model, processor, os.path.join(out, "confirm"),
+                                          os.path.join(out, "models", name + "-confirm-answers"), name,
+                                          runner.fingerprint(model_dir)), path)
+    return json.load(open(path))
+
+
+def search_report(rows, base, base_open, start_confirm):
+    """The exploratory section: every searched setting (seed 0), then the best one's confirmation."""
+    searched = [r for r in rows if r["ablation"] == "search" and r.get("open")]
+    if not searched:
+        return []
+    pct = lambda v: f"{100 * v:.1f}"
+    changed = lambda setting: ", ".join(f"{k} {v}" for k, v in setting.items() if BASE.get(k) != v) or "default"
+    lines = ["## Exploratory: a search for a setting that lowers CHAIR_i without losing Cover or accuracy", "",
+             "Reported apart from the confirmatory tables ([protocol.md](../protocol.md), \"Exploratory\"). Seed 0 "
+             f"each; *guarded*: Cover and short-answer accuracy within {100 * GUARD:.0f} points of the SFT model's.",
+             "", "| setting | CHAIR_i desc | Cover desc | words desc | short answers | guarded |", "|---" * 6 + "|",
+             f"| SFT model | {pct(base_open['chair_i_desc'])} | {pct(base_open['cover_desc'])} | "
+             f"{base_open['words_desc']:.2f} | {pct(base['overall'])} | - |"]
+    for r in sorted(searched, key=lambda r: r["open"]["chair_i_desc"]):
+        lines.append(f"| {changed(r['setting'])} | {pct(r['open']['chair_i_desc'])} | {pct(r['open']['cover_desc'])} "
+                     f"| {r['open']['words_desc']:.2f} | {pct(accuracy_of(r))} | "
+                     f"{'yes' if guarded(r['open'], accuracy_of(r), base_open, base) else 'no'} |")
+    best = search_best(rows, base, base_open)
+    confirmed = [r for r in rows if r["ablation"] == "confirm" and r.get("confirm")]
+    if best is None:
+        return lines + ["", "No searched setting kept Cover and accuracy within the guard: nothing to confirm, "
+                            "no setting found.", ""]
+    lines += ["", f"The best guarded setting, **{changed(best)}**, on seeds {', '.join(map(str, CONFIRM_SEEDS))} and "
+                  "the confirmation split (new images and questions, data seed "
+                  f"{CONFIRM_DATA_SEED}, never seen by the search):", "",
+              "| model | seeds | CHAIR_i desc | Cover desc | words desc | CHAIR_i cap | Cover cap | short answers |",
+              "|---" * 8 + "|"]
+    keys = ("chair_i_desc", "cover_desc", "words_desc", "chair_i_cap", "cover_cap")
+    cells = lambda scores: [mean_spread([100 * s[k] if k != "words_desc" else s[k] for s in scores], 1)
+                            for k in keys] + [mean_spread([100 * s["accuracy"]["overall"] for s in scores], 1)]
+    if start_confirm:
+        lines.append("| SFT model | - | " + " | ".join(cells([start_confirm])) + " |")
+    if confirmed:
+        scores = [r["confirm"] for r in confirmed]
+        lines.append(f"| searched best | {len(scores)} | " + " | ".join(cells(scores)) + " |")
+        mean = lambda k: statistics.mean(s[k] for s in scores)
+        found = (mean("chair_i_desc") <= start_confirm["chair_i_desc"] - 0.03
+                 and guarded(dict(cover_desc=mean("cover_desc")),
+                             statistics.mean(s["accuracy"]["overall"] for s in scores),
+                             start_confirm, start_confirm["accuracy"]))
+        lines += ["", f"By the protocol's test (CHAIR_i down 3 points or more, Cover and accuracy within "
+                      f"{100 * GUARD:.0f}): **{'found' if found else 'not found'}**."]
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- the open stage's metrics
@@ -164,9 +322,11 @@ def score_open(model, processor, world, answers_dir, model_id, weights):
                                    **decoding)
     scores = {f"{metric}_{short}": found[kind][metric] for kind, short in (("caption", "cap"), ("description", "desc"))
               for metric in ("chair_i", "chair_s", "cover", "shr", "words")}
+    scores["sentences"] = found["sentence"]["overall"]
+    if not os.path.isdir(os.path.join(world, "pope")):  # a confirmation split (toydata.build_validation)
+        return scores
     probes = pope.evaluate(model, processor, model_id, os.path.join(world, "pope"), images, answers_dir, **decoding)
-    return dict(scores, sentences=found["sentence"]["overall"], pope_f1=probes["average"]["f1"],
-                pope_yes=probes["average"]["yes_ratio"])
+    return dict(scores, pope_f1=probes["average"]["f1"], pope_yes=probes["average"]["yes_ratio"])
 
 
 def pair_claims(world, trained):
@@ -205,7 +365,13 @@ def open_table(runs_of_ablation, key, values, start):
     lines = [f"| {key} | seeds | short answers | " + " | ".join(c for _, c, _ in OPEN_COLUMNS) + " | chosen log-prob "
              f"first -> last | trained: {fewer} % |", "|---" * (len(OPEN_COLUMNS) + 5) + "|",
              "| SFT model | - | " + f"{100 * start['accuracy']['overall']:.1f} | "
-             + " | ".join(cell(start["open"][k], p) for k, _, p in OPEN_COLUMNS) + " | - | - |"]
+             + " | ".join(cell(start["open"].get(k, float("nan")), p) for k, _, p in OPEN_COLUMNS) + " | - | - |"]
+    if key == "sft_epochs":  # each value starts from its own SFT model
+        for value in values:
+            first = next((r for r in runs_of_ablation if matches(r, key, value) and r.get("start_open")), None)
+            if first:
+                lines.append(f"| SFT model, {value} epochs | - | {100 * first['start_accuracy']['overall']:.1f} | "
+                             + " | ".join(cell(first["start_open"][k], p) for k, _, p in OPEN_COLUMNS) + " | - | - |")
     for value in values:
         runs = [r for r in runs_of_ablation if matches(r, key, value, values) and r.get("open")]
         if not runs:
@@ -285,7 +451,23 @@ def mean_spread(values, digits=3):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(out, rows, base, argv, base_open=None):
+def consistency_table(runs, start):
+    """C5: per model, the share of short answers sampled at each temperature that equal the greedy one (mean ±
+    sd over seeds; the SFT model sampled with the same seeds). start: start_consistency's {seed: {t: share}}."""
+    runs = [r for r in runs if r.get("consistency")]
+    if not runs:
+        return []
+    seeds = sorted({str(r["seed"]) for r in runs})
+    lines = ["| model | seeds | " + " | ".join(f"same as greedy at T = {t} %" for t in TEMPERATURES) + " |",
+             "|---" * (len(TEMPERATURES) + 2) + "|"]
+    for name, shares in (("SFT model", [start[seed] for seed in seeds if seed in start]),
+                         ("SeVa", [r["consistency"] for r in runs])):
+        lines.append(f"| {name} | {len(shares)} | "
+                     + " | ".join(mean_spread([100 * c[str(t)] for c in shares], 1) for t in TEMPERATURES) + " |")
+    return lines + [""]
+
+
+def report(out, rows, base, argv, base_open=None, base_consistency=None, exploratory=()):
     """OUT/report.md: per ablation, per value: pairs kept, pair quality, reward margin, accuracy (mean ± sd); the
     accuracy change by question family; and the pair-quality analysis. base: the SFT model's accuracy;
     base_open: its open-stage metrics (an open-stage world), which add ablations/protocol.md's table per
@@ -322,7 +504,9 @@ def report(out, rows, base, argv, base_open=None):
             lines += [f"## {title}", ""] + table(mine, key, values) + [""]
             if base_open:
                 lines += open_table(mine, key, values, dict(accuracy=base, open=base_open)) + [""]
-    lines += family_table(rows) + pair_quality_analysis(rows)
+            if name == "consistency" and base_consistency:
+                lines += consistency_table(mine, base_consistency)
+    lines += list(exploratory) + family_table(rows) + pair_quality_analysis(rows)
     lines += ["Runs with fewer pairs than one global batch (16) train no step: their accuracy is their start "
               "model's. *start* is the accuracy of the SFT model the run started from.", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -442,6 +626,9 @@ def main(argv=None):
                    help="runs.jsonl, report.md and each run's files (the closed stage's: ablations)")
     p.add_argument("--subsets", default="textvqa,ocr_vqa",
                    help="seva.py --subsets of every run (paper 4.1: textvqa,ocr_vqa; the closed stage: all)")
+    p.add_argument("--values", nargs="+", metavar="VALUE",
+                   help="run only these values of the ablation named (as its table labels them), e.g. the protocol's "
+                        "subset of sft_strength's: --values 1 2 3 6")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--confusion", metavar="FAMILY", help="instead of running: the answers to one question family "
                    "(colour, shape, count, exist, word) of the SFT model and of the --runs, by right answer")
@@ -452,33 +639,52 @@ def main(argv=None):
     if args.confusion:
         print(open(confusion(args.world, args.out, args.confusion, args.runs)).read())
         return
-    unknown = [a for a in args.ablations if a not in list(ABLATIONS) + ["all"]]
+    unknown = [a for a in args.ablations if a not in list(ABLATIONS) + ["search", "all"]]
     if unknown or not args.ablations:
-        p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, or all), or ask for --confusion")
+        p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, search, or all), or ask for --confusion")
+    if args.values and len(args.ablations) != 1:
+        p.error("--values goes with one ablation")
     os.makedirs(args.out, exist_ok=True)
     BASE.update(subsets=args.subsets,
                 sft_epochs=json.load(open(os.path.join(args.world, "sft-run", "args.json")))["epochs"])
-    names = list(ABLATIONS) if "all" in args.ablations else args.ablations
+    names = list(ABLATIONS) + ["search"] if "all" in args.ablations else args.ablations
     log = os.path.join(args.out, "runs.jsonl")
     rows = load_rows(log, args.world, args.out)
-    base = model_accuracy(args.world, args.out, sft_model(args.world, args.out, BASE["sft_epochs"]))
-    base_open = open_scores(args.world, args.out, sft_model(args.world, args.out, BASE["sft_epochs"])) \
-        if is_open(args.world) else None
+    sft = sft_model(args.world, args.out, BASE["sft_epochs"])
+    base = model_accuracy(args.world, args.out, sft)
+    base_open = open_scores(args.world, args.out, sft) if is_open(args.world) else None
+
+    def write_report():
+        sampled = sorted({r["seed"] for r in rows if r.get("consistency")})
+        report(args.out, rows, base, argv if argv is not None else [], base_open,
+               start_consistency(args.world, args.out, sft, sampled) if sampled else None,
+               search_report(rows, base, base_open, confirm_start(args.out, sft)
+                             if any(r["ablation"] == "confirm" for r in rows) else None) if base_open else [])
+
+    def run(name, setting, seed, **extra):
+        """One row of ablation `name`, appended to runs.jsonl as it ends; a row already there is kept."""
+        if any(r["ablation"] == name and r["setting"] == setting and r["seed"] == seed for r in rows):
+            return
+        # runs are deterministic: a run another ablation already made (its base value) is reused
+        done = [r for r in rows if r["setting"] == setting and r["seed"] == seed and all(k in r for k in extra)]
+        row = dict(done[0] if done else run_once(args.world, args.out, setting, seed, **extra), ablation=name)
+        rows.append(row)
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        write_report()
+
     for name in names:
+        if name == "search":
+            search(args, rows, run, base, base_open)
+            continue
         _, key, values = ABLATIONS[name]
         for value in values:
+            if args.values and label(value) not in args.values:
+                continue
             for seed in args.seeds:
-                setting = dict(BASE, **setting_of(key, value))
-                if any(r["ablation"] == name and r["setting"] == setting and r["seed"] == seed for r in rows):
-                    continue
-                # runs are deterministic: a run another ablation already made (its base value) is reused
-                done = [r for r in rows if r["setting"] == setting and r["seed"] == seed]
-                row = dict(done[0] if done else run_once(args.world, args.out, setting, seed), ablation=name)
-                rows.append(row)
-                with open(log, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                report(args.out, rows, base, argv if argv is not None else [], base_open)
-    report(args.out, rows, base, argv if argv is not None else [], base_open)
+                run(name, dict(BASE, **setting_of(key, value)), seed,
+                    **(dict(consistency=True) if name == "consistency" else {}))
+    write_report()
     print(open(os.path.join(args.out, "report.md")).read())
 
 

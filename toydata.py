@@ -255,13 +255,7 @@ def build_open(out, seed, sizes):
     for subset in SUBSETS:
         records = [r for r in sft if r["image"].startswith(subset + "/")]
         pool += pool_rng.sample(records, min(sizes["pool"], len(records)))
-    val = {kind: [] for kind in ("short", "sentence", "caption", "description")}
-    for kind, records in val.items():
-        for index in range(sizes["val"][kind]):
-            rng = scene_rng(seed, f"val/{kind}", index)
-            name = f"val/{index:06d}.png" if kind == "short" else f"val/{kind}-{index:06d}.png"
-            scene = draw(out, scenes, name, rng, word=True if kind == "caption" else None)
-            records.append(val_record(kind, name, scene, rng, index))
+    val = val_splits(out, seed, sizes["val"], scenes)
     pope = [f"pope/{index:06d}.png" for index in range(sizes["pope"])]
     for index, name in enumerate(pope):  # POPE images hold 3 distinct objects, so 3 positives exist
         draw(out, scenes, name, scene_rng(seed, "pope", index), distinct=3)
@@ -276,12 +270,38 @@ def build_open(out, seed, sizes):
     write_json(sft, os.path.join(out, "sft.json"))
     write_json(sorted(pool, key=lambda r: r["id"]), os.path.join(out, "pool.json"))
     write_json(unseen, os.path.join(out, "pool-unseen.json"))
-    write_json(val["short"], os.path.join(out, "val.json"))  # eval/toyvqa.py's
-    for kind in ("sentence", "caption", "description"):
-        write_json(val[kind], os.path.join(out, f"val-{kind}s.json"))
+    write_val(out, val)
     write_json(scenes, os.path.join(out, "scenes.json"))  # written last: marks the data as done
     return {"images": len(scenes), "sft records": len(sft), "pool records": len(pool),
             "val": {kind: len(records) for kind, records in val.items()}}
+
+
+def val_splits(out, seed, sizes, scenes):
+    """The open stage's held-out questions, {kind: records}, their images drawn into OUT/images/val/."""
+    val = {kind: [] for kind in ("short", "sentence", "caption", "description")}
+    for kind, records in val.items():
+        for index in range(sizes[kind]):
+            rng = scene_rng(seed, f"val/{kind}", index)
+            name = f"val/{index:06d}.png" if kind == "short" else f"val/{kind}-{index:06d}.png"
+            scene = draw(out, scenes, name, rng, word=True if kind == "caption" else None)
+            records.append(val_record(kind, name, scene, rng, index))
+    return val
+
+
+def write_val(out, val):
+    write_json(val["short"], os.path.join(out, "val.json"))  # eval/toyvqa.py's
+    for kind in ("sentence", "caption", "description"):
+        write_json(val[kind], os.path.join(out, f"val-{kind}s.json"))
+
+
+def build_validation(out, seed, sizes):
+    """Only the held-out splits (no SFT data, no POPE), e.g. a confirmation split made with another seed, in a
+    folder of their own that eval/ reads as a world: val*.json, images/val/, scenes.json."""
+    scenes = {}
+    val = val_splits(out, seed, sizes, scenes)
+    write_val(out, val)
+    write_json(scenes, os.path.join(out, "scenes.json"))  # written last: marks the split as done
+    return {kind: len(records) for kind, records in val.items()}
 
 
 # ----------------------------------------------------------------------------- the closed stage (the first toy world)

@@ -115,3 +115,40 @@ def test_a_model_that_names_almost_nothing_is_marked_collapsed():
              "open": dict(metrics, cover_desc=cover, chair_i_desc=0.1)} for r, cover in ((8, 0.31), (128, 0.29))]
     lines = ablations.open_table(runs, "lora_r", [8, 128], start)
     assert lines[3].startswith("| 8 | 1 |") and lines[4].startswith("| 128 **(collapsed)** | 1 |")
+
+
+def test_consistency_and_the_search_with_its_confirmation(toy_world, tmp_path, monkeypatch):
+    """C5's sampled agreement is recorded per run and for the SFT model; the exploratory search runs its grid on
+    seed 0, makes the confirmation split before its first run, and confirms the lowest-CHAIR guarded setting on
+    the confirmation seeds only, scored on that split."""
+    monkeypatch.setattr(ablations, "GLOBAL_BATCH", 4)
+    monkeypatch.setitem(ablations.BASE, "noise_step", 999)
+    monkeypatch.setitem(ablations.ABLATIONS, "consistency", ("Table 5", "noise_step", [999]))
+    monkeypatch.setattr(ablations, "SEARCH", dict(beta=[0.1, 0.5]))
+    monkeypatch.setattr(ablations, "SEARCH_DRAWS", 1)
+    monkeypatch.setattr(ablations, "CONFIRM_SEEDS", [3])
+    monkeypatch.setattr(ablations, "GUARD", 1.0)  # every setting passes the guard: the best is the lowest CHAIR_i
+    ablations.main(["consistency", "search", "--seeds", "0", "--world", toy_world, "--out", str(tmp_path),
+                    "--threads", "1"])
+    rows = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]
+    assert [r["ablation"] for r in rows] == ["consistency", "search", "search", "confirm"]
+    shares = rows[0]["consistency"]
+    assert set(shares) == {"0.5", "1.0"} and all(0 <= v <= 1 for v in shares.values())
+    assert rows[0]["seconds"] > 0
+    start = json.load(open(tmp_path / "models" / "model-sft.consistency.json"))
+    assert set(start) == {"0"} and set(start["0"]) == {"0.5", "1.0"}
+    searched = rows[1:3]
+    assert sorted(r["setting"]["beta"] for r in searched) == [0.1, 0.5] and {r["seed"] for r in searched} == {0}
+    assert "search" in rows[1]["ablation"] and rows[1]["setting"]["noise_step"] == 999  # the default comes first
+    best = min(searched, key=lambda r: r["open"]["chair_i_desc"])
+    confirm = rows[3]
+    assert confirm["setting"] == best["setting"] and confirm["seed"] == 3
+    split = json.load(open(tmp_path / "confirm" / "val-descriptions.json"))
+    assert split != json.load(open(os.path.join(toy_world, "val-descriptions.json")))
+    answers = common.read_jsonl(str(tmp_path / "runs" / ablations.run_name(best["setting"], 3) / "confirm-answers"
+                                    / "description-clean.jsonl"))
+    assert len(answers) == len(split) and set(confirm["confirm"]) >= {"chair_i_desc", "cover_desc", "accuracy"}
+    report = open(tmp_path / "report.md").read()
+    assert "## Exploratory" in report and "| searched best | 1 |" in report
+    assert ("**found**" in report) != ("**not found**" in report)
+    assert "same as greedy at T = 0.5 %" in report

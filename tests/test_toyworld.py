@@ -185,3 +185,22 @@ def test_build_is_idempotent(toy_world, capsys):
     toyworld.build(toyworld.parse_args(["--out", toy_world] + TINY_WORLD))
     assert os.path.getmtime(os.path.join(toy_world, "model-sft", "config.json")) == before
     assert "band short answers: exact match overall 55-90%" in capsys.readouterr().out
+
+
+def test_validation_split_alone_equals_the_worlds_own_and_another_seed_differs(toy_world, tmp_path):
+    """toydata.build_validation (the exploratory search's confirmation split) draws the held-out splits as the
+    world build does: with the world's seed, the same files; with another seed, new images and questions."""
+    names = ["val.json", "val-sentences.json", "val-captions.json", "val-descriptions.json"]
+    sizes = {kind: len(json.load(open(os.path.join(toy_world, name))))
+             for kind, name in zip(("short", "sentence", "caption", "description"), names)}
+    toydata.build_validation(str(tmp_path / "same"), 0, sizes)
+    for name in names:
+        assert open(tmp_path / "same" / name).read() == open(os.path.join(toy_world, name)).read()
+    record = json.load(open(os.path.join(toy_world, "val-descriptions.json")))[0]
+    assert (open(tmp_path / "same" / "images" / record["image"], "rb").read()
+            == open(os.path.join(toy_world, "images", record["image"]), "rb").read())
+    toydata.build_validation(str(tmp_path / "other"), 1, sizes)
+    other = json.load(open(tmp_path / "other" / "val-descriptions.json"))
+    assert len(other) == sizes["description"] and other != json.load(open(os.path.join(toy_world, names[3])))
+    scenes = json.load(open(tmp_path / "other" / "scenes.json"))
+    assert all(r["image"] in scenes for r in other)
