@@ -184,6 +184,32 @@ def rank_micro_batches(indices, rank, world_size, accumulation):
     return [mine[i * micro:(i + 1) * micro] for i in range(accumulation)]
 
 
+def packed_length(example):
+    """The tokens of an encoded pair packed into one sequence (dpo.pack_pairs): its prompt once, then each answer."""
+    chosen = example["chosen"]
+    prompt = int((chosen["labels"] != -100).int().argmax())  # the first labelled token ends the prompt
+    return len(chosen["input_ids"]) + sum(len(r["input_ids"]) - prompt for r in pairs.rejected_list(example["rejected"]))
+
+
+def budget_micro_batches(indices, lengths, budget, count=0):
+    """A rank's share of a global batch cut, in order, into micro-batches of at most `budget` tokens (`lengths`:
+    {index: packed_length}); a pair longer than the budget goes alone. count > 0: exactly that many micro-batches
+    (ranks must run the same number of forwards), the one of most pairs halved until there are."""
+    micro = []
+    for i in indices:
+        if micro and sum(lengths[j] for j in micro[-1]) + lengths[i] <= budget:
+            micro[-1].append(i)
+        else:
+            micro.append([i])
+    while len(micro) < count:
+        k = max(range(len(micro)), key=lambda k: len(micro[k]))
+        if len(micro[k]) < 2:
+            raise ValueError(f"{len(indices)} pairs cannot make {count} micro-batches")
+        half = len(micro[k]) // 2
+        micro[k:k + 1] = [micro[k][:half], micro[k][half:]]
+    return micro
+
+
 # ----------------------------------------------------------------------------- the precomputed reference
 def reference_path(pairs_path, model_path, image_folder, pad, template, precision, max_length, pair_forward,
                    ld_alpha=None):
@@ -199,6 +225,27 @@ def reference_path(pairs_path, model_path, image_folder, pad, template, precisio
 def pair_key(record):
     """A pair's content (image, question, its answers): what its reference log-probs belong to."""
     return common.args_digest([record["image"], record["question"], record["chosen"], record["rejected"]])
+
+
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def pairs_reference(records, path, use, ld_alpha=None):
+    """The pairs as training reads them. use (--reference pairs): each pair must carry the reference log-probs
+    seva.py --reference-logps wrote into it, and they are used; otherwise any such fields are dropped, so that
+    only the reference asked for scores the pairs."""
+    if not use:
+        return [{k: v for k, v in r.items() if k not in REFERENCE_KEYS} if isinstance(r, dict) else r
+                for r in records]
+    if ld_alpha is not None:
+        raise ValueError("--reference pairs holds plain log-probs; LD-DPO (--ld-alpha) weighs them by length: "
+                         "use --reference adapter or precomputed")
+    where = "line" if path.endswith(".jsonl") else "record"
+    for index, record in enumerate(records):
+        if isinstance(record, dict) and not all(k in record for k in REFERENCE_KEYS):
+            raise ValueError(f"{path}: {where} {index + 1}, record {record.get('id', '?')}: no reference log-probs; "
+                             f"make the pairs with seva.py --reference-logps, or train with --reference adapter")
+    return records
 
 
 def pairs_padding(pairs_path, default):

@@ -318,26 +318,22 @@ def pack_pairs(batch):
         return positions, answer_labels.masked_fill(~inside, -100)
 
     scored = [score(a) for a in range(1 + negatives)]
-    return dict(input_ids=packed_ids, position_ids=position_ids, allowed=allowed, slot=slot,
+    return dict(input_ids=packed_ids, position_ids=position_ids, allowed=allowed, slot=slot, length=end[:, 0],
                 positions=[p for p, _ in scored], labels=[lab for _, lab in scored])
 
 
-def shared_prefix_forward(model, batch, ld_alpha=None):
-    """log pi(chosen|x) (B,) and log pi(rejected|x) (B,), or (R,) with several rejected answers per pair, from
-    one forward over B packed sequences: the image features and the prompt are computed once per pair, and the
-    lm_head runs only where an answer token is predicted. Equal to concatenated_forward
-    (tests/test_shared_prefix.py). Only for a model that vlm.pair_forward_problem(model, "shared_prefix") finds
-    no problem with (train_ddp.pair_forward_for)."""
-    packed = pack_pairs(batch)
-    _, pair_index = split_rows(batch)
-    allowed = packed["allowed"][:, None]  # (B, 1, L, L): one mask for every head
-    if vlm.unwrap(model).config.get_text_config()._attn_implementation == "eager":  # eager adds it to the scores
-        dtype = vlm.unwrap(model).get_input_embeddings().weight.dtype
-        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)
-    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=allowed,
-                   logits_to_keep=keep, **pair_images(batch)).logits  # (B, kept, V)
+def attention_mask_for(model, allowed):
+    """A boolean (B, 1, L, L) mask as the model's attention takes it: as is for SDPA; eager adds it to the
+    scores, so there it becomes 0 where allowed and the dtype's minimum elsewhere."""
+    if vlm.unwrap(model).config.get_text_config()._attn_implementation != "eager":
+        return allowed
+    dtype = vlm.unwrap(model).get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def slot_logps(logits, packed, pair_index, ld_alpha=None):
+    """From the logits kept at every answer slot's positions (B, sum over slots of 1 + A, V): log pi(chosen)
+    (B,) and log pi(rejected) (B,) or (R,), in the rows' order."""
     public = None
     if ld_alpha is not None:
         public = torch.minimum(answer_tokens(packed["labels"][0]), answer_tokens(packed["labels"][1]))
@@ -350,6 +346,56 @@ def shared_prefix_forward(model, batch, ld_alpha=None):
     return logps[0], rejected
 
 
+def shared_prefix_forward(model, batch, ld_alpha=None):
+    """log pi(chosen|x) (B,) and log pi(rejected|x) (B,), or (R,) with several rejected answers per pair, from
+    one forward over B packed sequences: the image features and the prompt are computed once per pair, and the
+    lm_head runs only where an answer token is predicted. Equal to concatenated_forward
+    (tests/test_shared_prefix.py). Only for a model that vlm.pair_forward_problem(model, "shared_prefix") finds
+    no problem with (train_ddp.pair_forward_for)."""
+    packed = pack_pairs(batch)
+    _, pair_index = split_rows(batch)
+    keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)
+    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                   attention_mask=attention_mask_for(model, packed["allowed"][:, None]),
+                   logits_to_keep=keep, **pair_images(batch)).logits  # (B, kept, V)
+    return slot_logps(logits, packed, pair_index, ld_alpha)
+
+
+# ----------------------------------------------------------------------------- every pair in one row
+# Packing across pairs: shared_prefix_forward's B sequences still pad to the longest pair. Here they follow one
+# another in ONE row of sum(length) tokens: no padding token is computed. Each pair keeps its own mask (on the
+# diagonal of one block mask: no pair attends to another) and its own positions (each starts at 0), and its
+# image fills its own image tokens (the images are in pair order, as the image tokens are). train_ddp.py
+# --max-tokens-per-batch sizes such micro-batches by their packed tokens.
+def pack_rows(packed):
+    """pack_pairs' B sequences, less their padding, in one row: input_ids and position_ids (1, N), the block mask
+    `allowed` (1, N, N), and each slot's scored positions moved to where its pair starts in the row."""
+    length = packed["length"]  # (B,)
+    offset = length.cumsum(0) - length  # (B,): where each pair starts in the row
+    real = torch.arange(packed["input_ids"].shape[1], device=length.device)[None] < length[:, None]  # (B, L)
+    blocks = [packed["allowed"][i, :n, :n] for i, n in enumerate(length.tolist())]
+    return dict(packed, input_ids=packed["input_ids"][real][None], position_ids=packed["position_ids"][real][None],
+                allowed=torch.block_diag(*[b.to(torch.uint8) for b in blocks]).bool()[None],
+                positions=[p + offset[:, None] for p in packed["positions"]])
+
+
+def packed_forward(model, batch, ld_alpha=None):
+    """shared_prefix_forward's numbers from one row holding every pair of the batch (pack_rows): no padding
+    computed. Equal to concatenated_forward (tests/test_shared_prefix.py). Only for a model that
+    vlm.pair_forward_problem(model, "packed") finds no problem with."""
+    packed = pack_rows(pack_pairs(batch))
+    _, pair_index = split_rows(batch)
+    pairs = packed["length"].shape[0]
+    keep = torch.cat([p.reshape(1, -1) for p in packed["positions"]], 1)  # (1, sum over slots of B (1 + A))
+    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                   attention_mask=attention_mask_for(model, packed["allowed"][:, None]),
+                   logits_to_keep=keep, **pair_images(batch)).logits  # (1, kept, V)
+    per_slot = [p.shape[1] for p in packed["positions"]]  # 1 + A of each slot
+    logits = torch.cat([chunk.reshape(pairs, width, -1) for chunk, width in
+                        zip(logits[0].split([pairs * w for w in per_slot]), per_slot)], 1)  # (B, kept / B, V)
+    return slot_logps(logits, packed, pair_index, ld_alpha)
+
+
 # The pair forward is one replaceable function: train_ddp.py picks it by name (--pair-forward).
 PAIR_FORWARDS = {"concatenated": concatenated_forward, "shared_image": shared_image_forward,
-                 "shared_prefix": shared_prefix_forward}
+                 "shared_prefix": shared_prefix_forward, "packed": packed_forward}

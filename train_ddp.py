@@ -186,6 +186,7 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     group_by_length: bool = False  # batches of similar lengths (data.step_indices)
+    max_tokens: int = 0  # --max-tokens-per-batch: micro-batches cut to a token budget (micro_batches)
 
 
 def setup(args):
@@ -196,6 +197,8 @@ def setup(args):
     if args.global_batch and args.global_batch != global_batch:
         raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch_size} x accumulation "
                          f"{args.grad_accum} x world size {world_size} = {global_batch}")
+    if args.max_tokens_per_batch and args.objective != "dpo":
+        raise ValueError("--max-tokens-per-batch cuts pairs (--objective dpo) to a token budget")
     parallel = args.parallel if world_size > 1 else "ddp"  # nothing to shard in one process
     raw_model, processor = prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r, args.lora_alpha,
                                          args.lora_dropout, args.train_projector, parallel,
@@ -208,7 +211,10 @@ def setup(args):
     latest = checkpoint.latest_checkpoint(args.out) if args.resume else None
     if latest:  # before any work: a resume that cannot be exact is refused
         checkpoint.check_resume(latest, config)
-    dataset = data.TrainDataset(common.read_records(args.data), args.objective, args.image_folder, processor,
+    records = common.read_records(args.data)
+    if args.objective == "dpo":
+        records = data.pairs_reference(records, args.data, args.reference == "pairs", args.ld_alpha)
+    dataset = data.TrainDataset(records, args.objective, args.image_folder, processor,
                                 config["template"], args.max_length, args.cache_data, pad,
                                 vlm.spec(raw_model)["fixed_image_tokens"], rank, args.data)
     config["skipped"] = dict(dataset.skip_reasons)
@@ -260,7 +266,7 @@ def setup(args):
         common.write_atomic(os.path.join(args.out, "args.json"), [json.dumps(config, indent=2)])
     return Run(config, args.objective, parallel, model, raw_model, processor, dataset, micro_step, params, optimizer,
                scheduler, global_batch, num_steps, start_step, rank, world_size, device, amp_dtype,
-               args.group_by_length)
+               args.group_by_length, args.max_tokens_per_batch)
 
 
 def lr_lambda(warmup_steps, total_steps):
@@ -286,7 +292,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         indices = data.step_indices(step, len(dataset), run.global_batch, seed,
                                     dataset.lengths if run.group_by_length else None)
         batches = [dataset.collate([dataset[i] for i in micro])
-                   for micro in data.rank_micro_batches(indices, rank, world_size, accumulation)]
+                   for micro in micro_batches(run, indices, accumulation)]
         # Normalise by the whole global batch: pairs for DPO, answer tokens for SFT (counted over ranks).
         normaliser = run.global_batch if run.objective == "dpo" else common.all_reduce_sum(
             [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)], world_size)[0]
@@ -322,6 +328,20 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
             checkpoint.save_checkpoint(model, run.raw_model, run.optimizer, run.scheduler, step + 1, out, run.config,
                                        rank, world_size)
     bar.close()
+
+
+def micro_batches(run, indices, accumulation):
+    """This rank's micro-batches of a step's global batch: `accumulation` of equal size, or with
+    --max-tokens-per-batch as many as the token budget needs (packed tokens), the same number on every rank.
+    The global batch stays so many pairs either way: the loss is the same on 1 process as on N."""
+    if not run.max_tokens:
+        return data.rank_micro_batches(indices, run.rank, run.world_size, accumulation)
+    mine = data.rank_micro_batches(indices, run.rank, run.world_size, 1)[0]
+    lengths = {i: data.packed_length(run.dataset[i]) for i in mine}
+    counts = [0.0] * run.world_size
+    counts[run.rank] = len(data.budget_micro_batches(mine, lengths, run.max_tokens))
+    most = int(max(common.all_reduce_sum(counts, run.world_size)))
+    return data.budget_micro_batches(mine, lengths, run.max_tokens, most)
 
 
 def normalisers(totals, normaliser, key):
@@ -396,18 +416,24 @@ def parse_args(argv=None):
                    help="LD-DPO (Liu et al. 2024, TRL's ld_alpha): weight the log-probs of the tokens beyond the "
                         "shorter answer of a pair by alpha (0-1), against DPO's pull towards length "
                         "(paper: off; 1 = plain DPO); one rejected answer per pair only")
-    g.add_argument("--reference", default="adapter", choices=["adapter", "precomputed"],
+    g.add_argument("--reference", default="adapter", choices=["adapter", "precomputed", "pairs"],
                    help="adapter: the policy with LoRA disabled (a frozen copy for full fine-tuning); "
-                        "precomputed: log-probs computed once, stored beside the pairs")
+                        "precomputed: log-probs computed once, stored beside the pairs; pairs: those seva.py "
+                        "--reference-logps wrote into the pairs while making them (no reference forward at all)")
     g.add_argument("--pair-forward", default="shared_prefix", choices=list(dpo.PAIR_FORWARDS),
                    help="how a pair is scored, all equal (tests/test_shared_prefix.py): shared_prefix packs prompt + "
-                        "chosen + rejected into one sequence (fastest; families without it fall back to "
-                        "concatenated); shared_image runs the vision tower once per pair; concatenated runs "
+                        "chosen + rejected into one sequence (families without it fall back to concatenated); "
+                        "packed puts every pair of a micro-batch in one row, no padding (best with "
+                        "--max-tokens-per-batch); shared_image runs the vision tower once per pair; concatenated runs "
                         "chosen and rejected as 2B full sequences (the naive way)")
     g.add_argument("--merge", action="store_true", help="also write OUT/merged/, the LoRA merged into the model")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-step (paper: 16)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (paper: 1)")
+    g.add_argument("--max-tokens-per-batch", type=int, default=0,
+                   help="dpo: cut each device's share of a step (batch x accumulation pairs) into micro-batches of at "
+                        "most this many packed tokens (prompt once + every answer, as --pair-forward packed computes "
+                        "them) instead of --grad-accum equal ones; the step is still the same global batch of pairs")
     g.add_argument("--global-batch", type=int, default=0,
                    help="if set, checked against batch x accumulation x world size (paper: 128)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: 1, over pairs listed twice)")

@@ -28,7 +28,8 @@ from PIL import Image
 #     C x T x P x P), each patch repeated over T frames, image_grid_thw telling which rows are whose.
 # pair_forwards: the dpo.PAIR_FORWARDS the family was tested with; others fall back to "concatenated".
 #     shared_image needs get_image_features + mm_encoder_outputs as LLaVA's; shared_prefix needs a
-#     decoder that takes a 4D attention mask and 1D position ids.
+#     decoder that takes a 4D attention mask and 1D position ids; packed (several pairs in one row) also needs
+#     each image to fill the image tokens of its own pair, in order.
 _LLAMA_LINEARS = r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 FAMILIES = {
     "llava": dict(
@@ -36,14 +37,14 @@ FAMILIES = {
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
         fixed_image_tokens=True, template="llava_v1", pad_to_square=True, pixels="image",
-        pair_forwards=("concatenated", "shared_image", "shared_prefix"),
+        pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
     ),
     "llava_next": dict(  # LLaVA-NeXT (1.6): any-resolution crops, image_sizes, image_newline
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
         fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
-        pair_forwards=("concatenated", "shared_image", "shared_prefix"),
+        pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
     ),
     "qwen2_vl": dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions: no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
@@ -57,7 +58,7 @@ FAMILIES = {
         vision_tower="model.vision_model", projector="model.connector",
         decoder_layers="model.text_model.layers",
         fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
-        pair_forwards=("concatenated", "shared_image", "shared_prefix"),
+        pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
     ),
     "paligemma": dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids): no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
@@ -128,7 +129,7 @@ def pair_forward_problem(model, name):
     if name not in spec(model)["pair_forwards"]:
         return f"the {family_of(model)} family has no {name} in vlm.FAMILIES' pair_forwards"
     attention = model.config.get_text_config()._attn_implementation
-    if name == "shared_prefix" and attention not in ("sdpa", "eager"):
+    if name in ("shared_prefix", "packed") and attention not in ("sdpa", "eager"):
         return f"attention {attention!r} takes no 4D mask"  # flash, flex
     return None
 

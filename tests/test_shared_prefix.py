@@ -1,5 +1,5 @@
-"""The pair forwards of dpo.py against each other: shared image features and the shared prefix (one packed
-sequence per pair) give the same log-probs, DPO losses and LoRA gradients as the naive concatenated forward,
+"""The pair forwards of dpo.py against each other: shared image features, the shared prefix (one packed
+sequence per pair) and packing across pairs (every pair in one row) give the same log-probs, DPO losses and LoRA gradients as the naive concatenated forward,
 with the adapter on and off, under sdpa and eager attention; an unsupported family falls back and says so;
 train_ddp.py trains the same adapter with each (and with shared_image on 2 FSDP2 processes)."""
 import os
@@ -100,6 +100,25 @@ def test_pack_pairs_by_hand():
     assert packed["labels"][1].tolist() == [[-100, 10, -100], [-100, 12, 13]]
 
 
+def test_pack_rows_puts_every_pair_in_one_row_without_padding(batch):
+    """Packing across pairs: the row is each pair's packed sequence less its padding, one after another; the
+    mask is block-diagonal (no token of one pair sees another pair's), each pair's positions start at 0."""
+    per_pair = dpo.pack_pairs(batch)
+    row = dpo.pack_rows(per_pair)
+    length = per_pair["length"].tolist()
+    assert len(set(length)) > 1 and row["input_ids"].shape == (1, sum(length))  # no padding token is left
+    starts = [sum(length[:i]) for i in range(len(length))]
+    for i, (start, n) in enumerate(zip(starts, length)):
+        assert torch.equal(row["input_ids"][0, start:start + n], per_pair["input_ids"][i, :n])
+        assert row["position_ids"][0, start] == 0
+        assert torch.equal(row["allowed"][0, start:start + n, start:start + n], per_pair["allowed"][i, :n, :n])
+        outside = torch.ones(sum(length), dtype=torch.bool)
+        outside[start:start + n] = False
+        assert not row["allowed"][0, start:start + n][:, outside].any()  # never another pair's tokens
+        for moved, positions in zip(row["positions"], per_pair["positions"]):
+            assert torch.equal(moved[i], positions[i] + start)
+
+
 def test_shared_forwards_refuse_what_they_cannot_share(lora_model, batch):
     broken = dict(batch, input_ids=batch["input_ids"].clone())
     broken["input_ids"][3, 1] += 1  # rejected row of pair 0: one prompt token changed
@@ -107,7 +126,7 @@ def test_shared_forwards_refuse_what_they_cannot_share(lora_model, batch):
         dpo.pack_pairs(broken)
     broken = dict(batch, pixel_values=batch["pixel_values"].clone())
     broken["pixel_values"][4] += 1  # rejected row of pair 1: another image
-    for name in ("shared_image", "shared_prefix"):
+    for name in ("shared_image", "shared_prefix", "packed"):
         with pytest.raises(ValueError, match="same image"):
             dpo.PAIR_FORWARDS[name](lora_model[0], broken)
 
@@ -120,7 +139,7 @@ def test_pair_forwards_agree(lora_model, batch, attention):
         naive = scores(model, batch, "concatenated")
         assert naive[0]["losses"].abs().sum() > 0 and any(g.abs().sum() > 0 for g in naive[1].values())
         assert not torch.allclose(naive[0]["policy_chosen"], naive[0]["reference_chosen"])  # LoRA is non-zero
-        for name in ("shared_image", "shared_prefix"):
+        for name in ("shared_image", "shared_prefix", "packed"):
             assert_same_scores(naive, scores(model, batch, name))
     finally:
         model.set_attn_implementation("sdpa")
@@ -144,7 +163,7 @@ def test_unsupported_family_falls_back_and_says_so_once(lora_model, batch, monke
 
 
 @pytest.mark.parametrize("reference", ["adapter", "precomputed"])
-@pytest.mark.parametrize("pair_forward", ["shared_image", "shared_prefix"])
+@pytest.mark.parametrize("pair_forward", ["shared_image", "shared_prefix", "packed"])
 def test_training_with_each_pair_forward_gives_the_same_adapter(toy_world, toy_pairs, tmp_path, pair_forward,
                                                                  reference):
     pairs = str(tmp_path / "pairs.jsonl")  # own copy: the precomputed reference is stored beside the pairs
@@ -171,3 +190,45 @@ def test_fsdp_shared_image_trains_the_projector_as_one_process(toy_world, toy_pa
     projector = [load_file(os.path.join(tmp_path, name, "adapter", "non_lora_trainables.safetensors"))
                  for name in ("one", "two")]
     assert_same_adapter(*projector, rtol=1e-4, atol=1e-5)
+
+
+def test_budget_micro_batches_keep_order_budget_and_count():
+    lengths = {0: 50, 1: 30, 2: 80, 3: 10, 4: 10, 5: 200, 6: 40}
+    micro = data.budget_micro_batches(list(lengths), lengths, 100)
+    assert micro == [[0, 1], [2, 3, 4], [5], [6]]  # in order; 5 is longer than the budget: alone
+    assert all(sum(lengths[i] for i in m) <= 100 for m in micro if len(m) > 1)
+    more = data.budget_micro_batches(list(lengths), lengths, 100, count=6)  # another rank needs 6
+    assert len(more) == 6 and [i for m in more for i in m] == list(lengths)
+    with pytest.raises(ValueError, match="cannot make"):
+        data.budget_micro_batches([0, 1], lengths, 100, count=3)
+
+
+def test_packed_length_counts_the_prompt_once(batch, toy_world, toy_pairs, lora_model):
+    records = [dict(r, chosen=c, rejected=rj) for r, (c, rj) in zip(common.read_records(toy_pairs), ANSWERS)]
+    dataset = data.TrainDataset(records[:3], "dpo", os.path.join(toy_world, "images"), lora_model[1], "llava_v1", 2048)
+    assert [data.packed_length(dataset[i]) for i in range(3)] == dpo.pack_pairs(batch)["length"].tolist()
+
+
+def test_packed_pairs_to_a_token_budget_train_as_one_batch_on_one_and_two_processes(toy_world, toy_pairs, tmp_path):
+    """--max-tokens-per-batch: the step is still the global batch of pairs, however the budget cuts it, on 1
+    process and on 2 (whose ranks may need different numbers of micro-batches: they run the same)."""
+    steps = ("--max-steps", "2", "--global-batch", "8")
+    run([sys.executable, "train_ddp.py", *dpo_args(toy_world, toy_pairs, tmp_path / "one", "--batch-size", "8",
+                                                   "--pair-forward", "concatenated", *steps)])
+    dataset = data.TrainDataset(common.read_records(toy_pairs), "dpo", os.path.join(toy_world, "images"),
+                                vlm.load(os.path.join(toy_world, "model-sft"))[1], "llava_v1", 2048)
+    lengths = sorted(data.packed_length(dataset[i]) for i in range(len(dataset)))
+    assert lengths[0] + lengths[1] <= 400 < lengths[-1] + lengths[-2]  # a micro-batch holds 1 pair or several
+    budget = ("--pair-forward", "packed", "--max-tokens-per-batch", "400")
+    run([sys.executable, "train_ddp.py", *dpo_args(toy_world, toy_pairs, tmp_path / "budget", "--batch-size", "8",
+                                                   *budget, *steps)])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py",
+         *dpo_args(toy_world, toy_pairs, tmp_path / "two", "--batch-size", "4", *budget, *steps)])
+    one = adapter(tmp_path / "one")
+    assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)
+    assert_same_adapter(one, adapter(tmp_path / "budget"))
+    assert_same_adapter(one, adapter(tmp_path / "two"))
+    for name in ("budget", "two"):
+        want = [m["loss"] for m in common.read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))]
+        got = [m["loss"] for m in common.read_jsonl(str(tmp_path / name / "metrics.jsonl"))]
+        assert got == pytest.approx(want, abs=1e-5)
