@@ -17,7 +17,7 @@ import vlm
 
 @torch.no_grad()
 def generate(model, processor, images, questions, template=None, max_new_tokens=16, batch_size=8,
-             pixel_transform=None, progress=False, return_ids=False):
+             pixel_transform=None, progress=False, return_ids=False, return_state=False):
     """Greedy-decode one answer per (image, question); returns the answers as strings.
 
     images: PIL images (already padded to square if wanted, see vlm.load_image).
@@ -26,7 +26,13 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         pixels is a list of each image's own tensor (vlm.image_pixels), `indices` their positions in `images`.
     return_ids: also return each answer's new token ids (a list of int lists, up to and including the
         end-of-sequence token, without the padding that batching adds after it): (answers, ids).
+    return_state: all questions in one batch, and also what scoring answers on these prompts needs (seva.py
+        --reference-logps): (answers, ids, state), state = {cache: the KV cache, cut back to the prompts;
+        attention_mask (B, P) of the left-padded prompts; input_ids (B, P); first_logps (B, V): the log-probs of
+        every answer's first token; token_logps (B, new): those of each generated token}.
     """
+    if return_state and len(images) > batch_size:
+        raise ValueError(f"return_state needs one batch: {len(images)} questions > batch_size {batch_size}")
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     tokenizer = processor.tokenizer
@@ -47,14 +53,81 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         inputs = {k: v.to(device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                return_dict_in_generate=return_state, output_logits=return_state)
+        if return_state:
+            state = prompt_state(output, inputs)
+            output = output.sequences
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new): generate returns prompt + answer
         answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        if return_ids:
+        if return_ids or return_state:
             for row in new_tokens.tolist():  # rows that finished early are padded after their EOS
                 end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
                 answer_ids.append(row[:end])
+    if return_state:
+        return answers, answer_ids, state
     return (answers, answer_ids) if return_ids else answers
+
+
+def prompt_state(output, inputs):
+    """generate(return_state=True)'s state, from a return_dict_in_generate output with output_logits."""
+    prompt = inputs["input_ids"].shape[1]
+    cache = output.past_key_values
+    cache.crop(prompt - cache.get_seq_length())  # the answers' entries dropped: the prompts' remain
+    new_tokens = output.sequences[:, prompt:]  # (B, new)
+    token_logps = torch.stack([step.float().log_softmax(-1).gather(-1, new_tokens[:, t, None])[:, 0]
+                               for t, step in enumerate(output.logits)], 1)  # (B, new), one step at a time
+    return dict(cache=cache, attention_mask=inputs["attention_mask"], input_ids=inputs["input_ids"],
+                first_logps=output.logits[0].float().log_softmax(-1), token_logps=token_logps)
+
+
+# ----------------------------------------------------------------------------- answers scored on the prompts
+@torch.no_grad()
+def score_answers(model, processor, state, images, questions, answers, answer_ids=None, template=None):
+    """The model's log-probability of answers on the prompts that generate(return_state=True) ran, each scored
+    as training scores it (dpo.sequence_logps over vlm.encode's tokens and labels: the text as the processor
+    tokenizes it, its end-of-turn token included). seva.py --reference-logps: the reference log-probs.
+
+    answers[i]: the answers to score on prompt i (any number). answer_ids[i]: what generate returned as prompt
+    i's ids; the first answer of prompt i whose training tokens equal them takes its log-probs from the
+    generation itself, every other answer is teacher-forced in one batch that continues the prompts' KV cache
+    (no prompt is computed again). Returns one list of floats per prompt, as `answers`."""
+    template = vlm.resolve_template(model, template)
+    device = state["attention_mask"].device
+    scores = [[None] * len(a) for a in answers]
+    forced = []  # (prompt, answer position, tokens, labelled)
+    for i, (image, question) in enumerate(zip(images, questions)):
+        prompt_ids = state["input_ids"][i][state["attention_mask"][i].bool()]  # left padding off
+        for j, answer in enumerate(answers[i]):
+            example = vlm.encode(processor, image, [(question, answer)], template)
+            start = int((example["labels"] != -100).int().argmax())  # the first labelled token ends the prompt
+            if not torch.equal(example["input_ids"][:start], prompt_ids.cpu()):
+                raise ValueError(f"{question!r}: training's prompt tokens differ from generation's; score the "
+                                 f"pairs in training instead (train_ddp.py --reference precomputed)")
+            tokens, labelled = example["input_ids"][start:], example["labels"][start:] != -100
+            generated = answer_ids is not None and j == 0 and tokens.tolist() == answer_ids[i] and labelled.all()
+            if generated:  # the greedy answer as generated: its log-probs are already known
+                scores[i][j] = float(state["token_logps"][i, :len(tokens)].sum())
+            else:
+                forced.append((i, j, tokens, labelled))
+    if forced:
+        rows = torch.tensor([i for i, _, _, _ in forced], device=device)
+        length = max(len(t) for _, _, t, _ in forced)
+        ids = torch.full((len(forced), length), processor.tokenizer.pad_token_id, device=device)
+        mask = torch.zeros(len(forced), length, dtype=torch.long, device=device)
+        for r, (_, _, tokens, _) in enumerate(forced):
+            ids[r, :len(tokens)], mask[r, :len(tokens)] = tokens.to(device), 1
+        cache = state["cache"]
+        cache.batch_select_indices(rows)  # each forced answer continues its own prompt's cache
+        prompt_mask = state["attention_mask"][rows]  # (R, P)
+        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(length, device=device)  # after the prompt
+        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=positions,
+                       cache=cache, use_cache=True).logits  # (R, A, V): token t + 1 from position t
+        for r, (i, j, tokens, labelled) in enumerate(forced):
+            first = state["first_logps"][i, tokens[0]]  # the prompt's last position predicts the first token
+            rest = logits[r, :len(tokens) - 1].float().log_softmax(-1).gather(-1, ids[r, 1:len(tokens), None])[:, 0]
+            scores[i][j] = float((torch.cat([first[None], rest]) * labelled.to(device)).sum())
+    return scores
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -27,7 +27,7 @@ import common
 import diffusion
 import pairs
 import vlm
-from generate import generate
+from generate import generate, score_answers
 
 # ----------------------------------------------------------------------------- Alg. 1 line 1: sample (I, Q) from the pool
 SUBSETS = ("textvqa", "ocr_vqa", "gqa", "coco", "vg")  # LLaVA-665k's image folders
@@ -128,14 +128,17 @@ def view_ids(ids, view):
 
 def answer_chunk(model, processor, instances, image_folder, augmentation="diffusion", noise_step=500, seed=0,
                  schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print,
-                 negative_steps=None):
+                 negative_steps=None, reference=False, filter_mode="exact"):
     """Chosen and rejected answers of a chunk of instances, each generated as one batch.
     template None: the family's; pad: LLaVA-1.5's square padding, for the families that pad.
     negative_steps (paper 3.3, several negatives): the noise step of each augmented view, each view seeded apart
     (view_ids); None: one view at noise_step.
+    reference (--reference-logps): also the model's log-probs of the answers each pair will keep (line 3, by
+    filter_mode), both on the ORIGINAL image, as training's reference scores them (generate.score_answers).
 
     Returns one row per instance, in order: {chosen, rejected} (rejected: one answer, or with negative_steps a
-    list of one per view), or {skipped: reason, message}.
+    list of one per view), with reference also {reference_chosen_logps, reference_rejected_logps} where a
+    pair is kept, or {skipped: reason, message}.
     """
     template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
     rows, images = load_chunk(processor, instances, image_folder, template, pad, max_new_tokens, max_length, warn)
@@ -143,7 +146,11 @@ def answer_chunk(model, processor, instances, image_folder, augmentation="diffus
     if ready:
         questions, ids = [instances[k]["question"] for k in ready], [instances[k]["id"] for k in ready]
         decoding = dict(template=template, max_new_tokens=max_new_tokens, batch_size=len(ready))
-        chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
+        if reference:  # the prompts' KV cache is kept, to score the answers on the original image below
+            chosen, chosen_ids, state = generate(model, processor, images, questions, return_state=True,
+                                                 **decoding)  # chosen = model(I, Q)
+        else:
+            chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
         views = []
         for view, step in enumerate(negative_steps or [noise_step]):
             augmented, pixel_transform = augment.augmented_batch(augmentation, images, view_ids(ids, view), seed,
@@ -152,6 +159,14 @@ def answer_chunk(model, processor, instances, image_folder, augmentation="diffus
                                   **decoding))  # rejected = model(T(I), Q), each instance its own seeded T
         for n, (k, c) in enumerate(zip(ready, chosen)):
             rows[k] = dict(chosen=c, rejected=[v[n] for v in views] if negative_steps else views[0][n])
+        if reference:
+            kept = [kept_rejected(rows[k], filter_mode) for k in ready]
+            scored = score_answers(model, processor, state, images, questions,
+                                   [[rows[k]["chosen"]] + r for k, r in zip(ready, kept)], chosen_ids, template)
+            for k, r, (c, *rejected) in zip(ready, kept, scored):
+                if r:
+                    rows[k].update(reference_chosen_logps=c,
+                                   reference_rejected_logps=rejected if negative_steps else rejected[0])
     return rows
 
 
@@ -190,6 +205,18 @@ def distinct_rejected(chosen, rejected, mode="exact"):
     return kept
 
 
+def reference_of(row):
+    """A kept pair's reference log-probs (--reference-logps), or {}."""
+    return {k: row[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in row}
+
+
+def kept_rejected(row, mode="exact"):
+    """The rejected answers of a row that line 3 keeps: [] when the pair is dropped."""
+    if isinstance(row["rejected"], list):
+        return distinct_rejected(row["chosen"], row["rejected"], mode)
+    return [] if same_answer(row["chosen"], row["rejected"], mode) else [row["rejected"]]
+
+
 def normalize(answer):
     """Lowercase, whitespace collapsed, trailing punctuation stripped."""
     return " ".join(answer.lower().split()).rstrip(".,;:!?").rstrip()
@@ -208,7 +235,7 @@ def same_answer(chosen, rejected, mode="exact"):
 # The arguments that decide the output: partial files made with others are not resumed.
 OUTPUT_ARGS = ("model", "data", "image_folder", "subsets", "num_samples", "seed", "augmentation", "noise_step",
                "noise_schedule", "template", "pad", "max_new_tokens", "max_length", "batch_size", "precision",
-               "negative_steps")
+               "negative_steps", "reference_logps", "filter")
 
 
 def sharded_output(args, instances, rank, world_size):
@@ -290,6 +317,11 @@ def parse_args(argv=None):
                    help="weights in bf16 on CUDA with support (paper: bf16), fp32 otherwise; CPUs always run fp32")
     g.add_argument("--batch-size", type=int, default=16,
                    help="instances per batch and per chunk of the output (authors: 1; batching changes no answer)")
+    g.add_argument("--reference-logps", action="store_true",
+                   help="also score each kept pair's answers under this model on the original image, as training's "
+                        "reference does, into the pairs (the chosen answer from its own generation, the rejected by "
+                        "continuing the prompt's KV cache): train_ddp.py --reference pairs then runs no reference "
+                        "forward; keeps each batch's prompt cache while its rejected answers are generated")
     g = p.add_argument_group("output (Alg. 1 line 3)")
     g.add_argument("--filter", default="exact", choices=["exact", "normalized"],
                    help="drop pairs with equal answers: exact string equality (authors) or after lowercasing, "
@@ -372,7 +404,8 @@ def main(argv=None):
         chunk = output.chunks[k]
         rows = answer_chunk(model, processor, [instances[i] for i in chunk], args.image_folder, args.augmentation,
                             args.noise_step, args.seed, args.noise_schedule, args.template, args.pad,
-                            args.max_new_tokens, args.max_length, warn, args.negative_steps)
+                            args.max_new_tokens, args.max_length, warn, args.negative_steps, args.reference_logps,
+                            args.filter)
         output.append([dict(index=i, id=instances[i]["id"], **row) for i, row in zip(chunk, rows)])
     common.barrier(world_size)
 
@@ -382,7 +415,7 @@ def main(argv=None):
         rows = output.merge()
         if args.negative_steps is None:  # one negative
             kept = [pairs.pair_record(instance, row["chosen"], row["rejected"], args.augmentation, args.noise_step)
-                    for instance, row in zip(instances, rows)
+                    | reference_of(row) for instance, row in zip(instances, rows)
                     if "skipped" not in row and not same_answer(row["chosen"], row["rejected"], args.filter)]
         else:  # several: the distinct rejected answers that differ from chosen, with the step each came from
             kept = []
@@ -390,7 +423,8 @@ def main(argv=None):
                 rejected = [] if "skipped" in row else distinct_rejected(row["chosen"], row["rejected"], args.filter)
                 if rejected:
                     steps = [args.negative_steps[row["rejected"].index(r)] for r in rejected]
-                    kept.append(pairs.pair_record(instance, row["chosen"], rejected, args.augmentation, steps))
+                    kept.append(pairs.pair_record(instance, row["chosen"], rejected, args.augmentation, steps)
+                                | reference_of(row))
         summary = summarize(instances, rows, kept, sampling_skipped, messages)
         write_outputs(args, kept, summary, world_size)
         output.remove()
