@@ -24,3 +24,8 @@ python -m eval.curves runs/dpo/metrics.jsonl --out runs/dpo/curves.png
 # Before and after: the SFT model against SFT + SeVa's adapter.
 python -m eval.compare --base toy/model-sft --adapter runs/dpo/adapter --pairs runs/seva/pairs.jsonl \
   --out runs/compare --batch-size 64 --temperatures 0.5,1.0
+
+# The gallery: the pairs (images as the model saw them, the answers' differences) and SFT's answers beside SeVa's.
+python -m eval.gallery runs/seva/pairs.jsonl --out runs/gallery/pairs.html
+python -m eval.gallery --compare runs/compare --out runs/gallery/compare.html
+echo "gallery: runs/gallery/pairs.html runs/gallery/compare.html"
