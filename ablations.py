@@ -498,10 +498,12 @@ def report(out, rows, base, argv, base_open=None, base_consistency=None, explora
              "learning-rate and beta ablations were added after the paper's ablations had shown every setting "
              "lowering accuracy; their values were fixed before any of their runs, and the defaults were not "
              "changed after them.", ""]
+    lines += wall_time(rows)
     for name, (title, key, values) in ABLATIONS.items():
         mine = [r for r in rows if r["ablation"] == name]
         if mine:
-            lines += [f"## {title}", ""] + table(mine, key, values) + [""]
+            lines += [f"## {title}", "", f"`python ablations.py {name} --seeds "
+                      f"{' '.join(map(str, sorted({r['seed'] for r in mine})))}`", ""] + table(mine, key, values) + [""]
             if base_open:
                 lines += open_table(mine, key, values, dict(accuracy=base, open=base_open)) + [""]
             if name == "consistency" and base_consistency:
@@ -511,6 +513,24 @@ def report(out, rows, base, argv, base_open=None, base_consistency=None, explora
               "model's. *start* is the accuracy of the SFT model the run started from.", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def wall_time(rows):
+    """The report's wall-time line: the measured mean per run (rows record it since it was added) and what
+    `ablations.py all` would take on this machine at that rate, every value of every ablation with 3 seeds."""
+    timed = [r["seconds"] for r in rows if r.get("seconds") and r.get("steps")]
+    if not timed:
+        return []
+    runs = {(json.dumps(dict(BASE, **setting_of(key, value)), sort_keys=True), seed)
+            for _, key, values in ABLATIONS.values() for value in values for seed in (0, 1, 2)}
+    runs |= {(json.dumps(dict(BASE, **s), sort_keys=True), 0) for s in search_settings()}
+    every = len(runs) + len(CONFIRM_SEEDS)
+    mean = statistics.median(timed)  # the median: a run that shared the machine with other work takes longer
+    return [f"Wall time: {mean / 60:.1f} min per trained run, the median of {len(timed)} runs timed (2 CPU cores, "
+            f"other work on the machine at times); `python ablations.py all` is {every} distinct runs (each table's "
+            f"runs of the default setting are made once), about {every * mean / 3600:.1f} hours at that rate, plus "
+            "the SFT models of the SFT-strength table. Each command appends its runs to runs.jsonl as they end and "
+            "skips those already there, so a crashed command resumes where it stopped.", ""]
 
 
 def accuracy_of(run, family="overall"):
