@@ -185,10 +185,10 @@ def start_consistency(world, out, model_dir, seeds):
     found = json.load(open(path)) if os.path.exists(path) else {}
     if any(str(seed) not in found for seed in seeds):
         model, processor = runner.load_model(model_dir)
-        for seed in seeds:
-            found.setdefault(str(seed), sampling_consistency(
+        for seed in [s for s in seeds if str(s) not in found]:
+            found[str(seed)] = sampling_consistency(
                 model, processor, world, os.path.join(out, "models", f"{name}-answers-seed{seed}"), name,
-                runner.fingerprint(model_dir), seed))
+                runner.fingerprint(model_dir), seed)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         toydata.write_json(found, path)
     return found
@@ -213,12 +213,20 @@ GUARD = 0.02  # Cover and short-answer accuracy within 2 points of the SFT model
 
 
 def search_settings():
-    """The default and SEARCH_DRAWS settings drawn (seeded) from the grid; with one negative the InfoNCE and
-    pairwise losses are the same loss, so those settings count once."""
+    """The default and SEARCH_DRAWS settings drawn (seeded) from the grid's runnable settings: with one negative
+    the InfoNCE and pairwise losses are the same loss, so those settings count once; LD-DPO takes one rejected
+    answer per pair (train_ddp.py refuses it with several), so K > 1 goes without it."""
     grid = [dict(zip(SEARCH, values)) for values in itertools.product(*SEARCH.values())]
-    grid = [g for g in grid if g.get("num_negatives", 2) > 1 or g["negatives_loss"] == "infonce"]
+    grid = [g for g in grid if runnable(g)]
     default = {k: BASE[k] for k in SEARCH}
     return [default] + random.Random("search/0").sample([g for g in grid if g != default], SEARCH_DRAWS)
+
+
+def runnable(setting):
+    """Whether train_ddp.py takes a searched setting (see search_settings)."""
+    negatives = setting.get("num_negatives", 1)
+    return (negatives > 1 or setting.get("negatives_loss", "infonce") == "infonce") and \
+        (negatives == 1 or setting.get("ld_alpha") is None)
 
 
 def guarded(scores, accuracy, base_open, base):
@@ -525,10 +533,10 @@ def wall_time(rows):
             for _, key, values in ABLATIONS.values() for value in values for seed in (0, 1, 2)}
     runs |= {(json.dumps(dict(BASE, **s), sort_keys=True), 0) for s in search_settings()}
     every = len(runs) + len(CONFIRM_SEEDS)
-    mean = statistics.median(timed)  # the median: a run that shared the machine with other work takes longer
-    return [f"Wall time: {mean / 60:.1f} min per trained run, the median of {len(timed)} runs timed (2 CPU cores, "
+    median = statistics.median(timed)  # a run that shared the machine with other work takes longer
+    return [f"Wall time: {median / 60:.1f} min per trained run, the median of {len(timed)} runs timed (2 CPU cores, "
             f"other work on the machine at times); `python ablations.py all` is {every} distinct runs (each table's "
-            f"runs of the default setting are made once), about {every * mean / 3600:.1f} hours at that rate, plus "
+            f"runs of the default setting are made once), about {every * median / 3600:.1f} hours at that rate, plus "
             "the SFT models of the SFT-strength table. Each command appends its runs to runs.jsonl as they end and "
             "skips those already there, so a crashed command resumes where it stopped.", ""]
 
@@ -662,12 +670,19 @@ def main(argv=None):
     unknown = [a for a in args.ablations if a not in list(ABLATIONS) + ["search", "all"]]
     if unknown or not args.ablations:
         p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, search, or all), or ask for --confusion")
-    if args.values and len(args.ablations) != 1:
-        p.error("--values goes with one ablation")
+    if args.values and (len(args.ablations) != 1 or args.ablations[0] not in ABLATIONS):
+        p.error("--values goes with one ablation (not search or all)")
+    if args.values:
+        labels = [label(v) for v in ABLATIONS[args.ablations[0]][2]]
+        if any(v not in labels for v in args.values):
+            p.error(f"--values {' '.join(args.values)}: {args.ablations[0]}'s values are {', '.join(labels)}")
     os.makedirs(args.out, exist_ok=True)
     BASE.update(subsets=args.subsets,
                 sft_epochs=json.load(open(os.path.join(args.world, "sft-run", "args.json")))["epochs"])
-    names = list(ABLATIONS) + ["search"] if "all" in args.ablations else args.ablations
+    names = list(ABLATIONS) + (["search"] if is_open(args.world) else []) if "all" in args.ablations \
+        else args.ablations
+    if "search" in names and not is_open(args.world):
+        p.error(f"search: {args.world} is not an open-stage world (python toyworld.py)")
     log = os.path.join(args.out, "runs.jsonl")
     rows = load_rows(log, args.world, args.out)
     sft = sft_model(args.world, args.out, BASE["sft_epochs"])

@@ -242,10 +242,34 @@ def pairs_reference(records, path, use, ld_alpha=None):
                          "use --reference adapter or precomputed")
     where = "line" if path.endswith(".jsonl") else "record"
     for index, record in enumerate(records):
-        if isinstance(record, dict) and not all(k in record for k in REFERENCE_KEYS):
-            raise ValueError(f"{path}: {where} {index + 1}, record {record.get('id', '?')}: no reference log-probs; "
-                             f"make the pairs with seva.py --reference-logps, or train with --reference adapter")
+        if not isinstance(record, dict):
+            continue  # malformed: TrainDataset names and skips it
+        name = f"{path}: {where} {index + 1}, record {record.get('id', '?')}"
+        if not all(k in record for k in REFERENCE_KEYS):
+            raise ValueError(f"{name}: no reference log-probs; make the pairs with seva.py --reference-logps, "
+                             f"or train with --reference adapter")
+        scored = record["reference_rejected_logps"]
+        if "rejected" in record and len(pairs.rejected_list(scored)) != len(pairs.rejected_list(record["rejected"])):
+            raise ValueError(f"{name}: {len(pairs.rejected_list(scored))} reference log-probs for "
+                             f"{len(pairs.rejected_list(record['rejected']))} rejected answers")
     return records
+
+
+def check_pairs_model(pairs_path, model, template):
+    """--reference pairs: the pairs' log-probs are the model's that made them (seva.py's OUT.args.json says
+    which): training another model or template on them is refused."""
+    sidecar = pairs_path + ".args.json"
+    if not os.path.exists(sidecar):
+        return
+    made = json.load(open(sidecar)).get("args", {})
+    same = lambda a, b: os.path.realpath(a) == os.path.realpath(b) or (
+        os.path.isdir(a) and common.files_fingerprint(a) == common.files_fingerprint(b))
+    if made.get("model") and not same(made["model"], model):
+        raise ValueError(f"{pairs_path}: its reference log-probs are {made['model']}'s (its .args.json), not "
+                         f"--model {model}'s; use --reference adapter or precomputed")
+    if made.get("template") and made["template"] != template:
+        raise ValueError(f"{pairs_path}: its reference log-probs were scored with template {made['template']}, "
+                         f"not {template}")
 
 
 def pairs_padding(pairs_path, default):

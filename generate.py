@@ -72,7 +72,7 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
 def prompt_state(output, inputs):
     """generate(return_state=True)'s state, from a return_dict_in_generate output with output_logits."""
     prompt = inputs["input_ids"].shape[1]
-    cache = output.past_key_values
+    cache = output.cache
     cache.crop(prompt - cache.get_seq_length())  # the answers' entries dropped: the prompts' remain
     new_tokens = output.sequences[:, prompt:]  # (B, new)
     token_logps = torch.stack([step.float().log_softmax(-1).gather(-1, new_tokens[:, t, None])[:, 0]
@@ -91,7 +91,8 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
     answers[i]: the answers to score on prompt i (any number). answer_ids[i]: what generate returned as prompt
     i's ids; the first answer of prompt i whose training tokens equal them takes its log-probs from the
     generation itself, every other answer is teacher-forced in one batch that continues the prompts' KV cache
-    (no prompt is computed again). Returns one list of floats per prompt, as `answers`."""
+    (no prompt is computed again). The cache is used up (state["cache"] becomes None). Returns one list of
+    floats per prompt, as `answers`."""
     template = vlm.resolve_template(model, template)
     device = state["attention_mask"].device
     scores = [[None] * len(a) for a in answers]
@@ -117,7 +118,7 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
         mask = torch.zeros(len(forced), length, dtype=torch.long, device=device)
         for r, (_, _, tokens, _) in enumerate(forced):
             ids[r, :len(tokens)], mask[r, :len(tokens)] = tokens.to(device), 1
-        cache = state["cache"]
+        cache, state["cache"] = state["cache"], None
         cache.batch_select_indices(rows)  # each forced answer continues its own prompt's cache
         prompt_mask = state["attention_mask"][rows]  # (R, P)
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(length, device=device)  # after the prompt

@@ -391,6 +391,10 @@ def main(argv=None):
     model.eval()
     args.template = vlm.resolve_template(model, args.template)  # the family's, recorded as used
     args.pad = args.pad and vlm.pads_to_square(model)
+    problem = args.reference_logps and vlm.pair_forward_problem(model, "shared_prefix")
+    if problem:  # the answers continue the prompt's cache with 1D positions and no per-token inputs
+        raise ValueError(f"--reference-logps: {problem}; make the pairs without it (train_ddp.py --reference "
+                         f"precomputed scores them instead)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     output = sharded_output(args, instances, rank, world_size)
     todo = output.resume()

@@ -214,6 +214,8 @@ def setup(args):
     records = common.read_records(args.data)
     if args.objective == "dpo":
         records = data.pairs_reference(records, args.data, args.reference == "pairs", args.ld_alpha)
+        if args.reference == "pairs":
+            data.check_pairs_model(args.data, args.model, config["template"])
     dataset = data.TrainDataset(records, args.objective, args.image_folder, processor,
                                 config["template"], args.max_length, args.cache_data, pad,
                                 vlm.spec(raw_model)["fixed_image_tokens"], rank, args.data)
@@ -234,7 +236,7 @@ def setup(args):
                                        args.precision, args.max_length, args.pair_forward, args.ld_alpha)
             data.precompute_reference(raw_model, dataset, path, pair_forward, args.batch_size, rank, world_size,
                                       device, amp_dtype)
-        elif args.lora_r == 0:  # full fine-tuning: the reference is a frozen copy
+        elif args.reference == "adapter" and args.lora_r == 0:  # full fine-tuning: the reference is a frozen copy
             reference_model = copy.deepcopy(raw_model).requires_grad_(False)
         loss_settings = dict(beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type,
                              negatives_loss=args.negatives_loss, rpo_alpha=args.rpo_alpha, max_negatives=max_negatives)
@@ -291,8 +293,8 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         t0 = time.time()
         indices = data.step_indices(step, len(dataset), run.global_batch, seed,
                                     dataset.lengths if run.group_by_length else None)
-        batches = [dataset.collate([dataset[i] for i in micro])
-                   for micro in micro_batches(run, indices, accumulation)]
+        micro, encoded = micro_batches(run, indices, accumulation)
+        batches = [dataset.collate([encoded[i] if i in encoded else dataset[i] for i in m]) for m in micro]
         # Normalise by the whole global batch: pairs for DPO, answer tokens for SFT (counted over ranks).
         normaliser = run.global_batch if run.objective == "dpo" else common.all_reduce_sum(
             [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)], world_size)[0]
@@ -331,17 +333,19 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
 
 
 def micro_batches(run, indices, accumulation):
-    """This rank's micro-batches of a step's global batch: `accumulation` of equal size, or with
-    --max-tokens-per-batch as many as the token budget needs (packed tokens), the same number on every rank.
-    The global batch stays so many pairs either way: the loss is the same on 1 process as on N."""
+    """(micro-batches, encoded): this rank's micro-batches of a step's global batch (index lists), `accumulation`
+    of equal size, or with --max-tokens-per-batch as many as the token budget needs (packed tokens), the same
+    number on every rank; and the examples encoded to measure them (so that none is encoded twice). The global
+    batch stays so many pairs either way: the loss is the same on 1 process as on N."""
     if not run.max_tokens:
-        return data.rank_micro_batches(indices, run.rank, run.world_size, accumulation)
+        return data.rank_micro_batches(indices, run.rank, run.world_size, accumulation), {}
     mine = data.rank_micro_batches(indices, run.rank, run.world_size, 1)[0]
-    lengths = {i: data.packed_length(run.dataset[i]) for i in mine}
+    encoded = {i: run.dataset[i] for i in mine}
+    lengths = {i: data.packed_length(encoded[i]) for i in mine}
     counts = [0.0] * run.world_size
     counts[run.rank] = len(data.budget_micro_batches(mine, lengths, run.max_tokens))
     most = int(max(common.all_reduce_sum(counts, run.world_size)))
-    return data.budget_micro_batches(mine, lengths, run.max_tokens, most)
+    return data.budget_micro_batches(mine, lengths, run.max_tokens, most), encoded
 
 
 def normalisers(totals, normaliser, key):

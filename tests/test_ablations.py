@@ -117,6 +117,18 @@ def test_a_model_that_names_almost_nothing_is_marked_collapsed():
     assert lines[3].startswith("| 8 | 1 |") and lines[4].startswith("| 128 **(collapsed)** | 1 |")
 
 
+def test_the_search_draws_runnable_settings_of_its_grid():
+    """Every searched setting is one train_ddp.py takes (no LD-DPO with several negatives), the default first,
+    no setting twice, each inside the grid."""
+    settings = ablations.search_settings()
+    assert len(settings) == 1 + ablations.SEARCH_DRAWS and settings[0] == {k: ablations.BASE[k] for k in ablations.SEARCH}
+    assert len({json.dumps(s, sort_keys=True) for s in settings}) == len(settings)
+    for s in settings:
+        assert s["num_negatives"] == 1 or s["ld_alpha"] is None
+        assert s["num_negatives"] > 1 or s["negatives_loss"] == "infonce"
+        assert all(s[k] in values for k, values in ablations.SEARCH.items())
+
+
 def test_consistency_and_the_search_with_its_confirmation(toy_world, tmp_path, monkeypatch):
     """C5's sampled agreement is recorded per run and for the SFT model; the exploratory search runs its grid on
     seed 0, makes the confirmation split before its first run, and confirms the lowest-CHAIR guarded setting on

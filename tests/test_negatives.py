@@ -109,7 +109,7 @@ def k_scores(model, batch, name):
 
 
 @pytest.mark.parametrize("negatives", [(1, 1, 1), (2, 2, 2), (4, 1, 3), (4, 4, 4)])
-@pytest.mark.parametrize("name", ["shared_prefix", "shared_image"])
+@pytest.mark.parametrize("name", ["shared_prefix", "shared_image", "packed"])
 def test_packed_forwards_equal_naive_for_k_negatives(toy_world, toy_pairs, lora_model, negatives, name):
     model, processor = lora_model
     batch = k_batch(toy_world, toy_pairs, processor, negatives)
@@ -121,7 +121,7 @@ def test_packed_forwards_equal_naive_for_k_negatives(toy_world, toy_pairs, lora_
         torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("name", ["shared_prefix", "shared_image"])
+@pytest.mark.parametrize("name", ["shared_prefix", "shared_image", "packed"])
 def test_ld_dpo_weights_alike_in_every_forward(toy_world, toy_pairs, lora_model, name):
     """LD-DPO's weighting (alpha 0.5) gives the packed forwards the naive forward's numbers, and it changes them."""
     model, processor = lora_model

@@ -69,6 +69,7 @@ def test_pairs_carry_the_reference_that_training_precomputes(toy_world, model, t
         path = str(tmp_path / f"reference-{forward}.jsonl")
         data.precompute_reference(model, dataset, path, dpo.PAIR_FORWARDS[forward], 4, 0, 1, torch.device("cpu"), None)
         theirs = [(r["reference_chosen_logps"], r["reference_rejected_logps"]) for r in dataset.records]
+        assert len(theirs) == len(mine)  # no pair skipped
         for (c, r), (want_c, want_r) in zip(mine, theirs):
             assert c == pytest.approx(want_c, abs=1e-4), forward
             assert r == pytest.approx(want_r, abs=1e-4), forward

@@ -218,8 +218,13 @@ def test_packed_pairs_to_a_token_budget_train_as_one_batch_on_one_and_two_proces
     dataset = data.TrainDataset(common.read_records(toy_pairs), "dpo", os.path.join(toy_world, "images"),
                                 vlm.load(os.path.join(toy_world, "model-sft"))[1], "llava_v1", 2048)
     lengths = sorted(data.packed_length(dataset[i]) for i in range(len(dataset)))
-    assert lengths[0] + lengths[1] <= 400 < lengths[-1] + lengths[-2]  # a micro-batch holds 1 pair or several
-    budget = ("--pair-forward", "packed", "--max-tokens-per-batch", "400")
+    assert lengths[0] + lengths[1] <= 350 < lengths[-1] + lengths[-2]  # a micro-batch holds 1 pair or several
+    by_index = {i: data.packed_length(dataset[i]) for i in range(len(dataset))}
+    counts = [[len(data.budget_micro_batches(data.rank_micro_batches(data.step_indices(step, len(dataset), 8, 0),
+                                                                     rank, 2, 1)[0], by_index, 350))
+               for rank in (0, 1)] for step in (0, 1)]
+    assert any(a != b for a, b in counts), counts  # the ranks' own cuts differ: training evens them out
+    budget = ("--pair-forward", "packed", "--max-tokens-per-batch", "350")
     run([sys.executable, "train_ddp.py", *dpo_args(toy_world, toy_pairs, tmp_path / "budget", "--batch-size", "8",
                                                    *budget, *steps)])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py",
