@@ -124,7 +124,7 @@ class TrainDataset(torch.utils.data.Dataset):
                                self.template)
         if check:
             self.check_length(record, pair["chosen"], *pairs.rejected_list(pair["rejected"]))
-        pair.update({k: record[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in record})
+        pair.update({k: record[k] for k in pairs.REFERENCE_KEYS if k in record})
         return pair
 
     def check_length(self, record, *examples):
@@ -227,15 +227,12 @@ def pair_key(record):
     return common.args_digest([record["image"], record["question"], record["chosen"], record["rejected"]])
 
 
-REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
-
-
 def pairs_reference(records, path, use, ld_alpha=None):
     """The pairs as training reads them. use (--reference pairs): each pair must carry the reference log-probs
     seva.py --reference-logps wrote into it, and they are used; otherwise any such fields are dropped, so that
     only the reference asked for scores the pairs."""
     if not use:
-        return [{k: v for k, v in r.items() if k not in REFERENCE_KEYS} if isinstance(r, dict) else r
+        return [{k: v for k, v in r.items() if k not in pairs.REFERENCE_KEYS} if isinstance(r, dict) else r
                 for r in records]
     if ld_alpha is not None:
         raise ValueError("--reference pairs holds plain log-probs; LD-DPO (--ld-alpha) weighs them by length: "
@@ -245,7 +242,7 @@ def pairs_reference(records, path, use, ld_alpha=None):
         if not isinstance(record, dict):
             continue  # malformed: TrainDataset names and skips it
         name = f"{path}: {where} {index + 1}, record {record.get('id', '?')}"
-        if not all(k in record for k in REFERENCE_KEYS):
+        if not all(k in record for k in pairs.REFERENCE_KEYS):
             raise ValueError(f"{name}: no reference log-probs; make the pairs with seva.py --reference-logps, "
                              f"or train with --reference adapter")
         scored = record["reference_rejected_logps"]

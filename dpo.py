@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import vlm
-from pairs import rejected_list
+from pairs import REFERENCE_KEYS, rejected_list
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -183,7 +183,7 @@ def collate_pairs(pairs, pad_token_id):
     batch = collate([p["chosen"] for p in pairs] + [n for group in negatives for n in group], pad_token_id)
     if any(isinstance(p["rejected"], list) for p in pairs):
         batch["pair_index"] = torch.tensor([i for i, group in enumerate(negatives) for _ in group])
-    for key in ("reference_chosen_logps", "reference_rejected_logps"):
+    for key in REFERENCE_KEYS:
         if key in pairs[0]:  # precomputed reference log-probs travel with the batch (flat, as the rows)
             values = [v for p in pairs for v in rejected_list(p[key])]
             batch[key] = torch.tensor(values, dtype=torch.float32)

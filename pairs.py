@@ -25,6 +25,10 @@ def pair_record(instance, chosen, rejected, augmentation, noise_step):
     return pair
 
 
+# A pair's reference log-probs, where it carries them (seva.py --reference-logps, train_ddp.py --reference).
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
 def rejected_list(rejected):
     """A pair's rejected answer(s) (or their encodings) as a list: [one], or the several negatives."""
     return rejected if isinstance(rejected, list) else [rejected]

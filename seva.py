@@ -207,7 +207,7 @@ def distinct_rejected(chosen, rejected, mode="exact"):
 
 def reference_of(row):
     """A kept pair's reference log-probs (--reference-logps), or {}."""
-    return {k: row[k] for k in ("reference_chosen_logps", "reference_rejected_logps") if k in row}
+    return {k: row[k] for k in pairs.REFERENCE_KEYS if k in row}
 
 
 def kept_rejected(row, mode="exact"):
