@@ -187,7 +187,7 @@ def rank_micro_batches(indices, rank, world_size, accumulation):
 def packed_length(example):
     """The tokens of an encoded pair packed into one sequence (dpo.pack_pairs): its prompt once, then each answer."""
     chosen = example["chosen"]
-    prompt = int((chosen["labels"] != -100).int().argmax())  # the first labelled token ends the prompt
+    prompt = int(dpo.prompt_length(chosen["labels"]))
     return len(chosen["input_ids"]) + sum(len(r["input_ids"]) - prompt for r in pairs.rejected_list(example["rejected"]))
 
 

@@ -40,6 +40,11 @@ def sequence_logps(logits, labels, average=False, public=None, ld_alpha=None):
     return total  # (B,): Eq. 7 uses the sum
 
 
+def prompt_length(labels):
+    """(...,): the index of each sequence's first labelled token, i.e. the length of the prompt before its answer."""
+    return (labels != -100).int().argmax(-1)
+
+
 def answer_tokens(labels):
     """(B,) the number of labelled (scored) tokens of each row, as sequence_logps counts them."""
     return (labels[:, 1:] != -100).sum(-1)
@@ -271,7 +276,7 @@ def pack_pairs(batch):
     labelled = labels != -100  # (B + R, T)
     if not labelled.any(-1).all():
         raise ValueError("every sequence of a pair needs labelled answer tokens")
-    prompt_all = labelled.int().argmax(-1)  # (B + R,): index of the first labelled token = prompt length
+    prompt_all = prompt_length(labels)  # (B + R,)
     prompt = prompt_all[:pairs]  # (B,)
     column = torch.arange(input_ids.shape[1], device=device)  # (T,)
     same_prompt = (input_ids[pairs:] == input_ids[:pairs][pair_index]) | (column >= prompt_all[pairs:, None])

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import dpo
 import vlm
 
 
@@ -101,7 +102,7 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
         prompt_ids = state["input_ids"][i][state["attention_mask"][i].bool()]  # left padding off
         for j, answer in enumerate(answers[i]):
             example = vlm.encode(processor, image, [(question, answer)], template)
-            start = int((example["labels"] != -100).int().argmax())  # the first labelled token ends the prompt
+            start = int(dpo.prompt_length(example["labels"]))
             if not torch.equal(example["input_ids"][:start], prompt_ids.cpu()):
                 raise ValueError(f"{question!r}: training's prompt tokens differ from generation's; score the "
                                  f"pairs in training instead (train_ddp.py --reference precomputed)")
