@@ -381,21 +381,36 @@ def compared_questions(compare_dir):
     for flag, value in (("--world", world), ("--val", args.get("val")), ("--pope-dir", args.get("pope_dir"))):
         if value and not os.path.exists(value):
             raise ValueError(f"{path}: its {flag} {value}: no such file or folder (run from where eval.compare ran)")
-    scenes = common.read_records(os.path.join(world, "scenes.json")) if world else {}
-    sources = []  # (kind, answer file, records): the open-ended kinds first
+    sources = toy_sources(world, args.get("val"), args.get("pope_dir"), args.get("pope_splits"))
+    dirs = {name: os.path.join(compare_dir, "answers", name.lower()) for name in ("SFT", "SeVa")}
+    questions = answered_questions(sources, dirs, common.read_records(os.path.join(world, "scenes.json"))
+                                   if world else {})
+    return report.get("models", {}), args.get("image_folder") or ".", questions
+
+
+def toy_sources(world, val=None, pope_dir=None, pope_splits=()):
+    """[(kind, answer file, records)] of the toy-world questions a model answered: the world's open-ended and
+    sentence files, the short answers of `val`, and POPE's splits, as eval.compare names their answer files."""
+    sources = []
     for kind in hallucination.KINDS + ("sentence",):
         if world and os.path.isfile(os.path.join(world, f"val-{kind}s.json")):
             sources.append((kind, f"{kind}-clean.jsonl", common.read_records(os.path.join(world, f"val-{kind}s.json"))))
-    if args.get("val"):
-        sources.append(("short answer", "toyvqa-clean.jsonl", common.read_records(args["val"])))
-    for split in (args.get("pope_splits") or []) if args.get("pope_dir") else []:
-        sources.append(("POPE", f"pope-{split}.jsonl", pope.read_pope(pope.split_file(args["pope_dir"], split))))
+    if val:
+        sources.append(("short answer", "toyvqa-clean.jsonl", common.read_records(val)))
+    for split in (pope_splits or []) if pope_dir else []:
+        sources.append(("POPE", f"pope-{split}.jsonl", pope.read_pope(pope.split_file(pope_dir, split))))
+    return sources
+
+
+def answered_questions(sources, answer_dirs, scenes):
+    """Every question of `sources` with both models' answers (answer_dirs: {"SFT": folder, "SeVa": folder}), its
+    verdicts by its kind's rule and SeVa's outcome against SFT's."""
     questions = []
     for kind, file, records in sources:
         fields = [question_fields(kind, file, record, scenes) for record in records]
         answers = {}
-        for name in ("SFT", "SeVa"):
-            answer_path = os.path.join(compare_dir, "answers", name.lower(), file)
+        for name, folder in answer_dirs.items():
+            answer_path = os.path.join(folder, file)
             answers[name] = {row["question_id"]: row["text"] for row in common.read_jsonl(answer_path)}
             missing = [q["question_id"] for q in fields if q["question_id"] not in answers[name]]
             if missing:
@@ -405,7 +420,7 @@ def compared_questions(compare_dir):
             question["verdicts"] = {name: verdict(question, text) for name, text in question["answers"].items()}
             question["outcome"] = outcome(kind, question["verdicts"]["SFT"], question["verdicts"]["SeVa"])
             questions.append(question)
-    return report.get("models", {}), args.get("image_folder") or ".", questions
+    return questions
 
 
 def question_fields(kind, file, record, scenes):
