@@ -37,11 +37,13 @@ import seva
 import toydata
 import train_ddp
 import vlm
-from eval import compare, hallucination, pope, runner, toyvqa
+from eval import compare, gallery, hallucination, pope, runner, toyvqa
 
 # name -> (what the paper calls it, the setting that varies, its values)
 ABLATIONS = {
     "table2": ("Table 2 in small: SeVa against the SFT model, the default setting", "noise_step", [500]),
+    "fig5": ("Fig. 5: answer length and pair-wise win / lose / tie, SeVa's answers against the SFT model's, the "
+             "default setting", "noise_step", [500]),
     "augmentation": ("Table 1: the source of rejected answers", "augmentation", augment.ALL_AUGMENTATIONS),
     "noise_step": ("Fig. 6: diffusion noise step", "noise_step", [100, 200, 300, 400, 500, 600, 700, 800, 900]),
     "consistency": ("Table 5 in small: consistency under sampling, the default setting (short answers sampled at "
@@ -145,8 +147,7 @@ def run_once(world, out, setting, seed, consistency=False, confirm=None):
     model = train_ddp.train(train_ddp.parse_args(training))
     model.eval()
     _, processor = vlm.load(start)
-    val = json.load(open(os.path.join(world, "val.json")))
-    row["accuracy"], _ = toyvqa.vqa_accuracy(model, processor, val, images)
+    row["accuracy"] = short_answers(model, processor, world, os.path.join(folder, "answers"))
     weights = runner.fingerprint(start, os.path.join(folder, "train", "adapter"))
     if consistency:
         row["consistency"] = sampling_consistency(model, processor, world, os.path.join(folder, "answers"),
@@ -163,6 +164,7 @@ def run_once(world, out, setting, seed, consistency=False, confirm=None):
     if is_open(world):
         row["open"] = score_open(model, processor, world, os.path.join(folder, "answers"), run_name(setting, seed),
                                  weights)
+        row["pairwise"] = pairwise(world, start_answers(world, out, start), os.path.join(folder, "answers"))
     return dict(row, seconds=time.time() - began)
 
 
@@ -344,6 +346,65 @@ def pair_claims(world, trained):
     return {c: sum(row[c] for row in table.values()) for c in hallucination.PAIR_CLASSES}
 
 
+def short_answers(model, processor, world, answers_dir):
+    """A model's accuracy on toy/val.json; its answers written to ANSWERS_DIR/toyvqa-clean.jsonl (eval.compare's
+    name) for the pair-wise outcomes."""
+    val = json.load(open(os.path.join(world, "val.json")))
+    accuracy, answers = toyvqa.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
+    os.makedirs(answers_dir, exist_ok=True)
+    common.write_atomic(os.path.join(answers_dir, "toyvqa-clean.jsonl"),
+                        [json.dumps(dict(question_id=r["id"], text=a)) for r, a in zip(val, answers)])
+    return accuracy
+
+
+def compared_sources(world):
+    """The questions the pair-wise outcomes compare: every kind ablations/protocol.md scores."""
+    return gallery.toy_sources(world, os.path.join(world, "val.json"), os.path.join(world, "pope"), pope.SPLITS)
+
+
+def start_answers(world, out, model_dir):
+    """The folder of a start model's answers to compared_sources (OUT/models/NAME-answers), made once."""
+    name = os.path.basename(os.path.normpath(model_dir))
+    folder = os.path.join(out, "models", name + "-answers")
+    if not all(os.path.exists(os.path.join(folder, file)) for _, file, _ in compared_sources(world)):
+        model, processor = runner.load_model(model_dir)
+        score_open(model, processor, world, folder, name, runner.fingerprint(model_dir))  # resumes its answer files
+        short_answers(model, processor, world, folder)
+    return folder
+
+
+def pairwise(world, start_dir, run_dir):
+    """Fig. 5: per kind of question, how often the run's answer wins, loses or ties against its start model's by
+    the kind's rule (eval/gallery.py RULES), and both models' mean answer length in words."""
+    questions = gallery.answered_questions(compared_sources(world), {"SFT": start_dir, "SeVa": run_dir},
+                                           common.read_records(os.path.join(world, "scenes.json")))
+    found = {}
+    for kind in dict.fromkeys(q["kind"] for q in questions):
+        mine = [q for q in questions if q["kind"] == kind]
+        words = lambda name: statistics.mean(len(q["answers"][name].split()) for q in mine)
+        found[kind] = dict(**{o: sum(q["outcome"] == o for q in mine) for o in gallery.OUTCOMES},
+                           words_start=words("SFT"), words=words("SeVa"))
+    return found
+
+
+def pairwise_table(runs):
+    """Fig. 5's table: per kind, won / lost / tied (mean ± sd over seeds) and mean words before -> after."""
+    runs = [r for r in runs if r.get("pairwise")]
+    if not runs:
+        return []
+    lines = [f"Pair-wise outcomes of {len(runs)} seeds, question by question, SeVa's answer against the SFT "
+             "model's by the rule of its kind (eval/gallery.py RULES: captions and descriptions, fewer false claims "
+             "wins; the others, right where the other is wrong wins).", "",
+             "| kind | questions | won | lost | tied | words: SFT -> SeVa |", "|---" * 6 + "|"]
+    for kind in runs[0]["pairwise"]:
+        counts = [r["pairwise"][kind] for r in runs]
+        lines.append(f"| {kind} | {sum(counts[0][o] for o in gallery.OUTCOMES)} | "
+                     + " | ".join(mean_spread([c[o] for c in counts], 1) for o in gallery.OUTCOMES)
+                     + f" | {statistics.mean(c['words_start'] for c in counts):.1f} -> "
+                       f"{mean_spread([c['words'] for c in counts], 1)} |")
+    return lines + [""]
+
+
 def open_scores(world, out, model_dir):
     """A start model's open-stage metrics, computed once (OUT/models/NAME.open.json)."""
     path = os.path.join(out, "models", os.path.basename(os.path.normpath(model_dir)) + ".open.json")
@@ -516,7 +577,10 @@ def report(out, rows, base, argv, base_open=None, base_consistency=None, explora
                 lines += open_table(mine, key, values, dict(accuracy=base, open=base_open)) + [""]
             if name == "consistency" and base_consistency:
                 lines += consistency_table(mine, base_consistency)
+            if name == "fig5":
+                lines += pairwise_table(mine)
     lines += list(exploratory) + family_table(rows) + pair_quality_analysis(rows)
+    lines += pair_claims_analysis(rows, base_open) if base_open else []
     lines += ["Runs with fewer pairs than one global batch (16) train no step: their accuracy is their start "
               "model's. *start* is the accuracy of the SFT model the run started from.", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -608,6 +672,56 @@ def pair_quality_analysis(rows):
                     f"{', '.join(q for q in pairs.QUALITY if q not in classes) or 'none'}.", ""]
 
 
+def pair_claims_analysis(rows, base_open):
+    """What the paper could not measure: does the share of trained pairs whose chosen answer holds fewer false
+    claims predict the change in descriptions' CHAIR_i? A least-squares line over the DPO runs at the base lr,
+    beta, rank and SFT model that trained a step (base_open: that SFT model's metrics, for rows that predate
+    their own start_open)."""
+    fixed = ("lr", "beta", "lora_r", "sft_epochs", "objective")
+    distinct = {json.dumps([r["setting"], r["seed"]], sort_keys=True): r for r in rows}  # a reused run counts once
+    fewer = hallucination.PAIR_CLASSES[0]
+    runs = [r for r in distinct.values() if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"]
+            and r.get("open") and sum((r.get("pair_claims") or {}).values())]
+    if len(runs) < 8:  # a line through a few runs of one setting would say nothing
+        return []
+    share = np.array([100 * r["pair_claims"][fewer] / sum(r["pair_claims"].values()) for r in runs])
+    change = np.array([100 * (r["open"]["chair_i_desc"] - (r.get("start_open") or base_open)["chair_i_desc"])
+                       for r in runs])
+    if share.std() == 0:
+        return []
+    slope, intercept = np.polyfit(share, change, 1)
+    correlation = float(np.corrcoef(share, change)[0, 1])
+    return ["## Which side holds more false claims, against the change in CHAIR_i", "",
+            f"Over {len(runs)} DPO runs at the base lr, beta, rank and SFT model: x = the share of trained pairs "
+            f"whose chosen answer holds fewer false claims than its rejected one ({share.mean():.1f}% on average, "
+            f"{share.min():.1f}-{share.max():.1f}%), y = the descriptions' CHAIR_i change against the start model "
+            f"(points, {change.mean():+.1f} on average).", "",
+            "| fit | slope (points per 100% of pairs) | intercept (points) | correlation | R² |", "|---|---|---|---|---|",
+            f"| least squares, y = intercept + slope x / 100 | {100 * slope:+.1f} | {intercept:+.1f} | "
+            f"{correlation:+.2f} | {correlation ** 2:.3f} |", ""]
+
+
+def recorded_start(rows):
+    """The open-stage metrics of the world's own SFT model as the rows recorded them (None before rows did)."""
+    return next((r["start_open"] for r in rows if r.get("start_open") and r["setting"]["sft_epochs"] ==
+                 BASE["sft_epochs"]), None)
+
+
+def analyses(out, raw_rows):
+    """OUT/analyses.md: the fits across runs, from runs.jsonl's rows alone (BASE set as main() sets it)."""
+    rows = [dict(r, setting={**BASE, **LEGACY, **r["setting"]}) for r in raw_rows]
+    for r in rows:
+        r.setdefault("trained_quality", r["pair_quality"])
+    start = recorded_start(rows)
+    lines = ["# Fits across the runs of runs.jsonl", "",
+             f"Made by `python ablations.py --analyses --out {out}` from runs.jsonl alone.", ""]
+    lines += pair_quality_analysis(rows) + (pair_claims_analysis(rows, start) if start else [])
+    path = os.path.join(out, "analyses.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def load_rows(log, world, out):
     """runs.jsonl's rows, those written before a setting existed completed with its BASE value."""
     rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
@@ -661,12 +775,17 @@ def main(argv=None):
     p.add_argument("--confusion", metavar="FAMILY", help="instead of running: the answers to one question family "
                    "(colour, shape, count, exist, word) of the SFT model and of the --runs, by right answer")
     p.add_argument("--runs", nargs="*", default=[], help="run folders under OUT/runs, for --confusion")
+    p.add_argument("--analyses", action="store_true",
+                   help="instead of running: OUT/analyses.md, the fits across runs (pair quality, pair claims) from "
+                        "OUT/runs.jsonl alone, loading no model (any machine gives the same file)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     if args.confusion:
         print(open(confusion(args.world, args.out, args.confusion, args.runs)).read())
         return
+    if args.analyses:
+        args.ablations = args.ablations or ["all"]
     unknown = [a for a in args.ablations if a not in list(ABLATIONS) + ["search", "all"]]
     if unknown or not args.ablations:
         p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, search, or all), or ask for --confusion")
@@ -679,15 +798,24 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     BASE.update(subsets=args.subsets,
                 sft_epochs=json.load(open(os.path.join(args.world, "sft-run", "args.json")))["epochs"])
-    names = list(ABLATIONS) + (["search"] if is_open(args.world) else []) if "all" in args.ablations \
-        else args.ablations
-    if "search" in names and not is_open(args.world):
-        p.error(f"search: {args.world} is not an open-stage world (python toyworld.py)")
+    names = [n for n in ABLATIONS if n != "fig5" or is_open(args.world)] + (["search"] if is_open(args.world) else []) \
+        if "all" in args.ablations else args.ablations
+    for name in ("search", "fig5"):
+        if name in names and not is_open(args.world):
+            p.error(f"{name}: {args.world} is not an open-stage world (python toyworld.py)")
     log = os.path.join(args.out, "runs.jsonl")
+    if args.analyses:
+        print(open(analyses(args.out, [json.loads(line) for line in open(log)])).read())
+        return
     rows = load_rows(log, args.world, args.out)
     sft = sft_model(args.world, args.out, BASE["sft_epochs"])
     base = model_accuracy(args.world, args.out, sft)
     base_open = open_scores(args.world, args.out, sft) if is_open(args.world) else None
+    made = recorded_start(rows)
+    if made and base_open and made != base_open:  # another machine's kernels train another SFT model
+        p.error(f"{log} was made with another toy world: its SFT model's descriptions have CHAIR_i "
+                f"{made['chair_i_desc']:.3f}, {args.world}'s {base_open['chair_i_desc']:.3f}; give another --out "
+                "(runs of two toy worlds are never mixed)")
 
     def write_report():
         sampled = sorted({r["seed"] for r in rows if r.get("consistency")})
@@ -696,12 +824,14 @@ def main(argv=None):
                search_report(rows, base, base_open, confirm_start(args.out, sft)
                              if any(r["ablation"] == "confirm" for r in rows) else None) if base_open else [])
 
-    def run(name, setting, seed, **extra):
-        """One row of ablation `name`, appended to runs.jsonl as it ends; a row already there is kept."""
-        if any(r["ablation"] == name and r["setting"] == setting and r["seed"] == seed for r in rows):
+    def run(name, setting, seed, needs=(), **extra):
+        """One row of ablation `name`, appended to runs.jsonl as it ends; a row already there is kept. needs: the
+        row fields the ablation reads, which rows of older runs may lack (extra's names are needed too)."""
+        needed = lambda r: all(k in r for k in (*extra, *needs))
+        if any(r["ablation"] == name and r["setting"] == setting and r["seed"] == seed and needed(r) for r in rows):
             return
         # runs are deterministic: a run another ablation already made (its base value) is reused
-        done = [r for r in rows if r["setting"] == setting and r["seed"] == seed and all(k in r for k in extra)]
+        done = [r for r in rows if r["setting"] == setting and r["seed"] == seed and needed(r)]
         row = dict(done[0] if done else run_once(args.world, args.out, setting, seed, **extra), ablation=name)
         rows.append(row)
         with open(log, "a") as f:
@@ -718,6 +848,7 @@ def main(argv=None):
                 continue
             for seed in args.seeds:
                 run(name, dict(BASE, **setting_of(key, value)), seed,
+                    needs=("pairwise",) if name == "fig5" else (),
                     **(dict(consistency=True) if name == "consistency" else {}))
     write_report()
     print(open(os.path.join(args.out, "report.md")).read())

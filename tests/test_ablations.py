@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 import ablations
 import common
 from eval import hallucination, toyvqa
@@ -43,6 +45,38 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     assert run["open"]["chair_i_desc"] == again["chair_i"] and run["open"]["cover_desc"] == again["cover"]
     assert sum(run["pair_claims"].values()) == run["pairs_trained"]  # one record, one rejected answer each
     assert "CHAIR_i desc (primary)" in report and "| SFT model | - |" in report
+    # Fig. 5: the run's answers against the SFT model's, counted again here by hand from both answer files
+    start = tmp_path / "models" / "model-sft-answers"
+    mine = tmp_path / "runs" / trained[0] / "answers"
+    texts = lambda folder, name: {a["question_id"]: a["text"] for a in common.read_jsonl(str(folder / name))}
+    before, after = texts(start, "description-clean.jsonl"), texts(mine, "description-clean.jsonl")
+    false = {r["id"]: (hallucination.false_count(before[r["id"]], scenes[r["image"]]),
+                       hallucination.false_count(after[r["id"]], scenes[r["image"]])) for r in records}
+    assert run["pairwise"]["description"]["won"] == sum(b > a for b, a in false.values())
+    assert run["pairwise"]["description"]["lost"] == sum(b < a for b, a in false.values())
+    val = json.load(open(os.path.join(toy_world, "val.json")))
+    before, after = texts(start, "toyvqa-clean.jsonl"), texts(mine, "toyvqa-clean.jsonl")
+    right = [(toyvqa.is_right(before[r["id"]], r), toyvqa.is_right(after[r["id"]], r)) for r in val]
+    assert run["pairwise"]["short answer"]["won"] == sum(a and not b for b, a in right)
+    assert run["pairwise"]["short answer"]["lost"] == sum(b and not a for b, a in right)
+    assert abs(run["accuracy"]["overall"] - sum(a for _, a in right) / len(val)) < 1e-9
+    for kind, questions in (("description", len(records)), ("short answer", len(val))):
+        assert sum(run["pairwise"][kind][o] for o in ("won", "lost", "tied")) == questions
+    # fig5 needs the counts: a row without them is run again, and the run gives the same counts and metrics
+    monkeypatch.setitem(ablations.ABLATIONS, "fig5", ("Fig. 5", "noise_step", [999]))
+    older = [{k: v for k, v in r.items() if k != "pairwise"} for r in rows]
+    common.write_atomic(str(tmp_path / "runs.jsonl"), [json.dumps(r) for r in older])
+    ablations.main(["fig5"] + argv[1:])
+    again = [json.loads(line) for line in open(tmp_path / "runs.jsonl")][2:]
+    assert [r["ablation"] for r in again] == ["fig5", "fig5"]
+    for old, new in zip(rows, again):
+        assert new["pairwise"] == old.get("pairwise") and new.get("open") == old.get("open")
+    assert "| description | " in open(tmp_path / "report.md").read()
+    # runs.jsonl of another toy world (another machine's SFT model) is refused, not mixed
+    other = [dict(r, start_open=dict(r["start_open"], chair_i_desc=0.5)) for r in older]
+    common.write_atomic(str(tmp_path / "runs.jsonl"), [json.dumps(r) for r in other])
+    with pytest.raises(SystemExit):
+        ablations.main(argv)
 
 
 def test_pair_filter_keeps_exactly_its_classes(tmp_path):
@@ -73,6 +107,21 @@ def test_pair_quality_fit_recovers_known_costs():
     for q, c in true.items():
         assert f"| {q} | {c:+.3f} |" in lines
     assert "Fit over 12 DPO runs" in lines and f"left out: {quality[3]}" in lines
+
+
+def test_pair_claims_fit_recovers_a_known_line():
+    """CHAIR_i changes that lie on a known line of the pair-claims share: the fit gives the line back with R² 1,
+    counts a reused run once, and takes the start from base_open for rows without their own."""
+    fewer, same, other = hallucination.PAIR_CLASSES
+    rows = []
+    for i in range(8):
+        claims = {fewer: 10 + 7 * i, same: 20, other: 5 + (3 * i) % 11}
+        share = 100 * claims[fewer] / sum(claims.values())
+        rows.append(dict(setting=dict(ablations.BASE), seed=i, steps=3, pair_claims=claims,
+                         open=dict(chair_i_desc=0.30 + (2.0 - 4.5 * share / 100) / 100)))
+    rows += [dict(rows[0], ablation="reused")] * 4
+    lines = "\n".join(ablations.pair_claims_analysis(rows, dict(chair_i_desc=0.30)))
+    assert "Over 8 DPO runs" in lines and "| -4.5 | +2.0 | -1.00 | 1.000 |" in lines
 
 
 def test_sft_strength_starts_from_a_model_trained_for_other_epochs(toy_world, tmp_path, monkeypatch):
