@@ -12,11 +12,14 @@ rewritten at the end.
     python ablations.py noise_step                 # Fig. 6: noise step 100..900
     python ablations.py augmentation               # Table 1: every augmentation of augment.py
     python ablations.py all --seeds 0 1 2          # everything, into ablations/open/report.md
+    python ablations.py fig5 --out ablations/fig5  # Fig. 5: win / lose / tie against the SFT model, per kind
+    python ablations.py --analyses                 # the fits across runs, from OUT/runs.jsonl alone
     python ablations.py --confusion count --runs lr=5e-05-seed0   # what runs answer, by right answer
 
 ablations/report.md was made on the closed stage, the first toy world (`python toyworld.py --stage closed --out toy-closed`, then
 `--world toy-closed --subsets all --out ablations`); its rows predate the subsets setting and read as
-subsets=all. The open stage's runs go to ablations/open/.
+subsets=all. The open stage's runs go to ablations/open/; ablations/fig5/ holds runs made on another machine,
+whose toy world (its SFT model) differs, so they have their own folder and baseline.
 """
 import argparse
 import collections
