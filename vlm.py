@@ -30,6 +30,9 @@ from PIL import Image
 #     shared_image needs get_image_features + mm_encoder_outputs as LLaVA's; shared_prefix needs a
 #     decoder that takes a 4D attention mask and 1D position ids; packed (several pairs in one row) also needs
 #     each image to fill the image tokens of its own pair, in order.
+# prefill_rows: generate.py can read the prompts a few rows at a time (prefill_batch) and decode them together:
+#     positions from the attention mask alone and causal attention over the prompt (not Qwen2-VL's M-RoPE,
+#     not PaliGemma's prefix-LM attention, where the prompt's last token is seen by those before it).
 _LLAMA_LINEARS = r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 FAMILIES = {
     "llava": dict(
@@ -38,6 +41,7 @@ FAMILIES = {
         decoder_layers="model.language_model.layers",
         fixed_image_tokens=True, template="llava_v1", pad_to_square=True, pixels="image",
         pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
+        prefill_rows=True,
     ),
     "llava_next": dict(  # LLaVA-NeXT (1.6): any-resolution crops, image_sizes, image_newline
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
@@ -45,6 +49,7 @@ FAMILIES = {
         decoder_layers="model.language_model.layers",
         fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
         pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
+        prefill_rows=True,
     ),
     "qwen2_vl": dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions: no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
@@ -52,6 +57,7 @@ FAMILIES = {
         decoder_layers="model.language_model.layers",
         fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="patches",
         pair_forwards=("concatenated",),
+        prefill_rows=False,
     ),
     "idefics3": dict(  # Idefics3 / SmolVLM: SigLIP, pixel-shuffle connector, Llama text model
         lora_targets=r"model\.text_model" + _LLAMA_LINEARS,
@@ -59,6 +65,7 @@ FAMILIES = {
         decoder_layers="model.text_model.layers",
         fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
         pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
+        prefill_rows=True,
     ),
     "paligemma": dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids): no packed pairs
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
@@ -66,6 +73,7 @@ FAMILIES = {
         decoder_layers="model.language_model.layers",
         fixed_image_tokens=True, template="chat", pad_to_square=False, pixels="image",
         pair_forwards=("concatenated",),
+        prefill_rows=False,
     ),
 }
 # The same module paths and layouts in transformers 5.24, but not among the tests' tiny families (tests/families.py):

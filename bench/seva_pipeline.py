@@ -8,7 +8,8 @@ them), the project's way against the authors' way, in one run, on a random LLaVA
 The authors' way: every answer generated alone (batch 1), chosen on the image and rejected under diffusion
 noise; DPO with the concatenated forward (2B padded sequences) and the reference computed on the fly (the
 model with LoRA off) in every step.
-The project's way: seva.py's `answer_chunk` on batches of --batch-size, which also scores both answers under the
+The project's way: seva.py's `answer_chunk` on batches of --batch-size, the prompts read --prefill-batch-size at
+a time (the activations stay in the CPU's cache) and decoded together, which also scores both answers under the
 model on the original image (--reference-logps: the chosen answer's log-probs from its own generation, the
 rejected one's by continuing the prompt's KV cache); DPO with --forward (default shared_prefix: one sequence per
 pair, the prompt once), micro-batches cut to --max-tokens-per-batch packed tokens, and the reference from the
@@ -26,7 +27,7 @@ never ends an answer by itself, so a logits processor ends answer i with EOS aft
 Measured in this one run: a warm-up pass of both ways first (under torch's FlopCounterMode: the FLOPs per pair,
 matmuls and convolutions; the CPU sdpa attention kernel is not counted), then --rounds rounds alternating the
 order: wall time per kept pair (median of rounds) of each stage, its share, and the ratios (medians of the
-per-round ratios); the time spent in generate while the pairs are made gives the batching speed-up. Not a test: numbers from a shared machine move by +-30%; the ratios much less.
+per-round ratios); the time spent in generate.py's generate while the pairs are made gives the batching speed-up. Not a test: numbers from a shared machine move by +-30%; the ratios much less.
 """
 import argparse
 import json
@@ -102,7 +103,6 @@ class ForcedLengths:
 
     def __init__(self, model, eos):
         self.model, self.eos, self.queue = model, eos, []
-        self.seconds = 0.0  # time spent in generate: the generation's share of making the pairs
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -126,10 +126,7 @@ class ForcedLengths:
             ends = lengths == input_ids.shape[1] - prompt + 1  # (B,)
             scores[:, eos] = torch.where(ends, torch.finfo(scores.dtype).max, torch.finfo(scores.dtype).min)
             return scores
-        start = time.perf_counter()
-        output = self.model.generate(**kwargs, logits_processor=LogitsProcessorList([force]))
-        self.seconds += time.perf_counter() - start
-        return output
+        return self.model.generate(**kwargs, logits_processor=LogitsProcessorList([force]))
 
 
 # ----------------------------------------------------------------------------- Alg. 1 lines 1-3, both ways
@@ -150,7 +147,8 @@ def pairs_ours(model, processor, rows, chosen_lengths, rejected_lengths, folder,
         end = start + args.batch_size
         model.queue = [chosen_lengths[start:end], rejected_lengths[start:end]]
         out += seva.answer_chunk(model, processor, rows[start:end], folder, "diffusion", args.noise_step, 0,
-                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None, reference=True)
+                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None, reference=True,
+                                 prefill_batch=args.prefill_batch_size or None)
     return out
 
 
@@ -228,6 +226,8 @@ def parse_args(argv=None):
     g.add_argument("--noise-step", type=int, default=500, help="diffusion step of the rejected answers")
     g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (authors: 512)")
     g.add_argument("--batch-size", type=int, default=32, help="the project's generation batch (authors: 1)")
+    g.add_argument("--prefill-batch-size", type=int, default=4,
+                   help="the project's prompts per prefill forward (seva.py --prefill-batch-size; 0: the whole batch)")
     g.add_argument("--global-batch", type=int, default=16, help="pairs per DPO step, both ways")
     g.add_argument("--micro-batch", type=int, default=8, help="the authors' pairs per forward")
     g.add_argument("--max-tokens-per-batch", type=int, default=8192, help="the project's token budget per forward")
@@ -235,9 +235,31 @@ def parse_args(argv=None):
                    help="the project's pair forward (train_ddp.py --pair-forward)")
     g = p.add_argument_group("measurement")
     g.add_argument("--rounds", type=int, default=2, help="timed rounds of each way, after one warm-up")
+    g.add_argument("--prefill-only", action="store_true",
+                   help="instead: our pairs with the prompts read --prefill-batch-size at a time against all at once, "
+                        "--rounds alternating rounds in this fresh process (as seva.py runs, no training before)")
     g.add_argument("--no-flops", dest="count_flops", action="store_false", help="skip the FLOP count")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p.parse_args(argv)
+
+
+def prefill_only(args, pairs_of):
+    """--prefill-only: our pairs' wall time with the prompts read a few at a time against all at once."""
+    rows = args.prefill_batch_size
+    times, made = {rows: [], 0: []}, {}
+    for round_index in range(args.rounds):
+        for size in ((rows, 0) if round_index % 2 == 0 else (0, rows)):
+            args.prefill_batch_size = size
+            seconds, _, made[size] = pairs_of("ours")
+            times[size].append(seconds)
+            if [(r["chosen"], r["rejected"]) for r in made[size]] != [(r["chosen"], r["rejected"]) for r in
+                                                                      made.get(0, made[size])]:
+                raise AssertionError("other pairs with the prompts read a few at a time")
+            print(f"round {round_index + 1}, prefill {size or 'all'}: pairs {times[size][-1]:.1f} s", flush=True)
+    args.prefill_batch_size = rows
+    ratio = statistics.median(a / b for a, b in zip(times[rows], times[0]))
+    print(f"our pairs with the prompts read {rows} at a time: {ratio:.2f}x the time of all {args.batch_size} at once "
+          f"(median of {args.rounds} rounds, answers identical)")
 
 
 def main(args):
@@ -248,6 +270,16 @@ def main(args):
             raise ValueError(f"{path}: not found; build the toy world first (python toyworld.py)")
     raw, processor = build(args)
     model = ForcedLengths(raw, processor.tokenizer.eos_token_id)
+    in_generate = {"seconds": 0.0}  # the time in generate.py's generate: the generation's share of the pairs
+
+    original = seva.generate
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        in_generate["seconds"] += time.perf_counter() - start
+        return out
+    seva.generate = timed_generate
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=0.0)
     pad = processor.tokenizer.pad_token_id
     folder = tempfile.mkdtemp(prefix="seva-pipeline-")
@@ -257,13 +289,13 @@ def main(args):
     answers = lambda made: [(r["chosen"], r["rejected"]) for r in made]
 
     def pairs_of(way):  # (seconds, seconds in generate, the answered rows)
-        model.seconds = 0.0
+        in_generate["seconds"] = 0.0
         with torch.no_grad():
             seconds, made = timed(lambda: make[way](model, processor, rows, chosen_lengths, rejected_lengths,
                                                     folder, args))
         if reference and answers(made) != answers(reference):
             raise AssertionError(f"{way}: other pairs than the authors' way made")
-        return seconds, model.seconds, made
+        return seconds, in_generate["seconds"], made
 
     def train_of(way, answered):
         encoded = encoded_pairs(processor, rows, answered, folder, reference=way == "ours")
@@ -273,6 +305,9 @@ def main(args):
         raw.eval()
 
     reference = None
+    if args.prefill_only:
+        prefill_only(args, pairs_of)
+        return
     reference = pairs_of("authors")[2]
     kept = len(encoded_pairs(processor, rows, reference, folder, False))
     count = flops if args.count_flops else lambda fn: (fn(), 0.0)[1]

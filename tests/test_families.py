@@ -70,6 +70,26 @@ def test_batched_generation_equals_batch_1_clean_and_noisy(family):
     assert answers["noisy"] != answers["clean"]  # ...and the noise reaches the model
 
 
+def test_prompts_read_a_few_at_a_time_give_the_same_answers(family):
+    """generate(prefill_batch=k): the prompts' KV cache made k rows at a time, then one batched decoding; the
+    answers, their ids and their log-probs equal batch 1's (and a family it cannot serve says so)."""
+    name, model, processor = family
+    sharpen(model)
+    if not vlm.spec(model.config)["prefill_rows"]:
+        with pytest.raises(ValueError, match="whole batch"):
+            generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, prefill_batch=2)
+        return
+    one = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1, return_ids=True)
+    assert generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, prefill_batch=2,
+                    return_ids=True) == one
+    _, _, whole = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, return_state=True)
+    _, ids, state = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
+                             return_state=True, prefill_batch=2)
+    assert ids == one[1]
+    assert torch.allclose(state["token_logps"], whole["token_logps"], atol=1e-5)
+    assert state["cache"].get_seq_length() == whole["cache"].get_seq_length() == state["input_ids"].shape[1]
+
+
 def test_prompt_mask_covers_exactly_the_answer(family):
     name, model, processor = family
     template, image, question = vlm.resolve_template(model), families.image(0), QUESTIONS[1]

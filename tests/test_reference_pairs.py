@@ -101,3 +101,19 @@ def test_pairs_without_a_reference_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="LD-DPO"):
         data.pairs_reference(records[:1], "p.jsonl", True, ld_alpha=0.5)
     assert data.pairs_reference(records[:1], "p.jsonl", False) == [{"id": "a"}]
+
+
+def test_prompts_read_a_few_at_a_time_make_the_same_pairs(toy_world, tmp_path):
+    """seva.py --prefill-batch-size: each batch's prompts read 2 at a time, then decoded together, make the same
+    pairs, with the same reference log-probs (within float rounding), as the whole batch read at once."""
+    made = {}
+    for rows in (0, 2):
+        out = tmp_path / f"pairs-{rows}.jsonl"
+        seva.main(argv(toy_world, out, "--reference-logps", "--batch-size", "5", "--prefill-batch-size", str(rows),
+                       samples=15, tokens=12))
+        made[rows] = common.read_jsonl(str(out))
+    assert made[0] and [(p["id"], p["chosen"], p["rejected"]) for p in made[2]] == \
+        [(p["id"], p["chosen"], p["rejected"]) for p in made[0]]
+    for ours, whole in zip(made[2], made[0]):
+        for key in ("reference_chosen_logps", "reference_rejected_logps"):
+            assert ours[key] == pytest.approx(whole[key], abs=1e-5)
