@@ -33,9 +33,9 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         attention_mask (B, P) of the left-padded prompts; input_ids (B, P); first_logps (B, V): the log-probs of
         every answer's first token; token_logps (B, new): those of each generated token}.
     prefill_batch: prompts per forward while the prompts are read (None: the whole batch at once); decoding
-        still runs the whole batch. On a CPU a few rows at a time keep each layer's activations in cache: the
-        prefill of 32 LLaVA-shaped prompts (576 image tokens) ran ~1.7x faster 4 at a time
-        (bench/seva_pipeline.py). The families with vlm.FAMILIES prefill_rows.
+        still runs the whole batch. On a CPU a few rows at a time keep each layer's activations small: with 32
+        LLaVA-shaped prompts (576 image tokens) read 4 at a time the pairs took 0.68x the time
+        (bench/seva_pipeline.py --prefill-only). The families with vlm.FAMILIES prefill_rows.
     """
     if return_state and len(images) > batch_size:
         raise ValueError(f"return_state needs one batch: {len(images)} questions > batch_size {batch_size}")

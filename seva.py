@@ -320,7 +320,7 @@ def parse_args(argv=None):
                    help="instances per batch and per chunk of the output (authors: 1; batching changes no answer)")
     g.add_argument("--prefill-batch-size", type=int, default=0,
                    help="read each batch's prompts this many at a time, then decode the batch together (0: all at "
-                        "once). On CPUs 4 is faster: the activations stay in cache; answers are the same. LLaVA, "
+                        "once). On CPUs 4 is faster: the activations stay small; answers are the same. LLaVA, "
                         "LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows)")
     g.add_argument("--reference-logps", action="store_true",
                    help="also score each kept pair's answers under this model on the original image, as training's "
