@@ -494,14 +494,14 @@ def sft_model(world, out, epochs):
 
 
 def model_accuracy(world, out, model_dir):
-    """A model's accuracy on toy/val.json, computed once (OUT/models/NAME.accuracy.json)."""
-    path = os.path.join(out, "models", os.path.basename(os.path.normpath(model_dir)) + ".accuracy.json")
+    """A model's accuracy on toy/val.json, computed once (OUT/models/NAME.accuracy.json); its answers go to
+    OUT/models/NAME-answers, where start_answers looks for them."""
+    name = os.path.basename(os.path.normpath(model_dir))
+    path = os.path.join(out, "models", name + ".accuracy.json")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         model, processor = vlm.load(model_dir)
-        val = json.load(open(os.path.join(world, "val.json")))
-        accuracy, _ = toyvqa.vqa_accuracy(model, processor, val, os.path.join(world, "images"))
-        toydata.write_json(accuracy, path)
+        toydata.write_json(short_answers(model, processor, world, os.path.join(out, "models", name + "-answers")),
+                           path)
     return json.load(open(path))
 
 
@@ -649,14 +649,19 @@ def family_table(rows):
     return lines + [""]
 
 
+def base_dpo_runs(rows):
+    """The distinct runs (a run reused by several ablations counts once) at the base lr, beta, rank and SFT model
+    that trained a step: the runs the fits across runs are made over."""
+    fixed = ("lr", "beta", "lora_r", "sft_epochs", "objective")
+    distinct = {json.dumps([r["setting"], r["seed"]], sort_keys=True): r for r in rows}
+    return [r for r in distinct.values() if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"]]
+
+
 def pair_quality_analysis(rows):
     """What does a pair of each quality class do to accuracy? A least-squares fit, without intercept, of each DPO
     run's accuracy change on the counts of trained pairs per class, over the runs at the base learning rate, beta,
     rank and SFT model (they differ in augmentation, noise step, pool and pair filter, so in the mix of classes)."""
-    fixed = ("lr", "beta", "lora_r", "sft_epochs", "objective")
-    distinct = {json.dumps([r["setting"], r["seed"]], sort_keys=True): r for r in rows}  # a reused run counts once
-    runs = [r for r in distinct.values()
-            if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"] and r["trained_quality"]]
+    runs = [r for r in base_dpo_runs(rows) if r["trained_quality"]]
     classes = [q for q in pairs.QUALITY if any(r["trained_quality"][q] for r in runs)]  # a class never seen: no fit
     if len(runs) < 2 * len(classes):
         return []
@@ -680,11 +685,8 @@ def pair_claims_analysis(rows, base_open):
     claims predict the change in descriptions' CHAIR_i? A least-squares line over the DPO runs at the base lr,
     beta, rank and SFT model that trained a step (base_open: that SFT model's metrics, for rows that predate
     their own start_open)."""
-    fixed = ("lr", "beta", "lora_r", "sft_epochs", "objective")
-    distinct = {json.dumps([r["setting"], r["seed"]], sort_keys=True): r for r in rows}  # a reused run counts once
     fewer = hallucination.PAIR_CLASSES[0]
-    runs = [r for r in distinct.values() if all(r["setting"][k] == BASE[k] for k in fixed) and r["steps"]
-            and r.get("open") and sum((r.get("pair_claims") or {}).values())]
+    runs = [r for r in base_dpo_runs(rows) if r.get("open") and sum((r.get("pair_claims") or {}).values())]
     if len(runs) < 8:  # a line through a few runs of one setting would say nothing
         return []
     share = np.array([100 * r["pair_claims"][fewer] / sum(r["pair_claims"].values()) for r in runs])
@@ -710,11 +712,8 @@ def recorded_start(rows):
                  BASE["sft_epochs"]), None)
 
 
-def analyses(out, raw_rows):
-    """OUT/analyses.md: the fits across runs, from runs.jsonl's rows alone (BASE set as main() sets it)."""
-    rows = [dict(r, setting={**BASE, **LEGACY, **r["setting"]}) for r in raw_rows]
-    for r in rows:
-        r.setdefault("trained_quality", r["pair_quality"])
+def analyses(out, rows):
+    """OUT/analyses.md: the fits across runs, from runs.jsonl's rows (load_rows) alone."""
     start = recorded_start(rows)
     lines = ["# Fits across the runs of runs.jsonl", "",
              f"Made by `python ablations.py --analyses --out {out}` from runs.jsonl alone.", ""]
@@ -780,18 +779,18 @@ def main(argv=None):
     p.add_argument("--runs", nargs="*", default=[], help="run folders under OUT/runs, for --confusion")
     p.add_argument("--analyses", action="store_true",
                    help="instead of running: OUT/analyses.md, the fits across runs (pair quality, pair claims) from "
-                        "OUT/runs.jsonl alone, loading no model (any machine gives the same file)")
+                        "OUT/runs.jsonl alone (a model is loaded only to score the start model of rows older than "
+                        "that field; the open stage's rows all hold it, so any machine gives the same file)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     if args.confusion:
         print(open(confusion(args.world, args.out, args.confusion, args.runs)).read())
         return
-    if args.analyses:
-        args.ablations = args.ablations or ["all"]
     unknown = [a for a in args.ablations if a not in list(ABLATIONS) + ["search", "all"]]
-    if unknown or not args.ablations:
-        p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, search, or all), or ask for --confusion")
+    if unknown or not (args.ablations or args.analyses):
+        p.error(f"name the ablations to run ({', '.join(ABLATIONS)}, search, or all), or ask for --confusion "
+                f"or --analyses")
     if args.values and (len(args.ablations) != 1 or args.ablations[0] not in ABLATIONS):
         p.error("--values goes with one ablation (not search or all)")
     if args.values:
@@ -807,10 +806,10 @@ def main(argv=None):
         if name in names and not is_open(args.world):
             p.error(f"{name}: {args.world} is not an open-stage world (python toyworld.py)")
     log = os.path.join(args.out, "runs.jsonl")
-    if args.analyses:
-        print(open(analyses(args.out, [json.loads(line) for line in open(log)])).read())
-        return
     rows = load_rows(log, args.world, args.out)
+    if args.analyses:
+        print(open(analyses(args.out, rows)).read())
+        return
     sft = sft_model(args.world, args.out, BASE["sft_epochs"])
     base = model_accuracy(args.world, args.out, sft)
     base_open = open_scores(args.world, args.out, sft) if is_open(args.world) else None
