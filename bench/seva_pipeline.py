@@ -9,7 +9,7 @@ The authors' way: every answer generated alone (batch 1), chosen on the image an
 noise; DPO with the concatenated forward (2B padded sequences) and the reference computed on the fly (the
 model with LoRA off) in every step.
 The project's way: seva.py's `answer_chunk` on batches of --batch-size, the prompts read --prefill-batch-size at
-a time (the activations stay in the CPU's cache) and decoded together, which also scores both answers under the
+a time (each layer's activations stay small) and decoded together, which also scores both answers under the
 model on the original image (--reference-logps: the chosen answer's log-probs from its own generation, the
 rejected one's by continuing the prompt's KV cache); DPO with --forward (default shared_prefix: one sequence per
 pair, the prompt once), micro-batches cut to --max-tokens-per-batch packed tokens, and the reference from the
@@ -243,17 +243,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def answers(made):
+    """The (chosen, rejected) answers of made pairs, to check that two ways made the same."""
+    return [(r["chosen"], r["rejected"]) for r in made]
+
+
 def prefill_only(args, pairs_of):
     """--prefill-only: our pairs' wall time with the prompts read a few at a time against all at once."""
     rows = args.prefill_batch_size
-    times, made = {rows: [], 0: []}, {}
+    times, first = {rows: [], 0: []}, None
     for round_index in range(args.rounds):
         for size in ((rows, 0) if round_index % 2 == 0 else (0, rows)):
             args.prefill_batch_size = size
-            seconds, _, made[size] = pairs_of("ours")
+            seconds, _, made = pairs_of("ours")
             times[size].append(seconds)
-            if [(r["chosen"], r["rejected"]) for r in made[size]] != [(r["chosen"], r["rejected"]) for r in
-                                                                      made.get(0, made[size])]:
+            first = first or answers(made)
+            if answers(made) != first:  # every run, both sizes, against the first one made
                 raise AssertionError("other pairs with the prompts read a few at a time")
             print(f"round {round_index + 1}, prefill {size or 'all'}: pairs {times[size][-1]:.1f} s", flush=True)
     args.prefill_batch_size = rows
@@ -286,7 +291,6 @@ def main(args):
     rows, chosen_lengths, rejected_lengths = instances(args, folder, processor.tokenizer)
     make = {"authors": pairs_authors, "ours": pairs_ours}
     forward = {"authors": dpo.concatenated_forward, "ours": dpo.PAIR_FORWARDS[args.forward]}
-    answers = lambda made: [(r["chosen"], r["rejected"]) for r in made]
 
     def pairs_of(way):  # (seconds, seconds in generate, the answered rows)
         in_generate["seconds"] = 0.0
