@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 # 0. The toy world and the SFT model SeVa starts from (plays LLaVA-1.5).
-python toyworld.py
+python -m toyworld
 
 # Alg. 1 lines 1-3: chosen on the original image, rejected under diffusion noise at step 500, equal answers dropped;
 # the pool's textvqa (one-sentence captions) and ocr_vqa (reading) records, as the paper's 4.1.

@@ -370,7 +370,7 @@ def check_args(args):
         raise ValueError("--batch-size and --max-new-tokens must be >= 1, --num-samples >= 0")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise ValueError(f"--model {args.model}: not a model folder (no config.json); build the toy world with "
-                         f"`python toyworld.py` or pass a local HF folder")
+                         f"`python -m toyworld` or pass a local HF folder")
     for path in (args.data, args.image_folder):
         if not os.path.exists(path):
             raise ValueError(f"{path}: no such file or folder")

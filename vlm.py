@@ -189,7 +189,7 @@ def load(model_dir, device="cpu", dtype=torch.float32):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     if not os.path.isdir(model_dir) or not os.path.exists(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json). "
-                                f"Build the toy world with `python toyworld.py` or pass a local HF folder.")
+                                f"Build the toy world with `python -m toyworld` or pass a local HF folder.")
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     family_of(model)

@@ -28,7 +28,7 @@ WORLD=(--sft-images 3000 --pool-size 400 --unseen-images 50 --val-images 300 --p
        --sft-epochs 5 --noise-check 100 --threads 8)
 [ "${QUICK:-0}" = 1 ] && WORLD=(--sft-images 200 --pool-size 100 --unseen-images 8 --val-images 20 --pope-images 3
        --vision-steps 5 --sft-epochs 1 --noise-check 8 --threads 2 --width 32 --vision-layers 1 --text-layers 1)
-step world $PY toyworld.py --out "$W" "${WORLD[@]}"
+step world $PY -m toyworld --out "$W" "${WORLD[@]}"
 
 # 2. Alg. 1's pairs on the GPU, bf16 and fp32: how many pairs does bf16 generation change?
 for p in bf16 fp32; do

@@ -2,7 +2,7 @@
 Benchmark: what a user pays for, the whole of SeVa per kept pair (Alg. 1: the pairs, then one DPO epoch on
 them), the project's way against the authors' way, in one run, on a random LLaVA at LLaVA-1.5's proportions.
 
-    python bench/seva_pipeline.py                 # ~10 minutes on 2 CPU cores (needs toy/: python toyworld.py)
+    python bench/seva_pipeline.py                 # ~10 minutes on 2 CPU cores (needs toy/: python -m toyworld)
     python bench/seva_pipeline.py --pairs 32 --batch-size 16 --rounds 3 --no-flops
 
 The authors' way: every answer generated alone (batch 1), chosen on the image and rejected under diffusion
@@ -49,7 +49,7 @@ import data  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
 import seva  # noqa: E402
-import toymodel  # noqa: E402
+from toyworld import model as toymodel  # noqa: E402
 import train_ddp  # noqa: E402
 import vlm  # noqa: E402
 
@@ -272,7 +272,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     for path in (args.pool, os.path.join(args.tokenizer, "tokenizer.json")):
         if not os.path.exists(path):
-            raise ValueError(f"{path}: not found; build the toy world first (python toyworld.py)")
+            raise ValueError(f"{path}: not found; build the toy world first (python -m toyworld)")
     raw, processor = build(args)
     model = ForcedLengths(raw, processor.tokenizer.eos_token_id)
     in_generate = {"seconds": 0.0}  # the time in generate.py's generate: the generation's share of the pairs

@@ -377,7 +377,7 @@ def parse_args(argv=None):
                    help=f"sampling temperatures of the consistency study (paper Table 5: {TEMPERATURES}); '' skips it")
     g.add_argument("--world", default="toy",
                    help="the toy world: its open-ended val files (captions, descriptions, sentence answers) and "
-                        "scenes, when it has them (python toyworld.py, open stage); '' skips them")
+                        "scenes, when it has them (python -m toyworld, open stage); '' skips them")
     g.add_argument("--open-max-new-tokens", type=int, default=96,
                    help="answer length limit of the captions, descriptions and sentence answers")
     g.add_argument("--pairs", default="", help="the pairs SeVa trained on (seva.py's OUT): which side holds more "

@@ -34,7 +34,7 @@ import augment
 import common
 import pairs
 import seva
-import toygrammar
+from toyworld import grammar as toygrammar
 import vlm
 from eval import hallucination, pope, toyvqa
 

@@ -1,5 +1,5 @@
 """
-Open-ended answers on the toy world, scored exactly from the scene graphs (toygrammar.py reads every sentence
+Open-ended answers on the toy world, scored exactly from the scene graphs (toyworld/grammar.py reads every sentence
 back into claims): object hallucination in captions and descriptions, and the correctness of sentence answers.
 The toy world's stand-in for the paper's hallucination and open-ended columns (SHR, MM-Vet, LLaVA-Bench).
 
@@ -23,7 +23,7 @@ import os
 
 import common
 import pairs as pairs_file
-import toygrammar
+from toyworld import grammar as toygrammar
 from eval import runner, shr, toyvqa
 
 KINDS = ("caption", "description")
@@ -157,7 +157,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_model_args(p, max_new_tokens=96)
     g = p.add_argument_group("data")
-    g.add_argument("--world", default="toy", help="the toy world (python toyworld.py): its val files and scenes")
+    g.add_argument("--world", default="toy", help="the toy world (python -m toyworld): its val files and scenes")
     g.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")
     g.add_argument("--noise-step", type=int, default=-1,
                    help="also answer under diffusion noise at this step 0..999 (-1: not; paper: 500 for 13B)")

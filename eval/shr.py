@@ -16,7 +16,7 @@ The judge's prompt is HA-DPO's GPT_JUDGE_PROMPT, which this project does not cop
 --judge-prompt (three {} slots: regions, factual notes, numbered sentences). Without it a paraphrase judges and
 every output is marked "not comparable with published scores".
 
-On the toy world every sentence is judged exactly from the scene graph instead (toygrammar.py): a sentence is
+On the toy world every sentence is judged exactly from the scene graph instead (toyworld/grammar.py): a sentence is
 a hallucination if the scene contradicts any of its claims (object, size, position, count, word), or if it is
 not a sentence of the toy grammar; "correct" otherwise.
 
@@ -27,7 +27,7 @@ import argparse
 import os
 
 import common
-import toygrammar
+from toyworld import grammar as toygrammar
 from eval import judge_client, runner
 
 PROMPT = "Describe this image in detail."  # what HA-DPO asks for

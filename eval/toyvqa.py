@@ -7,7 +7,7 @@ columns (GQA, SQA): short answers checked against labels.
     python -m eval.toyvqa --model toy/model-sft --adapter runs/dpo/adapter --noise-step 500
 
 The one place toy VQA is scored (`is_right`: case-insensitive exact match): the answer files of the runner
-(`evaluate`) and a model in memory (`vqa_accuracy`, which `python toyworld.py` prints) give equal numbers
+(`evaluate`) and a model in memory (`vqa_accuracy`, which `python -m toyworld` prints) give equal numbers
 (tested).
 """
 import argparse

@@ -1,4 +1,4 @@
-"""A small toy world, built once per test session in a temp dir through the same code as `python toyworld.py`."""
+"""A small toy world, built once per test session in a temp dir through the same code as `python -m toyworld`."""
 import os
 import sys
 
@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-import toygrammar  # noqa: E402
-import toyworld  # noqa: E402
+from toyworld import grammar as toygrammar  # noqa: E402
+from toyworld import build as toyworld  # noqa: E402
 
 torch.set_num_threads(1)  # the tests' models are tiny: one thread is fastest, and subprocess ranks use one too
 

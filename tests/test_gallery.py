@@ -20,7 +20,7 @@ import common
 import diffusion
 import pairs
 import seva
-import toygrammar
+from toyworld import grammar as toygrammar
 import vlm
 from conftest import wrong_answer
 from eval import compare, gallery, hallucination, toyvqa

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import data
-import toydata
-import toygrammar
-import toyscenes
-import toyworld
+from toyworld import datafiles as toydata
+from toyworld import grammar as toygrammar
+from toyworld import scenes as toyscenes
+from toyworld import build as toyworld
 import vlm
 from helpers import count_image_tokens
 

@@ -3,22 +3,22 @@ The paper's ablations replayed on the toy world, where every answer can be check
 
 One SeVa run = seva.py pairs -> LoRA-DPO (train_ddp.py, one process) -> greedy exact match on toy/val.json,
 for each value of one setting and each seed; the SFT model is the baseline. On the open stage (the default
-world) every run is also scored as ablations/protocol.md says: captions' and descriptions' CHAIR_i, CHAIR_s,
+world) every run is also scored as study/protocol.md says: captions' and descriptions' CHAIR_i, CHAIR_s,
 Cover, SHR-like and length, sentence answers, POPE, and the chosen answers' log-prob over training. Every run
 is written to OUT/runs.jsonl as soon as it ends, so a rerun only does the missing runs; the report is
 rewritten at the end.
 
-    python ablations.py table2                     # Table 2 in small: the default setting, 3 seeds
-    python ablations.py noise_step                 # Fig. 6: noise step 100..900
-    python ablations.py augmentation               # Table 1: every augmentation of augment.py
-    python ablations.py all --seeds 0 1 2          # everything, into ablations/open/report.md
-    python ablations.py fig5 --out ablations/fig5  # Fig. 5: win / lose / tie against the SFT model, per kind
-    python ablations.py --analyses                 # the fits across runs, from OUT/runs.jsonl alone
-    python ablations.py --confusion count --runs lr=5e-05-seed0   # what runs answer, by right answer
+    python -m study table2                     # Table 2 in small: the default setting, 3 seeds
+    python -m study noise_step                 # Fig. 6: noise step 100..900
+    python -m study augmentation               # Table 1: every augmentation of augment.py
+    python -m study all --seeds 0 1 2          # everything, into study/open/report.md
+    python -m study fig5 --out study/fig5  # Fig. 5: win / lose / tie against the SFT model, per kind
+    python -m study --analyses                 # the fits across runs, from OUT/runs.jsonl alone
+    python -m study --confusion count --runs lr=5e-05-seed0   # what runs answer, by right answer
 
-ablations/report.md was made on the closed stage, the first toy world (`python toyworld.py --stage closed --out toy-closed`, then
-`--world toy-closed --subsets all --out ablations`); its rows predate the subsets setting and read as
-subsets=all. The open stage's runs go to ablations/open/; ablations/fig5/ holds runs made on another machine,
+study/report.md was made on the closed stage, the first toy world (`python -m toyworld --stage closed --out toy-closed`, then
+`--world toy-closed --subsets all --out study`); its rows predate the subsets setting and read as
+subsets=all. The open stage's runs go to study/open/; study/fig5/ holds runs made on another machine,
 whose toy world (its SFT model) differs, so they have their own folder and baseline.
 """
 import argparse
@@ -37,7 +37,7 @@ import common
 import lora
 import pairs
 import seva
-import toydata
+from toyworld import datafiles as toydata
 import train_ddp
 import vlm
 from eval import compare, gallery, hallucination, pope, runner, toyvqa
@@ -171,7 +171,7 @@ def run_once(world, out, setting, seed, consistency=False, confirm=None):
     return dict(row, seconds=time.time() - began)
 
 
-TEMPERATURES = (0.5, 1.0)  # ablations/protocol.md, C5
+TEMPERATURES = (0.5, 1.0)  # study/protocol.md, C5
 
 
 def sampling_consistency(model, processor, world, answers_dir, model_id, weights, seed):
@@ -208,7 +208,7 @@ def confirm_scores(model, processor, confirm, answers_dir, model_id, weights):
 
 
 # ----------------------------------------------------------------------------- the exploratory search
-# ablations/protocol.md, "Exploratory": the grid, and how much of it is run (its dated section of 2026-12-02).
+# study/protocol.md, "Exploratory": the grid, and how much of it is run (its dated section of 2026-12-02).
 SEARCH = dict(num_negatives=[1, 2, 4], negatives_loss=["infonce", "pairwise"], rpo_alpha=[0.0, 0.5],
               ld_alpha=[None, 0.5], lr=[1e-4, 5e-4], beta=[0.1, 0.5], noise_step=[500, 800])
 SEARCH_DRAWS = 15  # settings drawn at random from the grid, beside the default
@@ -321,12 +321,12 @@ def search_report(rows, base, base_open, start_confirm):
 
 # ----------------------------------------------------------------------------- the open stage's metrics
 def is_open(world):
-    """An open-stage world (python toyworld.py): it has captions, descriptions and sentence answers."""
+    """An open-stage world (python -m toyworld): it has captions, descriptions and sentence answers."""
     return os.path.exists(os.path.join(world, "val-descriptions.json"))
 
 
 def score_open(model, processor, world, answers_dir, model_id, weights):
-    """ablations/protocol.md's metrics of one model, as eval.compare computes them (greedy, 96 new tokens for
+    """study/protocol.md's metrics of one model, as eval.compare computes them (greedy, 96 new tokens for
     the open-ended answers), flat: {chair_i_desc, cover_desc, ..., sentences, pope_f1, pope_yes}. weights:
     runner.fingerprint of the model's files (the answer files' resume key)."""
     images = os.path.join(world, "images")
@@ -361,7 +361,7 @@ def short_answers(model, processor, world, answers_dir):
 
 
 def compared_sources(world):
-    """The questions the pair-wise outcomes compare: every kind ablations/protocol.md scores."""
+    """The questions the pair-wise outcomes compare: every kind study/protocol.md scores."""
     return gallery.toy_sources(world, os.path.join(world, "val.json"), os.path.join(world, "pope"), pope.SPLITS)
 
 
@@ -542,11 +542,11 @@ def consistency_table(runs, start):
 def report(out, rows, base, argv, base_open=None, base_consistency=None, exploratory=()):
     """OUT/report.md: per ablation, per value: pairs kept, pair quality, reward margin, accuracy (mean ± sd); the
     accuracy change by question family; and the pair-quality analysis. base: the SFT model's accuracy;
-    base_open: its open-stage metrics (an open-stage world), which add ablations/protocol.md's table per
+    base_open: its open-stage metrics (an open-stage world), which add study/protocol.md's table per
     ablation."""
-    here = lambda name: os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablations", name), out)
+    here = lambda name: os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), out)
     lines = ["# SeVa's ablations on the toy world", "",
-             f"Made by `python ablations.py {' '.join(argv)}`. Mean ± standard deviation over seeds "
+             f"Made by `python -m study {' '.join(argv)}`. Mean ± standard deviation over seeds "
              f"(seeds vary the pair sampling, the noise and the DPO data order; the SFT model is fixed except in "
              f"the SFT-strength ablation). What the numbers say, and why: [findings.md]({here('findings.md')}).", "",
              f"SFT baseline accuracy on toy/val.json: overall {base['overall']:.3f} "
@@ -574,7 +574,7 @@ def report(out, rows, base, argv, base_open=None, base_consistency=None, explora
     for name, (title, key, values) in ABLATIONS.items():
         mine = [r for r in rows if r["ablation"] == name]
         if mine:
-            lines += [f"## {title}", "", f"`python ablations.py {name} --seeds "
+            lines += [f"## {title}", "", f"`python -m study {name} --seeds "
                       f"{' '.join(map(str, sorted({r['seed'] for r in mine})))}`", ""] + table(mine, key, values) + [""]
             if base_open:
                 lines += open_table(mine, key, values, dict(accuracy=base, open=base_open)) + [""]
@@ -602,7 +602,7 @@ def wall_time(rows):
     every = len(runs) + len(CONFIRM_SEEDS)
     median = statistics.median(timed)  # a run that shared the machine with other work takes longer
     return [f"Wall time: {median / 60:.1f} min per trained run, the median of {len(timed)} runs timed (2 CPU cores, "
-            f"other work on the machine at times); `python ablations.py all` is {every} distinct runs (each table's "
+            f"other work on the machine at times); `python -m study all` is {every} distinct runs (each table's "
             f"runs of the default setting are made once), about {every * median / 3600:.1f} hours at that rate, plus "
             "the SFT models of the SFT-strength table. Each command appends its runs to runs.jsonl as they end and "
             "skips those already there, so a crashed command resumes where it stopped.", ""]
@@ -716,7 +716,7 @@ def analyses(out, rows):
     """OUT/analyses.md: the fits across runs, from runs.jsonl's rows (load_rows) alone."""
     start = recorded_start(rows)
     lines = ["# Fits across the runs of runs.jsonl", "",
-             f"Made by `python ablations.py --analyses --out {out}` from runs.jsonl alone.", ""]
+             f"Made by `python -m study --analyses --out {out}` from runs.jsonl alone.", ""]
     lines += pair_quality_analysis(rows) + (pair_claims_analysis(rows, start) if start else [])
     path = os.path.join(out, "analyses.md")
     with open(path, "w") as f:
@@ -742,7 +742,7 @@ def confusion(world, out, family, runs):
     val = [r for r in json.load(open(os.path.join(world, "val.json"))) if toyvqa.first_question(r)[3] == family]
     truths = [toyvqa.first_question(r)[2] for r in val]
     lines = [f"# {family} questions of {world}/val.json: right answer -> answer given", "",
-             f"Made by `python ablations.py --confusion {family} --runs {' '.join(runs)}`.", ""]
+             f"Made by `python -m study --confusion {family} --runs {' '.join(runs)}`.", ""]
     for name in ["SFT"] + runs:
         train = os.path.join(out, "runs", name, "train")
         start = (os.path.join(world, "model-sft") if name == "SFT"
@@ -762,12 +762,16 @@ def confusion(world, out, family, runs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.run_main(lambda: run_study(argv), "study")
+
+
+def run_study(argv=None):
+    p = argparse.ArgumentParser(prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ablations", nargs="*", help=f"which ablations to run: {', '.join(ABLATIONS)}, or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (at least 3 for a mean and a spread)")
-    p.add_argument("--world", default="toy", help="the toy world folder (python toyworld.py)")
-    p.add_argument("--out", default="ablations/open",
-                   help="runs.jsonl, report.md and each run's files (the closed stage's: ablations)")
+    p.add_argument("--world", default="toy", help="the toy world folder (python -m toyworld)")
+    p.add_argument("--out", default="study/open",
+                   help="runs.jsonl, report.md and each run's files (the closed stage's: study)")
     p.add_argument("--subsets", default="textvqa,ocr_vqa",
                    help="seva.py --subsets of every run (paper 4.1: textvqa,ocr_vqa; the closed stage: all)")
     p.add_argument("--values", nargs="+", metavar="VALUE",
@@ -804,7 +808,7 @@ def main(argv=None):
         if "all" in args.ablations else args.ablations
     for name in ("search", "fig5"):
         if name in names and not is_open(args.world):
-            p.error(f"{name}: {args.world} is not an open-stage world (python toyworld.py)")
+            p.error(f"{name}: {args.world} is not an open-stage world (python -m toyworld)")
     log = os.path.join(args.out, "runs.jsonl")
     rows = load_rows(log, args.world, args.out)
     if args.analyses:
@@ -855,7 +859,3 @@ def main(argv=None):
     write_report()
     print(open(os.path.join(args.out, "report.md")).read())
 
-
-if __name__ == "__main__":
-    import sys
-    common.run_main(lambda: main(sys.argv[1:]), "ablations.py")

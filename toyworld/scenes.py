@@ -7,7 +7,7 @@ import math
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from toygrammar import COLOURS, SHAPES, SIZES, WORDS
+from toyworld.grammar import COLOURS, SHAPES, SIZES, WORDS
 
 IMAGE_SIZE = 64
 

@@ -1,11 +1,11 @@
-"""toygrammar.py: every sentence the grammar writes parses back into claims that its scene bears out, and a
+"""toyworld/grammar.py: every sentence the grammar writes parses back into claims that its scene bears out, and a
 changed scene contradicts them; positions, parsing and checking by hand."""
 import random
 
 import pytest
 
-import toygrammar
-import toyscenes
+from toyworld import grammar as toygrammar
+from toyworld import scenes as toyscenes
 
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "small", "center": [10, 10]},
                      {"shape": "star", "colour": "blue", "size": "large", "center": [50, 30]}], "word": "cat"}

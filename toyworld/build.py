@@ -6,7 +6,7 @@ No model or data set can be downloaded here, so SeVa runs end to end on a world 
   toy/images/{val,pope}/            held-out images
   toy/scenes.json                   the scene graph of every image, so every answer can be checked
   toy/pretrain.json                 stage-1 records: a caption of every SFT image (LCS-558K's analogue)
-  toy/sft.json                      the SFT records (LLaVA-665k format; toydata.py says what each subset asks)
+  toy/sft.json                      the SFT records (LLaVA-665k format; toyworld/datafiles.py says what each subset asks)
   toy/pool.json                     the pool SeVa samples from: SFT records of every subset, as in the paper
   toy/pool-unseen.json              the same on images the model never saw (an ablation)
   toy/val.json                      short answers, labeled (eval/toyvqa.py)
@@ -16,7 +16,7 @@ No model or data set can be downloaded here, so SeVa runs end to end on a world 
   toy/model-sft/                    a tiny LLaVA (HF folder) that plays LLaVA-1.5: the model SeVa starts from
   toy/report.json                   the stage's bands, measured on the SFT model
 
-`python toyworld.py` builds all of it in a few minutes on 2 CPU cores; finished parts are skipped
+`python -m toyworld` builds all of it in a few minutes on 2 CPU cores; finished parts are skipped
 (`--force` redoes them). Everything is deterministic given --seed. `--stage closed` builds the first toy world
 instead (one-word answers only), on which ablations/report.md was made.
 """
@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 import common
-import toydata
-import toyscenes
+from toyworld import datafiles as toydata
+from toyworld import scenes as toyscenes
 import vlm
 
 # What makes the open stage a fair one for SeVa, fixed before any SeVa run on it (README): each band gives the
@@ -66,7 +66,7 @@ BANDS = {
 def build_model(out, scenes, args):
     """toy/model-init: tokenizer, processor and a random LLaVA whose vision tower is pretrained (stage 0)."""
     import checkpoint
-    import toymodel
+    from toyworld import model as toymodel
     sft = common.read_records(os.path.join(out, "sft.json"))
     corpus = [vlm.LLAVA_V1_SYSTEM + " USER: ASSISTANT:"] + [c["value"] for r in sft for c in r["conversations"]]
     tokenizer = toymodel.train_tokenizer(corpus, args.vocab_size)
@@ -245,7 +245,7 @@ STAGE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="toy", help="folder to write the toy world to")
     p.add_argument("--stage", default="open", choices=list(STAGE_DEFAULTS),
                    help="open: LLaVA-665k's shape, captions and descriptions (the default); closed: the first toy world "
@@ -287,5 +287,5 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":
-    common.run_main(lambda: build(parse_args()), "toyworld.py")
+def main(argv=None):
+    common.run_main(lambda: build(parse_args(argv)), "toyworld")

@@ -1,10 +1,10 @@
-"""ablations.py: one run per (value, seed), recorded once, reported from the records."""
+"""study/ablations.py: one run per (value, seed), recorded once, reported from the records."""
 import json
 import os
 
 import pytest
 
-import ablations
+from study import ablations
 import common
 from eval import hallucination, toyvqa
 

@@ -10,7 +10,7 @@ Two stages:
     gqa/      colour, shape, count and existence, with the suffix -> one word
     coco/     LLaVA-Instruct's stand-in: "Describe the image in detail." -> a few sentences (count, each object
               with its position, the word); and the closed-set questions without the suffix -> one sentence
-  Every sentence is toygrammar.py's, so every answer can be scored exactly against the scene graph.
+  Every sentence is toyworld/grammar.py's, so every answer can be scored exactly against the scene graph.
 - closed: the first toy world, every answer one word (five question families): ablations/report.md was made on it.
 """
 import json
@@ -20,10 +20,10 @@ import random
 from tqdm import tqdm
 
 import common
-import toygrammar
-import toyscenes
+from toyworld import grammar as toygrammar
+from toyworld import scenes as toyscenes
 import vlm
-from toygrammar import COLOURS, SHAPES
+from toyworld.grammar import COLOURS, SHAPES
 
 QUESTION_FAMILIES = ["colour", "shape", "count", "exist", "word"]
 PHRASINGS = {
