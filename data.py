@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import collate
 import common
 import dpo
 import pairs
@@ -120,7 +121,7 @@ class TrainDataset(torch.utils.data.Dataset):
             if check:
                 self.check_length(record, example)
             return example
-        pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
+        pair = collate.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
                                self.template)
         if check:
             self.check_length(record, pair["chosen"], *pairs.rejected_list(pair["rejected"]))
@@ -147,7 +148,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def collate(self, examples):
         pad = self.processor.tokenizer.pad_token_id
-        return dpo.collate(examples, pad) if self.objective == "sft" else dpo.collate_pairs(examples, pad)
+        return collate.collate(examples, pad) if self.objective == "sft" else collate.collate_pairs(examples, pad)
 
 
 # ----------------------------------------------------------------------------- which examples each step sees

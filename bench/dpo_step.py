@@ -47,6 +47,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import collate  # noqa: E402
 import common  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
@@ -104,14 +105,14 @@ def make_batch(args, answer_tokens, device, negatives=1):
         rejected = [sequence(prompt, text(n), pixel_values) for n in lengths]
         pairs.append({"chosen": sequence(prompt, text(answer_tokens), pixel_values),
                       "rejected": rejected if negatives > 1 else rejected[0]})
-    return {k: v.to(device) for k, v in dpo.collate_pairs(pairs, pad_token_id=0).items()}
+    return {k: v.to(device) for k, v in collate.collate_pairs(pairs, pad_token_id=0).items()}
 
 
 # ----------------------------------------------------------------------------- one step
 def dpo_step(model, optimizer, batch, forward, amp_dtype):
     """train_ddp.py's DPO step on one micro-batch: (summed loss, summed policy chosen log-probs)."""
     with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pairs = dpo.split_rows(batch)[0]
+        pairs = collate.split_rows(batch)[0]
         negatives = (batch["input_ids"].shape[0] - pairs) // pairs if "pair_index" in batch else 0
         loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, train_ddp.pair_forward_for(model, forward),
                                                beta=0.1, max_negatives=negatives)
@@ -199,7 +200,7 @@ def step_flops(model, batch, forward, reference):
     n_projector = linear_weights(model.model.multi_modal_projector)[0]
     n_base, n_lora = linear_weights(model.model.language_model)
     h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
-    pairs = dpo.split_rows(batch)[0]
+    pairs = collate.split_rows(batch)[0]
     if forward == "shared_prefix":
         packed = dpo.pack_pairs(batch)
         rows, length = pairs, packed["input_ids"].shape[1]
@@ -243,7 +244,7 @@ def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
         for v in (variants if round_index % 2 == 0 else variants[::-1]):
             times[v].append(timed(step[v], device)[0])
     rows, answer_tokens = [], int((batch["labels"][0] != -100).sum())
-    pairs = dpo.split_rows(batch)[0]
+    pairs = collate.split_rows(batch)[0]
     answers = batch["input_ids"].shape[0]  # B chosen + R rejected
     negatives = (answers - pairs) // pairs
     for v in variants:

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import collate  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
@@ -160,7 +161,7 @@ def encoded_pairs(processor, rows, answered, folder, reference):
         if seva.same_answer(pair["chosen"], pair["rejected"]):
             continue
         image = vlm.load_image(os.path.join(folder, row["image"]))
-        encoded = dpo.encode_pair(processor, image, row["question"], pair["chosen"], pair["rejected"], "llava_v1")
+        encoded = collate.encode_pair(processor, image, row["question"], pair["chosen"], pair["rejected"], "llava_v1")
         if reference:
             encoded.update(reference_chosen_logps=pair["reference_chosen_logps"],
                            reference_rejected_logps=pair["reference_rejected_logps"])
@@ -173,7 +174,7 @@ def dpo_epoch(model, optimizer, encoded, forward, micro_batches, pad):
     micro-batches, backward, clipping, AdamW. Learning rate 0: every round starts from the same weights."""
     for batch_pairs in micro_batches:
         for micro in batch_pairs:
-            batch = dpo.collate_pairs([encoded[i] for i in micro], pad)
+            batch = collate.collate_pairs([encoded[i] for i in micro], pad)
             loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)
             (loss / sum(len(m) for m in batch_pairs)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import families  # noqa: E402  (importing it lets Qwen2-VL's processor load without torchvision)
 
+import collate  # noqa: E402
 import diffusion  # noqa: E402
 import dpo  # noqa: E402
 import eval.runner  # noqa: E402
@@ -132,9 +133,9 @@ def pair_batch(model, processor, pairs=3):
     """Different images (sizes too), questions and answers per pair."""
     template = vlm.resolve_template(model)
     answers = [("red", "a big blue square"), ("two", "three circles"), ("yes", "no")]
-    encoded = [dpo.encode_pair(processor, image, question, chosen, rejected, template)
+    encoded = [collate.encode_pair(processor, image, question, chosen, rejected, template)
                for image, question, (chosen, rejected) in zip(images()[:pairs], QUESTIONS, answers)]
-    return dpo.collate_pairs(encoded, processor.tokenizer.pad_token_id)
+    return collate.collate_pairs(encoded, processor.tokenizer.pad_token_id)
 
 
 def test_every_pair_forward_of_the_family_equals_the_naive_one(family):
@@ -156,8 +157,9 @@ def test_one_dpo_step_lowers_the_loss_on_a_repeated_pair(family, capsys):
     _, model, processor = family
     lora.apply_lora(model, 8, 16)
     vlm.freeze_vision(model)
-    batch = dpo.collate_pairs([dpo.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square",
-                                               vlm.resolve_template(model))] * 2, processor.tokenizer.pad_token_id)
+    pair = collate.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square",
+                               vlm.resolve_template(model))
+    batch = collate.collate_pairs([pair] * 2, processor.tokenizer.pad_token_id)
     forward = train_ddp.pair_forward_for(model, "shared_prefix")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)

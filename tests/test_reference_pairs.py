@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import collate
 import common
 import data
 import dpo
@@ -42,10 +43,10 @@ def test_scores_from_the_generation_equal_teacher_forcing_and_the_naive_forward(
     _, _, state = generate(model, processor, images, questions, max_new_tokens=24, batch_size=4, return_state=True)
     forced = score_answers(model, processor, state, images, questions, [[a, o] for a, o in zip(answers, others)])
     template = vlm.resolve_template(model)
-    encoded = [dpo.encode_pair(processor, image, q, a, o, template)
+    encoded = [collate.encode_pair(processor, image, q, a, o, template)
                for image, q, a, o in zip(images, questions, answers, others)]
     with torch.no_grad():
-        chosen, rejected = dpo.concatenated_forward(model, dpo.collate_pairs(encoded, processor.tokenizer.pad_token_id))
+        chosen, rejected = dpo.concatenated_forward(model, collate.collate_pairs(encoded, processor.tokenizer.pad_token_id))
     naive = [v for pair in zip(chosen.tolist(), rejected.tolist()) for v in pair]
     flat = lambda scores: [v for pair in scores for v in pair]
     assert flat(fast) == pytest.approx(naive, abs=1e-4) and flat(forced) == pytest.approx(naive, abs=1e-4)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import collate
 import common
 import data
 import dpo
@@ -48,7 +49,7 @@ def assert_same_adapter(a, b, rtol=1e-4, atol=1e-6):
 def test_pair_labels_cover_only_the_answers(toy_world):
     _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
     image = vlm.load_image(os.path.join(toy_world, "images", "val", "000000.png"))
-    pair = dpo.encode_pair(processor, image, "What color is the star?", "red", "deep blue", "llava_v1")
+    pair = collate.encode_pair(processor, image, "What color is the star?", "red", "deep blue", "llava_v1")
     decode = lambda e: processor.tokenizer.decode(e["input_ids"][e["labels"] != -100])
     assert decode(pair["chosen"]) == " red</s>" and decode(pair["rejected"]) == " deep blue</s>"
     # same prompt and image tokens in both: they differ only after the prompt
