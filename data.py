@@ -211,6 +211,23 @@ def budget_micro_batches(indices, lengths, budget, count=0):
     return micro
 
 
+def micro_batches(dataset, indices, rank, world_size, accumulation, max_tokens=0):
+    """(micro-batches, encoded): this rank's micro-batches of a step's global batch (index lists), `accumulation`
+    of equal size, or with max_tokens (--max-tokens-per-batch) as many as the token budget needs (packed tokens), the same
+    number on every rank; and the examples encoded to measure them (so that none is encoded twice). The global
+    batch stays so many pairs either way: the loss is the same on 1 process as on N."""
+    if not max_tokens:
+        return rank_micro_batches(indices, rank, world_size, accumulation), {}
+    mine = rank_micro_batches(indices, rank, world_size, 1)[0]
+    encoded = {i: dataset[i] for i in mine}
+    lengths = {i: packed_length(encoded[i]) for i in mine}
+    counts = [0.0] * world_size
+    counts[rank] = len(budget_micro_batches(mine, lengths, max_tokens))
+    most = int(max(common.all_reduce_sum(counts, world_size)))
+    return budget_micro_batches(mine, lengths, max_tokens, most), encoded
+
+
+
 # ----------------------------------------------------------------------------- the precomputed reference
 def reference_path(pairs_path, model_path, image_folder, pad, template, precision, max_length, pair_forward,
                    ld_alpha=None):

@@ -180,7 +180,7 @@ def pair_images(batch):
 def shared_image_forward(model, batch, ld_alpha=None):
     """As concatenated_forward, but the vision tower and projector run on B images, not B + R: each pair's
     image features are computed once and placed into its chosen row and its rejected rows. Only for a model
-    that vlm.pair_forward_problem(model, "shared_image") finds no problem with (train_ddp.pair_forward_for)."""
+    that vlm.pair_forward_problem(model, "shared_image") finds no problem with (trainable.pair_forward_for)."""
     pairs, pair_index = collate.split_rows(batch)
     image_outputs = vlm.unwrap(model).get_image_features(**pair_images(batch), return_dict=True)
     features = list(image_outputs.pooler_output)  # B tensors (image tokens, D): one per pair
@@ -291,7 +291,7 @@ def shared_prefix_forward(model, batch, ld_alpha=None):
     one forward over B packed sequences: the image features and the prompt are computed once per pair, and the
     lm_head runs only where an answer token is predicted. Equal to concatenated_forward
     (tests/test_shared_prefix.py). Only for a model that vlm.pair_forward_problem(model, "shared_prefix") finds
-    no problem with (train_ddp.pair_forward_for)."""
+    no problem with (trainable.pair_forward_for)."""
     packed = pack_pairs(batch)
     _, pair_index = collate.split_rows(batch)
     keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)

@@ -52,6 +52,7 @@ import common  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
 import train_ddp  # noqa: E402
+import trainable  # noqa: E402
 import vlm  # noqa: E402
 
 FORWARDS = ("concatenated", "shared_image", "shared_prefix")
@@ -114,7 +115,7 @@ def dpo_step(model, optimizer, batch, forward, amp_dtype):
     with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         pairs = collate.split_rows(batch)[0]
         negatives = (batch["input_ids"].shape[0] - pairs) // pairs if "pair_index" in batch else 0
-        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, train_ddp.pair_forward_for(model, forward),
+        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, trainable.pair_forward_for(model, forward),
                                                beta=0.1, max_negatives=negatives)
         (loss / pairs).backward()  # the mean over the pairs
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

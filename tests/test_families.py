@@ -19,6 +19,7 @@ import eval.runner  # noqa: E402
 import lora  # noqa: E402
 import seva  # noqa: E402
 import train_ddp  # noqa: E402
+import trainable  # noqa: E402
 import vlm  # noqa: E402
 from generate import generate  # noqa: E402
 
@@ -160,7 +161,7 @@ def test_one_dpo_step_lowers_the_loss_on_a_repeated_pair(family, capsys):
     pair = collate.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square",
                                vlm.resolve_template(model))
     batch = collate.collate_pairs([pair] * 2, processor.tokenizer.pad_token_id)
-    forward = train_ddp.pair_forward_for(model, "shared_prefix")
+    forward = trainable.pair_forward_for(model, "shared_prefix")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)
     assert loss.item() == pytest.approx(2 * math.log(2), abs=1e-5)  # LoRA B = 0: the policy is the reference
