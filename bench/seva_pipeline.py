@@ -49,6 +49,7 @@ import common  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
+import pool  # noqa: E402
 import seva  # noqa: E402
 from toyworld import model as toymodel  # noqa: E402
 import train_ddp  # noqa: E402
@@ -87,7 +88,7 @@ def instances(args, folder, tokenizer):
     (written to `folder`), and answer lengths in tokens (+ EOS): the chosen answer's is that of the pool's true
     answer to the question, the rejected one's that of the next instance's answer, one token longer where the
     two would be equal, so that every pair is kept (as line 3 keeps only pairs whose answers differ)."""
-    rows = seva.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
+    rows = pool.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
     rng = np.random.default_rng(0)
     for i, row in enumerate(rows):
         row["image"] = f"{i:04d}.png"
@@ -136,8 +137,8 @@ def pairs_authors(model, processor, rows, chosen_lengths, rejected_lengths, fold
     out = []
     for row, c, r in zip(rows, chosen_lengths, rejected_lengths):
         model.queue = [[c], [r]]
-        out += seva.answer_chunk(model, processor, [row], folder, "diffusion", args.noise_step, 0,
-                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None)
+        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens)
+        out += seva.answer_chunk(model, processor, [row], folder, settings, warn=lambda m: None)
     return out
 
 
@@ -147,9 +148,9 @@ def pairs_ours(model, processor, rows, chosen_lengths, rejected_lengths, folder,
     for start in range(0, len(rows), args.batch_size):
         end = start + args.batch_size
         model.queue = [chosen_lengths[start:end], rejected_lengths[start:end]]
-        out += seva.answer_chunk(model, processor, rows[start:end], folder, "diffusion", args.noise_step, 0,
-                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None, reference=True,
-                                 prefill_batch=args.prefill_batch_size or None)
+        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens, reference=True,
+                                       prefill_batch=args.prefill_batch_size or None)
+        out += seva.answer_chunk(model, processor, rows[start:end], folder, settings, warn=lambda m: None)
     return out
 
 
