@@ -26,7 +26,7 @@ import diffusion
 import pairs
 import pool
 import vlm
-from generate import generate, score_answers
+from generate import generate, generate_tokens, score_answers
 
 
 # ----------------------------------------------------------------------------- Alg. 1 line 2: chosen on I, rejected on T(I)
@@ -82,8 +82,8 @@ def answer_chunk(model, processor, instances, image_folder, settings=AnswerSetti
         decoding = dict(template=template, max_new_tokens=s.max_new_tokens, batch_size=len(ready),
                         prefill_batch=s.prefill_batch)
         if s.reference:  # the prompts' KV cache is kept, to score the answers on the original image below
-            chosen, chosen_ids, state = generate(model, processor, images, questions, return_state=True,
-                                                 **decoding)  # chosen = model(I, Q)
+            chosen, chosen_ids, state = generate_tokens(model, processor, images, questions, keep_state=True,
+                                                        **decoding)  # chosen = model(I, Q)
         else:
             chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
         views = []

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import vlm  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import generate_tokens  # noqa: E402
 
 
 def load_questions(data, image_folder, num, pad=True):
@@ -45,8 +45,7 @@ def timed(model, processor, images, questions, batch_size, args):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    answers, ids = generate(model, processor, images, questions, args.template, args.max_new_tokens, batch_size,
-                            return_ids=True)
+    answers, ids, _ = generate_tokens(model, processor, images, questions, args.template, args.max_new_tokens, batch_size)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, answers, ids

@@ -279,14 +279,14 @@ def main(args):
     model = ForcedLengths(raw, processor.tokenizer.eos_token_id)
     in_generate = {"seconds": 0.0}  # the time in generate.py's generate: the generation's share of the pairs
 
-    original = seva.generate
-
-    def timed_generate(*args, **kwargs):
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        in_generate["seconds"] += time.perf_counter() - start
-        return out
-    seva.generate = timed_generate
+    def timed(original):
+        def timed_generate(*args, **kwargs):
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            in_generate["seconds"] += time.perf_counter() - start
+            return out
+        return timed_generate
+    seva.generate, seva.generate_tokens = timed(seva.generate), timed(seva.generate_tokens)
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=0.0)
     pad = processor.tokenizer.pad_token_id
     folder = tempfile.mkdtemp(prefix="seva-pipeline-")

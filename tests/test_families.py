@@ -21,7 +21,7 @@ import seva  # noqa: E402
 import train_ddp  # noqa: E402
 import trainable  # noqa: E402
 import vlm  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import generate, generate_tokens  # noqa: E402
 
 QUESTIONS = ["What colour is the square?", "How many objects are there in the image?", "Is there a red circle?",
              "What shape is it?", "What word is written on the image?"]
@@ -62,10 +62,10 @@ def test_batched_generation_equals_batch_1_clean_and_noisy(family):
     noise = lambda pixels, rows: diffusion.diffusion_noise_rows(pixels, [ids[i] for i in rows], 600, 0)
     answers = {}
     for name, transform in (("clean", None), ("noisy", noise)):
-        one = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1,
-                       pixel_transform=transform, return_ids=True)
-        batched = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=3,
-                           pixel_transform=transform, return_ids=True)
+        one = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1,
+                              pixel_transform=transform)
+        batched = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=3,
+                                  pixel_transform=transform)
         assert one == batched
         answers[name] = one[1]
     assert len(set(map(tuple, answers["clean"]))) > 1  # the answers depend on the inputs...
@@ -81,14 +81,16 @@ def test_prompts_read_a_few_at_a_time_give_the_same_answers(family):
         with pytest.raises(ValueError, match="whole batch"):
             generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, prefill_batch=2)
         return
-    one = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1, return_ids=True)
-    assert generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, prefill_batch=2,
-                    return_ids=True) == one
-    _, _, whole = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, return_state=True)
-    _, ids, state = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
-                             return_state=True, prefill_batch=2)
+    one = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1)
+    assert generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
+                           prefill_batch=2) == one
+    _, _, whole = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
+                                  keep_state=True)
+    _, ids, state = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
+                                    keep_state=True, prefill_batch=2)
     assert ids == one[1]
-    assert torch.allclose(state["token_logps"], whole["token_logps"], atol=1e-5)
+    logps = lambda s: torch.stack(s["logits"], 1).float().log_softmax(-1)  # (B, new, V)
+    assert torch.allclose(logps(state), logps(whole), atol=1e-5)
     assert state["cache"].get_seq_length() == whole["cache"].get_seq_length() == state["input_ids"].shape[1]
 
 
