@@ -40,7 +40,7 @@ import seva
 from toyworld import datafiles as toydata
 import train_ddp
 import vlm
-from eval import compare, gallery, hallucination, pope, runner, toyvqa
+from eval import compare, gallery_compare, hallucination, pope, runner, toyvqa
 
 # name -> (what the paper calls it, the setting that varies, its values)
 ABLATIONS = {
@@ -362,7 +362,7 @@ def short_answers(model, processor, world, answers_dir):
 
 def compared_sources(world):
     """The questions the pair-wise outcomes compare: every kind study/protocol.md scores."""
-    return gallery.toy_sources(world, os.path.join(world, "val.json"), os.path.join(world, "pope"), pope.SPLITS)
+    return gallery_compare.toy_sources(world, os.path.join(world, "val.json"), os.path.join(world, "pope"), pope.SPLITS)
 
 
 def start_answers(world, out, model_dir):
@@ -378,14 +378,14 @@ def start_answers(world, out, model_dir):
 
 def pairwise(world, start_dir, run_dir):
     """Fig. 5: per kind of question, how often the run's answer wins, loses or ties against its start model's by
-    the kind's rule (eval/gallery.py RULES), and both models' mean answer length in words."""
-    questions = gallery.answered_questions(compared_sources(world), {"SFT": start_dir, "SeVa": run_dir},
+    the kind's rule (eval/gallery_compare.py RULES), and both models' mean answer length in words."""
+    questions = gallery_compare.answered_questions(compared_sources(world), {"SFT": start_dir, "SeVa": run_dir},
                                            common.read_records(os.path.join(world, "scenes.json")))
     found = {}
     for kind in dict.fromkeys(q["kind"] for q in questions):
         mine = [q for q in questions if q["kind"] == kind]
         words = lambda name: statistics.mean(len(q["answers"][name].split()) for q in mine)
-        found[kind] = dict(**{o: sum(q["outcome"] == o for q in mine) for o in gallery.OUTCOMES},
+        found[kind] = dict(**{o: sum(q["outcome"] == o for q in mine) for o in gallery_compare.OUTCOMES},
                            words_start=words("SFT"), words=words("SeVa"))
     return found
 
@@ -396,13 +396,13 @@ def pairwise_table(runs):
     if not runs:
         return []
     lines = [f"Pair-wise outcomes of {len(runs)} seeds, question by question, SeVa's answer against the SFT "
-             "model's by the rule of its kind (eval/gallery.py RULES: captions and descriptions, fewer false claims "
+             "model's by the rule of its kind (eval/gallery_compare.py RULES: captions and descriptions, fewer false claims "
              "wins; the others, right where the other is wrong wins).", "",
              "| kind | questions | won | lost | tied | words: SFT -> SeVa |", "|---" * 6 + "|"]
     for kind in runs[0]["pairwise"]:
         counts = [r["pairwise"][kind] for r in runs]
-        lines.append(f"| {kind} | {sum(counts[0][o] for o in gallery.OUTCOMES)} | "
-                     + " | ".join(mean_spread([c[o] for c in counts], 1) for o in gallery.OUTCOMES)
+        lines.append(f"| {kind} | {sum(counts[0][o] for o in gallery_compare.OUTCOMES)} | "
+                     + " | ".join(mean_spread([c[o] for c in counts], 1) for o in gallery_compare.OUTCOMES)
                      + f" | {statistics.mean(c['words_start'] for c in counts):.1f} -> "
                        f"{mean_spread([c['words'] for c in counts], 1)} |")
     return lines + [""]
