@@ -183,7 +183,7 @@ def answer_logps(predicting, tokens, labelled):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--model", default="toy/model-sft", help="local HF model folder")
     p.add_argument("--image", required=True, nargs="+", help="image file(s); one question is asked of each")
     p.add_argument("--question", required=True, help="the question")

@@ -107,8 +107,8 @@ def format_summary(s, filter_mode):
     """summarize's dict as the lines seva.py prints at the end."""
     lines = [f"instances {s['instances']}, answered {s['answered']}, pairs kept {s['pairs']} ({s['kept_percent']}%, "
              f"filter {filter_mode})",
-             f"mean answer length of kept pairs: chosen {s['mean_words_chosen']} words, "
-             f"rejected {s['mean_words_rejected']} words"]
+             f"mean answer length of kept pairs: chosen {s['mean_words_chosen']:.1f} words, "
+             f"rejected {s['mean_words_rejected']:.1f} words"]
     lines += [f"skipped ({reason}): {count}" for reason, count in s["skipped"].items()]
     if s["pair_quality"]:
         total = sum(s["pair_quality"].values())

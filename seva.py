@@ -181,7 +181,7 @@ def sharded_output(args, instances, rank, world_size):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data (Alg. 1 line 1)")
     g.add_argument("--data", default="toy/pool.json",
                    help="LLaVA-665k-format json or jsonl (paper: llava_v1_5_mix665k.json)")

@@ -305,7 +305,7 @@ OBJECTIVE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--objective", default="dpo", choices=["dpo", "sft"],
                    help="dpo: SeVa's preference training on seva.py pairs; sft: supervised fine-tuning")

@@ -52,7 +52,7 @@ def timed(model, processor, images, questions, batch_size, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--model", default="toy/model-sft", help="local HF model folder")
     p.add_argument("--data", default="toy/pool.json", help="LLaVA-665k-format json the questions come from")
     p.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")

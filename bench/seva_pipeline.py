@@ -212,7 +212,7 @@ def flops(fn):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("model (LLaVA-1.5-7B: image 336 / patch 14, CLIP 1024 x 24, Llama 4096 x 32)")
     g.add_argument("--tokenizer", default="toy/model-sft", help="a model folder whose tokenizer is used")
     g.add_argument("--image-size", type=int, default=96, help="image side in pixels (LLaVA-1.5: 336)")

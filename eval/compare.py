@@ -145,7 +145,7 @@ def without_per_question(results):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = runner.add_model_args(p, max_new_tokens=16, model_flags=False)
     g.add_argument("--base", default="toy/model-sft", help="the SFT model folder (paper: LLaVA-1.5-7B/13B)")
     g.add_argument("--adapter", default="runs/dpo/adapter", help="SeVa's LoRA adapter (train_ddp.py's OUT/adapter)")

@@ -39,7 +39,7 @@ def plot_curves(rows, out, window=5, title=""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("metrics", help="OUT/metrics.jsonl of a train_ddp.py --objective dpo run")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--window", type=int, default=5, help="moving-average window in steps")

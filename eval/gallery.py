@@ -220,7 +220,7 @@ def pairs_page(args):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("pairs", nargs="*", help="seva.py pairs files, each with its OUT.args.json beside it; several "
                                             "make one page (e.g. one per augmentation)")
     p.add_argument("--compare", default="", help="eval.compare's OUT folder (compare.json, answers/{sft,seva}/): "

@@ -156,7 +156,7 @@ def main(argv=None):
 
 
 def run_study(argv=None):
-    p = argparse.ArgumentParser(prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m study", description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("ablations", nargs="*", help=f"which ablations to run: {', '.join(ABLATIONS)}, or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (at least 3 for a mean and a spread)")
     p.add_argument("--world", default="toy", help="the toy world folder (python -m toyworld)")
