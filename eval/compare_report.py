@@ -150,6 +150,23 @@ def pairs_section(pair_table, quality):
     return lines
 
 
+LOWER_IS_BETTER = ("CHAIR", "SHR")  # column prefixes: hallucination rates
+
+
+def caption(columns, noise_step):
+    """The table's caption: a note for each kind of column the table has, and no other."""
+    has = lambda *prefixes: any(c.startswith(prefixes) for c in columns)
+    notes = [(has("POPE"), "POPE columns: F1 (POPE = the average over the splits, as in the paper)."),
+             (has("VQA"), "VQA: toy-world exact match" + ("; VQA-noisy: the same under diffusion noise at step "
+                                                          f"{noise_step}." if has("VQA-noisy") else ".")),
+             (has("CHAIR", "Cover"), "CHAIR_i, CHAIR_s, Cover, SHR (SHR-like on the toy world) of captions (cap) "
+                                     "and descriptions (desc)."),
+             (has("Sentences"), "Sentences: sentence answers right."),
+             (has("MMVet"), "MMVet: judge score."), (has("LLaVA-W"), "LLaVA-W: relative score to the reference answers."),
+             (has(*LOWER_IS_BETTER), "CHAIR and SHR: lower is better; every other column: higher is better.")]
+    return " ".join(["Percent."] + [text for present, text in notes if present])
+
+
 def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=(), results=None, pair_table=None,
              quality=None):
     results = results or {name: {} for name in MODELS}
@@ -157,11 +174,7 @@ def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=(), r
     lines = [f"Models: SFT `{model_ids['SFT']}`; SeVa `{model_ids['SeVa']}`.", "",
              "## Benchmarks (paper Table 2)", ""]
     lines += common.markdown_table(["model", *table["columns"]], table_rows(table, degenerate))
-    lines += ["", "Percent. POPE columns: F1 (POPE = the average over the splits, as in the paper). "
-              f"VQA: toy-world exact match; VQA-noisy: the same under diffusion noise at step {args.noise_step}. "
-              "CHAIR_i, CHAIR_s, Cover, SHR (SHR-like on the toy world) of captions (cap) and descriptions (desc); "
-              "Sentences: sentence answers right. MMVet: judge score; LLaVA-W: relative score to the reference "
-              "answers. CHAIR and SHR: lower is better."]
+    lines += ["", caption(table["columns"], args.noise_step)]
     if degenerate["SFT"] | degenerate["SeVa"]:
         lines += ["", f"**(degenerate): POPE yes-ratio outside {YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]}; the F1 and "
                       "its delta say nothing.**"]
@@ -199,11 +212,13 @@ def bar_chart(table, consistency_by_model, path, degenerate=None):
         for bar, column in zip(bars, columns):
             if column in marked:
                 bar.set_hatch("//")
+        # vertical labels: two bars' numbers side by side never run into each other
         ax.bar_label(bars, labels=[f"{v:.1f}" + ("*" if c in marked else "") for v, c in zip(table[name], columns)],
-                     fontsize=7)
-    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+                     fontsize=7, rotation=90, padding=2)
+    ticks = [c + (" (lower is better)" if c.startswith(LOWER_IS_BETTER) else "") for c in columns]
+    ax.set_xticks(range(len(columns)), ticks, rotation=30, ha="right")
     ax.set_ylabel("percent")
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 125)  # room for the vertical labels above a bar of 100
     ax.set_title("SFT vs SeVa (paper Table 2)" + ("; hatched*: degenerate (POPE yes-ratio outside "
                                                    f"{YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]})"
                                                    if any((degenerate or {}).values()) else ""), fontsize=9)
@@ -220,5 +235,6 @@ def bar_chart(table, consistency_by_model, path, degenerate=None):
         ax.set_title("Consistency (paper Table 5's idea)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

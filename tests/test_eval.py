@@ -548,3 +548,11 @@ def test_a_degenerate_pope_model_is_marked_and_so_is_its_delta():
     assert "+6.5 (degenerate)" in rows["delta (SeVa - SFT)"]  # never a bare "POPE +6.5"
     pope_rows = [line for line in text.splitlines() if line.startswith("| SeVa | random")]
     assert pope_rows and "50.0" in pope_rows[0] and "1.00" in pope_rows[0] and "**degenerate**" in pope_rows[0]
+
+
+def test_the_caption_names_only_the_columns_the_table_has():
+    toy = compare_report.caption(["POPE-rand", "POPE", "VQA", "VQA-noisy", "CHAIR_i-cap", "Cover-cap", "Sentences"], 500)
+    assert "MMVet" not in toy and "LLaVA-W" not in toy and "step 500" in toy and "lower is better" in toy
+    judged = compare_report.caption(["MMVet", "LLaVA-W"], None)
+    assert "MMVet" in judged and "LLaVA-W" in judged
+    assert not any(word in judged for word in ("POPE", "VQA", "CHAIR", "lower is better"))
