@@ -4,7 +4,7 @@ its sections (POPE every metric, short answers by family, open-ended answers, th
 outcomes, consistency under sampling) as OUT/compare.md, and the bar chart OUT/compare.png.
 """
 import common
-from eval import hallucination
+from eval import hallucination, pope
 
 MODELS = ("SFT", "SeVa")
 YES_RATIO_BAND = (0.2, 0.8)  # outside it, a POPE model answers nearly always yes (or no): its F1 says nothing
@@ -77,8 +77,16 @@ def table_rows(table, degenerate):
     return rows
 
 
-def pope_section(results):
-    """Every POPE metric of both models, split by split, with the yes-ratio that F1 hides."""
+def pope_prompt(suffix):
+    """Which POPE prompt was asked, in words: the same model answers the two differently (python -m toyworld's
+    bands ask with LLaVA's one-word suffix; eval.compare asks the question alone unless --prompt-suffix llava)."""
+    if not suffix:
+        return "the question alone"
+    return "the question + LLaVA-1.5's one-word suffix" if suffix == pope.LLAVA_SUFFIX else f"the question + {suffix!r}"
+
+
+def pope_section(results, suffix=""):
+    """Every POPE metric of both models, split by split, with the yes-ratio that F1 hides; `suffix`: the prompt's."""
     rows = []
     for name in MODELS:
         for split, m in results[name].get("pope", {}).items():
@@ -88,7 +96,7 @@ def pope_section(results):
                         + [f"{m['yes_ratio']:.2f}", "**degenerate**" if degenerate_pope(m) else ""])
     if not rows:
         return []
-    return ["", "## POPE, every metric", ""] + common.markdown_table(
+    return ["", f"## POPE, every metric (prompt: {pope_prompt(suffix)})", ""] + common.markdown_table(
         ["model", "split", "accuracy", "F1", "precision", "recall", "yes-ratio", ""], rows) + [
         "", f"Degenerate: the yes-ratio leaves {YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]}; such a model answers "
             "(nearly) always one way, and a change of its F1 is no change of what it sees."]
@@ -179,7 +187,7 @@ def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=(), r
         lines += ["", f"**(degenerate): POPE yes-ratio outside {YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]}; the F1 and "
                       "its delta say nothing.**"]
     lines += [f"**{note}**" for note in notes]
-    lines += pope_section(results) + short_answer_section(results) + open_section(results)
+    lines += pope_section(results, args.prompt_suffix) + short_answer_section(results) + open_section(results)
     lines += pairs_section(pair_table, quality)
     if pairwise:
         lines += ["", "## Pair-wise, SeVa against SFT (paper Fig. 5)", ""] + common.markdown_table(

@@ -173,7 +173,8 @@ def print_report(report, stage):
     short, pope = report["short"], report["pope"]
     print("short answers, exact match: " + ", ".join(f"{k} {v:.2f}" for k, v in short.items())
           + "; majority answer: " + ", ".join(f"{k} {v:.2f}" for k, v in report["majority"].items()))
-    print("POPE accuracy / yes-ratio: " + ", ".join(
+    print("POPE accuracy / yes-ratio (prompt: the question + LLaVA-1.5's one-word suffix; eval.compare asks the "
+          "question alone unless --prompt-suffix llava): " + ", ".join(
         f"{s} {pope[s]['accuracy']:.2f} / {pope[s]['yes_ratio']:.2f}" for s in SPLITS))
     for kind in KINDS:
         m = report["open"][kind]
