@@ -285,7 +285,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("questions and answers")
     g.add_argument("--questions", default="toy/pope/random.jsonl",

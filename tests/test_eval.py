@@ -16,7 +16,7 @@ import torch
 import lora
 import vlm
 from conftest import ROOT
-from eval import compare, hallucination, judge, judge_client, mc_files, multiple_choice, pope, runner, toyvqa
+from eval import compare, compare_report, hallucination, judge, judge_client, mc_files, multiple_choice, pope, runner, toyvqa
 from generate import generate
 from helpers import read_lines
 
@@ -532,13 +532,13 @@ def test_a_degenerate_pope_model_is_marked_and_so_is_its_delta():
         split = dict(accuracy=accuracy, precision=0.5, recall=0.5, f1=f1, yes_ratio=yes_ratio)
         return {"pope": {"random": split, "popular": split, "adversarial": split, "average": split}}
     results = {"SFT": pope_results(0.49, 0.78, 0.602), "SeVa": pope_results(0.50, 1.00, 0.667)}
-    assert compare.degenerate_columns(results["SFT"]) == set()  # 0.78 is inside 0.2-0.8
-    assert compare.degenerate_columns(results["SeVa"]) == {"POPE-rand", "POPE-pop", "POPE-adv", "POPE"}
-    columns = {m: compare.table_columns(results[m]) for m in compare.MODELS}
+    assert compare_report.degenerate_columns(results["SFT"]) == set()  # 0.78 is inside 0.2-0.8
+    assert compare_report.degenerate_columns(results["SeVa"]) == {"POPE-rand", "POPE-pop", "POPE-adv", "POPE"}
+    columns = {m: compare_report.table_columns(results[m]) for m in compare.MODELS}
     table = {"columns": list(columns["SFT"]), **{m: list(columns[m].values()) for m in compare.MODELS}}
     table["delta"] = [b - a for a, b in zip(table["SFT"], table["SeVa"])]
     args = compare.parse_args(["--noise-step", "-1"])
-    text = compare.markdown(table, {}, {}, {"SFT": "sft", "SeVa": "seva"}, args, results=results)
+    text = compare_report.markdown(table, {}, {}, {"SFT": "sft", "SeVa": "seva"}, args, results=results)
     rows = {}  # the main table's rows: the first row of each name
     for line in text.splitlines():
         if line.startswith("| "):
@@ -548,3 +548,11 @@ def test_a_degenerate_pope_model_is_marked_and_so_is_its_delta():
     assert "+6.5 (degenerate)" in rows["delta (SeVa - SFT)"]  # never a bare "POPE +6.5"
     pope_rows = [line for line in text.splitlines() if line.startswith("| SeVa | random")]
     assert pope_rows and "50.0" in pope_rows[0] and "1.00" in pope_rows[0] and "**degenerate**" in pope_rows[0]
+
+
+def test_the_caption_names_only_the_columns_the_table_has():
+    toy = compare_report.caption(["POPE-rand", "POPE", "VQA", "VQA-noisy", "CHAIR_i-cap", "Cover-cap", "Sentences"], 500)
+    assert "MMVet" not in toy and "LLaVA-W" not in toy and "step 500" in toy and "lower is better" in toy
+    judged = compare_report.caption(["MMVet", "LLaVA-W"], None)
+    assert "MMVet" in judged and "LLaVA-W" in judged
+    assert not any(word in judged for word in ("POPE", "VQA", "CHAIR", "lower is better"))
