@@ -138,7 +138,8 @@ def decoding(args, weights):
 # ----------------------------------------------------------------------------- questions
 # A question is a dict: question_id, text (what the user asks, options included), and the image as
 # `image` (a path under image_folder) or `image_base64` (MMBench's tsv); optional `metadata` (a dict
-# copied into the answer) and `fields` (extra top-level answer fields, e.g. MMBench's round_id).
+# copied into the answer), `fields` (extra top-level answer fields, e.g. MMBench's round_id) and `prompt` (the
+# answer's prompt field when it differs from text).
 def question_image(question, image_folder, pad=True):
     """The question's image as RGB, padded to a square as LLaVA-1.5 does unless pad=False."""
     if "image_base64" in question:
@@ -209,8 +210,9 @@ def answer_id(model_id, question_id, prompt, text):
 
 
 def answer_row(question, text, model_id):
-    """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields."""
-    prompt = question["text"]
+    """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields. The prompt field
+    is the question's text, or its `prompt` where LLaVA's scorer expects more (ScienceQA: the <image> marker)."""
+    prompt = question.get("prompt", question["text"])
     row = dict(question_id=question["question_id"], prompt=prompt, text=text,
                answer_id=answer_id(model_id, question["question_id"], prompt, text), model_id=model_id,
                metadata=question.get("metadata", {}))
