@@ -264,8 +264,9 @@ def judge_server(reply, fail_first=0, status=500, max_requests=20):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body))
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.loads(raw)
+            requests.append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body, raw=raw))
             if len(requests) > max_requests:
                 code, payload = 503, {"error": "too many requests for a test"}
             elif len(requests) <= fail_first:
