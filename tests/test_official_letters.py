@@ -3,6 +3,8 @@ letters, letters in parentheses, "The answer is X" with and without what follows
 empty answers, yes/no phrasings. Every expected verdict is worked out by hand from the official rule, in the
 comments beside it (the rules: eval/mc_letters.py's docstrings; POPE: LLaVA's eval_pope.py; GQA: LLaVA's
 convert_gqa_for_eval.py with GQA's eval.py)."""
+import json
+
 import pytest
 
 from eval import gqa, mc_letters, mc_matcher, multiple_choice, pope
@@ -187,3 +189,24 @@ GQA = [("Yes.", "yes", True), ("RED", "red", True), ("Red...", "red", True), ("T
 
 def test_gqa_edge_cases_exact_string():
     assert [gqa.normalise(text) == truth for text, truth, _ in GQA] == [r for _, _, r in GQA]
+
+
+def write_pope_files(folder, counts):
+    folder.mkdir()
+    for split, n in counts.items():
+        rows = [json.dumps(dict(question_id=i, image=f"{i}.jpg", text="Is there a dog in the image?",
+                                label="yes" if i % 2 else "no")) for i in range(n)]
+        (folder / f"coco_pope_{split}.json").write_text("\n".join(rows) + "\n")
+    return str(folder)
+
+
+def test_pope_check_names_the_question_files(tmp_path, capsys):
+    pinned = write_pope_files(tmp_path / "pinned", {"random": 2910, "popular": 3000, "adversarial": 3000})
+    files = pope.main(["--pope-dir", pinned, "--check-questions"])
+    printed = capsys.readouterr().out
+    assert {split: f["questions"] for split, f in files.items()} == {"random": 2910, "popular": 3000, "adversarial": 3000}
+    assert files["random"]["yes"] == 1455  # odd question ids of 0..2909
+    assert "POPE questions, random: 2910 (1455 yes)" in printed and "the counts of POPE commit e3e39262" in printed
+    later = write_pope_files(tmp_path / "later", {"random": 3000, "popular": 3000, "adversarial": 3000})
+    pope.main(["--pope-dir", later, "--check-questions"])
+    assert "NOT the counts of POPE commit e3e39262" in capsys.readouterr().out
