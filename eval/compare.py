@@ -396,9 +396,9 @@ def parse_args(argv=None):
                                                  "--vg-dir and a judge (--judge-url, --judge-prompt)")
     g.add_argument("--vg-dir", default="", help="Visual Genome (image_data.json, region_descriptions.json, images)")
     g.add_argument("--shr-num-beams", type=int, default=shr.NUM_BEAMS,
-                   help="beams of SHR's descriptions (HA-DPO's published LLaVA-1.5 baseline: 5)")
+                   help=f"beams of SHR's descriptions (default {shr.NUM_BEAMS}, HA-DPO's published LLaVA-1.5 baseline)")
     g.add_argument("--shr-max-new-tokens", type=int, default=512,
-                   help="length limit of SHR's descriptions (HA-DPO's baseline: 512)")
+                   help="length limit of SHR's descriptions (default 512, HA-DPO's baseline)")
     g.add_argument("--gqa-dir", default="",
                    help=f"GQA folder as LLaVA lays it out (playground/data/eval/gqa/data): {gqa.QUESTIONS_FILE} and "
                         f"images/")

@@ -13,7 +13,8 @@ Where a score can still differ from the official one is written in eval/README.m
 """
 import re
 
-LETTERS = "ABCDEFGHIJ"
+from eval.mc_files import LETTERS
+
 SCIENCEQA_LETTERS = list("ABCDE")  # eval_science_qa.py's --options default: a list, so `in` means equality
 
 

@@ -53,11 +53,11 @@ def add_matcher_args(parser):
                    help="OpenAI-compatible base URL of a chat model that reads the letter of answers can_infer cannot "
                         "read (VLMEvalKit's ChatGPT matcher); none (default): such answers count wrong, VLMEvalKit's "
                         "exact matching; the key is read from OPENAI_API_KEY")
-    g.add_argument("--matcher-model", default=MATCHER_MODEL, help="the matcher's model (VLMEvalKit: ChatGPT 0613)")
+    g.add_argument("--matcher-model", default=MATCHER_MODEL, help=f"the matcher's model (default {MATCHER_MODEL}, VLMEvalKit's chatgpt-0613)")
     g.add_argument("--matcher-prompt", default=None, metavar="FILE",
                    help="your copy of VLMEvalKit's build_prompt template (three {} slots), with build_option_str's "
                         "heading line moved in just before the second slot; required with --matcher-url")
-    g.add_argument("--matcher-cache", default="runs/eval/judge-cache", help="folder of cached matcher replies")
+    g.add_argument("--matcher-cache", default="runs/eval/judge-cache", help="folder of cached matcher replies (default runs/eval/judge-cache)")
     return g
 
 

@@ -42,12 +42,10 @@ option index), image (a path under --image-folder) or image_base64, optional hin
 """
 import argparse
 import os
-import re
 from collections import defaultdict
 
 import common
-from eval import runner
-from eval import mc_letters, mc_matcher
+from eval import mc_letters, mc_matcher, runner
 from eval.mc_files import LETTERS, group_of, read_benchmark
 from eval.mc_letters import answer_letter
 

@@ -190,7 +190,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = runner.add_model_args(p, max_new_tokens=512, batch_size=8)
     g.add_argument("--num-beams", type=int, default=NUM_BEAMS,
-                   help="beams of the descriptions' beam search (HA-DPO's published LLaVA-1.5 baseline: 5; 1: greedy)")
+                   help=f"beams of the descriptions' beam search (default {NUM_BEAMS}, HA-DPO's published LLaVA-1.5 "
+                        f"baseline; 1: greedy)")
     g = p.add_argument_group("data")
     g.add_argument("--shr-dir", required=True,
                    help="HA-DPO's SHR annotation folder: val_images_final.json, shr_factual_part{1,2}.jsonl")
