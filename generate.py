@@ -181,6 +181,103 @@ def answer_logps(predicting, tokens, labelled):
     return float(dpo.sequence_logps(logits[None], labels[None])[0])
 
 
+# ----------------------------------------------------------------------------- beam search (SHR's baseline)
+@torch.no_grad()
+def generate_beam(model, processor, images, questions, template=None, num_beams=5, max_new_tokens=512,
+                  batch_size=8, length_penalty=1.0, pixel_transform=None, progress=False):
+    """Beam-search one answer per (image, question), batched; returns the answers as strings. HA-DPO's SHR
+    baseline was generated so (LLaVA-1.5 with 5 beams, 512 new tokens); generate() above stays greedy.
+
+    The search is transformers' (beam_search below; tested token for token against model.generate with
+    num_beams on a tiny model), the prompts batched and left-padded as generate() batches them."""
+    if not vlm.spec(model.config)["prefill_rows"]:
+        raise ValueError(f"generate_beam: {model.config.model_type}'s positions are not the attention mask's "
+                         f"(vlm.FAMILIES prefill_rows); use model.generate(num_beams=...) for this family")
+    tokenizer = processor.tokenizer
+    device = next(model.parameters()).device
+    template = vlm.resolve_template(model, template)
+    answers = []
+    for start in tqdm(range(0, len(images), batch_size), desc="beam search", disable=not progress):
+        indices = list(range(start, min(start + batch_size, len(images))))
+        prompts = [vlm.prompt_text(processor, questions[i], template) for i in indices]
+        inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, padding_side="left",
+                           return_tensors="pt")
+        inputs.pop("labels", None)
+        if pixel_transform is not None:
+            inputs = vlm.with_image_pixels(inputs, model.config,
+                                           pixel_transform(vlm.image_pixels(inputs, model.config), indices))
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        ids = beam_search(model, inputs, num_beams, max_new_tokens, tokenizer.eos_token_id, length_penalty)
+        answers += [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return answers
+
+
+def beam_search(model, inputs, num_beams, max_new_tokens, eos_token_id, length_penalty=1.0):
+    """The best beam's new token ids (its end-of-sequence token included) for each left-padded prompt of
+    `inputs`, searched as transformers' beam search (early_stopping False) searches:
+    - each step, the 2K best continuations of the K running beams by summed log-probability (at the first step
+      only beam 0's, the others starting at -1e9);
+    - a continuation that ends (end-of-sequence, or the length limit) and ranks among the first K is a finished
+      hypothesis, scored sum / length ** length_penalty (length: new tokens, the end token included); the K best
+      finished ones are kept; the K best continuations that do not end run on;
+    - a prompt stops taking finished hypotheses once it has K and its best running beam, normalised by the current
+      length, no longer beats the worst of them; the search stops when every prompt has, or at the length limit.
+    The prompts are read once and their KV cache repeated K times (transformers reads K copies)."""
+    mask = inputs["attention_mask"]
+    B, K, device = mask.shape[0], num_beams, mask.device
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate makes them from the left padding
+    output = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = output.cache
+    cache.batch_repeat_interleave(K)  # (B*K, ...): beam k of prompt b is row b*K + k
+    mask = mask.repeat_interleave(K, 0)  # (B*K, P)
+    logits = output.logits[:, -1].float().repeat_interleave(K, 0)  # (B*K, V)
+    running = torch.zeros(B, K, max_new_tokens, dtype=torch.long, device=device)  # the running beams' tokens
+    running_scores = torch.zeros(B, K, device=device)
+    running_scores[:, 1:] = -1e9  # only beam 0 at the first step: no K copies of one continuation
+    finished = torch.zeros(B, K, max_new_tokens, dtype=torch.long, device=device)
+    finished_scores = torch.full((B, K), -1e9, device=device)
+    finished_lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+    is_finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+    first_k = torch.arange(2 * K, device=device) < K  # (2K,): only these ranks may finish
+    offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1): a prompt's first row in the cache
+    for t in range(max_new_tokens):
+        logps = logits.log_softmax(-1).view(B, K, -1) + running_scores[..., None]  # (B, K, V)
+        vocab = logps.shape[-1]
+        scores, flat = logps.view(B, -1).topk(2 * K)  # (B, 2K): the best continuations of all beams
+        origin, tokens = flat // vocab, flat % vocab  # (B, 2K): the beam continued, the token added
+        sequences = running.gather(1, origin[..., None].expand(-1, -1, max_new_tokens)).clone()  # (B, 2K, N)
+        sequences[:, :, t] = tokens
+        ends = (tokens == eos_token_id) | (t + 1 == max_new_tokens)  # (B, 2K)
+        # the K best continuations that do not end run on
+        open_scores = scores + ends.float() * -1e9
+        keep = open_scores.topk(K)[1]  # (B, K)
+        running = sequences.gather(1, keep[..., None].expand(-1, -1, max_new_tokens))
+        running_scores = open_scores.gather(1, keep)
+        beam_origin = origin.gather(1, keep)  # (B, K): which old beam each new one continues
+        # the K best finished hypotheses, old and new (a new one: ended, among the first K, prompt improvable)
+        new = ends & first_k
+        normalised = scores / (t + 1) ** length_penalty + (~new).float() * -1e9 + (~improvable).float() * -1e9
+        merged = torch.cat([finished_scores, normalised], 1)  # (B, 3K)
+        best = merged.topk(K)[1]  # (B, K)
+        finished = torch.cat([finished, sequences], 1).gather(1, best[..., None].expand(-1, -1, max_new_tokens))
+        finished_scores = merged.gather(1, best)
+        lengths = torch.cat([finished_lengths, torch.full_like(tokens, t + 1)], 1)
+        finished_lengths, is_finished = lengths.gather(1, best), torch.cat([is_finished, new], 1).gather(1, best)
+        # can a running beam still beat the worst finished one? (transformers' heuristic, early_stopping False)
+        worst = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], -1e9)  # (B, K)
+        improvable = improvable & (running_scores[:, :1] / (t + 1) ** length_penalty > worst).any(-1, keepdim=True)
+        if not improvable.any() or ends.all():
+            break
+        cache.reorder_cache((beam_origin + offsets).view(-1))  # each row's cache follows its beam
+        mask = torch.cat([mask, mask.new_ones(B * K, 1)], 1)  # (B*K, P + t + 1)
+        logits = model(input_ids=running[:, :, t].reshape(-1, 1), attention_mask=mask,
+                       position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache,
+                       use_cache=True).logits[:, -1].float()  # (B*K, V)
+    return [finished[b, 0, :finished_lengths[b, 0]].tolist() for b in range(B)]
+
+
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)

@@ -79,7 +79,9 @@ def evaluate_model(model, processor, model_id, weights, out_dir, args, judge=Non
         results["llava-bench"] = judge_lib.evaluate_llava_bench(model, processor, model_id, args.llava_bench_dir,
                                                                 out_dir, judge, **shared)
     if args.shr_dir:
-        results["shr"] = shr.evaluate(model, processor, model_id, args.shr_dir, args.vg_dir, out_dir, judge, **shared)
+        results["shr"] = shr.evaluate(model, processor, model_id, args.shr_dir, args.vg_dir, out_dir, judge,
+                                      **dict(shared, max_new_tokens=args.shr_max_new_tokens,
+                                             num_beams=args.shr_num_beams))  # the published baseline's decoding
     if args.world and os.path.exists(os.path.join(args.world, "val-captions.json")):  # the open stage's files
         results["open"] = hallucination.evaluate(model, processor, model_id, args.world, args.image_folder, out_dir,
                                                  **dict(shared, max_new_tokens=args.open_max_new_tokens))
@@ -173,11 +175,16 @@ def parse_args(argv=None):
                         "jsonl of questions), repeatable: --mc MMB=mmbench_dev.tsv")
     g.add_argument("--mc-split", default="test", help="ScienceQA's split (official: test)")
     g.add_argument("--letter-rule", default="official", choices=["official", "loose"],
-                   help="how a letter is read from an answer: official (ScienceQA and SEED as LLaVA's scorers; "
-                        "MMBench by our rules) or loose (our rules everywhere)")
+                   help="how a letter is read from an answer: official (ScienceQA and SEED as LLaVA's scorers, "
+                        "MMBench and generic files as VLMEvalKit's can_infer under exact matching) or loose (our "
+                        "looser reading everywhere, not comparable with published scores)")
     g.add_argument("--shr-dir", default="", help="HA-DPO's SHR annotations (val_images_final.json, ...); needs "
                                                  "--vg-dir and a judge (--judge-url, --judge-prompt)")
     g.add_argument("--vg-dir", default="", help="Visual Genome (image_data.json, region_descriptions.json, images)")
+    g.add_argument("--shr-num-beams", type=int, default=shr.NUM_BEAMS,
+                   help=f"beams of SHR's descriptions (default {shr.NUM_BEAMS}, HA-DPO's published LLaVA-1.5 baseline)")
+    g.add_argument("--shr-max-new-tokens", type=int, default=512,
+                   help="length limit of SHR's descriptions (default 512, HA-DPO's baseline)")
     g.add_argument("--gqa-dir", default="",
                    help=f"GQA folder as LLaVA lays it out (playground/data/eval/gqa/data): {gqa.QUESTIONS_FILE} and "
                         f"images/")
