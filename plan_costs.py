@@ -16,8 +16,8 @@ Under bf16 autocast (GPUs) the matmuls' saved inputs are bf16 copies, while our 
 `bf16` column of BYTES below says which count is which. The fp32 path is the one the tests measure (CPUs).
 
 FLOPs: multiply-add = 2, matmuls only (as bench/dpo_step.py counts them and torch's FlopCounterMode does):
-a linear layer 2 N per token forward; its backward 2 N per token for the input's gradient, 2 N more for a
-trained weight's; attention 4 h T^2 per layer forward (the full T x T square: an explicit mask skips nothing)
+a linear layer 2 N per token forward; its backward 2 N per token for the input's gradient (none for the
+first layer's q, k, v: their input is frozen), 2 N more for a trained weight's; attention 4 h T^2 per layer forward (the full T x T square: an explicit mask skips nothing)
 and 8 h T^2 backward.
 """
 from dataclasses import dataclass
@@ -157,7 +157,9 @@ def step_flops(s, g, reference=True, lora=True):
     language = 2 * s.layer_linear * s.layers * tokens
     adapters = 2 * s.layer_lora * s.layers * tokens
     forward = vision_flops(s, g.images) + language + adapters + attention + head
-    backward = (language * (1 if lora else 2) + 2 * adapters + 2 * attention + head)
+    # the first layer's q, k, v (and their LoRA A) read the frozen embeddings: no gradient for their input
+    first = 2 * tokens * s.hidden * (s.hidden + 2 * s.kv_width + (3 * s.rank if s.rank else 0))
+    backward = language * (1 if lora else 2) + 2 * adapters + 2 * attention + head - first
     reference_forward = vision_flops(s, g.images) + language + attention + head if reference else 0
     return reference_forward + forward + backward
 
