@@ -205,13 +205,13 @@ def plan_training(args):
     out = [f"plan: {args.model} ({vlm.family_of(model)}), {world} GPU(s) of {args.gpu_memory:g} GiB, {parallel}, "
            f"{args.precision}, LoRA r {args.lora_r} / alpha {args.lora_alpha:g}, pair forward {args.forward}",
            f"lengths: {source}; longest pair: prompt {args.longest[0]} (image {shapes.image_tokens}) + chosen "
-           f"{args.longest[1]} + rejected {args.longest[2]} tokens", "", "parameters          total     trainable"]
+           f"{args.longest[1]} + rejected {args.longest[2]} tokens", "", f"  {'parameters':26s} {'total':>12s} {'trainable':>12s}"]
     for part, (n, trained) in counts.items():
-        out.append(f"  {part:26s} {n / 1e9:7.3f} B {trained / 1e9:7.3f} B")
+        out.append(f"  {part:26s} {n / 1e6:10.1f} M {trained / 1e6:10.1f} M")
     total, trainable = (sum(c[k] for c in counts.values()) for k in (0, 1))
-    out += [f"  {'all':26s} {total / 1e9:7.3f} B {trainable / 1e9:7.3f} B ({100 * trainable / total:.1f}%)",
+    out += [f"  {'all':26s} {total / 1e6:10.1f} M {trainable / 1e6:10.1f} M ({100 * trainable / total:.1f}%)",
             f"  FSDP2 units: {len(units)} decoder layers of {args.layer_params / 1e6:.0f} M + the root of "
-            f"{args.root_params / 1e6:.0f} M", "", "memory per GPU"]
+            f"{args.root_params / 1e6:.0f} M", "", "memory per GPU (GiB = 2^30 bytes)"]
     out += [f"  {name:52s} {gib(value)}" for name, value in lines.items() if value]
     ok = fits(peak, args.gpu_memory)
     out.append(f"  {'peak':52s} {gib(peak)}   {'FITS' if ok else 'DOES NOT FIT'} in {HEADROOM:.0%} of "
@@ -241,7 +241,7 @@ def plan_training(args):
                    f"run {duration(seconds * steps)}")
     print("\n".join(out), flush=True)
     return dict(counts=counts, lines=lines, peak=peak, fits=ok, recommended=recommended, step_flops=step,
-                steps=steps, shapes=shapes, units=units)
+                steps=steps, shapes=shapes, units=units, args=args)
 
 
 def plan_generation(args):

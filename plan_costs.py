@@ -128,8 +128,8 @@ def activation_bytes(s, g, bf16, checkpointing, attention="sdpa"):
     mask = g.rows * g.length ** 2 * (4 if attention == "eager" else 1)
     logits = 3 * g.positions * s.vocab * 4 + (g.positions * s.vocab * 2 if bf16 else 0)
     backward = BACKWARD_TRANSIENT * per_layer  # the gradients of the layer being differentiated
-    if not checkpointing:
-        return s.layers * per_layer + backward + mask + logits
+    if not checkpointing:  # the logits' backward comes before the layers'
+        return s.layers * per_layer + mask + max(logits, backward)
     # the layers' inputs, and the larger of the logits (first in the backward) and one layer recomputed
     return s.layers * tokens * s.hidden * BYTES["residual"][bf16] + mask + max(logits, per_layer + backward)
 
