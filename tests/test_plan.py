@@ -146,3 +146,33 @@ def test_flops_equal_torch_flop_counter(one_thread):
         counted = dpo_step.counted_flops(model, optimizer, batch, forward, None)
         ours = plan_costs.step_flops(shapes, plan_costs.geometry(forward, args.pairs, prompt, 16, 16))
         assert abs(ours / counted - 1) < 0.005, (forward, ours / counted)
+
+
+def test_pair_lengths_from_the_pairs_file(toy_world, toy_pairs, one_thread):
+    """--pairs: the lengths the plan reads equal those vlm.encode gives the examples train_ddp.py trains on."""
+    import common
+    import dpo
+    model_dir = os.path.join(toy_world, "model-sft")
+    args = train_ddp.parse_args(["--plan", "--model", model_dir, "--pairs", toy_pairs])
+    model = plan.meta_model(model_dir, args.lora_r, args.lora_alpha)
+    longest, mean, source, count = plan.pair_lengths(args, model, plan_costs.shapes_of(model, vlm.spec(model)))
+    _, processor = vlm.load(model_dir)
+    template = vlm.resolve_template(model, None)
+    rows = []
+    for record in common.read_records(toy_pairs):
+        image = vlm.load_image(os.path.join(toy_world, "images", record["image"]))
+        chosen, rejected = (vlm.encode(processor, image, [(record["question"], answer)], template)
+                            for answer in (record["chosen"], record["rejected"]))
+        prompt = int(dpo.prompt_length(chosen["labels"]))
+        rows.append((prompt, len(chosen["input_ids"]) - prompt, len(rejected["input_ids"]) - prompt))
+    assert count == len(rows) and source.startswith(f"{len(rows)} pairs")
+    assert longest == tuple(max(r[k] for r in rows) for k in range(3))
+
+
+def test_paper_scale_tiny(one_thread, capsys):
+    """bench/paper_scale.py --tiny: the table, the plan's peak within 20% of the measured one, the same answers."""
+    import paper_scale
+    rows = paper_scale.main(["--tiny"])
+    ratio = float(rows["peak memory, --plan"].split("(")[1].split(" x")[0])
+    assert 0.8 < ratio < 1.2 and rows["same answers"] == "4 / 4"
+    assert "| s / step (median) |" in capsys.readouterr().out
