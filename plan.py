@@ -25,6 +25,7 @@ GiB = 2 ** 30
 HEADROOM = 0.9  # of --gpu-memory: CUDA context, allocator fragmentation
 PROMPT_TEXT = 64  # text tokens of a LLaVA-1.5 prompt besides the image (system prompt, question), without --pairs
 PAPER_PAIRS = 16000  # paper 4.1: 8k textvqa + 8k ocr_vqa instances (fewer pairs after the filter)
+PAPER_GLOBAL_BATCH = 128  # the authors: 16 pairs per GPU x 8 GPUs
 # Dense bf16 matmul peaks and memory bandwidths the run time is given for (NVIDIA's data sheets).
 GPUS = {"A100": (312e12, 2.0e12), "H100": (989e12, 3.35e12)}
 
@@ -233,6 +234,10 @@ def plan_training(args):
     g = plan_costs.geometry(args.forward, args.batch_size, *mean)
     step = plan_costs.step_flops(shapes, g, reference=args.reference == "adapter", lora=args.lora_r > 0) \
         * args.grad_accum * world
+    batch = recommended["batch"] if recommended else args.batch_size
+    if global_batch != PAPER_GLOBAL_BATCH and PAPER_GLOBAL_BATCH % (batch * world) == 0:
+        out.append(f"  global batch {global_batch}; the paper's {PAPER_GLOBAL_BATCH}: --batch-size {batch} --grad-accum "
+                   f"{PAPER_GLOBAL_BATCH // (batch * world)} (accumulation adds no memory)")
     out += ["", f"FLOPs: {step / 1e15:.1f} PFLOP per step of {global_batch} pairs (mean pair: prompt {mean[0]} + "
                 f"{mean[1]} + {mean[2]}), {steps} steps over {pairs} pairs x {args.epochs:g} epoch(s)"]
     for gpu, (flops, _) in GPUS.items():
@@ -293,10 +298,10 @@ def add_arguments(parser):
     """The flags that stand for the machine under --plan (train_ddp.py and seva.py)."""
     g = parser.add_argument_group("plan (print what the run will cost, then exit; reads config.json only)")
     g.add_argument("--plan", action="store_true", help="print memory per GPU, FLOPs and run time, and exit")
-    g.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per machine the run will use")
-    g.add_argument("--nnodes", type=int, default=1, help="machines the run will use")
-    g.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (A100/H100: 80; H200: 141)")
+    g.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per machine the run will use (default 1)")
+    g.add_argument("--nnodes", type=int, default=1, help="machines the run will use (default 1)")
+    g.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80: A100/H100-80GB; H200: 141)")
     g.add_argument("--mfu", type=float, default=0.3,
-                   help="model-FLOPs utilisation assumed for the run time: 0.3, as LoRA-DPO with gradient "
+                   help="model-FLOPs utilisation assumed for the run time (default 0.3: as LoRA-DPO with gradient "
                         "checkpointing recomputes a forward (a third more work than the model FLOPs) on dense "
-                        "7B training that reaches ~0.4 of the bf16 peak")
+                        "7B training that reaches ~0.4 of the bf16 peak)")
