@@ -91,6 +91,10 @@ def planned(folder, args, gpu_memory):
     return report, batch, prompt
 
 
+def size(n):
+    return f"{n / plan.GiB:.2f} GiB" if n >= plan.GiB else f"{n / 2 ** 20:.1f} MiB"
+
+
 def live_bytes(model, optimizer):
     tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
@@ -193,8 +197,8 @@ def main(argv=None):
                                         f"{'bf16 autocast' if amp_dtype else 'fp32'}"),
             ("per-device batch (the plan's for this memory)", f"{batch_size} pairs of {prompt} + 2 x {args.answer_tokens} tokens"),
             ("s / step (median)", f"{seconds:.3f}"), ("pairs / s", f"{batch_size / seconds:.2f}"),
-            ("peak memory, measured", f"{peak / plan.GiB:.3f} GiB"),
-            ("peak memory, --plan", f"{planned_peak / plan.GiB:.3f} GiB ({planned_peak / peak:.2f} x measured)"),
+            ("peak memory, measured", size(peak)),
+            ("peak memory, --plan", f"{size(planned_peak)} ({planned_peak / peak:.2f} x measured)"),
             ("MFU", f"{flops / seconds / peak_flops(args, device, amp_dtype):.3f}"),
             ("generation, batch 1", f"{single:.2f} answers / s"),
             (f"generation, batch {args.generate_batch}", f"{batched:.2f} answers / s ({batched / single:.1f}x)"),
