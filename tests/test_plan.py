@@ -37,7 +37,7 @@ def test_counts_equal_a_real_model(toy_world, one_thread, lora_r, train_projecto
 def test_lora_count_equals_peft_on_llava_7b():
     """PEFT's own LoRA on the same meta-device LLaVA-1.5-7B with the same targets: the same trainable count, and
     the hand formula r (in + out) per adapted layer: 32 layers x (4 x (4096 + 4096) + 3 x (4096 + 11008))."""
-    peft = pytest.importorskip("peft")  # requirements-dev.txt
+    import peft
     ours = plan.parameter_counts(plan.meta_model(LLAVA_7B, 1024, 2048))
     model = plan.meta_model(LLAVA_7B)
     model = peft.get_peft_model(model, peft.LoraConfig(r=1024, lora_alpha=2048, target_modules=vlm.lora_targets(model)))
