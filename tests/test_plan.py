@@ -40,7 +40,8 @@ def test_lora_count_equals_peft_on_llava_7b():
     import peft
     ours = plan.parameter_counts(plan.meta_model(LLAVA_7B, 1024, 2048))
     model = plan.meta_model(LLAVA_7B)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=1024, lora_alpha=2048, target_modules=vlm.lora_targets(model)))
+    config = peft.LoraConfig(r=1024, lora_alpha=2048, target_modules=vlm.lora_targets(model))
+    model = peft.get_peft_model(model, config, low_cpu_mem_usage=True)  # its adapters on the meta device too
     theirs = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert ours["LoRA"][0] == theirs == 32 * 1024 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) == 2_558_525_440
     assert sum(c[1] for c in ours.values()) == theirs
