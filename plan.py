@@ -10,8 +10,6 @@ train_ddp.prepare_model applies it; the counts come from that model, the per-tok
 Memory is per GPU, for bf16 autocast on CUDA (--precision bf16, the paper's) or fp32. A run "fits" when its
 peak stays under 90% of --gpu-memory: the rest is the CUDA context and the allocator's fragmentation.
 """
-import json
-import math
 import os
 from dataclasses import replace
 
@@ -206,7 +204,8 @@ def plan_training(args):
     out = [f"plan: {args.model} ({vlm.family_of(model)}), {world} GPU(s) of {args.gpu_memory:g} GiB, {parallel}, "
            f"{args.precision}, LoRA r {args.lora_r} / alpha {args.lora_alpha:g}, pair forward {args.forward}",
            f"lengths: {source}; longest pair: prompt {args.longest[0]} (image {shapes.image_tokens}) + chosen "
-           f"{args.longest[1]} + rejected {args.longest[2]} tokens", "", f"  {'parameters':26s} {'total':>12s} {'trainable':>12s}"]
+           f"{args.longest[1]} + rejected {args.longest[2]} tokens", "",
+           f"  {'parameters':26s} {'total':>12s} {'trainable':>12s}"]
     for part, (n, trained) in counts.items():
         out.append(f"  {part:26s} {n / 1e6:10.1f} M {trained / 1e6:10.1f} M")
     total, trainable = (sum(c[k] for c in counts.values()) for k in (0, 1))
@@ -219,10 +218,11 @@ def plan_training(args):
                f"{args.gpu_memory:g} GiB")
     other = "fsdp" if parallel == "ddp" else "ddp"
     if world > 1:
-        out.append(f"  (with --parallel {other}: "
-                   f"{gib(training_memory(counts, shapes, args, world, other, args.gradient_checkpointing, args.batch_size)[1]).strip()}"
-                   f"; gradient checkpointing {'off' if args.gradient_checkpointing else 'on'}: "
-                   f"{gib(training_memory(counts, shapes, args, world, parallel, not args.gradient_checkpointing, args.batch_size)[1]).strip()})")
+        peak_with = lambda parallel, checkpointing: gib(training_memory(
+            counts, shapes, args, world, parallel, checkpointing, args.batch_size)[1]).strip()
+        out.append(f"  (with --parallel {other}: {peak_with(other, args.gradient_checkpointing)}; gradient "
+                   f"checkpointing {'off' if args.gradient_checkpointing else 'on'}: "
+                   f"{peak_with(parallel, not args.gradient_checkpointing)})")
     recommended = None
     if not ok:
         tried, recommended = suggestions(counts, shapes, args, world)
@@ -236,8 +236,8 @@ def plan_training(args):
         * args.grad_accum * world
     batch = recommended["batch"] if recommended else args.batch_size
     if global_batch != PAPER_GLOBAL_BATCH and PAPER_GLOBAL_BATCH % (batch * world) == 0:
-        out.append(f"  global batch {global_batch}; the paper's {PAPER_GLOBAL_BATCH}: --batch-size {batch} --grad-accum "
-                   f"{PAPER_GLOBAL_BATCH // (batch * world)} (accumulation adds no memory)")
+        out.append(f"  global batch {global_batch}; the paper's {PAPER_GLOBAL_BATCH}: --batch-size {batch} "
+                   f"--grad-accum {PAPER_GLOBAL_BATCH // (batch * world)} (accumulation adds no memory)")
     out += ["", f"FLOPs: {step / 1e15:.1f} PFLOP per step of {global_batch} pairs (mean pair: prompt {mean[0]} + "
                 f"{mean[1]} + {mean[2]}), {steps} steps over {pairs} pairs x {args.epochs:g} epoch(s)"]
     for gpu, (flops, _) in GPUS.items():

@@ -17,8 +17,8 @@ Under bf16 autocast (GPUs) the matmuls' saved inputs are bf16 copies, while our 
 
 FLOPs: multiply-add = 2, matmuls only (as bench/dpo_step.py counts them and torch's FlopCounterMode does):
 a linear layer 2 N per token forward; its backward 2 N per token for the input's gradient (none for the
-first layer's q, k, v: their input is frozen), 2 N more for a trained weight's; attention 4 h T^2 per layer forward (the full T x T square: an explicit mask skips nothing)
-and 8 h T^2 backward.
+first layer's q, k, v: their input is frozen), 2 N more for a trained weight's; attention 4 h T^2 per layer
+forward (the full T x T square: an explicit mask skips nothing) and 8 h T^2 backward.
 """
 from dataclasses import dataclass
 

@@ -106,7 +106,8 @@ def train_steps(model, args, device, amp_dtype, batch_size, prompt):
     shape = dpo_step.parse_args(["--image-size", str(model.config.vision_config.image_size),
                                  "--patch-size", str(model.config.vision_config.patch_size),
                                  "--vocab", str(model.config.image_token_index + 1),  # image id = vocab - 1
-                                 "--pairs", str(batch_size), "--prompt-tokens", str(prompt - model.config.image_seq_length)])
+                                 "--pairs", str(batch_size),
+                                 "--prompt-tokens", str(prompt - model.config.image_seq_length)])
     batch = dpo_step.make_batch(shape, args.answer_tokens, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     step = lambda: dpo_step.dpo_step(model, optimizer, batch, "shared_prefix", amp_dtype)
@@ -195,7 +196,8 @@ def main(argv=None):
     rows = [("device", name), ("model", f"{'tiny LLaVA' if args.tiny else 'LLaVA-1.5-7B'}, random weights, "
                                         f"LoRA r {args.lora_r}, gradient checkpointing, "
                                         f"{'bf16 autocast' if amp_dtype else 'fp32'}"),
-            ("per-device batch (the plan's for this memory)", f"{batch_size} pairs of {prompt} + 2 x {args.answer_tokens} tokens"),
+            ("per-device batch (the plan's for this memory)",
+             f"{batch_size} pairs of {prompt} + 2 x {args.answer_tokens} tokens"),
             ("s / step (median)", f"{seconds:.3f}"), ("pairs / s", f"{batch_size / seconds:.2f}"),
             ("peak memory, measured", size(peak)),
             ("peak memory, --plan", f"{size(planned_peak)} ({planned_peak / peak:.2f} x measured)"),
