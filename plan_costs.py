@@ -170,8 +170,9 @@ def generation_flops(s, prompt, answer):
     language = 2 * s.layer_linear * s.layers
     prefill = vision_flops(s, 1) + language * prompt + 4 * s.hidden * prompt ** 2 * s.layers \
         + 2 * s.hidden * s.vocab
-    context = prompt * answer + answer * (answer + 1) // 2  # keys each new token attends to, summed
-    decode = answer * (language + 2 * s.hidden * s.vocab) + 4 * s.hidden * context * s.layers
+    steps = answer - 1  # the prefill gives the first token; each later one is a forward of the one before it
+    context = steps * prompt + steps * (steps + 1) // 2  # keys each step attends to, summed
+    decode = steps * (language + 2 * s.hidden * s.vocab) + 4 * s.hidden * context * s.layers
     return 2 * (prefill + decode)
 
 

@@ -177,3 +177,24 @@ def test_paper_scale_tiny(one_thread, capsys):
     ratio = float(rows["peak memory, --plan"].split("(")[1].split(" x")[0])
     assert 0.8 < ratio < 1.2 and rows["same answers"] == "4 / 4"
     assert "| s / step (median) |" in capsys.readouterr().out
+
+
+def test_generation_flops_equal_torch_flop_counter(one_thread, tmp_path):
+    """seva.py's cost of one instance: a prefill and a greedy answer (counted twice: the image and its noised
+    view), against FlopCounterMode over transformers' generate, eager attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import paper_scale
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    config = AutoConfig.from_pretrained(paper_scale.model_folder(True, str(tmp_path)))
+    config._attn_implementation = "eager"
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    shapes = plan_costs.shapes_of(model, vlm.spec(model))
+    prompt, answer = config.image_seq_length + 20, 6
+    ids = torch.randint(1, config.image_token_index, (1, prompt))
+    ids[0, 4:4 + config.image_seq_length] = config.image_token_index
+    pixels = torch.randn(1, 3, config.vision_config.image_size, config.vision_config.image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, do_sample=False,
+                       max_new_tokens=answer, min_new_tokens=answer)
+    assert plan_costs.generation_flops(shapes, prompt, answer) == pytest.approx(2 * counter.get_total_flops(), rel=0.005)
