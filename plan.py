@@ -99,7 +99,9 @@ def pair_lengths(args, model, shapes):
         total = lambda answer: vlm.sequence_length(processor, [(record["question"], answer)], template, extra)
         rejected = max(total(r) for r in pairs.rejected_list(record["rejected"]))
         rows.append((prompt, total(record["chosen"]) - prompt, rejected - prompt))
-    rows = [r for r in rows if r[0] + max(r[1], r[2]) <= args.max_length]
+    rows = [r for r in rows if r[0] + max(r[1], r[2]) <= args.max_length]  # train_ddp.py skips the others
+    if not rows:
+        raise ValueError(f"{args.data}: no pair fits in --max-length {args.max_length}")
     longest = tuple(max(r[k] for r in rows) for k in range(3))
     mean = tuple(round(sum(r[k] for r in rows) / len(rows)) for k in range(3))
     return longest, mean, f"{len(rows)} pairs of {args.data}", len(rows)
