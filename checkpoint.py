@@ -72,7 +72,8 @@ def latest_checkpoint(out):
 # parallel mode, the optimizer and schedule, LoRA, the loss, the pairs' content, the reference), except these,
 # which change no number: where the outputs go and how they are shown.
 RESUME_FREE = ("out", "resume", "save_every", "progress", "merge", "cache_data", "gradient_checkpointing",
-               "global_batch", "data", "skipped")
+               "global_batch", "data", "skipped",
+               "plan", "nproc_per_node", "nnodes", "gpu_memory", "mfu")  # --plan's flags (plan.py) train nothing
 NAMES = {"world_size": "number of processes", "data_digest": "the data's content"}
 
 

@@ -24,6 +24,7 @@ import augment
 import common
 import diffusion
 import pairs
+import plan
 import pool
 import vlm
 from generate import generate, generate_tokens, score_answers
@@ -233,6 +234,7 @@ def parse_args(argv=None):
     g.add_argument("--export", default="", help="comma list: trl (OUT .trl.jsonl, TRL's vision DPO format), "
                                                 "authors (OUT .authors.json, the authors' step-3 fields)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    plan.add_arguments(p)
     args = p.parse_args(argv)
     args.subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     args.export = [s.strip() for s in args.export.split(",") if s.strip()]
@@ -276,6 +278,8 @@ def check_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:  # from config.json alone: no weight read, no process group
+        return plan.plan_generation(args)
     check_args(args)
     rank, world_size, device = common.compute_init(args.seed)
     warn = print if world_size == 1 else lambda message: print(f"[rank {rank}] {message}", flush=True)

@@ -29,6 +29,7 @@ import common
 import data
 import dpo
 import lora
+import plan
 import trainable
 import vlm
 
@@ -283,7 +284,9 @@ def normalisers(totals, normaliser, key):
 
 def train(args):
     """Train as args say (parse_args, which fills in the objective's defaults); returns the trained model
-    (unwrapped). Writes OUT/adapter/ (LoRA) or OUT/model/ (full fine-tuning) at the end."""
+    (unwrapped). Writes OUT/adapter/ (LoRA) or OUT/model/ (full fine-tuning) at the end. --plan: the costs only."""
+    if args.plan:  # from config.json alone: no weight read, no process group
+        return plan.plan_training(args)
     run = setup(args)
     loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress)
     fresh_model = lambda: trainable.prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r,
@@ -380,6 +383,7 @@ def parse_args(argv=None):
     g.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/latest if it exists")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    plan.add_arguments(p)
     args = p.parse_args(argv)
     for key, value in OBJECTIVE_DEFAULTS[args.objective].items():  # the objective's defaults, where not given
         if getattr(args, key) is None:
