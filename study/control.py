@@ -253,7 +253,8 @@ def main(argv=None):
 def run_control(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.control", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--world", default="toy", help="the toy world folder (python -m toyworld)")
-    p.add_argument("--pairs", default="runs/seva/pairs.jsonl", help="the main command's SeVa pairs (bash run_toy.sh)")
+    p.add_argument("--pairs", default="study/control/seva-pairs.jsonl",
+                   help="the main command's SeVa pairs (bash run_toy.sh's runs/seva/pairs.jsonl; this default is a copy)")
     p.add_argument("--out", default="study/control", help="runs.jsonl, report.md, each run's files")
     p.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=CONTROLS, help="which controls")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="which settings")
