@@ -29,7 +29,7 @@ import common
 import seva
 import train_ddp
 import vlm
-from eval import runner
+from eval import hallucination, runner
 from study import ablations
 from study import control_why as why
 
@@ -86,6 +86,16 @@ def write_data(folder, seva_pairs, control):
 
 
 # ----------------------------------------------------------------------------- one run
+def score(model, processor, world, answers_dir, model_id, weights):
+    """ablations.score_open's metrics without POPE (protocol, the control's second section: POPE is evidence
+    for no claim on this stage, and the shared machine cannot afford its 1080 probes per run)."""
+    found = hallucination.evaluate(model, processor, model_id, world, os.path.join(world, "images"), answers_dir,
+                                   max_new_tokens=96, batch_size=64, progress=False, weights=weights)
+    scores = {f"{metric}_{short}": found[kind][metric] for kind, short in (("caption", "cap"), ("description", "desc"))
+              for metric in ("chair_i", "chair_s", "cover", "shr", "words")}
+    return dict(scores, sentences=found["sentence"]["overall"])
+
+
 def run_name(control, setting, seed):
     return f"{control}-{setting}-seed{seed}"
 
@@ -118,13 +128,27 @@ def run_once(world, out, seva_pairs, control, setting, seed):
     row = dict(control=control, setting=setting, seed=seed, training=argv, instances=len(seva_pairs),
                trained=trained, dropped=dropped,
                accuracy=ablations.short_answers(model, processor, world, answers),
-               open=ablations.score_open(model, processor, world, answers, name, weights))
+               open=score(model, processor, world, answers, name, weights))
     metrics = common.read_jsonl(os.path.join(folder, "train", "metrics.jsonl"), appended=True)
     row["steps"] = len(metrics)
     if control != "sft":  # likelihood displacement: the policy's mean log-probs at the first and last step
         row["logps"] = {side: [metrics[0][f"logps/{side}"], metrics[-1][f"logps/{side}"]]
                         for side in ("chosen", "rejected")}
     return dict(row, seconds=time.time() - began)
+
+
+def schedule(rows, start, controls, settings, seeds):
+    """The next (control, setting, seed) to run, or None (protocol, the control's second section): the first seed
+    of every cell; then the other seeds of the cells whose first seed meets the test (only they can still
+    succeed); then the rest."""
+    done = {(r["control"], r["setting"], r["seed"]) for r in rows}
+    cells = [(c, s) for s in settings for c in controls]
+    first = [(c, s, seeds[0]) for c, s in cells]
+    open_cells = [(c, s) for c, s in cells if any(r["control"] == c and r["setting"] == s and r["seed"] == seeds[0]
+                                                  and verdict(r, start) for r in rows)]
+    later = [(c, s, seed) for c, s in open_cells for seed in seeds[1:]]
+    rest = [(c, s, seed) for c, s in cells for seed in seeds[1:]]
+    return next((run for run in first + later + rest if run not in done), None)
 
 
 # ----------------------------------------------------------------------------- the reading
@@ -142,7 +166,7 @@ def collapsed(scores, start):
 COLUMNS = [("chair_i_cap", "CHAIR_i cap (primary)", True), ("cover_cap", "Cover cap (guard)", True),
            ("chair_i_desc", "CHAIR_i desc", True), ("cover_desc", "Cover desc", True),
            ("words_cap", "words cap", False), ("words_desc", "words desc", False),
-           ("sentences", "sentence answers", True), ("pope_yes", "POPE yes-ratio", False)]
+           ("sentences", "sentence answers", True)]
 
 
 def cells(scores, accuracy):
@@ -152,18 +176,21 @@ def cells(scores, accuracy):
 
 
 def reference_rows(rows_of_study, start):
-    """SeVa's own rows from the study (study/open/runs.jsonl) that started from this same SFT model: the default
-    setting (table2) and the best guarded setting's seed-0 search run."""
-    same = [r for r in rows_of_study if r.get("start_open") == start["open"] and r.get("open") and r.get("steps")]
+    """SeVa's own rows from the study (study/open/runs.jsonl) that started from this same SFT model, as (setting,
+    title, rows): the default setting (table2) and the best guarded setting's seed-0 search run."""
+    # rows older than the start_open field started from the SFT model the study's newer rows record
+    recorded = next((r["start_open"] for r in rows_of_study if r.get("start_open")), None)
+    same = [r for r in rows_of_study if (r.get("start_open") or recorded) == start["open"] and r.get("open")
+            and r.get("steps")]
     found = []
     default = {json.dumps(r["setting"], sort_keys=True) + str(r["seed"]): r for r in same if r["ablation"] == "table2"}
     if default:
-        found.append(("SeVa, the default setting (study/open)", list(default.values())))
+        found.append(("main", "SeVa, the default setting (study/open)", list(default.values())))
     best = [r for r in same if r["ablation"] == "search" and r["setting"].get("noise_step") == 800
             and r["setting"].get("lr") == 1e-4 and r["setting"].get("beta") == 0.5
             and r["setting"].get("rpo_alpha") == 0.5 and r["setting"].get("ld_alpha") == 0.5]
     if best:
-        found.append(("SeVa, the best guarded setting (study/open search)", best))
+        found.append(("guarded", "SeVa, the best guarded setting with its noise step 800 (study/open search)", best))
     return found
 
 
@@ -183,9 +210,10 @@ def report(out, rows, start, seva_path, references=()):
         mine = [r for r in rows if r["setting"] == setting]
         if not mine:
             continue
-        lines += [f"## Setting `{setting}`: " + ", ".join(f"{k} {v}" for k, v in config.items()), ""]
+        lines += [f"## Setting `{setting}`: " + ", ".join(f"{k} {'off' if v is None else v}" for k, v in config.items()),
+                  ""]
         body = [["SFT model", "-"] + cells([start["open"]], [start["accuracy"]["overall"]]) + ["-"] * 4]
-        for title, runs in references if setting == "main" else ():
+        for title, runs in [(title, runs) for where, title, runs in references if where == setting]:
             body.append([title, len(runs)] + cells([r["open"] for r in runs], [ablations.accuracy_of(r) for r in runs])
                         + [f"{statistics.mean(r['pairs_trained'] for r in runs):.0f}",
                            f"{statistics.mean(r['steps'] for r in runs):.0f}",
@@ -211,21 +239,29 @@ def report(out, rows, start, seva_path, references=()):
             deltas = "; ".join(f"seed {r['seed']}: {100 * (r['open']['chair_i_cap'] - start['open']['chair_i_cap']):+.1f}"
                                f" / {100 * (r['open']['cover_cap'] - start['open']['cover_cap']):+.1f}"
                                f" ({'meets' if verdict(r, start) else 'fails'})" for r in runs)
-            ok = len(runs) >= 3 and all(verdict(r, start) for r in runs)
-            successes += [(control, setting)] * ok
-            per_seed.append([control, len(runs), deltas, "**succeeds**" if ok else
-                             ("fails" if len(runs) >= 3 else "incomplete")])
+            state = cell_state(runs, start)
+            successes += [(control, setting)] * (state == "succeeds")
+            per_seed.append([control, len(runs), deltas, f"**{state}**" if state == "succeeds" else state])
         lines += ["Each seed's change of captions' CHAIR_i / Cover against the SFT model (points), and the "
                   "registered test:", ""]
         lines += common.markdown_table(["control", "seeds", "CHAIR_i cap / Cover cap change per seed", "cell"],
                                        per_seed) + [""]
-    lines += ["## The reading (protocol.md's rule)", "", reading(successes, rows), ""]
+    lines += ["## The reading (protocol.md's rule)", "", reading(successes, rows, start), ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def reading(successes, rows):
-    complete = all(len([r for r in rows if r["control"] == c and r["setting"] == s]) >= 3
+def cell_state(runs, start):
+    """succeeds: 3 seeds or more, every one meeting the test; fails: a seed fails (no later seed can change
+    that); else open."""
+    if any(not verdict(r, start) for r in runs):
+        return "fails"
+    return "succeeds" if len(runs) >= 3 else f"open ({len(runs)} of 3 seeds, all meet)"
+
+
+def reading(successes, rows, start):
+    complete = all(not cell_state([r for r in rows if r["control"] == c and r["setting"] == s], start).startswith("open")
+                   and any(r["control"] == c and r["setting"] == s for r in rows)
                    for c in CONTROLS for s in SETTINGS)
     dpo = [f"{c} at `{s}`" for c, s in successes if c != "sft"]
     sft = [f"sft at `{s}`" for c, s in successes if c == "sft"]
@@ -236,7 +272,7 @@ def reading(successes, rows):
         return (f"Only continual SFT succeeds ({', '.join(sft)}): the stage can show a gain, but not by DPO on this "
                 "model; what is specific to SeVa is only its difference from the DPO controls.")
     if not complete:
-        return "Not every cell has its 3 seeds yet: no reading."
+        return "Not every cell is decided yet (a failing seed, or 3 seeds that meet): no reading."
     return ("No cell succeeds: no control shows that the experiment could have succeeded, so the paper's claims "
             "are untested on this stage, not refuted; what remains is the comparison of SeVa against the controls.")
 
@@ -284,16 +320,15 @@ def run_control(argv=None):
     study_rows = common.read_jsonl(args.study_runs, appended=True)
     references = reference_rows(study_rows, start)
     write = lambda: report(args.out, rows, start, args.pairs, references)
-    for setting in args.settings:
-        for control in args.controls:
-            for seed in args.seeds:
-                if any(r["control"] == control and r["setting"] == setting and r["seed"] == seed for r in rows):
-                    continue
-                row = run_once(args.world, args.out, seva_pairs, control, setting, seed)
-                rows.append(row)
-                with open(log, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                write()
+    while True:
+        todo = schedule(rows, start, args.controls, args.settings, args.seeds)
+        if not todo:
+            break
+        row = run_once(args.world, args.out, seva_pairs, *todo)
+        rows.append(row)
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        write()
     write()
     print(open(os.path.join(args.out, "report.md")).read())
 

@@ -7,6 +7,7 @@ strongest where chosen and rejected are nearly the same text.
 Written by `python -m study.control --why` to OUT/why.md, from runs under OUT/runs (or PAIRS,ADAPTER given
 directly, e.g. the main command's runs/seva/pairs.jsonl,runs/dpo/adapter).
 """
+import json
 import os
 import statistics
 
@@ -18,7 +19,6 @@ import data
 import dpo
 import lora
 import vlm
-from eval import runner
 
 
 def shared_share(a, b):
@@ -58,13 +58,15 @@ def pair_logps(model, processor, records, image_folder, pairs_path, batch_size=1
 def measure(world, start_dir, pairs_path, adapter):
     """Per pair: similarity, and the change (trained - SFT) of the chosen and rejected log-probs."""
     records = common.read_jsonl(pairs_path)
-    model, processor = runner.load_model(start_dir, adapter)
+    model, processor = vlm.load(start_dir)
+    lora.load_lora(model, adapter)  # unmerged: the reference is the same model with the LoRA disabled
+    model.eval()
     policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_logps(
         model, processor, records, os.path.join(world, "images"), pairs_path)
     tokens = lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     similarity = [shared_share(tokens(r["chosen"]), tokens(r["rejected"])) for r in records]
-    return dict(similarity=similarity, chosen=list(np.subtract(policy_chosen, reference_chosen)),
-                rejected=list(np.subtract(policy_rejected, reference_rejected)),
+    return dict(similarity=similarity, chosen=[p - r for p, r in zip(policy_chosen, reference_chosen)],
+                rejected=[p - r for p, r in zip(policy_rejected, reference_rejected)],
                 reference_chosen=reference_chosen, reference_rejected=reference_rejected)
 
 
@@ -76,12 +78,12 @@ def run_table(name, found):
     mean = lambda key, idx: statistics.mean(found[key][i] for i in idx)
     rows = [[label, len(idx), f"{mean('similarity', idx):.2f}", f"{mean('reference_chosen', idx):.2f}",
              f"{mean('chosen', idx):+.2f}", f"{mean('reference_rejected', idx):.2f}", f"{mean('rejected', idx):+.2f}",
-             f"{100 * statistics.mean(found['chosen'][i] < 0 for i in idx):.0f}"]
+             f"{100 * statistics.mean(int(found['chosen'][i] < 0) for i in idx):.0f}"]
             for label, idx in zip(("least similar third", "middle third", "most similar third"), thirds)]
     rows.append(["all", len(order), f"{statistics.mean(found['similarity']):.2f}",
                  f"{statistics.mean(found['reference_chosen']):.2f}", f"{statistics.mean(found['chosen']):+.2f}",
                  f"{statistics.mean(found['reference_rejected']):.2f}", f"{statistics.mean(found['rejected']):+.2f}",
-                 f"{100 * statistics.mean(c < 0 for c in found['chosen']):.0f}"])
+                 f"{100 * statistics.mean(int(c < 0) for c in found['chosen']):.0f}"])
     correlation = lambda key: float(np.corrcoef(found["similarity"], found[key])[0, 1])
     return ([f"## {name}", ""] + common.markdown_table(
         ["pairs", "n", "similarity", "chosen log-prob, SFT", "chosen change", "rejected log-prob, SFT",
@@ -102,7 +104,11 @@ def write(out, world, start_dir, runs):
             pairs_path, adapter = run.split(",", 1)
         else:
             pairs_path, adapter = (os.path.join(out, "runs", run, p) for p in ("pairs.jsonl", "train/adapter"))
-        lines += run_table(run, measure(world, start_dir, pairs_path, adapter))
+        cache = os.path.join(out, "why", run.replace("/", "_").replace(",", "+") + ".json")
+        if not os.path.exists(cache):  # the measurement of a run, kept: a rerun only adds runs
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            common.write_atomic(cache, [json.dumps(measure(world, start_dir, pairs_path, adapter))])
+        lines += run_table(run, json.load(open(cache)))
     path = os.path.join(out, "why.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

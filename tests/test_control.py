@@ -61,4 +61,20 @@ def test_runs_are_recorded_once_and_reported(toy_world, toy_pairs, tmp_path, mon
     control.main(argv)  # a rerun finds both runs done
     assert len(common.read_jsonl(str(tmp_path / "out" / "runs.jsonl"))) == 2
     report = open(tmp_path / "out" / "report.md").read()
-    assert "| dpo-own | 1 |" in report and "| sft | 1 |" in report and "incomplete" in report
+    assert "| dpo-own | 1 |" in report and "| sft | 1 |" in report and "seed 0: " in report
+    assert "no reading" in report  # 2 of the 6 cells, one seed each: not every cell is decided
+
+
+def test_schedule_runs_first_seeds_then_the_cells_that_can_still_succeed():
+    start = dict(open=dict(chair_i_cap=0.30, cover_cap=0.60))
+    row = lambda c, s, seed, chair: dict(control=c, setting=s, seed=seed, open=dict(chair_i_cap=chair, cover_cap=0.60))
+    plan = lambda rows: control.schedule(rows, start, ["a", "b"], ["x"], [0, 1, 2])
+    assert plan([]) == ("a", "x", 0)
+    rows = [row("a", "x", 0, 0.35)]                  # fails: a's other seeds wait until b's are done
+    assert plan(rows) == ("b", "x", 0)
+    rows.append(row("b", "x", 0, 0.20))              # meets
+    assert plan(rows) == ("b", "x", 1)
+    rows += [row("b", "x", 1, 0.20), row("b", "x", 2, 0.20)]
+    assert plan(rows) == ("a", "x", 1)
+    assert control.cell_state(rows[1:], start) == "succeeds" and control.cell_state(rows[:1], start) == "fails"
+    assert control.cell_state(rows[1:2], start).startswith("open")
