@@ -37,7 +37,10 @@ CONTROLS = ("dpo-own", "dpo-seva", "sft")
 # The training settings (protocol, "the two settings"): the main command's, and the exploratory search's best
 # guarded setting, whose noise step chose only SeVa's pairs and so does not apply to the controls' fixed pairs.
 SETTINGS = {"main": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None),
-            "guarded": dict(lr=1e-4, beta=0.5, rpo_alpha=0.5, ld_alpha=0.5)}
+            "guarded": dict(lr=1e-4, beta=0.5, rpo_alpha=0.5, ld_alpha=0.5),
+            # exploratory, registered after the control was read (protocol's third section of 2026-12-03)
+            "long": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, epochs=3)}
+REGISTERED = ("main", "guarded")  # the settings the control's reading is over
 LORA_R = 32  # alpha 2r, as every study run
 FALL, COVER_SLACK = 0.03, 0.02  # support: CHAIR_i down >= 3 points, Cover no more than 2 points down
 
@@ -105,7 +108,8 @@ def training_args(start, images, folder, data_path, control, setting, seed):
     s = SETTINGS[setting]
     argv = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"), "--seed", str(seed),
             "--lora-r", str(LORA_R), "--lora-alpha", str(2 * LORA_R), "--lr", str(s["lr"]),
-            "--batch-size", str(ablations.GLOBAL_BATCH), "--no-progress", "--cache-data"]
+            "--batch-size", str(ablations.GLOBAL_BATCH), "--no-progress", "--cache-data",
+            "--epochs", str(s.get("epochs", 1))]
     if control == "sft":
         return argv + ["--objective", "sft", "--data", data_path]
     argv += ["--objective", "dpo", "--pairs", data_path, "--beta", str(s["beta"]), "--rpo-alpha", str(s["rpo_alpha"])]
@@ -203,7 +207,7 @@ def report(out, rows, start, seva_path, references=()):
     lines = ["# The control: preference training with the true answer as chosen", "",
              "Made by `python -m study.control` from the main command's pairs (" + seva_path + f", {len(rows) and rows[0]['instances']} "
              "instances). Pre-registered in [protocol.md](../protocol.md), section \"2026-12-03: the control\", "
-             "committed before any of these runs. Percent except words and the yes-ratio; mean ± sd over seeds; "
+             "committed before any of these runs. Percent except words; mean ± sd over seeds; "
              "**(collapsed)**: captions or descriptions name fewer than half the objects the SFT model's do.", ""]
     successes = []
     for setting, config in SETTINGS.items():
@@ -211,7 +215,8 @@ def report(out, rows, start, seva_path, references=()):
         if not mine:
             continue
         lines += [f"## Setting `{setting}`: " + ", ".join(f"{k} {'off' if v is None else v}" for k, v in config.items()),
-                  ""]
+                  ""] + (["Exploratory, registered after the control's cells were read; apart from the reading.", ""]
+                         if setting not in REGISTERED else [])
         body = [["SFT model", "-"] + cells([start["open"]], [start["accuracy"]["overall"]]) + ["-"] * 4]
         for title, runs in [(title, runs) for where, title, runs in references if where == setting]:
             body.append([title, len(runs)] + cells([r["open"] for r in runs], [ablations.accuracy_of(r) for r in runs])
@@ -262,9 +267,9 @@ def cell_state(runs, start):
 def reading(successes, rows, start):
     complete = all(not cell_state([r for r in rows if r["control"] == c and r["setting"] == s], start).startswith("open")
                    and any(r["control"] == c and r["setting"] == s for r in rows)
-                   for c in CONTROLS for s in SETTINGS)
-    dpo = [f"{c} at `{s}`" for c, s in successes if c != "sft"]
-    sft = [f"sft at `{s}`" for c, s in successes if c == "sft"]
+                   for c in CONTROLS for s in REGISTERED)
+    dpo = [f"{c} at `{s}`" for c, s in successes if c != "sft" and s in REGISTERED]
+    sft = [f"sft at `{s}`" for c, s in successes if c == "sft" and s in REGISTERED]
     if dpo:
         return (f"A DPO control succeeds ({', '.join(dpo)}): the stage can show a DPO gain on the trained task, so "
                 "the study's refutations stand with a control that could have succeeded.")
@@ -293,7 +298,8 @@ def run_control(argv=None):
                    help="the main command's SeVa pairs (bash run_toy.sh's runs/seva/pairs.jsonl; this default is a copy)")
     p.add_argument("--out", default="study/control", help="runs.jsonl, report.md, each run's files")
     p.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=CONTROLS, help="which controls")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="which settings")
+    p.add_argument("--settings", nargs="+", default=list(REGISTERED), choices=list(SETTINGS),
+                   help="which settings (long: the exploratory cell, apart from the reading)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (LoRA initialisation, data order)")
     p.add_argument("--study-runs", default="study/open/runs.jsonl",
                    help="the study's runs, for SeVa's rows beside the controls (those from the same SFT model)")
