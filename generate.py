@@ -151,8 +151,10 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
         cache.batch_select_indices(rows)  # each forced answer continues its own prompt's cache
         prompt_mask = state["attention_mask"][rows]  # (R, P)
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(length, device=device)  # after the prompt
+        # use_cache=False: the prompts' cache is read (each layer appends the answers to it to attend over both),
+        # and nothing is kept for a next token
         logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=positions,
-                       cache=cache, use_cache=True).logits  # (R, A, V): token t + 1 from position t
+                       cache=cache, use_cache=False).logits  # (R, A, V): token t + 1 from position t
         for r, (i, j, tokens, labelled) in enumerate(forced):
             first = state["first_logps"][i, tokens[0]]  # the prompt's last position predicts the first token
             rest = logits[r, :len(tokens) - 1].float().log_softmax(-1).gather(-1, ids[r, 1:len(tokens), None])[:, 0]
