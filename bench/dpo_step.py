@@ -166,6 +166,21 @@ def peak_memory(fn, device):
     return peak
 
 
+def reference_memory(model, batch, device, amp_dtype):
+    """Peak tensor memory (bytes) of the reference pass (no grad, LoRA off, the naive forward's call) with the KV
+    cache transformers keeps by default (use_cache=True, as before dpo.py passed False) and without it, and the
+    largest |difference| of their logits (0: the cache buys nothing)."""
+    results = {}
+    for use_cache in (True, False):
+        def reference():
+            with torch.no_grad(), lora.disable_adapter(model), torch.autocast(
+                    device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                results[use_cache] = model(**dpo.model_inputs(batch), use_cache=use_cache).logits.float()
+        reference()  # warm-up
+        results[f"peak {use_cache}"] = peak_memory(reference, device)
+    return results["peak True"], results["peak False"], float((results[True] - results[False]).abs().max())
+
+
 # ----------------------------------------------------------------------------- FLOPs
 def matmul_peak(device, dtype, sizes, repeats=3):
     """Best dense torch.mm throughput (FLOP/s) over size x size squares of each size."""
@@ -286,6 +301,9 @@ def parse_args(argv=None):
     g.add_argument("--rounds", type=int, default=5, help="timed rounds per variant, after one warm-up step")
     g.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     g.add_argument("--check-flops", action="store_true", help="also print torch's FlopCounterMode count per variant")
+    g.add_argument("--reference-cache", action="store_true",
+                   help="only measure the reference pass's peak memory with a KV cache (transformers' default) and "
+                        "without (use_cache=False, as dpo.py runs it), for each answer length")
     g.add_argument("--matmul-sizes", default="", help="sides of the squares for the matmul peak, comma-separated "
                                                        "(default: 2048,4096 on CPU, 8192 on CUDA)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -299,6 +317,22 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = common.compute_dtype(device, "bf16")  # bf16 autocast on CUDA, fp32 on CPU
     forwards = args.forwards.split(",")
+    if args.reference_cache:  # nothing else is measured
+        model = build_model(args, device)
+        print(f"device {device}, {'bf16 autocast' if amp_dtype else 'fp32'}, {args.pairs} pairs, width {args.width} "
+              f"x {args.layers} layers; the reference pass (no grad, LoRA off, 2B rows)")
+        print("| answer tokens | rows x tokens | peak MiB with cache | peak MiB without | x | cache MiB expected | "
+              "max abs dlogits |\n|---|---|---|---|---|---|---|")
+        for answer_tokens in [int(a) for a in args.answers.split(",")]:
+            batch = make_batch(args, answer_tokens, device)
+            with_cache, without, delta = reference_memory(model, batch, device, amp_dtype)
+            rows, length = batch["input_ids"].shape
+            text = model.config.text_config
+            kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+            expected = 2 * text.num_hidden_layers * kv_width * rows * length * (2 if amp_dtype else 4)  # K and V
+            print(f"| {answer_tokens} | {rows} x {length} | {with_cache / 2**20:.1f} | {without / 2**20:.1f} | "
+                  f"{without / with_cache:.2f} | {expected / 2**20:.1f} | {delta:.1e} |", flush=True)
+        sys.exit(0)
     sizes = args.matmul_sizes or ("8192" if device.type == "cuda" else "2048,4096")
     peak = matmul_peak(device, amp_dtype or torch.float32, [int(size) for size in sizes.split(",")])
     model = build_model(args, device)
