@@ -122,3 +122,38 @@ def test_fsdp_trains_a_bf16_base_as_one_process_does(toy_world, toy_pairs, tmp_p
         assert a1[key].norm() > 0
         assert (a2[key] - a1[key]).norm() < 0.1 * a1[key].norm(), key
         assert (a2[key] - a32[key]).norm() < 0.25 * a32[key].norm(), key
+
+
+def test_sharded_load_keeps_a_bf16_base_and_fp32_lora(toy_world, tmp_path):
+    """fsdp.load_sharded in one gloo process: every decoder layer an FSDP2 unit, the frozen base bf16, LoRA fp32, and
+    the same logits as the model loaded whole and prepared the same way (same seed: the same LoRA A)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    import fsdp
+    path = os.path.join(toy_world, "model-sft")
+
+    def prepare(model):
+        lora.apply_lora(model, 4, 8)
+        vlm.freeze_vision(model)
+        for _, module in lora.lora_modules(model):  # B != 0, so that LoRA shows in the logits
+            torch.nn.init.constant_(module.lora_B.weight, 0.01)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model, processor = fsdp.load_sharded(path, torch.device("cpu"), torch.bfloat16, prepare, rank=0)
+        assert all(isinstance(layer, FSDPModule) for layer in model.get_submodule(vlm.spec(model)["decoder_layers"]))
+        assert {(p.dtype, p.requires_grad) for p in model.parameters()} == {(torch.bfloat16, False),
+                                                                            (torch.float32, True)}
+        torch.manual_seed(0)
+        whole, _ = vlm.load(path, "cpu", torch.bfloat16)
+        prepare(whole)
+        dataset = data.TrainDataset(common.read_records(os.path.join(toy_world, "sft.json"))[:2], "sft",
+                                    os.path.join(toy_world, "images"), processor, "llava_v1", 2048)
+        batch = dataset.collate([dataset[0], dataset[1]])
+        batch.pop("labels")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(**batch, use_cache=False).logits, whole(**batch, use_cache=False).logits)
+    finally:
+        dist.destroy_process_group()
