@@ -4,7 +4,8 @@ printing, the dtypes, and the file protocols that keep finished work on disk thr
 
   compute_init, print0, all_reduce_sum,   one set-up for 1 CPU process and N GPUs alike
     barrier, finish_distributed
-  compute_dtype, weight_dtype, autocast   the one place that decides precision (bf16 on CUDA, fp32 on CPU)
+  compute_dtype, weight_dtype, autocast   the one place that decides precision (bf16 on CUDA, fp32 on CPU;
+                                          SEVA_CPU_BF16=1: bf16 on CPU too, as tests of the GPU's path run)
   sample_seed                             the per-sample seed every random choice draws from
   atomic_path, write_atomic               files (and folders) written whole or not at all
   read_jsonl, read_records                jsonl / json records, errors naming file and line, torn line dropped
@@ -76,14 +77,20 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
+# A CPU runs fp32; with this variable set to 1 it runs bf16 autocast as a GPU does (tests of the GPU's path).
+CPU_BF16 = "SEVA_CPU_BF16"
+
+
 def compute_dtype(device, precision):
-    """The autocast dtype: bf16 on CUDA with support, None (plain fp32) on CPU. fp16 is refused: we run no
-    loss scaler."""
+    """The autocast dtype: bf16 on CUDA with native bf16, None (plain fp32) on CPU unless SEVA_CPU_BF16=1. fp16
+    is refused: we run no loss scaler."""
     if precision == "fp16":
         raise ValueError("fp16 is not supported (no loss scaler); use bf16 on GPUs or fp32")
     if precision == "bf16" and device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16; use --precision fp32")
+        if not torch.cuda.is_bf16_supported(including_emulation=False):  # a V100 or T4 would emulate it, slowly
+            raise ValueError("this GPU has no native bf16 (it would emulate it); use --precision fp32")
+        return torch.bfloat16
+    if precision == "bf16" and os.environ.get(CPU_BF16) == "1":
         return torch.bfloat16
     return None
 

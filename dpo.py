@@ -156,7 +156,7 @@ def concatenated_forward(model, batch, ld_alpha=None):
     """log pi(chosen|x) (B,) and log pi(rejected|x) (B,), or (R,) in pair order with several rejected answers per
     pair, from one forward over every sequence. ld_alpha: LD-DPO's weight of the tokens beyond the shorter answer
     (one rejected answer per pair only)."""
-    logits = model(**model_inputs(batch)).logits  # (B + R, T, V)
+    logits = model(**model_inputs(batch), use_cache=False).logits  # (B + R, T, V)
     pairs, pair_index = collate.split_rows(batch)
     public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
     logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)  # (B + R,)
@@ -187,7 +187,7 @@ def shared_image_forward(model, batch, ld_alpha=None):
     rows = features + [features[i] for i in pair_index.tolist()]  # rows: chosen, then rejected
     encoded = {"image": type(image_outputs)(pooler_output=rows)}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   mm_encoder_outputs=encoded).logits  # (B + R, T, V)
+                   mm_encoder_outputs=encoded, use_cache=False).logits  # (B + R, T, V)
     public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
     logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)
     return logps[:pairs], logps[pairs:]
@@ -297,7 +297,7 @@ def shared_prefix_forward(model, batch, ld_alpha=None):
     keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                    attention_mask=attention_mask_for(model, packed["allowed"][:, None]),
-                   logits_to_keep=keep, **pair_images(batch)).logits  # (B, kept, V)
+                   logits_to_keep=keep, use_cache=False, **pair_images(batch)).logits  # (B, kept, V)
     return slot_logps(logits, packed, pair_index, ld_alpha)
 
 
@@ -329,7 +329,7 @@ def packed_forward(model, batch, ld_alpha=None):
     keep = torch.cat([p.reshape(1, -1) for p in packed["positions"]], 1)  # (1, sum over slots of B (1 + A))
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                    attention_mask=attention_mask_for(model, packed["allowed"][:, None]),
-                   logits_to_keep=keep, **pair_images(batch)).logits  # (1, kept, V)
+                   logits_to_keep=keep, use_cache=False, **pair_images(batch)).logits  # (1, kept, V)
     per_slot = [p.shape[1] for p in packed["positions"]]  # 1 + A of each slot
     logits = torch.cat([chunk.reshape(pairs, width, -1) for chunk, width in
                         zip(logits[0].split([pairs * w for w in per_slot]), per_slot)], 1)  # (B, kept / B, V)

@@ -162,8 +162,10 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
         cache.batch_select_indices(rows)  # each forced answer continues its own prompt's cache
         prompt_mask = state["attention_mask"][rows]  # (R, P)
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(length, device=device)  # after the prompt
+        # use_cache=False: the prompts' cache is read (each layer appends the answers to it to attend over both),
+        # and nothing is kept for a next token
         logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=positions,
-                       cache=cache, use_cache=True).logits  # (R, A, V): token t + 1 from position t
+                       cache=cache, use_cache=False).logits  # (R, A, V): token t + 1 from position t
         for r, (i, j, tokens, labelled) in enumerate(forced):
             # the prompt's last position (generation's first step) predicts the first token
             predicting = torch.cat([steps[0][i, None], logits[r, :len(tokens) - 1]])  # (n, V)

@@ -6,7 +6,7 @@ plus --plan, print this and exit before any weight is read or any process group 
         --gradient-checkpointing --parallel fsdp --nproc-per-node 8 --gpu-memory 80
 
 The model is built from its config.json on the meta device (no memory, no weights) and LoRA applied as
-train_ddp.prepare_model applies it; the counts come from that model, the per-token costs from plan_costs.py.
+trainable.prepare_model applies it; the counts come from that model, the per-token costs from plan_costs.py.
 Memory is per GPU, for bf16 autocast on CUDA (--precision bf16, the paper's) or fp32. A run "fits" when its
 peak stays under 90% of --gpu-memory: the rest is the CUDA context and the allocator's fragmentation.
 """
@@ -32,7 +32,7 @@ GPUS = {"A100": (312e12, 2.0e12), "H100": (989e12, 3.35e12)}
 def meta_model(model_dir, lora_r=0, lora_alpha=0.0, lora_dropout=0.0, objective="dpo", train_projector=False,
                train_vision=False):
     """The model of MODEL_DIR/config.json with no storage, LoRA applied and parts frozen as
-    train_ddp.prepare_model does (apply_lora, then freeze_vision, then unfreeze_vision)."""
+    trainable.prepare_model does (apply_lora, then freeze_vision, then unfreeze_vision)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"--model {model_dir}: no config.json (the LLaVA-1.5 configs ship in configs/)")
@@ -67,7 +67,7 @@ def parameter_counts(model):
 
 
 def fsdp_units(model):
-    """The modules train_ddp.wrap shards one by one: each decoder layer, then the root (everything else)."""
+    """The modules trainable.wrap shards one by one: each decoder layer, then the root (everything else)."""
     layers = model.get_submodule(vlm.spec(model)["decoder_layers"])
     names = [f"{vlm.spec(model)['decoder_layers']}.{i}" for i in range(len(layers))]
     in_layers = sum(p.numel() for p in layers.parameters())
@@ -117,7 +117,7 @@ def training_memory(counts, shapes, args, world, parallel, gradient_checkpointin
     frozen = total - counts["LoRA"][0] - sum(c[1] for part, c in counts.items() if part != "LoRA")
     fsdp = parallel == "fsdp" and world > 1
     shard = world if fsdp else 1
-    low = bf16 and args.lora_r > 0 and not fsdp  # train_ddp.prepare_model: a bf16 frozen base under DDP
+    low = bf16 and args.lora_r > 0  # trainable.prepare_model: a bf16 frozen base under LoRA, DDP and FSDP2 alike
     s = replace(shapes, rank=int(shapes.rank * rank_scale), layer_lora=int(shapes.layer_lora * rank_scale))
     g = plan_costs.geometry(args.forward, batch, *args.longest)
     lines = {
@@ -129,7 +129,7 @@ def training_memory(counts, shapes, args, world, parallel, gradient_checkpointin
         "reference copy (full fine-tuning)": total * 4 if args.lora_r == 0 and args.reference == "adapter" else 0,
     }
     # FSDP2 keeps the root unit gathered from forward to backward, and two decoder layers at a time
-    gathered = (args.root_params + 2 * args.layer_params) * 4 if fsdp else 0
+    gathered = (args.root_params + 2 * args.layer_params) * (2 if low else 4) if fsdp else 0
     autocast = trainable * 2 if bf16 else 0  # autocast's bf16 copies of trainable weights, held to the step's end
     activations = plan_costs.activation_bytes(s, g, bf16, gradient_checkpointing)
     reference = plan_costs.reference_bytes(s, g, bf16) if args.reference == "adapter" else 0

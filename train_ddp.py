@@ -28,6 +28,7 @@ import checkpoint
 import common
 import data
 import dpo
+import fsdp
 import lora
 import plan
 import trainable
@@ -38,7 +39,7 @@ import vlm
 def sft_micro_step(model, batch):
     """Summed next-token loss over the answer tokens of a micro-batch."""
     labels = batch.pop("labels")
-    logits = model(**batch).logits  # (B, T, V)
+    logits = model(**batch, use_cache=False).logits  # (B, T, V)
     loss = -dpo.sequence_logps(logits, labels).sum()  # next-token cross-entropy, summed over answer tokens
     return loss, {"loss": loss.detach()}
 
@@ -143,7 +144,7 @@ def setup(args):
     parallel = args.parallel if world_size > 1 else "ddp"  # nothing to shard in one process
     raw_model, processor = trainable.prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r,
                                                    args.lora_alpha, args.lora_dropout, args.train_projector, parallel,
-                                                   args.gradient_checkpointing, args.train_vision)
+                                                   args.gradient_checkpointing, args.train_vision, rank)
     pad = vlm.pads_to_square(raw_model)
     if args.objective == "dpo":  # the images as seva.py padded them to make the pairs
         pad = data.pairs_padding(args.data, pad)
@@ -374,7 +375,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup-ratio", type=float, default=0.03, help="warmup fraction of the steps (paper: 0.03)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (paper: 1.0)")
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"],
-                   help="bf16 autocast on CUDA (paper: bf16); CPUs always run fp32; fp16 is refused")
+                   help="bf16 autocast on CUDA (paper: bf16); CPUs run fp32 (with SEVA_CPU_BF16=1 in the "
+                        "environment bf16 autocast, as a GPU: for tests); fp16 is refused")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (paper: on)")
     g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                    help="ddp, or fsdp (FSDP2, one unit per decoder layer; the paper used DeepSpeed ZeRO-3)")

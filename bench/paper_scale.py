@@ -6,7 +6,7 @@ Benchmark: the paper's run at its real shapes on one GPU, against what `--plan` 
 
 The model is configs/llava-1.5-7b-hf/config.json with random weights (no download), the paper's LoRA (r 1024,
 alpha 2048 on every linear layer of the language model), the vision tower and projector frozen, the trainable
-weights in fp32 and the frozen base in bf16 as train_ddp.prepare_model makes them, gradient checkpointing, and
+weights in fp32 and the frozen base in bf16 as trainable.prepare_model makes them, gradient checkpointing, and
 the per-device batch that `train_ddp.py --plan` proposes for this GPU's memory (pairs of LLaVA-1.5's shape: 576
 image tokens, 64 text tokens of prompt, --answer-tokens per answer). Ten DPO steps (train_ddp.dpo_micro_step with
 the shared-prefix pair forward, the reference with LoRA switched off, then AdamW): seconds per step, pairs per
@@ -59,7 +59,7 @@ def model_folder(tiny, out):
 
 
 def build(folder, device, amp_dtype, lora_r):
-    """A random model as train_ddp.prepare_model shapes it (without reading weights)."""
+    """A random model as trainable.prepare_model shapes it (without reading weights)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     torch.manual_seed(0)
     with torch.device(device):

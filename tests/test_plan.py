@@ -1,4 +1,4 @@
-"""--plan against independent computations: parameter counts against a real model (train_ddp.prepare_model) and
+"""--plan against independent computations: parameter counts against a real model (trainable.prepare_model) and
 PEFT's count, activations against bench/dpo_step.py's profiler, FLOPs against torch's FlopCounterMode; and
 LLaVA-1.5-7B's real shapes on the meta device."""
 import os
@@ -11,6 +11,7 @@ import torch
 import lora
 import plan
 import plan_costs
+import trainable
 import train_ddp
 import vlm
 
@@ -25,7 +26,7 @@ LLAVA_13B = os.path.join(ROOT, "configs", "llava-1.5-13b-hf")
 @pytest.mark.parametrize("lora_r,train_projector,train_vision", [(8, False, False), (4, True, False), (0, False, True)])
 def test_counts_equal_a_real_model(toy_world, one_thread, lora_r, train_projector, train_vision):
     model_dir = os.path.join(toy_world, "model-sft")
-    real, _ = train_ddp.prepare_model(model_dir, torch.device("cpu"), None, "dpo", lora_r, 2.0 * lora_r,
+    real, _ = trainable.prepare_model(model_dir, torch.device("cpu"), None, "dpo", lora_r, 2.0 * lora_r,
                                       train_projector=train_projector, train_vision=train_vision)
     meta = plan.meta_model(model_dir, lora_r, 2.0 * lora_r, train_projector=train_projector, train_vision=train_vision)
     assert plan.parameter_counts(meta) == plan.parameter_counts(real)
