@@ -98,12 +98,12 @@ def outcomes(out_dir, args, results):
         per["POPE"] = {}
         for split in args.pope_splits:
             rows = pope.read_pope(pope.split_file(args.pope_dir, split))
-            answers = common.read_jsonl(os.path.join(out_dir, f"pope-{split}.jsonl"))
+            answers = runner.read_answers(os.path.join(out_dir, f"pope-{split}.jsonl"), rows)
             per["POPE"].update((f"{split}/{row['question_id']}", float(ok))
                                for row, ok in zip(rows, pope.correctness(rows, answers)))
     if args.gqa_dir:
         records = gqa.read_questions(os.path.join(args.gqa_dir, gqa.QUESTIONS_FILE))
-        answers = common.read_jsonl(os.path.join(out_dir, gqa.ANSWER_FILE))
+        answers = runner.read_answers(os.path.join(out_dir, gqa.ANSWER_FILE), records)
         per["GQA"] = {r["question_id"]: float(ok) for r, ok in zip(records, gqa.correctness(records, answers))}
     if args.val:
         records = common.read_records(args.val)
@@ -111,17 +111,19 @@ def outcomes(out_dir, args, results):
         if args.noise_step is not None:
             files["VQA-noisy"] = f"toyvqa-noise{args.noise_step}.jsonl"
         for name, file in files.items():
-            answers = common.read_jsonl(os.path.join(out_dir, file))
+            answers = runner.read_answers(os.path.join(out_dir, file), [{"question_id": r["id"]} for r in records])
             per[name] = {r["id"]: float(ok) for r, ok in zip(records, toyvqa.correctness(records, answers))}
     if results.get("open"):
         records = common.read_records(os.path.join(args.world, "val-sentences.json"))
         scenes = common.read_records(os.path.join(args.world, "scenes.json"))
-        texts = toyvqa.texts_of(records, common.read_jsonl(os.path.join(out_dir, "sentence-clean.jsonl")))
+        texts = toyvqa.texts_of(records, runner.read_answers(os.path.join(out_dir, "sentence-clean.jsonl"),
+                                                             [{"question_id": r["id"]} for r in records]))
         per["Sentences"] = {r["id"]: float(hallucination.sentence_right(text, r, scenes[r["image"]]))
                             for r, text in zip(records, texts)}
     for name, path in args.mc:
         questions = mc_files.read_questions(path, args.mc_split)
-        answers = common.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
+        answers = runner.read_answers(os.path.join(out_dir, f"{name}.jsonl"),
+                                      multiple_choice.runner_questions(questions, args.circular))
         groups = multiple_choice.group_outcomes(questions, answers, args.circular, args.letter_rule)
         per[name] = {group: float(right) for group, (right, _) in groups.items()}  # MMBench: one per question
     for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W")):

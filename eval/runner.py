@@ -22,6 +22,7 @@ file (jsonl: question_id, image, text), as LLaVA's model_vqa_loader.py does:
         --questions llava_pope_test.jsonl --image-folder /data/coco/val2014 --out runs/eval/pope-7b.jsonl
 """
 import argparse
+import collections
 import base64
 import hashlib
 import io
@@ -144,7 +145,7 @@ def question_image(question, image_folder, pad=True):
     if "image_base64" in question:
         try:
             with Image.open(io.BytesIO(base64.b64decode(question["image_base64"]))) as img:
-                image = img.convert("RGB")
+                image = common.to_rgb(img)
         except (OSError, ValueError) as e:
             raise ValueError(f"question {question['question_id']}: cannot decode its base64 image: {e}") from e
         return vlm.pad_to_square(image) if pad else image
@@ -208,6 +209,35 @@ def answer_id(model_id, question_id, prompt, text):
     return hashlib.sha256(json.dumps([model_id, question_id, prompt, text]).encode()).hexdigest()[:22]
 
 
+def answer_key(row):
+    """What names one answer: its question_id, and its round where a question is asked in rounds (circular
+    multiple choice: round_id, a field of the answer row and of the runner question's "fields")."""
+    round_id = row.get("round_id", row.get("fields", {}).get("round_id"))
+    return str(row.get("question_id")) if round_id is None else f"{row.get('question_id')}/round {round_id}"
+
+
+def check_answer_ids(path, answers, questions):
+    """Refuse, in one line naming the file and the ids, an answer file that does not answer each question
+    exactly once: duplicate ids (which would count twice, or overwrite each other), missing ones and unknown
+    ones (another question file's answers) would each change a score in silence."""
+    given = collections.Counter(answer_key(a) for a in answers)
+    expected = [answer_key(q) for q in questions]
+    known = set(expected)
+    problems = [(what, ids) for what, ids in (
+        ("duplicate", [k for k, n in given.items() if n > 1]), ("missing", [k for k in expected if k not in given]),
+        ("unknown", [k for k in given if k not in known])) if ids]
+    if problems:
+        raise ValueError(f"{path}: not one answer per question: " + "; ".join(
+            f"{len(ids)} {what} id(s) {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" for what, ids in problems))
+    return answers
+
+
+def read_answers(path, questions):
+    """An answer file's rows (common.read_jsonl), refused unless they answer each question exactly once
+    (check_answer_ids); questions: rows with question_id (and round_id where asked in rounds)."""
+    return check_answer_ids(path, common.read_jsonl(path), questions)
+
+
 def answer_row(question, text, model_id):
     """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields."""
     prompt = question["text"]
@@ -261,7 +291,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
     if os.path.exists(out) and os.path.exists(sidecar):  # finished before with the same settings: reuse
         with open(sidecar) as f:
             if json.load(f).get("args_hash") == common.args_digest(settings):
-                return common.read_jsonl(out)
+                return read_answers(out, questions)
     check_images(questions, image_folder)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     output = common.ShardedOutput(out, settings, [q["question_id"] for q in questions], batch_size, rank, world_size,
@@ -280,7 +310,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
                                                  indent=1)])
         output.remove()
     common.barrier(world_size)
-    return common.read_jsonl(out)
+    return read_answers(out, questions)
 
 
 # ----------------------------------------------------------------------------- CLI
