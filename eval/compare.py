@@ -19,11 +19,14 @@ No headline hides a collapse: a model whose POPE yes-ratio leaves 0.2-0.8 answer
 its POPE cells (and their delta) are marked degenerate.
 """
 import argparse
+import atexit
 import json
 import os
 
+import checkpoint
 import common
 import pairs
+import runcontrol
 from eval import judge as judge_lib
 from eval import gqa, hallucination, judge_client, mc_files, multiple_choice, pope, runner, shr, toyvqa
 
@@ -365,6 +368,8 @@ def parse_args(argv=None):
     g = runner.add_model_args(p, max_new_tokens=16, model_flags=False)
     g.add_argument("--base", default="toy/model-sft", help="the SFT model folder (paper: LLaVA-1.5-7B/13B)")
     g.add_argument("--adapter", default="runs/dpo/adapter", help="SeVa's LoRA adapter (train_ddp.py's OUT/adapter)")
+    g.add_argument("--allow-other-base", action="store_true",
+                   help="load --adapter onto --base even where its base_model.json names other base weights")
     g = p.add_argument_group("benchmarks (an empty value skips one)")
     g.add_argument("--image-folder", default="toy/images",
                    help="images of POPE and of --val (COCO val2014 for COCO POPE)")
@@ -429,6 +434,10 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {args.adapter}: no adapter_config.json (train one with train_ddp.py)")
     rank, world_size, device = common.compute_init(args.seed)
+    checkpoint.check_base(args.adapter, args.base, args.allow_other_base)  # before any answer
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per --out, released at the end
+    if lock:
+        atexit.register(lock.release)
     judge = judge_client.judge_from_args(args)
     model_ids = {"SFT": runner.model_id_of(args.base), "SeVa": runner.model_id_of(args.base, args.adapter)}
     answer_dirs = {"SFT": os.path.join(args.out, "answers", "sft"), "SeVa": os.path.join(args.out, "answers", "seva")}

@@ -22,8 +22,9 @@ file (jsonl: question_id, image, text), as LLaVA's model_vqa_loader.py does:
         --questions llava_pope_test.jsonl --image-folder /data/coco/val2014 --out runs/eval/pope-7b.jsonl
 """
 import argparse
-import collections
+import atexit
 import base64
+import collections
 import hashlib
 import io
 import json
@@ -36,8 +37,10 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import common
 import lora
+import runcontrol
 import vlm
 from generate import generate
 
@@ -74,10 +77,13 @@ def load_adapter(model, adapter, merge=None):
         lora.merge_lora(model)
 
 
-def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=None):
-    """A local HF VLM folder, with SeVa's adapter on top if given (see load_adapter for when it is merged)."""
+def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=None, allow_other_base=False):
+    """A local HF VLM folder, with SeVa's adapter on top if given (see load_adapter for when it is merged). An
+    adapter trained on other base weights than the folder's is refused (checkpoint.check_base), unless
+    allow_other_base."""
     model, processor = vlm.load(model_dir, device, dtype)
     if adapter:
+        checkpoint.check_base(adapter, model_dir, allow_other_base)
         load_adapter(model, adapter, merge)
     return model.eval(), processor
 
@@ -89,6 +95,8 @@ def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
         g.add_argument("--model", default="toy/model-sft", help="local HF model folder (paper: LLaVA-1.5-7B/13B)")
         g.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout, train_ddp.py's OUT/adapter)")
         g.add_argument("--model-id", default=None, help="model_id written into the answers (default: folder names)")
+        g.add_argument("--allow-other-base", action="store_true",
+                       help="load --adapter onto --model even where its base_model.json names other base weights")
     g.add_argument("--template", choices=vlm.TEMPLATES,
                    help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--no-pad", dest="pad", action="store_false",
@@ -117,9 +125,14 @@ class Loaded:
 
 
 def setup(args):
-    """torchrun's environment and the model of the shared flags. bf16 on CUDA, fp32 on CPU."""
+    """torchrun's environment and the model of the shared flags. bf16 on CUDA, fp32 on CPU. Rank 0 holds
+    args.out (runcontrol.lock_output) until the process ends: a second run on it is refused."""
     rank, world_size, device = common.compute_init(args.seed)
-    model, processor = load_model(args.model, args.adapter, device, common.weight_dtype(device, args.precision))
+    lock = runcontrol.lock_output(args.out, rank, world_size)
+    if lock:
+        atexit.register(lock.release)
+    model, processor = load_model(args.model, args.adapter, device, common.weight_dtype(device, args.precision),
+                                  allow_other_base=args.allow_other_base)
     return Loaded(model, processor, args.model_id or model_id_of(args.model, args.adapter), rank, world_size,
                   decoding(args, fingerprint(args.model, args.adapter)))
 
