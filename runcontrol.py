@@ -82,6 +82,9 @@ class OutputLock:
                 os.remove(self.path)
                 return
         who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
+        if owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+            os.remove(self.path)  # this process's own, from an earlier call that ended without releasing it
+            return
         if owner.get("host") != socket.gethostname():
             raise ValueError(f"{self.path}: this output is in use by {who} (another host, not checkable from "
                              f"here); wait for that run, use another output, or remove the lock if it is over")

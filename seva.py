@@ -15,6 +15,7 @@ Resumable: each finished batch is appended to OUT.partial-rank{r}-of-{N}.jsonl (
 after a crash, rerun the same command and it continues. The pairs file is written atomically at the end.
 """
 import argparse
+import atexit
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import augment
 import common
 import diffusion
 import pairs
+import runcontrol
 import vlm
 from generate import generate, score_answers
 
@@ -380,6 +382,9 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     rank, world_size, device = common.compute_init(args.seed)
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per --out: a second is refused
+    if lock:
+        atexit.register(lock.release)
     warn = print if world_size == 1 else lambda message: print(f"[rank {rank}] {message}", flush=True)
 
     # ---- Alg. 1 line 1: sample; every rank computes the same list

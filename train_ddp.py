@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import common
 import data
 import dpo
 import lora
+import runcontrol
 import vlm
 
 
@@ -207,18 +209,22 @@ def setup(args):
     if args.objective == "dpo":  # the images as seva.py padded them to make the pairs
         pad = data.pairs_padding(args.data, pad)
     config = dict(vars(args), template=vlm.resolve_template(raw_model, args.template), parallel=parallel, pad=pad,
-                  world_size=world_size, data_digest=common.file_digest(args.data))
-    latest = checkpoint.latest_checkpoint(args.out) if args.resume else None
+                  world_size=world_size, data_digest=common.file_digest(args.data),
+                  base_digest=checkpoint.base_digest(args.model))
+    # the newest checkpoint whose files match their manifest (a damaged one is named and passed over)
+    latest = checkpoint.good_checkpoint(args.out) if args.resume else None
     if latest:  # before any work: a resume that cannot be exact is refused
         checkpoint.check_resume(latest, config)
-    records = common.read_records(args.data)
+    bad_lines = []  # lines of a jsonl file that are not UTF-8: skipped and counted with the bad records
+    records = common.read_records(args.data, skipped=bad_lines)
     if args.objective == "dpo":
         records = data.pairs_reference(records, args.data, args.reference == "pairs", args.ld_alpha)
         if args.reference == "pairs":
             data.check_pairs_model(args.data, args.model, config["template"])
     dataset = data.TrainDataset(records, args.objective, args.image_folder, processor,
                                 config["template"], args.max_length, args.cache_data, pad,
-                                vlm.spec(raw_model)["fixed_image_tokens"], rank, args.data)
+                                vlm.spec(raw_model)["fixed_image_tokens"], rank, args.data,
+                                [line for _, line, _ in bad_lines])
     config["skipped"] = dict(dataset.skip_reasons)
 
     micro_step = sft_micro_step
@@ -253,6 +259,8 @@ def setup(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(math.ceil(args.warmup_ratio * num_steps),
                                                                        num_steps))
     os.makedirs(args.out, exist_ok=True)
+    if rank == 0 and not latest:  # a fresh run: an earlier run's checkpoints here are not its own
+        checkpoint.remove_checkpoints(args.out)
     start_step = 0
     if latest:
         start_step = checkpoint.load_checkpoint(model, optimizer, scheduler, latest, rank)
@@ -282,9 +290,10 @@ def lr_lambda(warmup_steps, total_steps):
 
 
 # ----------------------------------------------------------------------------- the loop
-def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
+def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True, keep=2, stop=None):
     """Train from run.start_step to run.num_steps: one global batch per step (data.step_indices: a function of
-    step and seed), a row of OUT/metrics.jsonl per step, a checkpoint every `save_every` steps."""
+    step and seed), a row of OUT/metrics.jsonl per step, a checkpoint every `save_every` steps (the last `keep`
+    kept). stop (runcontrol.StopSignals): after each step, a SIGINT / SIGTERM ends the run there (stopped())."""
     dataset, model, rank, world_size = run.dataset, run.model, run.rank, run.world_size
     metrics_path = os.path.join(out, "metrics.jsonl")
     model.train()
@@ -326,10 +335,30 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         bar.update()
-        if save_every and (step + 1) % save_every == 0 and step + 1 < run.num_steps:
+        saved = save_every and (step + 1) % save_every == 0 and step + 1 < run.num_steps
+        if saved:
             checkpoint.save_checkpoint(model, run.raw_model, run.optimizer, run.scheduler, step + 1, out, run.config,
-                                       rank, world_size)
+                                       rank, world_size, keep)
+        reason = stop.check(world_size) if stop and step + 1 < run.num_steps else None
+        if reason is not None:
+            bar.close()
+            stopped(run, out, step + 1, reason, save_every, saved, keep)
     bar.close()
+
+
+def stopped(run, out, steps, reason, save_every, saved, keep):
+    """End the run after `steps` steps on a signal (the step's checkpoint written, with --save-every) or with its
+    launcher gone (nothing more written): runcontrol's Stopped, whose one line says how to resume."""
+    if reason == 0:
+        raise common.Stopped(f"its launcher is gone: stopped after step {steps} of {run.num_steps}, writing "
+                             f"nothing more; rerun with --resume (from {checkpoint.latest_checkpoint(out)})", 1)
+    if save_every and not saved:
+        checkpoint.save_checkpoint(run.model, run.raw_model, run.optimizer, run.scheduler, steps, out, run.config,
+                                   run.rank, run.world_size, keep)
+    name = signal.Signals(reason).name
+    how = (f"checkpoint {checkpoint.latest_checkpoint(out)} written: rerun the same command with --resume to "
+           f"continue exactly" if save_every else "no checkpoint (--save-every 0): a rerun starts over")
+    raise common.Stopped(f"stopped by {name} after step {steps} of {run.num_steps}; {how}", 128 + reason)
 
 
 def micro_batches(run, indices, accumulation):
@@ -360,14 +389,22 @@ def normalisers(totals, normaliser, key):
 def train(args):
     """Train as args say (parse_args, which fills in the objective's defaults); returns the trained model
     (unwrapped). Writes OUT/adapter/ (LoRA) or OUT/model/ (full fine-tuning) at the end."""
-    run = setup(args)
-    loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress)
-    fresh_model = lambda: prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r,
-                                        args.lora_alpha, args.lora_dropout, args.train_projector,
-                                        train_vision=args.train_vision)[0]
-    checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r, args.merge,
-                      run.parallel == "fsdp", fresh_model)
-    common.barrier(run.world_size)
+    rank, world_size, _ = common.compute_init(args.seed)
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per OUT: a second is refused
+    try:
+        with runcontrol.StopSignals() as stop:
+            run = setup(args)
+            loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress,
+                 args.keep, stop)
+            fresh_model = lambda: prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r,
+                                                args.lora_alpha, args.lora_dropout, args.train_projector,
+                                                train_vision=args.train_vision)[0]
+            checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r,
+                              args.merge, run.parallel == "fsdp", fresh_model, run.config["base_digest"])
+            common.barrier(run.world_size)
+    finally:
+        if lock:
+            lock.release()
     return run.raw_model
 
 
@@ -454,9 +491,16 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only the end)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/latest if it exists")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT's newest good checkpoint if there is one (a damaged one is named and the "
+                        "one before it used)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; 2: one to fall back to)")
+    g.add_argument("--allow-other-base", action="store_true",
+                   help="--resume even where --model's weights are not those the checkpoint was trained on")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
+    if args.keep < 1:
+        p.error("--keep must be >= 1")
     for key, value in OBJECTIVE_DEFAULTS[args.objective].items():  # the objective's defaults, where not given
         if getattr(args, key) is None:
             setattr(args, key, value)
