@@ -131,10 +131,20 @@ def test_judged_answers_with_unknown_ids_are_refused_before_judging(tmp_path):
 # ----------------------------------------------------------------------------- one owner per output
 def test_a_second_owner_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
     out = str(tmp_path / "run")
-    with runcontrol.OutputLock(out) as lock:
-        assert os.path.exists(lock.path) and json.load(open(lock.path))["pid"] == os.getpid()
-        with pytest.raises(ValueError, match=f"run.lock: this output is in use by pid {os.getpid()} on "):
+    holder = ("import sys, time, runcontrol\n"
+              "lock = runcontrol.OutputLock(sys.argv[1]).acquire()\n"
+              "print('held', flush=True)\n"
+              "time.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", holder, out], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"run.lock: this output is in use by pid {other.pid} on "):
             runcontrol.OutputLock(out).acquire()
+    finally:
+        other.kill()
+        other.wait()
+    with runcontrol.OutputLock(out) as lock:  # killed: its lock is stale and taken over
+        assert json.load(open(lock.path))["pid"] == os.getpid()
     assert not os.path.exists(lock.path)  # released
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process that has ended: its lock is stale (a kill -9)
@@ -215,3 +225,162 @@ def test_the_base_digest_sees_other_weights_under_the_same_path(toy_world, tmp_p
     assert checkpoint.base_digest(str(base)) == before
     shutil.copy(os.path.join(toy_world, "model-init", "model.safetensors"), base / "model.safetensors")
     assert checkpoint.base_digest(str(base)) != before
+
+
+# ----------------------------------------------------------------------------- training: the whole path
+from test_train_dpo import adapter, assert_same_adapter, dpo_args, metrics  # noqa: E402
+
+import train_ddp  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+FLAGS = ("--batch-size", "4", "--max-steps", "6", "--save-every", "2")
+
+
+def train(toy_world, toy_pairs, out, *flags):
+    return train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, out, *flags)))
+
+
+@pytest.fixture(scope="module")
+def straight(toy_world, toy_pairs, tmp_path_factory):
+    """An uninterrupted run of FLAGS: what every resumed run must equal bit for bit."""
+    out = tmp_path_factory.mktemp("straight")
+    train(toy_world, toy_pairs, out, *FLAGS)
+    return out
+
+
+def test_sigterm_mid_run_finishes_the_step_checkpoints_and_resumes_exactly(toy_world, toy_pairs, tmp_path,
+                                                                           monkeypatch, straight, capsys):
+    step = train_ddp.dpo_micro_step
+    calls = []
+
+    def signalled(*args, **kwargs):  # SIGTERM arrives in the middle of step 3 (between its forward passes)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train_ddp, "dpo_micro_step", signalled)
+    with pytest.raises(common.Stopped) as stopped:
+        train(toy_world, toy_pairs, tmp_path, *FLAGS)
+    monkeypatch.setattr(train_ddp, "dpo_micro_step", step)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert str(stopped.value) == (f"stopped by SIGTERM after step 3 of 6; checkpoint {tmp_path}/checkpoint-000003 "
+                                  f"written: rerun the same command with --resume to continue exactly")
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]  # the step in progress was finished
+    assert not os.path.exists(f"{tmp_path}.lock")  # released
+    train(toy_world, toy_pairs, tmp_path, *FLAGS, "--resume")
+    assert_same_adapter(adapter(straight), adapter(tmp_path), rtol=0, atol=0)
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(tmp_path)]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_still_resumes_exactly(toy_world, toy_pairs, tmp_path,
+                                                                          monkeypatch, straight, capsys):
+    save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        if args[4] == 4:
+            raise KeyboardInterrupt  # killed right after the checkpoint of step 4
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_world, toy_pairs, tmp_path, *FLAGS)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    flip(str(tmp_path / "checkpoint-000004" / "trainable.safetensors"))  # 64 bytes flipped in the newest
+    capsys.readouterr()
+    train(toy_world, toy_pairs, tmp_path, *FLAGS, "--resume")
+    printed = capsys.readouterr().out
+    assert f"--resume: {tmp_path}/checkpoint-000004/trainable.safetensors: damaged" in printed
+    assert f"resumed from {tmp_path}/checkpoint-000002 at step 2" in printed
+    assert_same_adapter(adapter(straight), adapter(tmp_path), rtol=0, atol=0)
+
+
+def test_other_base_weights_are_refused_on_resume_and_for_an_adapter(toy_world, toy_pairs, tmp_path, monkeypatch,
+                                                                       straight):
+    base = tmp_path / "base"
+    shutil.copytree(os.path.join(toy_world, "model-sft"), base)
+    flags = ("--model", str(base)) + FLAGS[:4]
+    save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_world, toy_pairs, tmp_path / "run", *flags, "--save-every", "2")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    shutil.copy(os.path.join(toy_world, "model-init", "model.safetensors"), base / "model.safetensors")  # same path
+    with pytest.raises(ValueError, match=r"other base weights \(--model's content; --allow-other-base"):
+        train(toy_world, toy_pairs, tmp_path / "run", *flags, "--save-every", "2", "--resume")
+    train(toy_world, toy_pairs, tmp_path / "run", *flags, "--save-every", "2", "--resume", "--allow-other-base")
+    # an adapter on another base: refused in eval, unless asked for on purpose
+    made = json.load(open(straight / "adapter" / "base_model.json"))
+    assert made["base_digest"] == checkpoint.base_digest(os.path.join(toy_world, "model-sft"))
+    with pytest.raises(ValueError, match="adapter: trained on the base weights of .*--allow-other-base"):
+        runner.load_model(os.path.join(toy_world, "model-init"), str(straight / "adapter"))
+    runner.load_model(os.path.join(toy_world, "model-init"), str(straight / "adapter"), allow_other_base=True)
+    runner.load_model(os.path.join(toy_world, "model-sft"), str(straight / "adapter"))
+
+
+def test_bad_bytes_and_degenerate_pairs_are_skipped_and_counted_in_training(toy_world, toy_pairs, tmp_path, capsys):
+    good = common.read_jsonl(toy_pairs)[:8]
+    lines = [json.dumps(r).encode() for r in good[:4]]
+    lines += [json.dumps(dict(good[0], id="bad-byte")).encode().replace(b"bad-byte", b"bad-\xff"),
+              json.dumps(dict(good[1], id="equal", rejected=good[1]["chosen"])).encode(),
+              json.dumps(dict(good[2], id="empty", chosen="")).encode()]
+    lines += [json.dumps(r).encode() for r in good[4:]]
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_bytes(b"\n".join(lines) + b"\n")
+    train(toy_world, str(pairs_path), tmp_path / "out", "--batch-size", "4", "--max-steps", "1")
+    printed = capsys.readouterr().out
+    assert f"{pairs_path}:5: not UTF-8 (byte 0xff at column 13); skipped" in printed
+    assert f"{pairs_path}: line 6, record equal: chosen equals rejected; skipped" in printed
+    assert f"{pairs_path}: line 7, record empty: an empty answer; skipped" in printed
+    assert json.load(open(tmp_path / "out" / "args.json"))["skipped"] == {
+        "degenerate pair (equal or empty answers)": 2, "line not UTF-8": 1}
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+
+
+def test_a_second_run_on_the_same_out_is_refused_in_one_line(toy_world, toy_pairs, tmp_path):
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "out"
+        with open(f"{out}.lock", "w") as f:
+            json.dump(dict(pid=owner.pid, host=socket.gethostname(), started=runcontrol.process_start(owner.pid),
+                           since="now", command="train_ddp.py"), f)
+        result = subprocess.run([sys.executable, "train_ddp.py", *dpo_args(toy_world, toy_pairs, out)], cwd=ROOT,
+                                env=env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr.strip() == (
+            f"train_ddp.py: error: {out}.lock: this output is in use by pid {owner.pid} on {socket.gethostname()} "
+            f"since now (train_ddp.py); wait for it or use another output")
+        assert not os.path.exists(out)  # nothing written
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_worker_stops_when_its_launcher_is_gone(tmp_path):
+    """A launcher (the middle process) killed with -9: its worker, which checks after each step, stops."""
+    worker = ("import os, sys, time, runcontrol\n"
+              "stop = runcontrol.StopSignals()\n"
+              "open(sys.argv[1], 'w').write('started')\n"
+              "for step in range(600):\n"
+              "    time.sleep(0.05)\n"
+              "    if stop.check(1) == 0:\n"
+              "        open(sys.argv[1], 'w').write(f'stopped at step {step}'); sys.exit(0)\n")
+    flag = tmp_path / "flag"
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                                 sys.executable, "-c", worker, str(flag)], cwd=ROOT,
+                                env=dict(env(), LOCAL_RANK="0"))
+    for _ in range(600):
+        if flag.exists():
+            break
+        time.sleep(0.05)
+    launcher.kill()
+    launcher.wait()
+    for _ in range(600):
+        if flag.read_text().startswith("stopped"):
+            break
+        time.sleep(0.05)
+    assert flag.read_text().startswith("stopped at step")
