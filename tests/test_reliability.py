@@ -384,3 +384,32 @@ def test_a_worker_stops_when_its_launcher_is_gone(tmp_path):
             break
         time.sleep(0.05)
     assert flag.read_text().startswith("stopped at step")
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_its_checkpoint(toy_world, toy_pairs, tmp_path):
+    """A scheduler's SIGTERM to torchrun: it passes it on to its workers, which agree on the step to stop after,
+    write its checkpoint, and say in one line how to resume (that a resume from such a checkpoint is exact:
+    test_sigterm_mid_run_finishes_the_step_checkpoints_and_resumes_exactly, and test_train_dpo's 2-process
+    tests for the checkpoints of N processes)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py"]
+    out = tmp_path / "stopped"
+    run = subprocess.Popen(torchrun + dpo_args(toy_world, toy_pairs, out, "--batch-size", "2", "--max-steps", "40",
+                                               "--save-every", "10"),
+                           cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = out / "metrics.jsonl"
+    for _ in range(3000):  # until the run has done two steps
+        if metrics_path.exists() and metrics_path.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=120)
+    stopped = [line for line in (stdout + stderr).splitlines() if line.startswith("train_ddp.py: ")]
+    assert len(stopped) == 1 and stopped[0].startswith("train_ddp.py: stopped by SIGTERM after step "), stderr[-3000:]
+    assert 'train_ddp.py", line' not in stdout + stderr  # no traceback of ours
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert step < 40 and stopped[0].endswith(f"checkpoint {out}/checkpoint-{step:06d} written: rerun the same "
+                                             f"command with --resume to continue exactly")
+    assert json.load(open(out / f"checkpoint-{step:06d}" / "state.json"))["step"] == step
+    assert checkpoint.checkpoint_problem(str(out / f"checkpoint-{step:06d}")) is None
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 1))  # both ranks stopped after that step
+    assert not os.path.exists(f"{out}.lock")
