@@ -413,3 +413,27 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_its_checkpoint(to
     assert checkpoint.checkpoint_problem(str(out / f"checkpoint-{step:06d}")) is None
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 1))  # both ranks stopped after that step
     assert not os.path.exists(f"{out}.lock")
+
+
+@pytest.mark.parametrize("script", ["seva", "eval.pope"])
+def test_seva_and_eval_refuse_a_second_owner(toy_world, tmp_path, script):
+    import seva
+    from eval import pope
+    out = str(tmp_path / ("pairs.jsonl" if script == "seva" else "pope"))
+    holder = ("import sys, time, runcontrol\n"
+              "lock = runcontrol.OutputLock(sys.argv[1]).acquire()\n"
+              "print('held', flush=True)\n"
+              "time.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", holder, out], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        model = ["--model", os.path.join(toy_world, "model-sft"), "--image-folder", os.path.join(toy_world, "images")]
+        main = (lambda: seva.main(model + ["--data", os.path.join(toy_world, "pool.json"), "--out", out])) \
+            if script == "seva" else (lambda: pope.main(model + ["--pope-dir", os.path.join(toy_world, "pope"),
+                                                                  "--out", out]))
+        with pytest.raises(ValueError, match=f"{out}.lock: this output is in use by pid {other.pid} "):
+            main()
+    finally:
+        other.kill()
+        other.wait()
+    assert not os.path.exists(out)  # nothing written
