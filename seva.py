@@ -15,6 +15,7 @@ Resumable: each finished batch is appended to OUT.partial-rank{r}-of-{N}.jsonl (
 after a crash, rerun the same command and it continues. The pairs file is written atomically at the end.
 """
 import argparse
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import diffusion
 import pairs
 import plan
 import pool
+import runcontrol
 import vlm
 from generate import generate, generate_tokens, score_answers
 
@@ -282,6 +284,9 @@ def main(argv=None):
         return plan.plan_generation(args)
     check_args(args)
     rank, world_size, device = common.compute_init(args.seed)
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per --out: a second is refused
+    if lock:
+        atexit.register(lock.release)
     warn = print if world_size == 1 else lambda message: print(f"[rank {rank}] {message}", flush=True)
 
     # ---- Alg. 1 line 1: sample; every rank computes the same list

@@ -362,8 +362,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -414,3 +413,7 @@ if __name__ == "__main__":
     prompt = args.prompt_tokens + (args.image_size // args.patch_size) ** 2
     print(f"\nprompt {prompt} tokens ({args.prompt_tokens} text + image); x naive: against concatenated with the "
           f"same reference; abs dloss: |mean DPO loss - naive's|, fp32 on CPU, bf16 autocast on CUDA")
+
+
+if __name__ == "__main__":
+    common.run_main(lambda: main(parse_args()), "bench/dpo_step.py")

@@ -65,8 +65,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,3 +99,7 @@ if __name__ == "__main__":
         print(f"| {name} | {median:.3f} | {len(questions) / median:.1f} | {tokens / median:.1f} |")
     one, batched = (statistics.median(times) for times in seconds.values())
     print(f"speed-up of batching: {one / batched:.2f}x")
+
+
+if __name__ == "__main__":
+    common.run_main(lambda: main(parse_args()), "bench/generate.py")

@@ -20,11 +20,14 @@ its POPE cells (and their delta) are marked degenerate. The table, its sections 
 eval/compare_report.py.
 """
 import argparse
+import atexit
 import json
 import os
 
+import checkpoint
 import common
 import pairs
+import runcontrol
 from eval import judge as judge_lib
 from eval import gqa, hallucination, judge_client, mc_files, multiple_choice, pope, runner, shr, toyvqa
 from eval.compare_report import MODELS, bar_chart, degenerate_columns, judged_notes, markdown, table_columns
@@ -100,12 +103,12 @@ def outcomes(out_dir, args, results):
         per["POPE"] = {}
         for split in args.pope_splits:
             rows = pope.read_pope(pope.split_file(args.pope_dir, split))
-            answers = common.read_jsonl(os.path.join(out_dir, f"pope-{split}.jsonl"))
+            answers = runner.read_answers(os.path.join(out_dir, f"pope-{split}.jsonl"), rows)
             per["POPE"].update((f"{split}/{row['question_id']}", float(ok))
                                for row, ok in zip(rows, pope.correctness(rows, answers)))
     if args.gqa_dir:
         records = gqa.read_questions(os.path.join(args.gqa_dir, gqa.QUESTIONS_FILE))
-        answers = common.read_jsonl(os.path.join(out_dir, gqa.ANSWER_FILE))
+        answers = runner.read_answers(os.path.join(out_dir, gqa.ANSWER_FILE), records)
         per["GQA"] = {r["question_id"]: float(ok) for r, ok in zip(records, gqa.correctness(records, answers))}
     if args.val:
         records = common.read_records(args.val)
@@ -113,17 +116,19 @@ def outcomes(out_dir, args, results):
         if args.noise_step is not None:
             files["VQA-noisy"] = f"toyvqa-noise{args.noise_step}.jsonl"
         for name, file in files.items():
-            answers = common.read_jsonl(os.path.join(out_dir, file))
+            answers = runner.read_answers(os.path.join(out_dir, file), [{"question_id": r["id"]} for r in records])
             per[name] = {r["id"]: float(ok) for r, ok in zip(records, toyvqa.correctness(records, answers))}
     if results.get("open"):
         records = common.read_records(os.path.join(args.world, "val-sentences.json"))
         scenes = common.read_records(os.path.join(args.world, "scenes.json"))
-        texts = toyvqa.texts_of(records, common.read_jsonl(os.path.join(out_dir, "sentence-clean.jsonl")))
+        texts = toyvqa.texts_of(records, runner.read_answers(os.path.join(out_dir, "sentence-clean.jsonl"),
+                                                             [{"question_id": r["id"]} for r in records]))
         per["Sentences"] = {r["id"]: float(hallucination.sentence_right(text, r, scenes[r["image"]]))
                             for r, text in zip(records, texts)}
     for name, path in args.mc:
         questions = mc_files.read_questions(path, args.mc_split)
-        answers = common.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
+        answers = runner.read_answers(os.path.join(out_dir, f"{name}.jsonl"),
+                                      multiple_choice.runner_questions(questions, args.circular))
         groups = multiple_choice.group_outcomes(questions, answers, args.circular, args.letter_rule)
         per[name] = {group: float(right) for group, (right, _) in groups.items()}  # MMBench: one per question
     for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W")):
@@ -151,6 +156,8 @@ def parse_args(argv=None):
     g = runner.add_model_args(p, max_new_tokens=16, model_flags=False)
     g.add_argument("--base", default="toy/model-sft", help="the SFT model folder (paper: LLaVA-1.5-7B/13B)")
     g.add_argument("--adapter", default="runs/dpo/adapter", help="SeVa's LoRA adapter (train_ddp.py's OUT/adapter)")
+    g.add_argument("--allow-other-base", action="store_true",
+                   help="load --adapter onto --base even where its base_model.json names other base weights")
     g = p.add_argument_group("benchmarks (an empty value skips one)")
     g.add_argument("--image-folder", default="toy/images",
                    help="images of POPE and of --val (COCO val2014 for COCO POPE)")
@@ -220,6 +227,10 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {args.adapter}: no adapter_config.json (train one with train_ddp.py)")
     rank, world_size, device = common.compute_init(args.seed)
+    checkpoint.check_base(args.adapter, args.base, args.allow_other_base)  # before any answer
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per --out, released at the end
+    if lock:
+        atexit.register(lock.release)
     judge = judge_client.judge_from_args(args)
     model_ids = {"SFT": runner.model_id_of(args.base), "SeVa": runner.model_id_of(args.base, args.adapter)}
     answer_dirs = {"SFT": os.path.join(args.out, "answers", "sft"), "SeVa": os.path.join(args.out, "answers", "seva")}

@@ -22,7 +22,9 @@ file (jsonl: question_id, image, text), as LLaVA's model_vqa_loader.py does:
         --questions llava_pope_test.jsonl --image-folder /data/coco/val2014 --out runs/eval/pope-7b.jsonl
 """
 import argparse
+import atexit
 import base64
+import collections
 import hashlib
 import io
 import json
@@ -35,8 +37,10 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import common
 import lora
+import runcontrol
 import vlm
 from generate import generate, generate_beam
 
@@ -73,10 +77,13 @@ def load_adapter(model, adapter, merge=None):
         lora.merge_lora(model)
 
 
-def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=None):
-    """A local HF VLM folder, with SeVa's adapter on top if given (see load_adapter for when it is merged)."""
+def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=None, allow_other_base=False):
+    """A local HF VLM folder, with SeVa's adapter on top if given (see load_adapter for when it is merged). An
+    adapter trained on other base weights than the folder's is refused (checkpoint.check_base), unless
+    allow_other_base."""
     model, processor = vlm.load(model_dir, device, dtype)
     if adapter:
+        checkpoint.check_base(adapter, model_dir, allow_other_base)
         load_adapter(model, adapter, merge)
     return model.eval(), processor
 
@@ -88,6 +95,8 @@ def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
         g.add_argument("--model", default="toy/model-sft", help="local HF model folder (paper: LLaVA-1.5-7B/13B)")
         g.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout, train_ddp.py's OUT/adapter)")
         g.add_argument("--model-id", default=None, help="model_id written into the answers (default: folder names)")
+        g.add_argument("--allow-other-base", action="store_true",
+                       help="load --adapter onto --model even where its base_model.json names other base weights")
     g.add_argument("--template", choices=vlm.TEMPLATES,
                    help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--no-pad", dest="pad", action="store_false",
@@ -116,9 +125,14 @@ class Loaded:
 
 
 def setup(args):
-    """torchrun's environment and the model of the shared flags. bf16 on CUDA, fp32 on CPU."""
+    """torchrun's environment and the model of the shared flags. bf16 on CUDA, fp32 on CPU. Rank 0 holds
+    args.out (runcontrol.lock_output) until the process ends: a second run on it is refused."""
     rank, world_size, device = common.compute_init(args.seed)
-    model, processor = load_model(args.model, args.adapter, device, common.weight_dtype(device, args.precision))
+    lock = runcontrol.lock_output(args.out, rank, world_size)
+    if lock:
+        atexit.register(lock.release)
+    model, processor = load_model(args.model, args.adapter, device, common.weight_dtype(device, args.precision),
+                                  allow_other_base=args.allow_other_base)
     return Loaded(model, processor, args.model_id or model_id_of(args.model, args.adapter), rank, world_size,
                   decoding(args, fingerprint(args.model, args.adapter)))
 
@@ -146,7 +160,7 @@ def question_image(question, image_folder, pad=True):
     if "image_base64" in question:
         try:
             with Image.open(io.BytesIO(base64.b64decode(question["image_base64"]))) as img:
-                image = img.convert("RGB")
+                image = common.to_rgb(img)
         except (OSError, ValueError) as e:
             raise ValueError(f"question {question['question_id']}: cannot decode its base64 image: {e}") from e
         return vlm.pad_to_square(image) if pad else image
@@ -210,6 +224,35 @@ def answer_id(model_id, question_id, prompt, text):
     return hashlib.sha256(json.dumps([model_id, question_id, prompt, text]).encode()).hexdigest()[:22]
 
 
+def answer_key(row):
+    """What names one answer: its question_id, and its round where a question is asked in rounds (circular
+    multiple choice: round_id, a field of the answer row and of the runner question's "fields")."""
+    round_id = row.get("round_id", row.get("fields", {}).get("round_id"))
+    return str(row.get("question_id")) if round_id is None else f"{row.get('question_id')}/round {round_id}"
+
+
+def check_answer_ids(path, answers, questions):
+    """Refuse, in one line naming the file and the ids, an answer file that does not answer each question
+    exactly once: duplicate ids (which would count twice, or overwrite each other), missing ones and unknown
+    ones (another question file's answers) would each change a score in silence."""
+    given = collections.Counter(answer_key(a) for a in answers)
+    expected = [answer_key(q) for q in questions]
+    known = set(expected)
+    problems = [(what, ids) for what, ids in (
+        ("duplicate", [k for k, n in given.items() if n > 1]), ("missing", [k for k in expected if k not in given]),
+        ("unknown", [k for k in given if k not in known])) if ids]
+    if problems:
+        raise ValueError(f"{path}: not one answer per question: " + "; ".join(
+            f"{len(ids)} {what} id(s) {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" for what, ids in problems))
+    return answers
+
+
+def read_answers(path, questions):
+    """An answer file's rows (common.read_jsonl), refused unless they answer each question exactly once
+    (check_answer_ids); questions: rows with question_id (and round_id where asked in rounds)."""
+    return check_answer_ids(path, common.read_jsonl(path), questions)
+
+
 def answer_row(question, text, model_id):
     """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields. The prompt field
     is the question's text, or its `prompt` where LLaVA's scorer expects more (ScienceQA: the <image> marker)."""
@@ -271,7 +314,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
     if os.path.exists(out) and os.path.exists(sidecar):  # finished before with the same settings: reuse
         with open(sidecar) as f:
             if json.load(f).get("args_hash") == common.args_digest(settings):
-                return common.read_jsonl(out)
+                return read_answers(out, questions)
     check_images(questions, image_folder)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     output = common.ShardedOutput(out, settings, [q["question_id"] for q in questions], batch_size, rank, world_size,
@@ -290,7 +333,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
                                                  indent=1)])
         output.remove()
     common.barrier(world_size)
-    return common.read_jsonl(out)
+    return read_answers(out, questions)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -123,7 +123,7 @@ def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatc
         train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *flags)))
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert open(tmp_path / "crashed" / "latest").read() == "checkpoint-000004"
-    assert not os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # only the last is kept
+    assert os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # the last two are kept (--keep 2)
     with pytest.raises(ValueError, match="other lr"):  # a resume must keep what decides the run
         train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *flags,
                                                       "--resume", "--lr", "1e-3")))
