@@ -27,7 +27,6 @@ import checkpoint
 import common
 import data
 import dpo
-import fsdp
 import lora
 import plan
 import runcontrol
