@@ -27,6 +27,7 @@ import common
 import diffusion
 import pairs
 import vlm
+from draft import can_draft, drafted_generate
 from generate import generate, score_answers
 
 # ----------------------------------------------------------------------------- Alg. 1 line 1: sample (I, Q) from the pool
@@ -128,13 +129,15 @@ def view_ids(ids, view):
 
 def answer_chunk(model, processor, instances, image_folder, augmentation="diffusion", noise_step=500, seed=0,
                  schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print,
-                 negative_steps=None, reference=False, filter_mode="exact", prefill_batch=None):
+                 negative_steps=None, reference=False, filter_mode="exact", prefill_batch=None, draft=True):
     """Chosen and rejected answers of a chunk of instances, each generated as one batch.
     template None: the family's; pad: LLaVA-1.5's square padding, for the families that pad.
     negative_steps (paper 3.3, several negatives): the noise step of each augmented view, each view seeded apart
     (view_ids); None: one view at noise_step.
     reference (--reference-logps): also the model's log-probs of the answers each pair will keep (line 3, by
     filter_mode), both on the ORIGINAL image, as training's reference scores them (generate.score_answers).
+    draft: each rejected answer decoded with its instance's chosen answer as the draft (draft.py: the same answers
+    in fewer forwards), where the family allows (draft.can_draft); False: plain greedy decoding.
 
     Returns one row per instance, in order: {chosen, rejected} (rejected: one answer, or with negative_steps a
     list of one per view), with reference also {reference_chosen_logps, reference_rejected_logps} where a
@@ -151,13 +154,20 @@ def answer_chunk(model, processor, instances, image_folder, augmentation="diffus
             chosen, chosen_ids, state = generate(model, processor, images, questions, return_state=True,
                                                  **decoding)  # chosen = model(I, Q)
         else:
-            chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
+            chosen, chosen_ids = generate(model, processor, images, questions, return_ids=True,
+                                          **decoding)  # chosen = model(I, Q)
         views = []
         for view, step in enumerate(negative_steps or [noise_step]):
             augmented, pixel_transform = augment.augmented_batch(augmentation, images, view_ids(ids, view), seed,
                                                                  step, schedule)
-            views.append(generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
-                                  **decoding))  # rejected = model(T(I), Q), each instance its own seeded T
+            # rejected = model(T(I), Q), each instance its own seeded T; most often the chosen answer again, so
+            # the chosen answer drafts it (the same greedy answer, most in one forward)
+            if draft and can_draft(model):
+                views.append(drafted_generate(model, processor, augmented, questions, chosen_ids,
+                                              pixel_transform=pixel_transform, **decoding)[0])
+            else:
+                views.append(generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
+                                      **decoding))
         for n, (k, c) in enumerate(zip(ready, chosen)):
             rows[k] = dict(chosen=c, rejected=[v[n] for v in views] if negative_steps else views[0][n])
         if reference:
@@ -322,6 +332,10 @@ def parse_args(argv=None):
                    help="read each batch's prompts this many at a time, then decode the batch together (0: all at "
                         "once). On CPUs 4 is faster: the activations stay small; answers are the same. LLaVA, "
                         "LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows)")
+    g.add_argument("--no-draft", dest="draft", action="store_false",
+                   help="decode the rejected answers one forward per token; by default each is drafted by its "
+                        "chosen answer, verified in one forward (draft.py: the same answers, fewer forwards). "
+                        "LLaVA, LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows); other families decode plainly")
     g.add_argument("--reference-logps", action="store_true",
                    help="also score each kept pair's answers under this model on the original image, as training's "
                         "reference does, into the pairs (the chosen answer from its own generation, the rejected by "
@@ -416,7 +430,7 @@ def main(argv=None):
         rows = answer_chunk(model, processor, [instances[i] for i in chunk], args.image_folder, args.augmentation,
                             args.noise_step, args.seed, args.noise_schedule, args.template, args.pad,
                             args.max_new_tokens, args.max_length, warn, args.negative_steps, args.reference_logps,
-                            args.filter, args.prefill_batch_size or None)
+                            args.filter, args.prefill_batch_size or None, args.draft)
         output.append([dict(index=i, id=instances[i]["id"], **row) for i, row in zip(chunk, rows)])
     common.barrier(world_size)
 
