@@ -84,8 +84,10 @@ def drafting_on_the_toy_pool(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy/model-sft", help="the model that makes the pairs (default: the toy world's SFT, toy/model-sft)")
-    p.add_argument("--pool", default="toy/pool.json", help="the pool, its images in the images/ folder beside it (default: toy/pool.json)")
+    p.add_argument("--model", default="toy/model-sft",
+                   help="the model that makes the pairs (default: the toy world's SFT, toy/model-sft)")
+    p.add_argument("--pool", default="toy/pool.json",
+                   help="the pool, its images in the images/ folder beside it (default: toy/pool.json)")
     p.add_argument("--instances", type=int, default=256, help="instances of the pool (default 256; main command: 1000)")
     p.add_argument("--batch-size", type=int, default=32, help="seva.py --batch-size (default 32; main command: 64)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default and authors: 512)")

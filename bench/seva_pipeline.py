@@ -33,12 +33,13 @@ every round).
 
 Measured in this one run: a warm-up pass of every way first (under torch's FlopCounterMode: the FLOPs per kept
 pair, matmuls, convolutions and attention, the CPU's flash-attention kernel counted as torch counts the GPU's),
-the matmul peak (bench/dpo_step.py's), then --rounds rounds alternating the order: wall time per kept pair
-(median of rounds) of each stage, its share, its time over its FLOPs' time at the peak ("x FLOP time": 1 would
-be every FLOP at the peak), and the ratios (medians of the per-round ratios); the time spent in generate.py's
-generate and draft.py's drafted_generate while the pairs are made gives the batching speed-up; the forwards that
-decode the rejected answers with and without drafting. Not a test: numbers from a shared machine move by
-+-30%; the ratios much less.
+then --rounds rounds alternating the order, each after measuring the fp32 matmul peak (bench/dpo_step.py's, on
+2048 squares): wall time per kept pair (median of rounds) of each stage, its share, its time over its FLOPs' time
+at that round's peak ("x FLOP time": 1 would be every FLOP at the peak), and the ratios (medians of the
+per-round ratios); the time spent in generate.py's generate and draft.py's drafted_generate while the pairs are
+made gives the batching speed-up; the forwards that decode the rejected answers with and without drafting; our
+DPO stage against the bare step (the same pairs encoded before the epoch, 2 per forward, as bench/dpo_step.py).
+Not a test: numbers from a shared machine move by +-30%; the ratios much less.
 """
 import argparse
 import json
