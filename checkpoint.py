@@ -120,7 +120,7 @@ def export(model, raw_model, processor, out, rank, model_path, lora_r, merge, sh
     if rank != 0:
         return
     if sharded or (merge and any(p.dtype != torch.float32 for p in raw_model.parameters())):
-        # a bf16 base (train_ddp.prepare_model) is merged into the weights as loaded, not into their bf16
+        # a bf16 base (trainable.prepare_model) is merged into the weights as loaded, not into their bf16
         # copies, which would round small updates away
         raw_model = fresh_model()
         missing = set(trainable_names(raw_model)) - weights.keys()

@@ -11,8 +11,10 @@ printing, the dtypes, and the file protocols that keep finished work on disk thr
   files_fingerprint, args_digest          which weights, which arguments: what decides an output
   ShardedOutput                           work in fixed chunks over N ranks, appended as it finishes, resumed
                                           after any kill, merged in order (seva.py and eval/runner.py)
-  run_main, markdown_table                a script's user errors as one line; the tables every report prints
+  run_main, HelpFormatter, markdown_table  a script's user errors as one line, its --help with every default;
+                                          the tables every report prints
 """
+import argparse
 import contextlib
 import glob
 import hashlib
@@ -270,6 +272,17 @@ def run_main(main, name, errors=(ValueError, OSError, FloatingPointError)):
         main()
     except errors as e:
         sys.exit(f"{name}: error: {e}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the script's docstring as written and every flag's default beside its help ("(default: 8)"),
+    the paper's value staying in the help text. Switches (on/off flags), and flags whose default is empty or
+    depends on another (None), say so in their own help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", []) or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def markdown_table(header, rows):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import collate
 import common
 import dpo
 import pairs
@@ -120,7 +121,7 @@ class TrainDataset(torch.utils.data.Dataset):
             if check:
                 self.check_length(record, example)
             return example
-        pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
+        pair = collate.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
                                self.template)
         if check:
             self.check_length(record, pair["chosen"], *pairs.rejected_list(pair["rejected"]))
@@ -147,7 +148,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def collate(self, examples):
         pad = self.processor.tokenizer.pad_token_id
-        return dpo.collate(examples, pad) if self.objective == "sft" else dpo.collate_pairs(examples, pad)
+        return collate.collate(examples, pad) if self.objective == "sft" else collate.collate_pairs(examples, pad)
 
 
 # ----------------------------------------------------------------------------- which examples each step sees
@@ -208,6 +209,23 @@ def budget_micro_batches(indices, lengths, budget, count=0):
         half = len(micro[k]) // 2
         micro[k:k + 1] = [micro[k][:half], micro[k][half:]]
     return micro
+
+
+def micro_batches(dataset, indices, rank, world_size, accumulation, max_tokens=0):
+    """(micro-batches, encoded): this rank's micro-batches of a step's global batch (index lists), `accumulation`
+    of equal size, or with max_tokens (--max-tokens-per-batch) as many as the token budget needs (packed tokens), the same
+    number on every rank; and the examples encoded to measure them (so that none is encoded twice). The global
+    batch stays so many pairs either way: the loss is the same on 1 process as on N."""
+    if not max_tokens:
+        return rank_micro_batches(indices, rank, world_size, accumulation), {}
+    mine = rank_micro_batches(indices, rank, world_size, 1)[0]
+    encoded = {i: dataset[i] for i in mine}
+    lengths = {i: packed_length(encoded[i]) for i in mine}
+    counts = [0.0] * world_size
+    counts[rank] = len(budget_micro_batches(mine, lengths, max_tokens))
+    most = int(max(common.all_reduce_sum(counts, world_size)))
+    return budget_micro_batches(mine, lengths, max_tokens, most), encoded
+
 
 
 # ----------------------------------------------------------------------------- the precomputed reference

@@ -11,13 +11,13 @@ naive forward (`concatenated_forward`) first; `shared_image_forward` and `shared
 same numbers paying for the image and the prompt once per pair. Each forward also takes pairs with several
 rejected answers (paper 3.3: `multi_negative_loss`), and LD-DPO's length weighting; `rpo_term` is RPO's NLL.
 Nothing here prints, reads the environment or stores anything on the model: train_ddp.py decides which forward
-runs (and says so).
+runs (and says so). The batches come from collate.py (chosen rows, then rejected rows).
 """
 import torch
 import torch.nn.functional as F
 
+import collate
 import vlm
-from pairs import REFERENCE_KEYS, rejected_list
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -138,72 +138,7 @@ def rpo_term(policy_chosen_logps, chosen_tokens, alpha):
     return alpha * -policy_chosen_logps / chosen_tokens.clamp(min=1)
 
 
-# ----------------------------------------------------------------------------- pairs as batches
-# A DPO batch holds the B chosen sequences, then the rejected ones, each on the pair's ORIGINAL image (Alg. 1
-# line 4: the augmented image only produced the rejected answer). With one rejected answer per pair (Eq. 7) rows
-# B..2B-1 are the rejected; with several (paper 3.3) they follow in pair order and `pair_index` says whose each is.
-def encode_pair(processor, image, question, chosen, rejected, template):
-    """A preference pair as training sequences; labels cover each answer and its end-of-turn token. rejected: one
-    answer, or a list of them (then "rejected" is a list of sequences)."""
-    encode = lambda answer: vlm.encode(processor, image, [(question, answer)], template)
-    return {"chosen": encode(chosen),
-            "rejected": [encode(r) for r in rejected] if isinstance(rejected, list) else encode(rejected)}
-
-
-def collate(examples, pad_token_id):
-    """Right-pad encoded examples (vlm.encode) into one batch; image tensors are concatenated."""
-    length = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), length), pad_token_id),
-             "labels": torch.full((len(examples), length), -100),
-             "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = e["input_ids"], e["labels"], 1
-    for key, after in vlm.TOKEN_KEYS.items():  # per-token tensors of some families, padded like input_ids
-        if key in examples[0]:
-            batch[key] = torch.full((len(examples), length), after)
-            for i, e in enumerate(examples):
-                batch[key][i, :len(e[key])] = e[key]
-    for key in examples[0]:
-        if key not in batch:  # pixel_values, and whatever else a family's processor returns for the image
-            batch[key] = cat_padded([e[key] for e in examples])
-    return batch
-
-
-def cat_padded(tensors):
-    """Concatenate along dim 0, zero-padding the other dims to the largest (LLaVA-NeXT's and Idefics3's
-    images of different sizes make different numbers of crops; the model masks the padding out)."""
-    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-    padded = []
-    for t in tensors:
-        pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
-        padded.append(F.pad(t, pad) if any(pad) else t)
-    return torch.cat(padded)
-
-
-def collate_pairs(pairs, pad_token_id):
-    """A batch of B chosen rows, then the rejected rows (B of them with one per pair: one forward for all).
-    Pairs with several rejected answers add `pair_index` (R,): the pair of each rejected row."""
-    negatives = [rejected_list(p["rejected"]) for p in pairs]
-    batch = collate([p["chosen"] for p in pairs] + [n for group in negatives for n in group], pad_token_id)
-    if any(isinstance(p["rejected"], list) for p in pairs):
-        batch["pair_index"] = torch.tensor([i for i, group in enumerate(negatives) for _ in group])
-    for key in REFERENCE_KEYS:
-        if key in pairs[0]:  # precomputed reference log-probs travel with the batch (flat, as the rows)
-            values = [v for p in pairs for v in rejected_list(p[key])]
-            batch[key] = torch.tensor(values, dtype=torch.float32)
-    return batch
-
-
-def split_rows(batch):
-    """(B, pair_index (R,)): the number of pairs and the pair of each rejected row."""
-    pairs = batch["input_ids"].shape[0] // 2
-    if "pair_index" in batch:
-        pairs = batch["input_ids"].shape[0] - batch["pair_index"].shape[0]
-        return pairs, batch["pair_index"]
-    return pairs, torch.arange(pairs, device=batch["input_ids"].device)
-
-
+# ----------------------------------------------------------------------------- a batch's parts (collate.collate_pairs)
 def model_inputs(batch):
     """What the model is called with: the batch less labels, reference log-probs and pair_index."""
     return {k: v for k, v in batch.items() if k not in ("labels", "pair_index") and not k.startswith("reference_")}
@@ -222,7 +157,7 @@ def concatenated_forward(model, batch, ld_alpha=None):
     pair, from one forward over every sequence. ld_alpha: LD-DPO's weight of the tokens beyond the shorter answer
     (one rejected answer per pair only)."""
     logits = model(**model_inputs(batch)).logits  # (B + R, T, V)
-    pairs, pair_index = split_rows(batch)
+    pairs, pair_index = collate.split_rows(batch)
     public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
     logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)  # (B + R,)
     return logps[:pairs], logps[pairs:]
@@ -233,7 +168,7 @@ def concatenated_forward(model, batch, ld_alpha=None):
 # chosen and rejected: the two forwards below pay for it once per pair instead of twice.
 def pair_images(batch):
     """The image tensors (pixel_values, ...) of each pair once: every row of a pair shows the same image."""
-    pairs, pair_index = split_rows(batch)
+    pairs, pair_index = collate.split_rows(batch)
     images = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "pair_index")
               and k not in vlm.TOKEN_KEYS and not k.startswith("reference_")}
     for key, value in images.items():
@@ -245,8 +180,8 @@ def pair_images(batch):
 def shared_image_forward(model, batch, ld_alpha=None):
     """As concatenated_forward, but the vision tower and projector run on B images, not B + R: each pair's
     image features are computed once and placed into its chosen row and its rejected rows. Only for a model
-    that vlm.pair_forward_problem(model, "shared_image") finds no problem with (train_ddp.pair_forward_for)."""
-    pairs, pair_index = split_rows(batch)
+    that vlm.pair_forward_problem(model, "shared_image") finds no problem with (trainable.pair_forward_for)."""
+    pairs, pair_index = collate.split_rows(batch)
     image_outputs = vlm.unwrap(model).get_image_features(**pair_images(batch), return_dict=True)
     features = list(image_outputs.pooler_output)  # B tensors (image tokens, D): one per pair
     rows = features + [features[i] for i in pair_index.tolist()]  # rows: chosen, then rejected
@@ -259,7 +194,7 @@ def shared_image_forward(model, batch, ld_alpha=None):
 
 
 def pack_pairs(batch):
-    """One sequence per pair, prompt + chosen answer + its rejected answer(s), from a collate_pairs batch.
+    """One sequence per pair, prompt + chosen answer + its rejected answer(s), from a collate.collate_pairs batch.
 
     The prompt is everything before a row's first labelled token and must be the same in every row of a pair.
     Returns input_ids and position_ids (B, L), the block mask `allowed` (B, L, L) (True: query may attend to
@@ -270,7 +205,7 @@ def pack_pairs(batch):
     has no labels in its missing slots.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]  # (B + R, T)
-    pairs, pair_index = split_rows(batch)
+    pairs, pair_index = collate.split_rows(batch)
     device, rejected_rows = input_ids.device, input_ids.shape[0] - pairs
     lengths = batch["attention_mask"].sum(-1)  # (B + R,): right padding
     labelled = labels != -100  # (B + R, T)
@@ -356,9 +291,9 @@ def shared_prefix_forward(model, batch, ld_alpha=None):
     one forward over B packed sequences: the image features and the prompt are computed once per pair, and the
     lm_head runs only where an answer token is predicted. Equal to concatenated_forward
     (tests/test_shared_prefix.py). Only for a model that vlm.pair_forward_problem(model, "shared_prefix") finds
-    no problem with (train_ddp.pair_forward_for)."""
+    no problem with (trainable.pair_forward_for)."""
     packed = pack_pairs(batch)
-    _, pair_index = split_rows(batch)
+    _, pair_index = collate.split_rows(batch)
     keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                    attention_mask=attention_mask_for(model, packed["allowed"][:, None]),
@@ -389,7 +324,7 @@ def packed_forward(model, batch, ld_alpha=None):
     computed. Equal to concatenated_forward (tests/test_shared_prefix.py). Only for a model that
     vlm.pair_forward_problem(model, "packed") finds no problem with."""
     packed = pack_rows(pack_pairs(batch))
-    _, pair_index = split_rows(batch)
+    _, pair_index = collate.split_rows(batch)
     pairs = packed["length"].shape[0]
     keep = torch.cat([p.reshape(1, -1) for p in packed["positions"]], 1)  # (1, sum over slots of B (1 + A))
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],

@@ -13,9 +13,9 @@ chosen answer is a good guess of the rejected one, and greedy speculative decodi
      further on, the tokens that follow them there are fed as the next draft (a rejected answer that differs by
      one word usually realigns with the chosen one after it).
 Every token is the model's own argmax after the greedy tokens before it, so the answers are those of plain greedy
-decoding (tests/test_draft.py checks them token for token against generate.generate); an answer that equals its
-draft costs one forward instead of one per token. Rows that end are dropped from the batch, so the steps after
-the first run on the few rows whose answers differ.
+decoding (tests/test_draft.py checks them token for token against generate.generate_tokens); an answer that
+equals its draft costs one forward instead of one per token. Rows that end are dropped from the batch, so the
+forwards after the first run on the few rows whose answers differ.
 
 In the batch, each row feeds its own number of tokens per forward: the KV cache keeps one column per fed
 position, the columns of rejected draft tokens (and of the shorter rows' padding) are masked out of the
@@ -52,8 +52,8 @@ def prompt_inputs(model, processor, images, questions, template, pixel_transform
 @torch.no_grad()
 def drafted_generate(model, processor, images, questions, drafts, template=None, max_new_tokens=16, batch_size=8,
                      pixel_transform=None, prefill_batch=None, max_redraft=16, logits_processor=None, steps=None):
-    """Greedy answers to (image, question) pairs, as generate.generate(..., return_ids=True) returns them:
-    (answers, ids), ids up to and including the end-of-sequence token. drafts[i]: token ids guessed for answer i
+    """Greedy answers to (image, question) pairs, as generate.generate_tokens returns them: (answers, ids), ids up
+    to and including the end-of-sequence token. drafts[i]: token ids guessed for answer i
     (SeVa: the chosen answer's ids); any guess gives the same answers, a good one fewer forwards.
 
     max_redraft: at most this many tokens per draft taken again from drafts[i] after a mismatch (0: none).

@@ -29,68 +29,8 @@ import common
 import data
 import dpo
 import lora
+import trainable
 import vlm
-
-
-# ----------------------------------------------------------------------------- model
-def prepare_model(path, device, amp_dtype=None, objective="dpo", lora_r=0, lora_alpha=0.0, lora_dropout=0.0,
-                  train_projector=False, parallel="ddp", gradient_checkpointing=False, train_vision=False):
-    """Load the model, add LoRA (or not), freeze what SeVa never trains. Returns (model, processor).
-
-    LoRA under bf16 autocast with DDP stores the frozen base in bf16: half its memory, and autocast computes
-    its matmuls in bf16 anyway. Every trainable parameter (LoRA, and the projector with train_projector) is
-    fp32 whatever the base's dtype: AdamW's small updates on bf16 weights would round away. (FSDP2 wants one
-    dtype per unit: fp32 there.)"""
-    low = amp_dtype is not None and lora_r > 0 and parallel == "ddp"
-    model, processor = vlm.load(path, device, amp_dtype if low else torch.float32)
-    if lora_r > 0:
-        lora.apply_lora(model, lora_r, lora_alpha, lora_dropout)  # freezes all but LoRA
-        vlm.freeze_vision(model, train_projector=train_projector)
-    else:  # full fine-tuning of the language model (and the projector, as LLaVA's SFT)
-        vlm.freeze_vision(model, train_projector=objective == "sft" or train_projector)
-    if train_vision:
-        vlm.unfreeze_vision(model)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # master weights in fp32
-    if objective == "dpo":  # paper: dropout off for DPO (it would make the reference noisy)
-        vlm.disable_dropout(model)
-    if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor
-
-
-def wrap(model, parallel, world_size, device):
-    """DDP, or FSDP2 with one unit per decoder layer (bottom-up) and the rest in the root unit."""
-    if world_size == 1:
-        return model
-    if parallel == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for layer in model.get_submodule(vlm.spec(model)["decoder_layers"]):
-        fully_shard(layer)
-    fully_shard(model)
-    register_fsdp_forward_method(model, "get_image_features")  # dpo.shared_image_forward calls it outside forward
-    return model
-
-
-def grad_sync(model, last, parallel, world_size):
-    """Synchronise gradients on the last micro-step of a step only."""
-    if world_size == 1:
-        return nullcontext()
-    if parallel == "fsdp":
-        model.set_requires_gradient_sync(last)
-        return nullcontext()
-    return nullcontext() if last else model.no_sync()
-
-
-def pair_forward_for(model, name):
-    """dpo.PAIR_FORWARDS[name], or the concatenated forward where the model cannot run it (said once, here)."""
-    problem = vlm.pair_forward_problem(model, name)
-    if problem:
-        common.print0(f"{name}: {problem}; falling back to the concatenated forward")
-        return dpo.concatenated_forward
-    return dpo.PAIR_FORWARDS[name]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -186,7 +126,7 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     group_by_length: bool = False  # batches of similar lengths (data.step_indices)
-    max_tokens: int = 0  # --max-tokens-per-batch: micro-batches cut to a token budget (micro_batches)
+    max_tokens: int = 0  # --max-tokens-per-batch: micro-batches cut to a token budget (data.micro_batches)
 
 
 def setup(args):
@@ -200,9 +140,9 @@ def setup(args):
     if args.max_tokens_per_batch and args.objective != "dpo":
         raise ValueError("--max-tokens-per-batch cuts pairs (--objective dpo) to a token budget")
     parallel = args.parallel if world_size > 1 else "ddp"  # nothing to shard in one process
-    raw_model, processor = prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r, args.lora_alpha,
-                                         args.lora_dropout, args.train_projector, parallel,
-                                         args.gradient_checkpointing, args.train_vision)
+    raw_model, processor = trainable.prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r,
+                                                   args.lora_alpha, args.lora_dropout, args.train_projector, parallel,
+                                                   args.gradient_checkpointing, args.train_vision)
     pad = vlm.pads_to_square(raw_model)
     if args.objective == "dpo":  # the images as seva.py padded them to make the pairs
         pad = data.pairs_padding(args.data, pad)
@@ -223,7 +163,7 @@ def setup(args):
 
     micro_step = sft_micro_step
     if args.objective == "dpo":
-        pair_forward, reference_model = pair_forward_for(raw_model, args.pair_forward), None
+        pair_forward, reference_model = trainable.pair_forward_for(raw_model, args.pair_forward), None
         several = any(isinstance(r["rejected"], list) for r in dataset.records)  # seva.py --num-negatives K > 1
         max_negatives = max(len(r["rejected"]) for r in dataset.records) if several else 0
         if args.ld_alpha is not None and several:
@@ -247,7 +187,7 @@ def setup(args):
         raise ValueError(f"{args.data}: {len(dataset)} examples x {args.epochs} epochs make no step of a global "
                          f"batch of {global_batch}")
 
-    model = wrap(raw_model, parallel, world_size, device)
+    model = trainable.wrap(raw_model, parallel, world_size, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(math.ceil(args.warmup_ratio * num_steps),
@@ -293,7 +233,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         t0 = time.time()
         indices = data.step_indices(step, len(dataset), run.global_batch, seed,
                                     dataset.lengths if run.group_by_length else None)
-        micro, encoded = micro_batches(run, indices, accumulation)
+        micro, encoded = data.micro_batches(dataset, indices, rank, world_size, accumulation, run.max_tokens)
         batches = [dataset.collate([encoded[i] if i in encoded else dataset[i] for i in m]) for m in micro]
         # Normalise by the whole global batch: pairs for DPO, answer tokens for SFT (counted over ranks).
         normaliser = run.global_batch if run.objective == "dpo" else common.all_reduce_sum(
@@ -301,7 +241,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         sums = {}
         for i, batch in enumerate(batches):
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            with grad_sync(model, i == len(batches) - 1, run.parallel, world_size), \
+            with trainable.grad_sync(model, i == len(batches) - 1, run.parallel, world_size), \
                     common.autocast(run.device, run.amp_dtype):
                 objective, stats = run.micro_step(model, batch)
                 # DDP and FSDP average gradients over ranks: scale so the result is the global mean.
@@ -332,22 +272,6 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
     bar.close()
 
 
-def micro_batches(run, indices, accumulation):
-    """(micro-batches, encoded): this rank's micro-batches of a step's global batch (index lists), `accumulation`
-    of equal size, or with --max-tokens-per-batch as many as the token budget needs (packed tokens), the same
-    number on every rank; and the examples encoded to measure them (so that none is encoded twice). The global
-    batch stays so many pairs either way: the loss is the same on 1 process as on N."""
-    if not run.max_tokens:
-        return data.rank_micro_batches(indices, run.rank, run.world_size, accumulation), {}
-    mine = data.rank_micro_batches(indices, run.rank, run.world_size, 1)[0]
-    encoded = {i: run.dataset[i] for i in mine}
-    lengths = {i: data.packed_length(encoded[i]) for i in mine}
-    counts = [0.0] * run.world_size
-    counts[run.rank] = len(data.budget_micro_batches(mine, lengths, run.max_tokens))
-    most = int(max(common.all_reduce_sum(counts, run.world_size)))
-    return data.budget_micro_batches(mine, lengths, run.max_tokens, most), encoded
-
-
 def normalisers(totals, normaliser, key):
     """What a summed statistic is divided by: the global batch, or for the j-th rejected answers' statistics
     (neg{j}/..., several negatives per pair) the number of pairs that have a j-th."""
@@ -362,9 +286,9 @@ def train(args):
     (unwrapped). Writes OUT/adapter/ (LoRA) or OUT/model/ (full fine-tuning) at the end."""
     run = setup(args)
     loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress)
-    fresh_model = lambda: prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r,
-                                        args.lora_alpha, args.lora_dropout, args.train_projector,
-                                        train_vision=args.train_vision)[0]
+    fresh_model = lambda: trainable.prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r,
+                                                  args.lora_alpha, args.lora_dropout, args.train_projector,
+                                                  train_vision=args.train_vision)[0]
     checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r, args.merge,
                       run.parallel == "fsdp", fresh_model)
     common.barrier(run.world_size)
@@ -381,7 +305,7 @@ OBJECTIVE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--objective", default="dpo", choices=["dpo", "sft"],
                    help="dpo: SeVa's preference training on seva.py pairs; sft: supervised fine-tuning")

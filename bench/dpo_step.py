@@ -47,10 +47,12 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import collate  # noqa: E402
 import common  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
 import train_ddp  # noqa: E402
+import trainable  # noqa: E402
 import vlm  # noqa: E402
 
 FORWARDS = ("concatenated", "shared_image", "shared_prefix")
@@ -104,16 +106,16 @@ def make_batch(args, answer_tokens, device, negatives=1):
         rejected = [sequence(prompt, text(n), pixel_values) for n in lengths]
         pairs.append({"chosen": sequence(prompt, text(answer_tokens), pixel_values),
                       "rejected": rejected if negatives > 1 else rejected[0]})
-    return {k: v.to(device) for k, v in dpo.collate_pairs(pairs, pad_token_id=0).items()}
+    return {k: v.to(device) for k, v in collate.collate_pairs(pairs, pad_token_id=0).items()}
 
 
 # ----------------------------------------------------------------------------- one step
 def dpo_step(model, optimizer, batch, forward, amp_dtype):
     """train_ddp.py's DPO step on one micro-batch: (summed loss, summed policy chosen log-probs)."""
     with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pairs = dpo.split_rows(batch)[0]
+        pairs = collate.split_rows(batch)[0]
         negatives = (batch["input_ids"].shape[0] - pairs) // pairs if "pair_index" in batch else 0
-        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, train_ddp.pair_forward_for(model, forward),
+        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, trainable.pair_forward_for(model, forward),
                                                beta=0.1, max_negatives=negatives)
         (loss / pairs).backward()  # the mean over the pairs
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -199,7 +201,7 @@ def step_flops(model, batch, forward, reference):
     n_projector = linear_weights(model.model.multi_modal_projector)[0]
     n_base, n_lora = linear_weights(model.model.language_model)
     h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
-    pairs = dpo.split_rows(batch)[0]
+    pairs = collate.split_rows(batch)[0]
     if forward == "shared_prefix":
         packed = dpo.pack_pairs(batch)
         rows, length = pairs, packed["input_ids"].shape[1]
@@ -243,7 +245,7 @@ def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
         for v in (variants if round_index % 2 == 0 else variants[::-1]):
             times[v].append(timed(step[v], device)[0])
     rows, answer_tokens = [], int((batch["labels"][0] != -100).sum())
-    pairs = dpo.split_rows(batch)[0]
+    pairs = collate.split_rows(batch)[0]
     answers = batch["input_ids"].shape[0]  # B chosen + R rejected
     negatives = (answers - pairs) // pairs
     for v in variants:
@@ -264,7 +266,7 @@ def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("model (LLaVA-1.5-7B: image 336 / patch 14, CLIP 1024 x 24, Llama 4096 x 32)")
     g.add_argument("--image-size", type=int, default=96, help="image side in pixels (LLaVA-1.5: 336)")
     g.add_argument("--patch-size", type=int, default=4, help="(image / patch)^2 image tokens: 96 / 4 = 576 as LLaVA's")

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)  # before the imports: bench/ holds a generate.py of it
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import pool  # noqa: E402
 import seva  # noqa: E402
 import vlm  # noqa: E402
 
@@ -35,7 +36,7 @@ def drafting_on_the_toy_pool(args):
     alternating rounds; the forwards per rejected answer, the pairs stage's time, every answer the same."""
     model, processor = vlm.load(args.model)
     model.eval()
-    instances = seva.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.instances, 0,
+    instances = pool.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.instances, 0,
                                       args.pool)[0]
     folder = os.path.join(os.path.dirname(os.path.abspath(args.pool)), "images")
     plain_generate, drafted_generate = seva.generate, seva.drafted_generate
@@ -44,7 +45,7 @@ def drafting_on_the_toy_pool(args):
     def plain(*a, **kwargs):  # the rejected answers' token counts: plain decoding takes a forward per token
         if kwargs.get("pixel_transform") is None:
             return plain_generate(*a, **kwargs)
-        answers, ids = plain_generate(*a, **dict(kwargs, return_ids=True))
+        answers, ids, _ = seva.generate_tokens(*a, **kwargs)
         record["plain"].append([len(i) for i in ids])
         return answers
 
@@ -62,8 +63,8 @@ def drafting_on_the_toy_pool(args):
             with torch.no_grad():
                 rows = [row for k in range(0, len(instances), args.batch_size)
                         for row in seva.answer_chunk(model, processor, instances[k:k + args.batch_size], folder,
-                                                     "diffusion", 500, 0, max_new_tokens=args.max_new_tokens,
-                                                     warn=print, draft=way == "drafted")]
+                                                     seva.AnswerSettings(max_new_tokens=args.max_new_tokens,
+                                                                         draft=way == "drafted"), warn=print)]
             seconds = time.perf_counter() - start
             if made.setdefault(way, rows) != rows or made.get("plain", rows) != rows:
                 raise AssertionError(f"{way}: other answers than before")
@@ -83,7 +84,7 @@ def drafting_on_the_toy_pool(args):
           f"time (median of {args.rounds} rounds), every answer identical")
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--model", default="toy/model-sft",
                    help="the model that makes the pairs (default: the toy world's SFT, toy/model-sft)")
     p.add_argument("--pool", default="toy/pool.json",

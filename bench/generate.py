@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import vlm  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import generate_tokens  # noqa: E402
 
 
 def load_questions(data, image_folder, num, pad=True):
@@ -45,15 +45,14 @@ def timed(model, processor, images, questions, batch_size, args):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    answers, ids = generate(model, processor, images, questions, args.template, args.max_new_tokens, batch_size,
-                            return_ids=True)
+    answers, ids, _ = generate_tokens(model, processor, images, questions, args.template, args.max_new_tokens, batch_size)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, answers, ids
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--model", default="toy/model-sft", help="local HF model folder")
     p.add_argument("--data", default="toy/pool.json", help="LLaVA-665k-format json the questions come from")
     p.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")

@@ -56,10 +56,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import collate  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
+import pool  # noqa: E402
 import seva  # noqa: E402
 from toyworld import model as toymodel  # noqa: E402
 import train_ddp  # noqa: E402
@@ -100,7 +102,7 @@ def instances(args, folder, tokenizer):
     pool's true answer to the question; the rejected one is the chosen one again (line 3 drops the pair), except
     in a seeded --kept percent of the instances, where its second half is the next instance's answer's (the pair
     is kept: the two answers share a prefix, as kept pairs often do)."""
-    rows = seva.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
+    rows = pool.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
     rng = np.random.default_rng(0)
     for i, row in enumerate(rows):
         row["image"] = f"{i:04d}.png"
@@ -167,8 +169,8 @@ def pairs_authors(model, processor, rows, chosen, rejected, folder, args):
     out = []
     for row, c, r in zip(rows, chosen, rejected):
         model.queue = [[c], [r]]
-        out += seva.answer_chunk(model, processor, [row], folder, "diffusion", args.noise_step, 0,
-                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None, draft=False)
+        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens, draft=False)
+        out += seva.answer_chunk(model, processor, [row], folder, settings, warn=lambda m: None)
     return out
 
 
@@ -179,9 +181,9 @@ def pairs_ours(model, processor, rows, chosen, rejected, folder, args, draft=Tru
     for start in range(0, len(rows), args.batch_size):
         end = start + args.batch_size
         model.queue = [chosen[start:end], rejected[start:end]]
-        out += seva.answer_chunk(model, processor, rows[start:end], folder, "diffusion", args.noise_step, 0,
-                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None, reference=True,
-                                 prefill_batch=args.prefill_batch_size or None, draft=draft)
+        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens, reference=True,
+                                       prefill_batch=args.prefill_batch_size or None, draft=draft)
+        out += seva.answer_chunk(model, processor, rows[start:end], folder, settings, warn=lambda m: None)
     return out
 
 
@@ -193,7 +195,7 @@ def encoded_pairs(processor, rows, answered, folder, reference):
         if seva.same_answer(pair["chosen"], pair["rejected"]):
             continue
         image = vlm.load_image(os.path.join(folder, row["image"]))
-        encoded = dpo.encode_pair(processor, image, row["question"], pair["chosen"], pair["rejected"], "llava_v1")
+        encoded = collate.encode_pair(processor, image, row["question"], pair["chosen"], pair["rejected"], "llava_v1")
         if reference:
             encoded.update(reference_chosen_logps=pair["reference_chosen_logps"],
                            reference_rejected_logps=pair["reference_rejected_logps"])
@@ -206,7 +208,7 @@ def dpo_epoch(model, optimizer, encoded, forward, micro_batches, pad):
     micro-batches, backward, clipping, AdamW. Learning rate 0: every round starts from the same weights."""
     for batch_pairs in micro_batches:
         for micro in batch_pairs:
-            batch = dpo.collate_pairs([encoded[i] for i in micro], pad)
+            batch = collate.collate_pairs([encoded[i] for i in micro], pad)
             loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)
             (loss / sum(len(m) for m in batch_pairs)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -253,7 +255,7 @@ def flops(fn):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("model (LLaVA-1.5-7B: image 336 / patch 14, CLIP 1024 x 24, Llama 4096 x 32)")
     g.add_argument("--tokenizer", default="toy/model-sft", help="a model folder whose tokenizer is used")
     g.add_argument("--image-size", type=int, default=96, help="image side in pixels (LLaVA-1.5: 336)")
@@ -322,22 +324,20 @@ def main(args):
     raw, processor = build(args)
     model = Scripted(raw)
     calls = {"generate": 0.0, "steps": []}  # the time in generate and drafted_generate; the drafted answers' forwards
-    plain_generate, drafted_generate = seva.generate, seva.drafted_generate
 
-    def timed_generate(*args, **kwargs):
-        start = time.perf_counter()
-        out = plain_generate(*args, **kwargs)
-        calls["generate"] += time.perf_counter() - start
-        return out
-
-    def timed_drafted(*args, **kwargs):  # the script forced through draft.py's logits processor
-        start = time.perf_counter()
-        steps = []
-        out = drafted_generate(*args, **kwargs, logits_processor=model.forcing(), steps=steps)
-        calls["generate"] += time.perf_counter() - start
-        calls["steps"].append(steps)
-        return out
-    seva.generate, seva.drafted_generate = timed_generate, timed_drafted
+    def timed(original, drafted=False):
+        def timed_generate(*args, **kwargs):
+            start, steps = time.perf_counter(), []
+            if drafted:  # the script forced through draft.py's logits processor
+                kwargs.update(logits_processor=model.forcing(), steps=steps)
+            out = original(*args, **kwargs)
+            calls["generate"] += time.perf_counter() - start
+            if drafted:
+                calls["steps"].append(steps)
+            return out
+        return timed_generate
+    seva.generate, seva.generate_tokens = timed(seva.generate), timed(seva.generate_tokens)
+    seva.drafted_generate = timed(seva.drafted_generate, drafted=True)
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=0.0)
     pad = processor.tokenizer.pad_token_id
     folder = tempfile.mkdtemp(prefix="seva-pipeline-")

@@ -292,7 +292,7 @@ BENCHMARKS = {"mmvet": evaluate_mmvet, "llava-bench": evaluate_llava_bench}
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     runner.add_model_args(p, max_new_tokens=1024, batch_size=8)
     g = p.add_argument_group("benchmark")
     g.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="which open-ended benchmark")

@@ -38,7 +38,7 @@ import augment
 import common
 import lora
 import vlm
-from generate import generate
+from generate import generate, generate_beam
 
 
 # ----------------------------------------------------------------------------- the model
@@ -132,13 +132,15 @@ def write_results(args, run, name, results):
 def decoding(args, weights):
     """The runner's keyword arguments from the shared flags; `weights`: fingerprint() of the model's files."""
     return dict(template=args.template, pad=args.pad, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, progress=args.progress, weights=weights)
+                batch_size=args.batch_size, progress=args.progress, weights=weights,
+                num_beams=getattr(args, "num_beams", 1))  # SHR's flag
 
 
 # ----------------------------------------------------------------------------- questions
 # A question is a dict: question_id, text (what the user asks, options included), and the image as
 # `image` (a path under image_folder) or `image_base64` (MMBench's tsv); optional `metadata` (a dict
-# copied into the answer) and `fields` (extra top-level answer fields, e.g. MMBench's round_id).
+# copied into the answer), `fields` (extra top-level answer fields, e.g. MMBench's round_id) and `prompt` (the
+# answer's prompt field when it differs from text).
 def question_image(question, image_folder, pad=True):
     """The question's image as RGB, padded to a square as LLaVA-1.5 does unless pad=False."""
     if "image_base64" in question:
@@ -209,8 +211,9 @@ def answer_id(model_id, question_id, prompt, text):
 
 
 def answer_row(question, text, model_id):
-    """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields."""
-    prompt = question["text"]
+    """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields. The prompt field
+    is the question's text, or its `prompt` where LLaVA's scorer expects more (ScienceQA: the <image> marker)."""
+    prompt = question.get("prompt", question["text"])
     row = dict(question_id=question["question_id"], prompt=prompt, text=text,
                answer_id=answer_id(model_id, question["question_id"], prompt, text), model_id=model_id,
                metadata=question.get("metadata", {}))
@@ -220,7 +223,7 @@ def answer_row(question, text, model_id):
 
 # ----------------------------------------------------------------------------- the run
 def answer_chunk(model, processor, questions, chunk, chunk_index, image_folder, template, pad, max_new_tokens,
-                 noise_step, temperature, seed):
+                 noise_step, temperature, seed, num_beams=1):
     """The answers (strings) of one chunk of question positions, generated as one batch."""
     batch = [questions[i] for i in chunk]
     images = [question_image(q, image_folder, pad) for q in batch]
@@ -230,6 +233,10 @@ def answer_chunk(model, processor, questions, chunk, chunk_index, image_folder, 
     if temperature > 0:
         model = SampledModel(model, temperature, common.sample_seed(seed, f"chunk-{chunk_index}"))
     with inference_autocast(model):
+        if num_beams > 1:  # SHR's baseline decoding (eval/shr.py)
+            return generate_beam(model, processor, images, [q["text"] for q in batch], template=template,
+                                 num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=len(batch),
+                                 pixel_transform=noise)
         return generate(model, processor, images, [q["text"] for q in batch], template=template,
                         max_new_tokens=max_new_tokens, batch_size=len(batch), pixel_transform=noise)
 
@@ -243,20 +250,23 @@ def inference_autocast(model):
 
 def answer_questions(model, processor, questions, out, model_id, image_folder=".", template=None, pad=True,
                      max_new_tokens=16, batch_size=16, noise_step=None, temperature=0.0, seed=0, rank=0,
-                     world_size=1, progress=False, *, weights):
+                     world_size=1, progress=False, num_beams=1, *, weights):
     """Answer every question into the answer file `out`; returns its rows, in question order, on every rank.
 
     noise_step: diffusion noise at that step on each image (seeded by (seed, question_id)), or None.
     temperature: 0 = greedy (the paper's evaluation); > 0 = sampling seeded by (seed, chunk).
+    num_beams: > 1 = beam search (generate.generate_beam; SHR's baseline: 5), greedy temperature only.
     weights: which weights answer (fingerprint(); required, so that a finished or partial answer file made by
         other weights under the same model_id is never reused).
     """
+    if num_beams > 1 and temperature > 0:
+        raise ValueError(f"beam search ({num_beams} beams) does not sample: temperature must be 0")
     template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
     seeded = noise_step is not None or temperature > 0  # the seed matters only then
     settings = decisive_settings(questions, model_id, dict(
         weights=weights, dtype=str(next(model.parameters()).dtype), template=template, pad=pad,
         max_new_tokens=max_new_tokens, batch_size=batch_size, noise_step=noise_step, temperature=temperature,
-        seed=seed if seeded else None))
+        seed=seed if seeded else None, **({"num_beams": num_beams} if num_beams > 1 else {})))
     sidecar = out + ".args.json"
     if os.path.exists(out) and os.path.exists(sidecar):  # finished before with the same settings: reuse
         with open(sidecar) as f:
@@ -268,7 +278,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
                                   what="settings", items="questions")
     for k in tqdm(output.resume(), desc=os.path.basename(out), disable=rank != 0 or not progress):
         texts = answer_chunk(model, processor, questions, output.chunks[k], k, image_folder, template, pad,
-                             max_new_tokens, noise_step, temperature, seed)
+                             max_new_tokens, noise_step, temperature, seed, num_beams)
         output.append([dict(index=i, id=questions[i]["question_id"], text=text)
                        for i, text in zip(output.chunks[k], texts)])
     common.barrier(world_size)
@@ -285,7 +295,7 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("questions and answers")
     g.add_argument("--questions", default="toy/pope/random.jsonl",

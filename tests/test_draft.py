@@ -10,7 +10,7 @@ import torch
 import diffusion
 import draft
 import vlm
-from generate import generate
+from generate import generate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,9 @@ def noise(count):
 
 def plain(setting, max_new_tokens, transform=None):
     model, processor, images, questions = setting
-    return generate(model, processor, images, questions, max_new_tokens=max_new_tokens, batch_size=1,
-                    pixel_transform=transform, return_ids=True)
+    answers, ids, _ = generate_tokens(model, processor, images, questions, max_new_tokens=max_new_tokens,
+                                      batch_size=1, pixel_transform=transform)
+    return answers, ids
 
 
 def drafted(setting, drafts, max_new_tokens, transform=None, batch_size=3, **kwargs):
