@@ -325,7 +325,7 @@ def main(args):
     model = Scripted(raw)
     calls = {"generate": 0.0, "steps": []}  # the time in generate and drafted_generate; the drafted answers' forwards
 
-    def timed(original, drafted=False):
+    def clocked(original, drafted=False):
         def timed_generate(*args, **kwargs):
             start, steps = time.perf_counter(), []
             if drafted:  # the script forced through draft.py's logits processor
@@ -336,8 +336,8 @@ def main(args):
                 calls["steps"].append(steps)
             return out
         return timed_generate
-    seva.generate, seva.generate_tokens = timed(seva.generate), timed(seva.generate_tokens)
-    seva.drafted_generate = timed(seva.drafted_generate, drafted=True)
+    seva.generate, seva.generate_tokens = clocked(seva.generate), clocked(seva.generate_tokens)
+    seva.drafted_generate = clocked(seva.drafted_generate, drafted=True)
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=0.0)
     pad = processor.tokenizer.pad_token_id
     folder = tempfile.mkdtemp(prefix="seva-pipeline-")
