@@ -29,6 +29,7 @@ import plan
 import pool
 import runcontrol
 import vlm
+from draft import can_draft, drafted_generate
 from generate import generate, generate_tokens, score_answers
 
 
@@ -45,7 +46,9 @@ class AnswerSettings:
     square padding, for the families that pad. negative_steps (paper 3.3, several negatives): the noise step of
     each augmented view, each view seeded apart (view_ids); None: one view at noise_step. reference
     (--reference-logps): also score the answers each pair will keep (line 3, by filter_mode) on the ORIGINAL image.
-    prefill_batch: prompts read so many at a time (None: all at once)."""
+    prefill_batch: prompts read so many at a time (None: all at once). draft: each rejected answer decoded with its
+    instance's chosen answer as the draft (draft.py: the same answers in fewer forwards) where the family allows
+    (draft.can_draft); False: one forward per token."""
     augmentation: str = "diffusion"
     noise_step: int = 500
     seed: int = 0
@@ -58,13 +61,14 @@ class AnswerSettings:
     reference: bool = False
     filter_mode: str = "exact"
     prefill_batch: int | None = None
+    draft: bool = True
 
 
 def settings_of(args):
     """seva.py's parsed arguments as answer_chunk's settings."""
     return AnswerSettings(args.augmentation, args.noise_step, args.seed, args.noise_schedule, args.template, args.pad,
                           args.max_new_tokens, args.max_length, args.negative_steps, args.reference_logps, args.filter,
-                          args.prefill_batch_size or None)
+                          args.prefill_batch_size or None, args.draft)
 
 
 def answer_chunk(model, processor, instances, image_folder, settings=AnswerSettings(), warn=print):
@@ -88,13 +92,20 @@ def answer_chunk(model, processor, instances, image_folder, settings=AnswerSetti
             chosen, chosen_ids, state = generate_tokens(model, processor, images, questions, keep_state=True,
                                                         **decoding)  # chosen = model(I, Q)
         else:
-            chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
+            chosen, chosen_ids, _ = generate_tokens(model, processor, images, questions,
+                                                    **decoding)  # chosen = model(I, Q)
         views = []
         for view, step in enumerate(s.negative_steps or [s.noise_step]):
             augmented, pixel_transform = augment.augmented_batch(s.augmentation, images, view_ids(ids, view), s.seed,
                                                                  step, s.schedule)
-            views.append(generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
-                                  **decoding))  # rejected = model(T(I), Q), each instance its own seeded T
+            # rejected = model(T(I), Q), each instance its own seeded T; most often the chosen answer again, so the
+            # chosen answer drafts it (the same greedy answer, most of it in one forward)
+            if s.draft and can_draft(model):
+                views.append(drafted_generate(model, processor, augmented, questions, chosen_ids,
+                                              pixel_transform=pixel_transform, **decoding)[0])
+            else:
+                views.append(generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
+                                      **decoding))
         for n, (k, c) in enumerate(zip(ready, chosen)):
             rows[k] = dict(chosen=c, rejected=[v[n] for v in views] if s.negative_steps else views[0][n])
         if s.reference:
@@ -223,6 +234,10 @@ def parse_args(argv=None):
                    help="read each batch's prompts this many at a time, then decode the batch together (0: all at "
                         "once). On CPUs 4 is faster: the activations stay small; answers are the same. LLaVA, "
                         "LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows)")
+    g.add_argument("--no-draft", dest="draft", action="store_false",
+                   help="decode the rejected answers one forward per token; by default each is drafted by its "
+                        "chosen answer, verified in one forward (draft.py: the same answers, fewer forwards). "
+                        "LLaVA, LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows); other families decode plainly")
     g.add_argument("--reference-logps", action="store_true",
                    help="also score each kept pair's answers under this model on the original image, as training's "
                         "reference does, into the pairs (the chosen answer from its own generation, the rejected by "

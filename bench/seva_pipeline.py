@@ -1,33 +1,45 @@
 """
-Benchmark: what a user pays for, the whole of SeVa per kept pair (Alg. 1: the pairs, then one DPO epoch on
-them), the project's way against the authors' way, in one run, on a random LLaVA at LLaVA-1.5's proportions.
+Benchmark: what a user pays for, the whole of SeVa per kept pair (Alg. 1: the pairs of every instance, line 3's
+filter, then one DPO epoch on the kept pairs), the project's way against the authors' way, in one run, on a random
+LLaVA at LLaVA-1.5's proportions.
 
-    python bench/seva_pipeline.py                 # ~10 minutes on 2 CPU cores (needs toy/: python -m toyworld)
-    python bench/seva_pipeline.py --pairs 32 --batch-size 16 --rounds 3 --no-flops
+    python bench/seva_pipeline.py                 # ~20 minutes on 2 idle CPU cores (needs toy/: python -m toyworld)
+    python bench/seva_pipeline.py --pairs 40 --kept 40 --batch-size 20 --global-batch 8 --rounds 1
+    python bench/drafting.py                      # the toy world's model on its pool: drafting's forwards and time
 
 The authors' way: every answer generated alone (batch 1), chosen on the image and rejected under diffusion
 noise; DPO with the concatenated forward (2B padded sequences) and the reference computed on the fly (the
 model with LoRA off) in every step.
 The project's way: seva.py's `answer_chunk` on batches of --batch-size, the prompts read --prefill-batch-size at
-a time (each layer's activations stay small) and decoded together, which also scores both answers under the
-model on the original image (--reference-logps: the chosen answer's log-probs from its own generation, the
-rejected one's by continuing the prompt's KV cache); DPO with --forward (default shared_prefix: one sequence per
-pair, the prompt once), micro-batches cut to --max-tokens-per-batch packed tokens, and the reference from the
-pairs (train_ddp.py --reference pairs: no reference forward). `--forward packed` puts every pair of a
-micro-batch in one row: no padding, but SDPA then computes the row's whole attention square under its
-block-diagonal mask, (sum of the pairs' lengths)^2 instead of the sum of their squares.
+a time (each layer's activations stay small) and decoded together, the rejected answers drafted by the chosen
+ones (draft.py), which also scores both answers under the model on the original image (--reference-logps: the
+chosen answer's log-probs from its own generation, the rejected one's by continuing the prompt's KV cache); DPO
+with --forward (default shared_prefix: one sequence per pair, the prompt once), micro-batches cut to
+--max-tokens-per-batch packed tokens, and the reference from the pairs (train_ddp.py --reference pairs: no
+reference forward). "undrafted" is the project's pairs stage without drafting (seva.py --no-draft).
+`--forward packed` puts every pair of a micro-batch in one row: no padding, but SDPA then computes the row's
+whole attention square under its block-diagonal mask, (sum of the pairs' lengths)^2 instead of the sum of their
+squares.
 
 The model: a random LLaVA built from configs (no hub): 96 px images in 4 px patches = 576 image tokens, CLIP 128
-wide x 2 layers, Llama 256 wide x 4 layers, LoRA r 16 (as bench/dpo_step.py), the toy world's tokenizer.
-The questions are the toy world's pool questions (textvqa captions and ocr_vqa reading, seva.py's subsets) and
-each answer's length is that of the pool's true answer to it (the open stage's distribution): a random model
-never ends an answer by itself, so a logits processor ends answer i with EOS after exactly that many tokens
-(the same in both ways). Every answer of the two ways must be identical (checked every round).
+wide x 2 layers, Llama 256 wide x 4 layers, LoRA r 16 (as bench/dpo_step.py), the toy world's tokenizer; the
+pairs are made by the model with LoRA off (the SFT model, as seva.py loads it). A random model's answers mean
+nothing and never end, so they are scripted (`Scripted`: a logits processor puts the script's token on top of
+the model's own logits, in generate and in draft.py alike): the questions are the toy world's pool questions
+(textvqa captions and ocr_vqa reading, seva.py's subsets), each chosen answer the pool's true answer to its
+question, each rejected answer the chosen one again except in --kept percent of the instances (the main command
+keeps ~20%), where its second half is another answer's. Every answer of every way must be identical (checked
+every round).
 
-Measured in this one run: a warm-up pass of both ways first (under torch's FlopCounterMode: the FLOPs per pair,
-matmuls and convolutions; the CPU sdpa attention kernel is not counted), then --rounds rounds alternating the
-order: wall time per kept pair (median of rounds) of each stage, its share, and the ratios (medians of the
-per-round ratios); the time spent in generate.py's generate while the pairs are made gives the batching speed-up. Not a test: numbers from a shared machine move by +-30%; the ratios much less.
+Measured in this one run: a warm-up pass of every way first (under torch's FlopCounterMode: the FLOPs per kept
+pair, matmuls, convolutions and attention, the CPU's flash-attention kernel counted as torch counts the GPU's),
+then --rounds rounds alternating the order, each after measuring the fp32 matmul peak (bench/dpo_step.py's, on
+2048 squares): wall time per kept pair (median of rounds) of each stage, its share, its time over its FLOPs' time
+at that round's peak ("x FLOP time": 1 would be every FLOP at the peak), and the ratios (medians of the
+per-round ratios); the time spent in generate.py's generate and draft.py's drafted_generate while the pairs are
+made gives the batching speed-up; the forwards that decode the rejected answers with and without drafting; our
+DPO stage against the bare step (the same pairs encoded before the epoch, 2 per forward, as bench/dpo_step.py).
+Not a test: numbers from a shared machine move by +-30%; the ratios much less.
 """
 import argparse
 import json
@@ -54,6 +66,7 @@ import seva  # noqa: E402
 from toyworld import model as toymodel  # noqa: E402
 import train_ddp  # noqa: E402
 import vlm  # noqa: E402
+from dpo_step import matmul_peak  # noqa: E402  (bench/dpo_step.py)
 
 
 # ----------------------------------------------------------------------------- the model and the instances
@@ -85,26 +98,34 @@ def build(args):
 
 def instances(args, folder, tokenizer):
     """--pairs instances of the pool as seva.py samples them (textvqa and ocr_vqa, seed 0), a random image each
-    (written to `folder`), and answer lengths in tokens (+ EOS): the chosen answer's is that of the pool's true
-    answer to the question, the rejected one's that of the next instance's answer, one token longer where the
-    two would be equal, so that every pair is kept (as line 3 keeps only pairs whose answers differ)."""
+    (written to `folder`), and the token ids (EOS last) each instance's answers will be: the chosen answer is the
+    pool's true answer to the question; the rejected one is the chosen one again (line 3 drops the pair), except
+    in a seeded --kept percent of the instances, where its second half is the next instance's answer's (the pair
+    is kept: the two answers share a prefix, as kept pairs often do)."""
     rows = pool.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
     rng = np.random.default_rng(0)
     for i, row in enumerate(rows):
         row["image"] = f"{i:04d}.png"
         Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)).save(
             os.path.join(folder, row["image"]))
-    chosen = [len(tokenizer(row["answer"], add_special_tokens=False).input_ids) + 1 for row in rows]
-    rejected = [n + (n == c) for c, n in zip(chosen, chosen[1:] + chosen[:1])]
+    answers = [tokenizer(row["answer"], add_special_tokens=False).input_ids for row in rows]
+    kept = set(rng.permutation(len(rows))[:max(1, round(len(rows) * args.kept / 100))].tolist())
+    chosen, rejected = [a + [tokenizer.eos_token_id] for a in answers], []
+    for i, (answer, other) in enumerate(zip(answers, answers[1:] + answers[:1])):
+        differs = answer[:len(answer) // 2] + other[len(other) // 2:]
+        if differs == answer:  # the same tokens again: one more makes them differ
+            differs = differs + other[:1] if other[:1] != answer[:1] else differs + answer[-1:] * 2
+        rejected.append((differs if i in kept else answer) + [tokenizer.eos_token_id])
     return rows, chosen, rejected
 
 
-class ForcedLengths:
-    """The model, whose every generate call ends answer i with EOS after exactly lengths[i] tokens (and never
-    before): `queue` holds the lengths of each coming generate call, in call order."""
+class Scripted:
+    """The model, whose answers follow a script: in every generate call, answer i is the token ids script[i] (EOS
+    last), each forced by a logits processor (the model's own logits are computed, then overruled); `queue` holds
+    the scripts of the coming calls (generate.py's generate and draft.py's drafted_generate), in call order."""
 
-    def __init__(self, model, eos):
-        self.model, self.eos, self.queue = model, eos, []
+    def __init__(self, model):
+        self.model, self.queue = model, []
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -120,36 +141,48 @@ class ForcedLengths:
     def config(self):
         return self.model.config
 
+    def forcing(self):
+        """(rows, done, scores) -> scores with the next scripted token of each row on top (draft.py's
+        logits_processor), for the next call's script."""
+        script = self.queue.pop(0)
+        table = torch.tensor([s + s[-1:] * (max(map(len, script)) - len(s)) for s in script])  # (B, longest)
+
+        def force(rows, done, scores):  # (N,), (N,), (N, V)
+            token = table[rows, done.clamp(max=table.shape[1] - 1)]  # (N,)
+            forced = torch.full_like(scores, torch.finfo(scores.dtype).min)
+            return forced.scatter(1, token[:, None], torch.finfo(scores.dtype).max)
+        return force
+
     def generate(self, **kwargs):
         from transformers import LogitsProcessorList
-        lengths, prompt, eos = torch.tensor(self.queue.pop(0)), kwargs["input_ids"].shape[1], self.eos
+        force, prompt = self.forcing(), kwargs["input_ids"].shape[1]
 
-        def force(input_ids, scores):  # (B, prompt + t), (B, V): token t of each answer comes next
-            ends = lengths == input_ids.shape[1] - prompt + 1  # (B,)
-            scores[:, eos] = torch.where(ends, torch.finfo(scores.dtype).max, torch.finfo(scores.dtype).min)
-            return scores
-        return self.model.generate(**kwargs, logits_processor=LogitsProcessorList([force]))
+        def by_step(input_ids, scores):  # (B, prompt + t), (B, V): token t of each answer comes next
+            rows = torch.arange(scores.shape[0])
+            return force(rows, torch.full_like(rows, input_ids.shape[1] - prompt), scores)
+        return self.model.generate(**kwargs, logits_processor=LogitsProcessorList([by_step]))
 
 
 # ----------------------------------------------------------------------------- Alg. 1 lines 1-3, both ways
-def pairs_authors(model, processor, rows, chosen_lengths, rejected_lengths, folder, args):
+def pairs_authors(model, processor, rows, chosen, rejected, folder, args):
     """Every answer alone (batch 1), as the authors' scripts: the pairs, without reference log-probs."""
     out = []
-    for row, c, r in zip(rows, chosen_lengths, rejected_lengths):
+    for row, c, r in zip(rows, chosen, rejected):
         model.queue = [[c], [r]]
-        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens)
+        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens, draft=False)
         out += seva.answer_chunk(model, processor, [row], folder, settings, warn=lambda m: None)
     return out
 
 
-def pairs_ours(model, processor, rows, chosen_lengths, rejected_lengths, folder, args):
-    """seva.py's batches, scoring both answers on the original image as they are made (--reference-logps)."""
+def pairs_ours(model, processor, rows, chosen, rejected, folder, args, draft=True):
+    """seva.py's batches, scoring both answers on the original image as they are made (--reference-logps), the
+    rejected answers drafted by the chosen ones (draft.py) unless draft is False (seva.py --no-draft)."""
     out = []
     for start in range(0, len(rows), args.batch_size):
         end = start + args.batch_size
-        model.queue = [chosen_lengths[start:end], rejected_lengths[start:end]]
+        model.queue = [chosen[start:end], rejected[start:end]]
         settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens, reference=True,
-                                       prefill_batch=args.prefill_batch_size or None)
+                                       prefill_batch=args.prefill_batch_size or None, draft=draft)
         out += seva.answer_chunk(model, processor, rows[start:end], folder, settings, warn=lambda m: None)
     return out
 
@@ -183,9 +216,10 @@ def dpo_epoch(model, optimizer, encoded, forward, micro_batches, pad):
         optimizer.zero_grad(set_to_none=True)
 
 
-def step_batches(encoded, args, budget):
-    """Each step's micro-batches: --global-batch pairs in order, cut into --micro-batch pairs (the authors'
-    per-device batch) or, with a token budget, to --max-tokens-per-batch packed tokens (train_ddp.py)."""
+def step_batches(encoded, args, budget, micro=None):
+    """Each step's micro-batches: --global-batch pairs in order, cut into `micro` pairs (default --micro-batch, the
+    authors' per-device batch) or, with a token budget, to --max-tokens-per-batch packed tokens (train_ddp.py)."""
+    micro = micro or args.micro_batch
     steps = []
     for start in range(0, len(encoded) - args.global_batch + 1, args.global_batch):
         indices = list(range(start, start + args.global_batch))
@@ -193,7 +227,7 @@ def step_batches(encoded, args, budget):
             lengths = {i: data.packed_length(encoded[i]) for i in indices}
             steps.append(data.budget_micro_batches(indices, lengths, args.max_tokens_per_batch))
         else:
-            steps.append([indices[i:i + args.micro_batch] for i in range(0, len(indices), args.micro_batch)])
+            steps.append([indices[i:i + micro] for i in range(0, len(indices), micro)])
     return steps
 
 
@@ -205,8 +239,17 @@ def timed(fn):
 
 
 def flops(fn):
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    """The FLOPs of fn() as torch's FlopCounterMode counts them (matmuls, convolutions, attention), the CPU's
+    flash-attention kernels counted as torch counts the GPU's (the full L x L square: a mask skips no work)."""
+    from torch.utils import flop_counter
+    aten = torch.ops.aten
+    cpu_attention = {  # FlopCounterMode hands these the arguments' shapes
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda query, key, value, *args, **kwargs: flop_counter.sdpa_flop_count(query, key, value),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, query, key, value, *args, **kwargs: flop_counter.sdpa_backward_flop_count(grad, query, key,
+                                                                                                  value)}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -224,7 +267,10 @@ def parse_args(argv=None):
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank, alpha = 2r (paper: 1024)")
     g = p.add_argument_group("SeVa")
     g.add_argument("--pool", default="toy/pool.json", help="the open stage's pool: questions and answer lengths")
-    g.add_argument("--pairs", type=int, default=64, help="instances answered (every pair is kept: answers differ)")
+    g.add_argument("--pairs", type=int, default=80, help="instances answered, every way all of them (default 80)")
+    g.add_argument("--kept", type=float, default=20,
+                   help="percent of the instances whose rejected answer differs from the chosen one, the pairs line 3 "
+                        "keeps (default 20; the main command keeps ~20%%); the others answer the same on T(I)")
     g.add_argument("--noise-step", type=int, default=500, help="diffusion step of the rejected answers")
     g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (authors: 512)")
     g.add_argument("--batch-size", type=int, default=32, help="the project's generation batch (authors: 1)")
@@ -276,36 +322,42 @@ def main(args):
         if not os.path.exists(path):
             raise ValueError(f"{path}: not found; build the toy world first (python -m toyworld)")
     raw, processor = build(args)
-    model = ForcedLengths(raw, processor.tokenizer.eos_token_id)
-    in_generate = {"seconds": 0.0}  # the time in generate.py's generate: the generation's share of the pairs
+    model = Scripted(raw)
+    calls = {"generate": 0.0, "steps": []}  # the time in generate and drafted_generate; the drafted answers' forwards
 
-    def timed(original):
+    def clocked(original, drafted=False):
         def timed_generate(*args, **kwargs):
-            start = time.perf_counter()
+            start, steps = time.perf_counter(), []
+            if drafted:  # the script forced through draft.py's logits processor
+                kwargs.update(logits_processor=model.forcing(), steps=steps)
             out = original(*args, **kwargs)
-            in_generate["seconds"] += time.perf_counter() - start
+            calls["generate"] += time.perf_counter() - start
+            if drafted:
+                calls["steps"].append(steps)
             return out
         return timed_generate
-    seva.generate, seva.generate_tokens = timed(seva.generate), timed(seva.generate_tokens)
+    seva.generate, seva.generate_tokens = clocked(seva.generate), clocked(seva.generate_tokens)
+    seva.drafted_generate = clocked(seva.drafted_generate, drafted=True)
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=0.0)
     pad = processor.tokenizer.pad_token_id
     folder = tempfile.mkdtemp(prefix="seva-pipeline-")
-    rows, chosen_lengths, rejected_lengths = instances(args, folder, processor.tokenizer)
-    make = {"authors": pairs_authors, "ours": pairs_ours}
+    rows, chosen, rejected = instances(args, folder, processor.tokenizer)
+    make = {"authors": pairs_authors, "ours": pairs_ours,
+            "undrafted": lambda *a: pairs_ours(*a, draft=False)}  # ours without drafting: the pairs stage only
     forward = {"authors": dpo.concatenated_forward, "ours": dpo.PAIR_FORWARDS[args.forward]}
 
     def pairs_of(way):  # (seconds, seconds in generate, the answered rows)
-        in_generate["seconds"] = 0.0
-        with torch.no_grad():
-            seconds, made = timed(lambda: make[way](model, processor, rows, chosen_lengths, rejected_lengths,
-                                                    folder, args))
+        calls["generate"], calls["steps"] = 0.0, []
+        with torch.no_grad(), lora.disable_adapter(raw):  # the SFT model, as seva.py loads it (no LoRA)
+            seconds, made = timed(lambda: make[way](model, processor, rows, chosen, rejected, folder, args))
         if reference and answers(made) != answers(reference):
             raise AssertionError(f"{way}: other pairs than the authors' way made")
-        return seconds, in_generate["seconds"], made
+        return seconds, calls["generate"], made
 
-    def train_of(way, answered):
-        encoded = encoded_pairs(processor, rows, answered, folder, reference=way == "ours")
-        batches = step_batches(encoded, args, budget=way == "ours")
+    def train_of(way, answered, encoded=None):  # encoded: the bare step, on pairs encoded before, 2 per forward
+        batches = step_batches(encoded, args, budget=False, micro=2) if encoded else None
+        encoded = encoded or encoded_pairs(processor, rows, answered, folder, reference=way == "ours")
+        batches = batches or step_batches(encoded, args, budget=way == "ours")
         raw.train()
         dpo_epoch(raw, optimizer, encoded, forward[way], batches, pad)
         raw.eval()
@@ -318,42 +370,75 @@ def main(args):
     kept = len(encoded_pairs(processor, rows, reference, folder, False))
     count = flops if args.count_flops else lambda fn: (fn(), 0.0)[1]
     counted = {}
+    warm = {}
     for way in make:  # the warm-up: a pass of each way, FLOPs counted
         made = {}
         counted[f"pairs {way}"] = count(lambda: made.setdefault("rows", pairs_of(way)[2]))
-        counted[f"dpo {way}"] = count(lambda: train_of(way, made["rows"]))
+        warm[way] = made["rows"]
+        if way in forward:
+            counted[f"dpo {way}"] = count(lambda: train_of(way, made["rows"]))
+    pairs_of("ours")  # the drafted forwards of the last warm-up pass of ours, kept below
+    drafted_steps = calls["steps"]
     times = {f"{stage} {way}": [] for stage in ("pairs", "generate", "dpo") for way in make}
+    peaks = []  # the matmul peak of each round: a busy spell of a shared machine lowers it too
+    bare = encoded_pairs(processor, rows, warm["ours"], folder, reference=True)  # for the bare step
+    times["bare"] = []
     for round_index in range(args.rounds):
+        if args.count_flops:
+            peaks.append(matmul_peak(torch.device("cpu"), torch.float32, [2048]))
         for way in (list(make) if round_index % 2 == 0 else list(make)[::-1]):
             seconds, generating, made = pairs_of(way)
             times[f"pairs {way}"].append(seconds)
             times[f"generate {way}"].append(generating)
-            times[f"dpo {way}"].append(timed(lambda: train_of(way, made))[0])
-            print(f"round {round_index + 1}, {way}: pairs {seconds:.1f} s (generate {generating:.1f} s), "
-                  f"DPO {times[f'dpo {way}'][-1]:.1f} s", flush=True)
-    median = {key: statistics.median(values) for key, values in times.items()}
+            line = f"round {round_index + 1}, {way}: pairs {seconds:.1f} s (generate {generating:.1f} s)"
+            if way in forward:
+                times[f"dpo {way}"].append(timed(lambda: train_of(way, made))[0])
+                line += f", DPO {times[f'dpo {way}'][-1]:.1f} s"
+            if way == "ours":  # the same step bare: the pairs encoded before, 2 per forward (bench/dpo_step.py)
+                times["bare"].append(timed(lambda: train_of(way, made, encoded=bare))[0])
+                line += f", the bare step {times['bare'][-1]:.1f} s"
+            print(line, flush=True)
+    median = {key: statistics.median(values) for key, values in times.items() if values}
     per_round = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
 
-    tokens = sum(chosen_lengths) / len(chosen_lengths)
-    print(f"{len(rows)} instances, {kept} kept pairs; chosen answers of {tokens:.1f} tokens on average (the pool's); "
-          f"model {sum(p.numel() for p in raw.parameters()) / 1e6:.1f} M params; "
-          f"{torch.get_num_threads()} threads; median of {args.rounds} rounds; every answer identical both ways; "
-          f"our DPO: {args.forward}, {args.max_tokens_per_batch} tokens per micro-batch")
-    print("| way | stage | s per pair | share | GFLOP per pair |\n|---|---|---|---|---|")
+    tokens = sum(map(len, chosen)) / len(chosen)
+    print(f"{len(rows)} instances, {kept} kept pairs ({args.kept}% asked: the others' rejected answer equals the "
+          f"chosen one); chosen answers of {tokens:.1f} tokens on average (the pool's, EOS included); model "
+          f"{sum(p.numel() for p in raw.parameters()) / 1e6:.1f} M params; {torch.get_num_threads()} threads; "
+          f"median of {args.rounds} rounds; every answer identical in every way; our DPO: {args.forward}, "
+          f"{args.max_tokens_per_batch} tokens per micro-batch; undrafted: ours without drafting (seva.py --no-draft)")
+    peak = statistics.median(peaks) if peaks else 0.0
+    print(f"fp32 matmul peak of this machine in the rounds: {peak / 1e9:.0f} GFLOP/s (median; torch.mm of 2048 "
+          f"squares, measured in every round); x FLOP time: the stage's time over its FLOPs' time at that round's "
+          f"peak (median of rounds)")
+    print("| way | stage | s per kept pair | share | GFLOP per kept pair | x FLOP time |\n|---|---|---|---|---|---|")
     for way in make:
-        total = median[f"pairs {way}"] + median[f"dpo {way}"]
-        for stage in ("pairs", "dpo"):
+        total = median[f"pairs {way}"] + median.get(f"dpo {way}", 0.0)
+        for stage in ("pairs", "dpo") if way in forward else ("pairs",):
             key = f"{stage} {way}"
             gflop = f"{counted[key] / kept / 1e9:.2f}" if args.count_flops else "-"
-            print(f"| {way} | {stage} | {median[key] / kept:.3f} | {100 * median[key] / total:.0f}% | {gflop} |")
+            flop_time = (f"{statistics.median(t * p / counted[key] for t, p in zip(times[key], peaks)):.1f}"
+                         if args.count_flops else "-")
+            print(f"| {way} | {stage} | {median[key] / kept:.3f} | {100 * median[key] / total:.0f}% | {gflop} "
+                  f"| {flop_time} |")
     answered = 2 * len(rows)  # chosen and rejected
     print(f"generation (the time in generate while making the pairs): batch {args.batch_size} gives "
           f"{per_round('generate authors', 'generate ours'):.2f}x the answers/s of batch 1 "
           f"({answered / median['generate authors']:.1f} -> {answered / median['generate ours']:.1f} answers/s), "
           f"every answer identical")
+    steps = [s for batch in drafted_steps for s in batch]
+    plain_steps = [len(r) for r in rejected]  # plain greedy decoding: one forward per token
+    batched = lambda per_answer: sum(max(per_answer[i:i + args.batch_size])
+                                     for i in range(0, len(per_answer), args.batch_size))
+    print(f"decoding the rejected answers: {sum(plain_steps) / len(rows):.2f} forwards per answer without drafting, "
+          f"{sum(steps) / len(rows):.2f} with ({sum(plain_steps) / sum(steps):.2f}x fewer); forwards per batch of "
+          f"{args.batch_size}: {batched(plain_steps)} -> {batched(steps)}; the pairs stage drafted takes "
+          f"{per_round('pairs ours', 'pairs undrafted'):.2f}x the time of undrafted")
+    print(f"our DPO stage: {per_round('dpo ours', 'bare'):.2f}x the time of the bare step (the same pairs, forward "
+          f"and reference, encoded before the epoch, 2 pairs per forward as bench/dpo_step.py)")
     whole = statistics.median((a + b) / (c + d) for a, b, c, d in zip(times["pairs ours"], times["dpo ours"],
                                                                        times["pairs authors"], times["dpo authors"]))
-    print(f"whole SeVa per pair: {whole:.2f}x the authors' way (pairs {per_round('pairs ours', 'pairs authors'):.2f}x, "
+    print(f"whole SeVa per kept pair: {whole:.2f}x the authors' way (pairs {per_round('pairs ours', 'pairs authors'):.2f}x, "
           f"DPO {per_round('dpo ours', 'dpo authors'):.2f}x)")
 
 

@@ -14,6 +14,7 @@ import families  # noqa: E402  (importing it lets Qwen2-VL's processor load with
 
 import collate  # noqa: E402
 import diffusion  # noqa: E402
+import draft  # noqa: E402
 import dpo  # noqa: E402
 import eval.runner  # noqa: E402
 import lora  # noqa: E402
@@ -255,3 +256,34 @@ def test_chat_turns_that_do_not_end_in_eos_keep_the_template_text():
     pieces = vlm.render_turns(processor, [("q1", "a1"), ("q2", "a2")], "chat")
     assert pieces == [("user: q1\nassistant:", False), (" a1<eos>", True), ("\nuser: q2\nassistant:", False),
                       (" a2<eos>", True)]
+
+
+@pytest.mark.parametrize("negatives", [[], ["--negative-steps", "20,100,400"]], ids=["one", "three"])
+def test_drafted_rejected_answers_leave_the_pairs_file_unchanged(family, tmp_path, negatives, monkeypatch):
+    """seva.py's rejected answers drafted by the chosen ones (the default, draft.py) or decoded one token per forward
+    (--no-draft): the same pairs file byte for byte, with one negative and with three. The families that cannot
+    draft (vlm.FAMILIES prefill_rows) decode plainly either way."""
+    _, model, processor = family
+    folder = str(tmp_path / "model")
+    sharpen(model).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    os.makedirs(tmp_path / "images")
+    records = []
+    for i, question in enumerate(QUESTIONS * 2):
+        families.image(i).resize(SIZES[i % len(SIZES)]).save(tmp_path / "images" / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "red"}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    drafted_batches = []
+    decode = draft.decode
+    monkeypatch.setattr(draft, "decode", lambda *a, **k: drafted_batches.append(1) or decode(*a, **k))
+    files = {}
+    for setting in ([], ["--no-draft"]):
+        out = str(tmp_path / f"pairs{len(setting)}.jsonl")
+        summary = seva.main(["--model", folder, "--data", str(tmp_path / "data.json"), "--image-folder",
+                             str(tmp_path / "images"), "--batch-size", "4", "--noise-step", "100", "--max-new-tokens", "6", "--precision",
+                             "fp32", "--out", out, "--no-progress", *negatives, *setting])
+        files[len(setting)] = open(out, "rb").read()
+    assert files[0] == files[1]
+    assert negatives or 0 < summary["pairs"] < summary["answered"]  # some rejected answers equal their draft, some not
+    assert bool(drafted_batches) == vlm.spec(model.config)["prefill_rows"]  # drafted where the family allows
