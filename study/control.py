@@ -30,7 +30,7 @@ import seva
 import train_ddp
 import vlm
 from eval import hallucination, runner
-from study import ablations
+from study import ablations, analyses, models, scores, settings
 from study import control_why as why
 
 CONTROLS = ("dpo-own", "dpo-seva", "sft")
@@ -90,7 +90,7 @@ def write_data(folder, seva_pairs, control):
 
 # ----------------------------------------------------------------------------- one run
 def score(model, processor, world, answers_dir, model_id, weights):
-    """ablations.score_open's metrics without POPE (protocol, the control's second section: POPE is evidence
+    """scores.score_open's metrics without POPE (protocol, the control's second section: POPE is evidence
     for no claim on this stage, and the shared machine cannot afford its 1080 probes per run)."""
     found = hallucination.evaluate(model, processor, model_id, world, os.path.join(world, "images"), answers_dir,
                                    max_new_tokens=96, batch_size=64, progress=False, weights=weights)
@@ -108,7 +108,7 @@ def training_args(start, images, folder, data_path, control, setting, seed):
     s = SETTINGS[setting]
     argv = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"), "--seed", str(seed),
             "--lora-r", str(LORA_R), "--lora-alpha", str(2 * LORA_R), "--lr", str(s["lr"]),
-            "--batch-size", str(ablations.GLOBAL_BATCH), "--no-progress", "--cache-data",
+            "--batch-size", str(settings.GLOBAL_BATCH), "--no-progress", "--cache-data",
             "--epochs", str(s.get("epochs", 1))]
     if control == "sft":
         return argv + ["--objective", "sft", "--data", data_path]
@@ -131,7 +131,7 @@ def run_once(world, out, seva_pairs, control, setting, seed):
     weights = runner.fingerprint(start, os.path.join(folder, "train", "adapter"))
     row = dict(control=control, setting=setting, seed=seed, training=argv, instances=len(seva_pairs),
                trained=trained, dropped=dropped,
-               accuracy=ablations.short_answers(model, processor, world, answers),
+               accuracy=scores.short_answers(model, processor, world, answers),
                open=score(model, processor, world, answers, name, weights))
     metrics = common.read_jsonl(os.path.join(folder, "train", "metrics.jsonl"), appended=True)
     row["steps"] = len(metrics)
@@ -175,7 +175,7 @@ COLUMNS = [("chair_i_cap", "CHAIR_i cap (primary)", True), ("cover_cap", "Cover 
 
 def cells(scores, accuracy):
     """A table row's cells: each column's mean ± sd over the scores given, then short answers."""
-    spread = lambda xs, p: ablations.mean_spread([100 * x for x in xs], 1) if p else ablations.mean_spread(xs, 2)
+    spread = lambda xs, p: analyses.mean_spread([100 * x for x in xs], 1) if p else analyses.mean_spread(xs, 2)
     return [spread([s.get(k, float("nan")) for s in scores], p) for k, _, p in COLUMNS] + [spread(accuracy, True)]
 
 
@@ -219,7 +219,7 @@ def report(out, rows, start, seva_path, references=()):
                          if setting not in REGISTERED else [])
         body = [["SFT model", "-"] + cells([start["open"]], [start["accuracy"]["overall"]]) + ["-"] * 4]
         for title, runs in [(title, runs) for where, title, runs in references if where == setting]:
-            body.append([title, len(runs)] + cells([r["open"] for r in runs], [ablations.accuracy_of(r) for r in runs])
+            body.append([title, len(runs)] + cells([r["open"] for r in runs], [analyses.accuracy_of(r) for r in runs])
                         + [f"{statistics.mean(r['pairs_trained'] for r in runs):.0f}",
                            f"{statistics.mean(r['steps'] for r in runs):.0f}",
                            f"{statistics.mean(r['chosen_logps'][0] for r in runs):.2f} -> "
@@ -311,7 +311,7 @@ def run_control(argv=None):
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
-    if not ablations.is_open(args.world):
+    if not scores.is_open(args.world):
         p.error(f"{args.world} is not an open-stage world (python -m toyworld)")
     os.makedirs(args.out, exist_ok=True)
     start_dir = os.path.join(args.world, "model-sft")
@@ -319,8 +319,8 @@ def run_control(argv=None):
         print(open(why.write(args.out, args.world, start_dir, args.why_runs)).read())
         return
     seva_pairs = common.read_jsonl(args.pairs)
-    start = dict(accuracy=ablations.model_accuracy(args.world, args.out, start_dir),
-                 open=ablations.open_scores(args.world, args.out, start_dir))
+    start = dict(accuracy=models.model_accuracy(args.world, args.out, start_dir),
+                 open=models.open_scores(args.world, args.out, start_dir))
     log = os.path.join(args.out, "runs.jsonl")
     rows = common.read_jsonl(log, appended=True)
     study_rows = common.read_jsonl(args.study_runs, appended=True)

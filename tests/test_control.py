@@ -48,7 +48,7 @@ def test_runs_are_recorded_once_and_reported(toy_world, toy_pairs, tmp_path, mon
             for p in common.read_jsonl(toy_pairs)[:8]]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in kept))
-    monkeypatch.setattr(control.ablations, "GLOBAL_BATCH", 4)
+    monkeypatch.setattr(control.settings, "GLOBAL_BATCH", 4)
     argv = ["--world", toy_world, "--pairs", str(path), "--out", str(tmp_path / "out"), "--controls", "dpo-own",
             "--settings", "main", "--seeds", "0", "--threads", "1", "--study-runs", str(tmp_path / "none")]
     control.main(argv)
