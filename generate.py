@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 import common
 import dpo
+import positions
 import vlm
 
 
@@ -30,13 +31,17 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         end-of-sequence token, without the padding that batching adds after it): (answers, ids).
     return_state: all questions in one batch, and also what scoring answers on these prompts needs (seva.py
         --reference-logps): (answers, ids, state), state = {cache: the KV cache, cut back to the prompts;
-        attention_mask (B, P) of the left-padded prompts; input_ids (B, P); first_logps (B, V): the log-probs of
+        attention_mask (B, P) of the left-padded prompts; input_ids (B, P); next_position (B,): the position an
+        answer's first token takes (positions.next_positions); first_logps (B, V): the log-probs of
         every answer's first token; token_logps (B, new): those of each generated token}.
     prefill_batch: prompts per forward while the prompts are read (None: the whole batch at once); decoding
         still runs the whole batch. On a CPU a few rows at a time keep each layer's activations small: with 32
         LLaVA-shaped prompts (576 image tokens) read 4 at a time the pairs took 0.68x the time
         (bench/seva_pipeline.py --prefill-only). The families with vlm.FAMILIES prefill_rows.
     """
+    if return_state and positions.sliding_window(model):
+        raise ValueError(f"return_state: {model.config.model_type}'s sliding-window layers keep a cache that cannot be "
+                         f"cut back to the prompts; score the answers in training instead (train_ddp.py --reference)")
     if return_state and len(images) > batch_size:
         raise ValueError(f"return_state needs one batch: {len(images)} questions > batch_size {batch_size}")
     if len(images) != len(questions):
@@ -50,7 +55,8 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         indices = list(range(start, min(start + batch_size, len(images))))
         prompts = [vlm.prompt_text(processor, questions[i], template) for i in indices]
         # generation appends on the right, so pad on the left (for this call only: the processor is the caller's)
-        inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, padding_side="left",
+        # one list of images per prompt (Gemma 3's and SmolVLM's processors take no flat list)
+        inputs = processor(images=[[images[i]] for i in indices], text=prompts, padding=True, padding_side="left",
                            return_tensors="pt")
         inputs.pop("labels", None)  # PaliGemma's processor returns labels too: none on a prompt
         if pixel_transform is not None:  # on each image's own pixels, whatever the family's tensor layout
@@ -64,7 +70,7 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                 return_dict_in_generate=return_state, output_logits=return_state)
         if return_state:
-            state = prompt_state(output, inputs)
+            state = prompt_state(model, output, inputs)
             output = output.sequences
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new): generate returns prompt + answer
         answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -84,13 +90,16 @@ def prefilled(model, inputs, rows):
     if not vlm.spec(model.config)["prefill_rows"]:
         raise ValueError(f"prefill_batch: {model.config.model_type}'s prompts cannot be read apart from their last "
                          f"token (vlm.FAMILIES prefill_rows); generate them a whole batch at a time")
+    config, prompts = model.config, len(inputs["input_ids"])
+    row_positions = positions.row_positions(model, inputs)  # (B, P), or M-RoPE's (3, B, P)
     parts = []
-    for start in range(0, len(inputs["input_ids"]), rows):
-        part = {k: v[start:start + rows] for k, v in inputs.items()}  # every tensor is one row per prompt
-        part["input_ids"], mask = part["input_ids"][:, :-1], part["attention_mask"][:, :-1]
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        parts.append(model(**dict(part, attention_mask=mask), position_ids=positions, use_cache=True,
-                           logits_to_keep=1).cache)
+    for start in range(0, prompts, rows):
+        part = list(range(start, min(start + rows, prompts)))
+        tokens = {k: v[part, :-1] for k, v in inputs.items() if k in ("input_ids", "attention_mask") + tuple(vlm.TOKEN_KEYS)}
+        parts.append(model(**tokens, **vlm.image_inputs(inputs, config, part), position_ids=row_positions[..., part, :-1],
+                           use_cache=True, logits_to_keep=1).cache)
+    if hasattr(getattr(model, "model", None), "rope_deltas"):  # M-RoPE: the deltas kept from an earlier batch are
+        model.model.rope_deltas = None  # not these prompts'; generate makes them again from the prompts
     cache = DynamicCache()
     for layer in range(len(parts[0].layers)):
         cache.update(torch.cat([p.layers[layer].keys for p in parts]),
@@ -98,7 +107,7 @@ def prefilled(model, inputs, rows):
     return dict({k: v for k, v in inputs.items() if k != "pixel_values"}, cache=cache)
 
 
-def prompt_state(output, inputs):
+def prompt_state(model, output, inputs):
     """generate(return_state=True)'s state, from a return_dict_in_generate output with output_logits."""
     prompt = inputs["input_ids"].shape[1]
     cache = output.cache
@@ -107,6 +116,7 @@ def prompt_state(output, inputs):
     token_logps = torch.stack([step.float().log_softmax(-1).gather(-1, new_tokens[:, t, None])[:, 0]
                                for t, step in enumerate(output.logits)], 1)  # (B, new), one step at a time
     return dict(cache=cache, attention_mask=inputs["attention_mask"], input_ids=inputs["input_ids"],
+                next_position=positions.next_positions(model, inputs),
                 first_logps=output.logits[0].float().log_softmax(-1), token_logps=token_logps)
 
 
@@ -150,8 +160,8 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
         cache, state["cache"] = state["cache"], None
         cache.batch_select_indices(rows)  # each forced answer continues its own prompt's cache
         prompt_mask = state["attention_mask"][rows]  # (R, P)
-        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(length, device=device)  # after the prompt
-        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=positions,
+        after = state["next_position"][rows, None] + torch.arange(length, device=device)  # after the prompt (positions.py)
+        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=after,
                        cache=cache, use_cache=True).logits  # (R, A, V): token t + 1 from position t
         for r, (i, j, tokens, labelled) in enumerate(forced):
             first = state["first_logps"][i, tokens[0]]  # the prompt's last position predicts the first token
