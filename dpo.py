@@ -403,7 +403,8 @@ def packed_forward(model, batch, ld_alpha=None):
     """shared_prefix_forward's numbers from one row holding every pair of the batch (pack_rows): no padding
     computed. Equal to concatenated_forward (tests/test_shared_prefix.py). Only for a model that
     vlm.pair_forward_problem(model, "packed") finds no problem with."""
-    packed = pack_rows(pack_pairs(batch, positions.row_positions(model, batch), positions.attention_blocks(model, batch)))
+    packed = pack_rows(pack_pairs(batch, positions.row_positions(model, batch),
+                                  positions.attention_blocks(model, batch)))
     _, pair_index = split_rows(batch)
     pairs = packed["length"].shape[0]
     keep = torch.cat([p.reshape(1, -1) for p in packed["positions"]], 1)  # (1, sum over slots of B (1 + A))

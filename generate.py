@@ -95,9 +95,10 @@ def prefilled(model, inputs, rows):
     parts = []
     for start in range(0, prompts, rows):
         part = list(range(start, min(start + rows, prompts)))
-        tokens = {k: v[part, :-1] for k, v in inputs.items() if k in ("input_ids", "attention_mask") + tuple(vlm.TOKEN_KEYS)}
-        parts.append(model(**tokens, **vlm.image_inputs(inputs, config, part), position_ids=row_positions[..., part, :-1],
-                           use_cache=True, logits_to_keep=1).cache)
+        per_token = ("input_ids", "attention_mask") + tuple(vlm.TOKEN_KEYS)
+        tokens = {k: v[part, :-1] for k, v in inputs.items() if k in per_token}  # every prompt token but the last
+        parts.append(model(**tokens, **vlm.image_inputs(inputs, config, part), use_cache=True, logits_to_keep=1,
+                           position_ids=row_positions[..., part, :-1]).cache)
     if hasattr(getattr(model, "model", None), "rope_deltas"):  # M-RoPE: the deltas kept from an earlier batch are
         model.model.rope_deltas = None  # not these prompts'; generate makes them again from the prompts
     cache = DynamicCache()
@@ -160,7 +161,7 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
         cache, state["cache"] = state["cache"], None
         cache.batch_select_indices(rows)  # each forced answer continues its own prompt's cache
         prompt_mask = state["attention_mask"][rows]  # (R, P)
-        after = state["next_position"][rows, None] + torch.arange(length, device=device)  # after the prompt (positions.py)
+        after = state["next_position"][rows, None] + torch.arange(length, device=device)  # positions.next_positions
         logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=after,
                        cache=cache, use_cache=True).logits  # (R, A, V): token t + 1 from position t
         for r, (i, j, tokens, labelled) in enumerate(forced):
