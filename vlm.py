@@ -3,7 +3,7 @@ What differs between vision-language model (VLM) families, in one place.
 
 Every other file asks this one how to load a model, how to write a prompt, how an image becomes model
 inputs, which linear layers get LoRA and where the vision tower is. Porting SeVa to a new family means
-adding a row to FAMILIES (README: "Porting to a new VLM"); the prompt comes from the processor's chat
+adding a row to FAMILIES (docs/porting.md); the prompt comes from the processor's chat
 template, and the processor expands the image into the family's own image tokens.
 
 LLaVA-1.5 (the authors' code, llava-hf/llava-1.5-7b-hf): the vicuna_v1 template with its system prompt,
@@ -25,11 +25,14 @@ from PIL import Image
 # template: the default prompt template (TEMPLATES). pad_to_square: LLaVA-1.5's expand2square.
 # pixels: the layout of the processor's pixel_values (see `image_pixels`): "image" = dim 0 is the image
 #     (B, C, H, W) or (B, crops, C, H, W); "patches" = Qwen2-VL's flattened patches (sum of patches,
-#     C x T x P x P), each patch repeated over T frames, image_grid_thw telling which rows are whose.
+#     C x T x P x P), each patch repeated over T frames, image_grid_thw telling which rows are whose; "tiles" =
+#     InternVL's tiles of every image along dim 0 (sum of tiles, C, H, W), the image's tokens telling how many.
 # pair_forwards: the dpo.PAIR_FORWARDS the family was tested with; others fall back to "concatenated".
 #     shared_image needs get_image_features + mm_encoder_outputs as LLaVA's; shared_prefix needs a decoder that
 #     takes a 4D attention mask and position ids as `positions` makes them; packed (several pairs in one row) also
-#     needs each image to fill the image tokens of its own pair, in order. no_shared_prefix: why not, where not.
+#     needs each image to fill the image tokens of its own pair, in order. No shared_image for M-RoPE (its
+#     positions need image_grid_thw, which a forward on encoder outputs lacks), InternVL's tiles, PaliGemma and
+#     Gemma 3 (their get_image_features return no per-image list): their shared_prefix runs the tower once too.
 # positions: "1d" (first_position, + 1, + 2, ... along the row: PaliGemma counts from 1) or "mrope" (Qwen2-VL's 3D
 #     positions: the model's get_rope_index). An answer scored on a prompt's cache continues them exactly.
 # attention: "causal"; "prefix" (PaliGemma: the prompt, token_type_ids 0, attended both ways); "image_blocks"
@@ -56,7 +59,7 @@ FAMILIES["internvl"] = dict(  # InternVL 3: InternViT, pixel shuffle, Qwen2; til
 FAMILIES["qwen2_vl"] = dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions
     FAMILIES["llava_next"], vision_tower="model.visual", projector="model.visual.merger", pixels="patches",
     pair_forwards=("concatenated", "shared_prefix", "packed"), positions="mrope")
-FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL: windowed ViT attention, same layout
+FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL: windowed ViT, same layout (no tiny test model)
 FAMILIES["qwen3_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen3-VL: interleaved M-RoPE, DeepStack features
 FAMILIES["idefics3"] = dict(  # Idefics3: SigLIP, pixel-shuffle connector, Llama text model
     FAMILIES["llava_next"], lora_targets=r"model\.text_model" + _LLAMA_LINEARS, vision_tower="model.vision_model",
@@ -68,6 +71,7 @@ FAMILIES["paligemma"] = dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention 
 FAMILIES["gemma3"] = dict(  # Gemma 3: SigLIP pooled, image tokens attended both ways, sliding-window layers
     FAMILIES["llava"], template="chat", pad_to_square=False, pair_forwards=("concatenated", "shared_prefix", "packed"),
     attention="image_blocks", prefill_rows=False)  # its sliding-window layers' caches cannot be joined row-wise
+
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
