@@ -9,6 +9,7 @@ of dpo.py, on a random LLaVA at LLaVA-1.5's proportions: 576 image tokens, ~40 p
                                                               # several rejected answers per pair (paper 3.3)
     python bench/dpo_step.py --family qwen2_vl --answers 16 --forwards concatenated,shared_prefix --no-memory
                                                               # at a family's proportions (FAMILY_IMAGE_TOKENS)
+    python bench/dpo_step.py --family qwen2_vl --answers 16,64 --flops-only    # the FLOP ratios alone, in seconds
 
 Variants: concatenated (naive: 2B full sequences), shared_image (vision tower once per pair), shared_prefix
 (one packed sequence per pair), each with the on-the-fly reference (LoRA disabled) and the precomputed one.
@@ -307,6 +308,9 @@ def parse_args(argv=None):
     g.add_argument("--matmul-sizes", default="", help="sides of the squares for the matmul peak, comma-separated "
                                                        "(default: 2048,4096 on CPU, 8192 on CUDA)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--flops-only", action="store_true",
+                   help="print each variant's FLOPs (the formula above) and their ratio to the naive forward's, "
+                        "timing nothing: machine-independent, unlike the times; seconds to run")
     g.add_argument("--family", choices=sorted(FAMILY_IMAGE_TOKENS),
                    help="image tokens per image as this family's (FAMILY_IMAGE_TOKENS; sets --image-size with "
                         "--patch-size 4); default: --image-size and --patch-size as given")
@@ -324,6 +328,20 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = common.compute_dtype(device, "bf16")  # bf16 autocast on CUDA, fp32 on CPU
     forwards = args.forwards.split(",")
+    if args.flops_only:
+        model = build_model(args, device)
+        print(f"image tokens {(args.image_size // args.patch_size) ** 2}"
+              + (f" ({args.family}: {FAMILY_IMAGE_TOKENS[args.family]})" if args.family else "")
+              + f", {args.prompt_tokens} prompt text tokens, {args.pairs} pairs\n"
+              "| answer tokens | forward | reference | GFLOP | x naive |\n|---|---|---|---|---|")
+        for answer_tokens in [int(a) for a in args.answers.split(",")]:
+            batch = make_batch(args, answer_tokens, device)
+            for reference in REFERENCES:
+                naive = step_flops(model, batch, "concatenated", reference)
+                for forward in forwards:
+                    flops = step_flops(model, batch, forward, reference)
+                    print(f"| {answer_tokens} | {forward} | {reference} | {flops / 1e9:.2f} | {flops / naive:.2f} |")
+        sys.exit(0)
     sizes = args.matmul_sizes or ("8192" if device.type == "cuda" else "2048,4096")
     peak = matmul_peak(device, amp_dtype or torch.float32, [int(size) for size in sizes.split(",")])
     model = build_model(args, device)
