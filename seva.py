@@ -320,8 +320,8 @@ def parse_args(argv=None):
                    help="instances per batch and per chunk of the output (authors: 1; batching changes no answer)")
     g.add_argument("--prefill-batch-size", type=int, default=0,
                    help="read each batch's prompts this many at a time, then decode the batch together (0: all at "
-                        "once). On CPUs 4 is faster: the activations stay small; answers are the same. LLaVA, "
-                        "LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows)")
+                        "once). On CPUs 4 is faster: the activations stay small; answers are the same. Every family "
+                        "but PaliGemma and Gemma 3 (vlm.FAMILIES prefill_rows)")
     g.add_argument("--reference-logps", action="store_true",
                    help="also score each kept pair's answers under this model on the original image, as training's "
                         "reference does, into the pairs (the chosen answer from its own generation, the rejected by "
