@@ -39,9 +39,8 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         LLaVA-shaped prompts (576 image tokens) read 4 at a time the pairs took 0.68x the time
         (bench/seva_pipeline.py --prefill-only). The families with vlm.FAMILIES prefill_rows.
     """
-    if return_state and positions.sliding_window(model):
-        raise ValueError(f"return_state: {model.config.model_type}'s sliding-window layers keep a cache that cannot be "
-                         f"cut back to the prompts; score the answers in training instead (train_ddp.py --reference)")
+    if return_state and state_problem(model):
+        raise ValueError(f"return_state: {state_problem(model)}")
     if return_state and len(images) > batch_size:
         raise ValueError(f"return_state needs one batch: {len(images)} questions > batch_size {batch_size}")
     if len(images) != len(questions):
@@ -81,6 +80,15 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
     if return_state:
         return answers, answer_ids, state
     return (answers, answer_ids) if return_ids else answers
+
+
+def state_problem(model):
+    """Why generate(return_state=True) cannot keep this model's prompt cache for scoring (seva.py
+    --reference-logps), or None."""
+    if positions.sliding_window(model):
+        return (f"{model.config.model_type}'s sliding-window layers keep a cache that cannot be cut back to the "
+                f"prompts; score the answers in training instead (train_ddp.py --reference)")
+    return None
 
 
 def prefilled(model, inputs, rows):

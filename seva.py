@@ -27,7 +27,7 @@ import common
 import diffusion
 import pairs
 import vlm
-from generate import generate, score_answers
+from generate import generate, score_answers, state_problem
 
 # ----------------------------------------------------------------------------- Alg. 1 line 1: sample (I, Q) from the pool
 SUBSETS = ("textvqa", "ocr_vqa", "gqa", "coco", "vg")  # LLaVA-665k's image folders
@@ -398,8 +398,8 @@ def main(argv=None):
     model.eval()
     args.template = vlm.resolve_template(model, args.template)  # the family's, recorded as used
     args.pad = args.pad and vlm.pads_to_square(model)
-    problem = args.reference_logps and vlm.pair_forward_problem(model, "shared_prefix")
-    if problem:  # the answers continue the prompt's cache with 1D positions and no per-token inputs
+    problem = args.reference_logps and (vlm.pair_forward_problem(model, "shared_prefix") or state_problem(model))
+    if problem:  # the answers continue the prompt's cache (generate.score_answers)
         raise ValueError(f"--reference-logps: {problem}; make the pairs without it (train_ddp.py --reference "
                          f"precomputed scores them instead)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
