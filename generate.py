@@ -39,8 +39,6 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         LLaVA-shaped prompts (576 image tokens) read 4 at a time the pairs took 0.68x the time
         (bench/seva_pipeline.py --prefill-only). The families with vlm.FAMILIES prefill_rows.
     """
-    if return_state and state_problem(model):
-        raise ValueError(f"return_state: {state_problem(model)}")
     if return_state and len(images) > batch_size:
         raise ValueError(f"return_state needs one batch: {len(images)} questions > batch_size {batch_size}")
     if len(images) != len(questions):
@@ -65,6 +63,8 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         if prefill_batch and prefill_batch < len(indices):
             inputs = prefilled(model, inputs, prefill_batch)
+        elif return_state and positions.sliding_window(model):  # a cache of every position, which can be cut back
+            inputs["cache"] = DynamicCache()  # (Gemma 3's own would keep its sliding-window layers' last tokens only)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                 return_dict_in_generate=return_state, output_logits=return_state)
@@ -82,19 +82,11 @@ def generate(model, processor, images, questions, template=None, max_new_tokens=
     return (answers, answer_ids) if return_ids else answers
 
 
-def state_problem(model):
-    """Why generate(return_state=True) cannot keep this model's prompt cache for scoring (seva.py
-    --reference-logps), or None."""
-    if positions.sliding_window(model):
-        return (f"{model.config.model_type}'s sliding-window layers keep a cache that cannot be cut back to the "
-                f"prompts; score the answers in training instead (train_ddp.py --reference)")
-    return None
-
-
 def prefilled(model, inputs, rows):
     """`inputs` for model.generate with the prompts' KV cache already computed, `rows` prompts at a time, for
     every prompt token but the last (generate computes that one and goes on): the pixels are then not needed.
-    Positions as generate makes them from the left-padded attention mask."""
+    Positions as the model's own forward makes them (positions.row_positions). The cache keeps every position, also
+    in sliding-window layers (Gemma 3's own would keep the window's last tokens only, which cannot be joined)."""
     if not vlm.spec(model.config)["prefill_rows"]:
         raise ValueError(f"prefill_batch: {model.config.model_type}'s prompts cannot be read apart from their last "
                          f"token (vlm.FAMILIES prefill_rows); generate them a whole batch at a time")
@@ -106,7 +98,7 @@ def prefilled(model, inputs, rows):
         per_token = ("input_ids", "attention_mask") + tuple(vlm.TOKEN_KEYS)
         tokens = {k: v[part, :-1] for k, v in inputs.items() if k in per_token}  # every prompt token but the last
         parts.append(model(**tokens, **vlm.image_inputs(inputs, config, part), use_cache=True, logits_to_keep=1,
-                           position_ids=row_positions[..., part, :-1]).cache)
+                           position_ids=row_positions[..., part, :-1], cache=DynamicCache()).cache)
     if hasattr(getattr(model, "model", None), "rope_deltas"):  # M-RoPE: the deltas kept from an earlier batch are
         model.model.rope_deltas = None  # not these prompts'; generate makes them again from the prompts
     cache = DynamicCache()

@@ -27,7 +27,7 @@ import common
 import diffusion
 import pairs
 import vlm
-from generate import generate, score_answers, state_problem
+from generate import generate, score_answers
 
 # ----------------------------------------------------------------------------- Alg. 1 line 1: sample (I, Q) from the pool
 SUBSETS = ("textvqa", "ocr_vqa", "gqa", "coco", "vg")  # LLaVA-665k's image folders
@@ -321,7 +321,7 @@ def parse_args(argv=None):
     g.add_argument("--prefill-batch-size", type=int, default=0,
                    help="read each batch's prompts this many at a time, then decode the batch together (0: all at "
                         "once). On CPUs 4 is faster: the activations stay small; answers are the same. Every family "
-                        "but PaliGemma and Gemma 3 (vlm.FAMILIES prefill_rows)")
+                        "but PaliGemma (vlm.FAMILIES prefill_rows)")
     g.add_argument("--reference-logps", action="store_true",
                    help="also score each kept pair's answers under this model on the original image, as training's "
                         "reference does, into the pairs (the chosen answer from its own generation, the rejected by "
@@ -398,7 +398,7 @@ def main(argv=None):
     model.eval()
     args.template = vlm.resolve_template(model, args.template)  # the family's, recorded as used
     args.pad = args.pad and vlm.pads_to_square(model)
-    problem = args.reference_logps and (vlm.pair_forward_problem(model, "shared_prefix") or state_problem(model))
+    problem = args.reference_logps and vlm.pair_forward_problem(model, "shared_prefix")
     if problem:  # the answers continue the prompt's cache (generate.score_answers)
         raise ValueError(f"--reference-logps: {problem}; make the pairs without it (train_ddp.py --reference "
                          f"precomputed scores them instead)")

@@ -39,7 +39,7 @@ from PIL import Image
 #     (Gemma 3: each image's tokens, token_type_ids 1, attended both ways). positions.attention_blocks.
 # prefill_rows: generate.py can read the prompts a few rows at a time (prefill_batch) and decode them together:
 #     every prompt token but the last is computed apart (not PaliGemma's prefix-LM attention, where the prompt's
-#     last token is seen by those before it; not Gemma 3, whose sliding-window layers keep a cut cache).
+#     last token is seen by those before it).
 _LLAMA_LINEARS = r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 _ALL = ("concatenated", "shared_image", "shared_prefix", "packed")
 FAMILIES = {
@@ -70,7 +70,7 @@ FAMILIES["paligemma"] = dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention 
     first_position=1, attention="prefix", prefill_rows=False)
 FAMILIES["gemma3"] = dict(  # Gemma 3: SigLIP pooled, image tokens attended both ways, sliding-window layers
     FAMILIES["llava"], template="chat", pad_to_square=False, pair_forwards=("concatenated", "shared_prefix", "packed"),
-    attention="image_blocks", prefill_rows=False)  # its sliding-window layers' caches cannot be joined row-wise
+    attention="image_blocks")
 
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "

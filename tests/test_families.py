@@ -92,22 +92,12 @@ def test_prompts_read_a_few_at_a_time_give_the_same_answers(family):
     assert state["cache"].get_seq_length() == whole["cache"].get_seq_length() == state["input_ids"].shape[1]
 
 
-def test_reference_scores_from_the_generation_equal_the_naive_forward(family, folders, tmp_path):
+def test_reference_scores_from_the_generation_equal_the_naive_forward(family):
     """seva.py --reference-logps: answers scored on the prompts' KV cache (the greedy one from its own generation,
     others teacher-forced at the positions after the prompt, positions.next_positions) equal training's naive
-    forward on the same pairs; a family that cannot says so in seva.py."""
+    forward on the same pairs (Gemma 3's sliding window of 8 tokens included: its prompts are ~30)."""
     name, model, processor = family
     sharpen(model)
-    if positions.sliding_window(model):  # Gemma 3: its sliding-window caches are cut to the window as they go
-        with pytest.raises(ValueError, match="sliding-window"):
-            generate(model, processor, images()[:3], QUESTIONS[:3], max_new_tokens=4, batch_size=3, return_state=True)
-        families.image(0).save(tmp_path / "0.png")
-        (tmp_path / "data.json").write_text(json.dumps([{"id": "0", "image": "0.png", "conversations": [
-            {"from": "human", "value": "<image>\n" + QUESTIONS[0]}, {"from": "gpt", "value": "red"}]}]))
-        with pytest.raises(ValueError, match="--reference-logps: .*sliding-window"):  # seva.py says so before it starts
-            seva.main(["--model", folders[name], "--data", str(tmp_path / "data.json"), "--image-folder",
-                       str(tmp_path), "--reference-logps", "--out", str(tmp_path / "seva.jsonl"), "--no-progress"])
-        return
     answers, ids, state = generate(model, processor, images()[:3], QUESTIONS[:3], max_new_tokens=4, batch_size=3,
                                    return_state=True)
     others = ["a red circle", "two", "no"]
