@@ -17,6 +17,7 @@ CLI: `python augment.py IMAGE --out grid.png` draws the image under every augmen
 
 import argparse
 import math
+import os
 import random
 
 import numpy as np
@@ -332,10 +333,14 @@ def _noised_picture(image, noise_step, seed, schedule):
 
 
 def draw_grid(image: Image.Image, seed: int, size: int = 224, schedule: str = "sigmoid") -> Image.Image:
-    """One labelled grid: the original, every image-level augmentation, then noise at steps 100..900."""
+    """One labelled grid: the original, every image-level augmentation, then noise at steps 100..900. A random
+    augmentation that leaves this image unchanged with this seed (a flip or an inversion not drawn) says so."""
     square = _square(image.convert("RGB"), size)
     panels = [("original", square)]
-    panels += [(name, augment(square, seed)) for name, augment in AUGMENTATIONS.items()]
+    for name, augment in AUGMENTATIONS.items():
+        panel = augment(square, seed)
+        same = panel.size == square.size and panel.convert("RGB").tobytes() == square.tobytes()
+        panels.append((f"{name}: not drawn (seed {seed})" if same else name, panel))
     panels += [(f"diffusion t={step}", _noised_picture(square, step, seed, schedule)) for step in NOISE_STEPS]
     rows = math.ceil(len(panels) / GRID_COLUMNS)
     grid = Image.new("RGB", (GRID_COLUMNS * size, rows * (size + LABEL_HEIGHT)), "white")
@@ -349,9 +354,10 @@ def draw_grid(image: Image.Image, seed: int, size: int = 224, schedule: str = "s
 
 def parse_args(argv=None):
     """The CLI's arguments."""
-    parser = argparse.ArgumentParser(description="Draw an image under every SeVa augmentation (Fig. 2).")
+    parser = argparse.ArgumentParser(description="Draw an image under every SeVa augmentation (Fig. 2).",
+                                     formatter_class=common.HelpFormatter)
     parser.add_argument("image", help="path of the input image")
-    parser.add_argument("--out", required=True, help="path of the grid PNG to write")
+    parser.add_argument("--out", default="runs/augment/grid.png", help="path of the grid PNG to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of every augmentation and of the noise")
     parser.add_argument("--size", type=int, default=224, help="side of each square panel in pixels")
     parser.add_argument("--schedule", default="sigmoid", choices=["sigmoid", "linear"],
@@ -361,7 +367,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    draw_grid(vlm.load_image(args.image, pad=False), args.seed, args.size, args.schedule).save(args.out)
+    grid = draw_grid(vlm.load_image(args.image, pad=False), args.seed, args.size, args.schedule)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with common.atomic_path(args.out) as tmp:
+        grid.save(tmp, format="PNG")
     print(f"wrote {args.out}")
 
 

@@ -1,14 +1,24 @@
 """
-Nothing lost on a crash: training checkpoints that survive a kill at any moment, resume, and the results.
+Nothing lost on a crash: training checkpoints that survive a kill at any moment, prove themselves, resume,
+and the results.
 
 A checkpoint is OUT/checkpoint-STEP/ (trainable weights in safetensors, optimizer, scheduler, RNG, step and
 the run's configuration), written in a temporary folder and renamed, then OUT/latest is pointed at it. Every
 rank takes part (the state dicts of FSDP2 are gathered collectively); rank 0 writes. Nothing is ever
 unpickled on load: weights are safetensors and the rest loads with torch.load(..., weights_only=True).
+
+Each checkpoint holds manifest.json, the size and sha256 of every other file in it, written last. A resume
+takes the newest checkpoint whose files all match their manifest (good_checkpoint); a damaged, truncated or
+incomplete one is named in one line and the one before it is used; the last `keep` (default 2) are kept.
+The run's configuration holds base_digest, which base weights it trains (base_digest()): a resume, or an
+adapter loaded onto a model, on other weights is refused.
 """
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,9 +38,10 @@ def trainable_names(raw_model):
     return [name for name, p in raw_model.named_parameters() if p.requires_grad]
 
 
-def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, rank, world_size):
-    """OUT/checkpoint-STEP/ written in a temporary folder and renamed, then OUT/latest points to it:
-    a crash at any moment leaves the last good checkpoint intact. config: the run's resolved arguments."""
+def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, rank, world_size, keep=2):
+    """OUT/checkpoint-STEP/ written in a temporary folder with its manifest and renamed, then OUT/latest points
+    to it and all but the newest `keep` checkpoints are removed: a crash at any moment leaves the last good
+    checkpoints intact. config: the run's resolved arguments."""
     weights = get_model_state_dict(model, options=TRAINABLE)  # collective: every rank
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=TRAINABLE)
     # Every rank writes its RNG state into the same temporary folder, so it has a fixed name (not common.atomic_path)
@@ -48,15 +59,141 @@ def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, r
             json.dump({"step": step, "scheduler": scheduler.state_dict(), "args": config}, f, indent=1)
     common.barrier(world_size)
     if rank == 0:
-        previous = latest_checkpoint(out)
-        if os.path.isdir(final) and final != previous:  # left by an earlier run into the same folder
-            shutil.rmtree(final)
+        write_manifest(tmp)
+        common.remove(final)  # left by an earlier run into the same folder, or by a resume from before it
         os.replace(tmp, final)
         with common.atomic_path(os.path.join(out, "latest")) as tmp, open(tmp, "w") as f:
             f.write(os.path.basename(final))
-        if previous and previous != final:
-            shutil.rmtree(previous, ignore_errors=True)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     common.barrier(world_size)
+
+
+def checkpoints(out):
+    """OUT's checkpoint folders, oldest first (finished ones: never a .tmp)."""
+    found = [name for name in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", name)] if os.path.isdir(out) else []
+    return [os.path.join(out, name) for name in sorted(found, key=lambda name: int(name.split("-")[1]))]
+
+
+def remove_checkpoints(out):
+    """A fresh run into OUT starts over: the checkpoints of an earlier run there are removed."""
+    for path in checkpoints(out) + glob_tmp(out):
+        shutil.rmtree(path, ignore_errors=True)
+    common.remove(os.path.join(out, "latest"))
+
+
+def glob_tmp(out):
+    return [os.path.join(out, n) for n in os.listdir(out) if n.endswith(".tmp")] if os.path.isdir(out) else []
+
+
+# ----------------------------------------------------------------------------- checkpoints that prove themselves
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder):
+    """manifest.json: {"files": {name: {"size", "sha256"}}} of every file in the folder, written last."""
+    files = {name: {"size": os.path.getsize(os.path.join(folder, name)),
+                    "sha256": common.file_digest(os.path.join(folder, name))}
+             for name in sorted(os.listdir(folder)) if name != MANIFEST}
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+
+
+def checkpoint_problem(folder):
+    """What is wrong with a checkpoint, naming the file (missing, truncated, damaged), or None: every file its
+    manifest lists is there with its size and sha256."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"{path}: missing (an incomplete checkpoint, or one made before checkpoints had manifests)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: damaged ({e})"
+    for name, expected in files.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"{file}: missing"
+        size = os.path.getsize(file)
+        if size != expected["size"]:
+            return f"{file}: {size} bytes, {expected['size']} written (truncated or damaged)"
+        if common.file_digest(file) != expected["sha256"]:
+            return f"{file}: damaged (its sha256 differs from the one written)"
+    return None
+
+
+def good_checkpoint(out):
+    """The checkpoint to resume from: the newest in OUT whose files all match their manifest, or None where OUT
+    has none. Each one passed over, and a damaged OUT/latest, is named in one line; where checkpoints exist
+    and none is good, the resume is refused."""
+    found = checkpoints(out)
+    if not found:
+        return None
+    pointer = latest_checkpoint(out)
+    if pointer not in found:
+        common.print0(f"{os.path.join(out, 'latest')}: {'missing' if pointer is None else 'names no checkpoint'}; "
+                      f"looking for the newest good checkpoint")
+    problems = []
+    for folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if problems:
+                common.print0(f"falling back to {folder}")
+            return folder
+        problems.append(problem)
+        common.print0(f"--resume: {problem}; checkpoint refused")
+    raise ValueError(f"--resume: no good checkpoint in {out} ({'; '.join(problems)}); rerun without --resume "
+                     f"to start over")
+
+
+# ----------------------------------------------------------------------------- which base weights
+SAMPLE_BLOCKS, BLOCK = 16, 1 << 20  # a file larger than SAMPLE_BLOCKS x BLOCK is sampled, a smaller one read
+
+
+def base_digest(model_path):
+    """Which base weights: a short hash over the model folder's config and weight files (not their names'
+    folder): each one's name and size, a safetensors file's header (every tensor's name, dtype, shape and
+    place), and its bytes (whole up to 16 MiB, else 16 blocks of 1 MiB spread evenly). Seconds for a 7B model;
+    other weights, even under the same path, give another digest."""
+    h = hashlib.sha256()
+    names = sorted(n for n in os.listdir(model_path) if n == "config.json" or n.endswith((".safetensors", ".bin")))
+    for name in names:
+        path = os.path.join(model_path, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}\n".encode())
+        with open(path, "rb") as f:
+            if name.endswith(".safetensors") and size >= 8:
+                h.update(f.read(min(int.from_bytes(f.read(8), "little"), size - 8)))
+            if size <= SAMPLE_BLOCKS * BLOCK:
+                f.seek(0)
+                h.update(f.read())
+                continue
+            for k in range(SAMPLE_BLOCKS):
+                f.seek((size - BLOCK) * k // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(BLOCK))
+    return h.hexdigest()[:16]
+
+
+BASE_FILE = "base_model.json"  # in an adapter folder: which base it was trained on
+
+
+def write_base(adapter_dir, model_path, digest):
+    with open(os.path.join(adapter_dir, BASE_FILE), "w") as f:
+        json.dump({"base_model": os.path.abspath(model_path), "base_digest": digest}, f, indent=1)
+
+
+def check_base(adapter_dir, model_path, allow_other_base=False):
+    """Refuse an adapter on other base weights than it was trained on (its base_model.json says which), unless
+    allow_other_base; an adapter without the file (made elsewhere) is taken as it is."""
+    path = os.path.join(adapter_dir, BASE_FILE)
+    if allow_other_base or not os.path.exists(path):
+        return
+    with open(path) as f:
+        made = json.load(f)
+    if made.get("base_digest") != base_digest(model_path):
+        raise ValueError(f"{adapter_dir}: trained on the base weights of {made.get('base_model')} (digest "
+                         f"{made.get('base_digest')}), not on {model_path}'s ({base_digest(model_path)}); load it "
+                         f"onto that model, or pass --allow-other-base to do so on purpose")
 
 
 def latest_checkpoint(out):
@@ -72,16 +209,21 @@ def latest_checkpoint(out):
 # parallel mode, the optimizer and schedule, LoRA, the loss, the pairs' content, the reference), except these,
 # which change no number: where the outputs go and how they are shown.
 RESUME_FREE = ("out", "resume", "save_every", "progress", "merge", "cache_data", "gradient_checkpointing",
-               "global_batch", "data", "skipped")
-NAMES = {"world_size": "number of processes", "data_digest": "the data's content"}
+               "global_batch", "data", "skipped", "keep",
+               "plan", "nproc_per_node", "nnodes", "gpu_memory", "mfu")  # --plan's flags (plan.py) train nothing
+NAMES = {"world_size": "number of processes", "data_digest": "the data's content",
+         "base_digest": "base weights (--model's content; --allow-other-base to resume anyway)"}
 
 
 def check_resume(path, config):
-    """Refuse to resume from a checkpoint made with another configuration, naming each difference."""
+    """Refuse to resume from a checkpoint made with another configuration, naming each difference (other base
+    weights too, unless config["allow_other_base"])."""
     with open(os.path.join(path, "state.json")) as f:
         saved = json.load(f)["args"]
+    free = RESUME_FREE + (("base_digest", "allow_other_base") if config.get("allow_other_base") else
+                          ("allow_other_base",))
     differ = [f"{NAMES.get(k, k)} ({saved.get(k)!r} in the checkpoint, {config[k]!r} now)"
-              for k in config if k not in RESUME_FREE and saved.get(k) != config[k]]
+              for k in config if k not in free and saved.get(k) != config[k]]
     if differ:
         raise ValueError(f"--resume: {path} was made with other {'; '.join(differ)}; resume with the same "
                          f"arguments and number of processes, or use another --out")
@@ -112,15 +254,16 @@ def save_model_atomic(model, processor, out_dir):
         processor.save_pretrained(tmp)
 
 
-def export(model, raw_model, processor, out, rank, model_path, lora_r, merge, sharded, fresh_model):
-    """The results: OUT/adapter/ (PEFT layout) and, with merge, OUT/merged/; OUT/model/ for full fine-tuning.
+def export(model, raw_model, processor, out, rank, model_path, lora_r, merge, sharded, fresh_model, base=None):
+    """The results: OUT/adapter/ (PEFT layout, and base: the base weights' digest into its base_model.json) and,
+    with merge, OUT/merged/; OUT/model/ for full fine-tuning.
     sharded (FSDP), or a merge over a bf16 base: the trained weights go into a fresh fp32 copy of the model
     (fresh_model()) on rank 0's CPU, its frozen part read from disk as it was loaded."""
     weights = get_model_state_dict(model, options=TRAINABLE)  # collective: every rank
     if rank != 0:
         return
     if sharded or (merge and any(p.dtype != torch.float32 for p in raw_model.parameters())):
-        # a bf16 base (train_ddp.prepare_model) is merged into the weights as loaded, not into their bf16
+        # a bf16 base (trainable.prepare_model) is merged into the weights as loaded, not into their bf16
         # copies, which would round small updates away
         raw_model = fresh_model()
         missing = set(trainable_names(raw_model)) - weights.keys()
@@ -130,6 +273,8 @@ def export(model, raw_model, processor, out, rank, model_path, lora_r, merge, sh
     if lora_r > 0:
         adapter_dir = os.path.join(out, "adapter")
         lora.save_lora(raw_model, adapter_dir, base_model_name_or_path=os.path.abspath(model_path))
+        if base:
+            write_base(adapter_dir, model_path, base)
         others = {k: v for k, v in weights.items() if ".lora_" not in k}
         if others:  # --train-projector: LLaVA's own name for the trained weights outside LoRA
             save_file(others, os.path.join(adapter_dir, "non_lora_trainables.safetensors"))
@@ -137,3 +282,19 @@ def export(model, raw_model, processor, out, rank, model_path, lora_r, merge, sh
             save_model_atomic(lora.remove_lora(raw_model), processor, os.path.join(out, "merged"))
     else:
         save_model_atomic(raw_model, processor, os.path.join(out, "model"))
+
+
+# ----------------------------------------------------------------------------- a run stopped early
+def stop_run(run, out, steps, reason, save_every, saved, keep):
+    """End train_ddp.py's run after `steps` steps on a signal (the step's checkpoint written, with --save-every) or
+    with its launcher gone (reason 0: nothing more written): common.Stopped, whose one line says how to resume."""
+    if reason == 0:
+        raise common.Stopped(f"its launcher is gone: stopped after step {steps} of {run.num_steps}, writing "
+                             f"nothing more; rerun with --resume (from {latest_checkpoint(out)})", 1)
+    if save_every and not saved:
+        save_checkpoint(run.model, run.raw_model, run.optimizer, run.scheduler, steps, out, run.config, run.rank,
+                        run.world_size, keep)
+    name = signal.Signals(reason).name
+    how = (f"checkpoint {latest_checkpoint(out)} written: rerun the same command with --resume to continue exactly"
+           if save_every else "no checkpoint (--save-every 0): a rerun starts over")
+    raise common.Stopped(f"stopped by {name} after step {steps} of {run.num_steps}; {how}", 128 + reason)

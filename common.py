@@ -4,21 +4,27 @@ printing, the dtypes, and the file protocols that keep finished work on disk thr
 
   compute_init, print0, all_reduce_sum,   one set-up for 1 CPU process and N GPUs alike
     barrier, finish_distributed
-  compute_dtype, weight_dtype, autocast   the one place that decides precision (bf16 on CUDA, fp32 on CPU)
+  compute_dtype, weight_dtype, autocast   the one place that decides precision (bf16 on CUDA, fp32 on CPU;
+                                          SEVA_CPU_BF16=1: bf16 on CPU too, as tests of the GPU's path run)
   sample_seed                             the per-sample seed every random choice draws from
   atomic_path, write_atomic               files (and folders) written whole or not at all
-  read_jsonl, read_records                jsonl / json records, errors naming file and line, torn line dropped
+  read_jsonl, read_records                jsonl / json records, errors naming file and line, torn line dropped,
+                                          a line that is not UTF-8 named, skipped and counted
+  to_rgb                                  an image as the 8-bit RGB a processor expects, through its real mode
   files_fingerprint, args_digest          which weights, which arguments: what decides an output
   ShardedOutput                           work in fixed chunks over N ranks, appended as it finishes, resumed
                                           after any kill, merged in order (seva.py and eval/runner.py)
-  run_main, markdown_table                a script's user errors as one line; the tables every report prints
+  run_main, Stopped, HelpFormatter        a script's user errors as one line, its --help with every default;
+  markdown_table                          the tables every report prints
 """
+import argparse
 import contextlib
 import glob
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 
 import torch
@@ -74,14 +80,20 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
+# A CPU runs fp32; with this variable set to 1 it runs bf16 autocast as a GPU does (tests of the GPU's path).
+CPU_BF16 = "SEVA_CPU_BF16"
+
+
 def compute_dtype(device, precision):
-    """The autocast dtype: bf16 on CUDA with support, None (plain fp32) on CPU. fp16 is refused: we run no
-    loss scaler."""
+    """The autocast dtype: bf16 on CUDA with native bf16, None (plain fp32) on CPU unless SEVA_CPU_BF16=1. fp16
+    is refused: we run no loss scaler."""
     if precision == "fp16":
         raise ValueError("fp16 is not supported (no loss scaler); use bf16 on GPUs or fp32")
     if precision == "bf16" and device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16; use --precision fp32")
+        if not torch.cuda.is_bf16_supported(including_emulation=False):  # a V100 or T4 would emulate it, slowly
+            raise ValueError("this GPU has no native bf16 (it would emulate it); use --precision fp32")
+        return torch.bfloat16
+    if precision == "bf16" and os.environ.get(CPU_BF16) == "1":
         return torch.bfloat16
     return None
 
@@ -130,19 +142,29 @@ def write_atomic(path, lines):
         f.write("".join(line + "\n" for line in lines))
 
 
-def read_jsonl(path, appended=False):
+def read_jsonl(path, appended=False, skipped=None):
     """The rows of a jsonl file; a malformed line is an error naming the file and line.
 
+    A line that is not UTF-8 is a bad record, not a bad file: it is named (file, line, byte), skipped, and
+    counted in `skipped` (a list that gets (path, line, reason)) where one is given.
     appended: the file is appended to as work finishes (partial files, metrics), so what follows its last
     newline is a torn line (a kill mid-write) and is dropped, and a missing file has no rows."""
     if appended and not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
     if appended:
         lines = lines[:-1]  # after the last newline: empty, or torn
     rows = []
-    for line_no, line in enumerate(lines, 1):
+    for line_no, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            reason = f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            print0(f"{path}:{line_no}: {reason}; skipped")
+            if skipped is not None:
+                skipped.append((path, line_no, reason))
+            continue
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -152,15 +174,21 @@ def read_jsonl(path, appended=False):
     return rows
 
 
-def read_records(path):
-    """A LLaVA-665k style json list, or a jsonl file of records; errors name the file (and line)."""
+def read_records(path, skipped=None):
+    """A LLaVA-665k style json list, or a jsonl file of records (read_jsonl: a line that is not UTF-8 is skipped
+    and counted in `skipped`); errors name the file (and line)."""
     if path.endswith(".jsonl"):
-        return read_jsonl(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed json: {e}") from e
+        return read_jsonl(path, skipped=skipped)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); one json document has no "
+                         f"records to skip: fix the byte, or write the records as jsonl") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed json: {e}") from e
 
 
 def file_digest(path):
@@ -186,6 +214,26 @@ def files_fingerprint(*folders):
             stat = os.stat(os.path.join(folder, name))
             h.update(f"{os.path.abspath(folder)}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- images
+def to_rgb(image):
+    """A PIL image as the 8-bit RGB image a processor expects, converted through its real mode.
+
+    PIL's convert("RGB") clips the 16- and 32-bit integer modes a 16-bit PNG opens in ("I;16", "I") to 255,
+    which turns such an image white: their values are scaled from 16 bits to 8 instead. Transparency (RGBA,
+    LA, a palette or grey image with a transparent colour) is composited onto white, as transformers'
+    convert_to_rgb does, rather than dropped."""
+    if image.mode.startswith("I"):  # 16-bit PNGs (I;16, I;16B) and the 32-bit mode PIL may widen them to
+        import numpy as np
+        from PIL import Image
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        from PIL import Image
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- sharded, resumable output
@@ -263,13 +311,46 @@ class ShardedOutput:
 
 
 # ----------------------------------------------------------------------------- scripts
+class Stopped(Exception):
+    """A run that stopped early on purpose (a signal, its launcher gone); the message says how to resume."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_main(main, name, errors=(ValueError, OSError, FloatingPointError)):
     """Run a script's main(): a user error (bad input, a missing file) ends in one line, `NAME: error: ...`,
-    never a traceback."""
+    never a traceback; so do Ctrl-C and SIGTERM (finished work stays on disk: rerun to resume) and a Stopped
+    run (its line says how to resume). Exit codes: 1 for an error, 128 + the signal's number for a signal."""
+    def interrupted(number, frame):
+        raise KeyboardInterrupt(signal.Signals(number).name)
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         main()
+    except Stopped as e:
+        print0(f"{name}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:
+        which = str(e) or "SIGINT"
+        print0(f"{name}: stopped by {which}; what finished is on disk: rerun the same command to continue",
+               file=sys.stderr)
+        sys.exit(128 + signal.Signals[which].value)
     except errors as e:
         sys.exit(f"{name}: error: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the script's docstring as written and every flag's default beside its help ("(default: 8)"),
+    the paper's value staying in the help text. Switches (on/off flags), and flags whose default is empty or
+    depends on another (None), say so in their own help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", []) or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def markdown_table(header, rows):

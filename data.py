@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import collate
 import common
 import dpo
 import pairs
@@ -54,6 +55,19 @@ def record_problem(record, objective):
     return None
 
 
+def degenerate_problem(record):
+    """Why a pair teaches nothing, or None: an empty chosen or rejected answer, or a rejected answer equal to the
+    chosen one (Alg. 1 line 3 drops equal answers; a pairs file made elsewhere may hold them). Its DPO loss is
+    log 2 with a gradient that pushes nothing apart (equal), or towards saying nothing (empty)."""
+    chosen = record["chosen"].strip()
+    rejected = [r.strip() for r in pairs.rejected_list(record["rejected"])]
+    if not chosen or not all(rejected):
+        return "an empty answer"
+    if chosen in rejected:
+        return "chosen equals rejected"
+    return None
+
+
 def image_problem(path):
     """Why an image cannot be read (missing or corrupt), or None: every image is opened and decoded once up
     front, so that no step fails on one."""
@@ -67,15 +81,17 @@ def image_problem(path):
 class TrainDataset(torch.utils.data.Dataset):
     """SFT records or DPO pairs, tokenized on demand (labels: answers + end-of-turn tokens only).
 
-    Records that cannot be used (malformed, a missing or corrupt image, longer than max_length) are named,
-    skipped and counted up front, before the first step: `skipped` holds their names, `skip_reasons` the counts
-    by reason. Long examples are never truncated into the image. fixed_image_tokens (vlm.FAMILIES): every image
-    makes as many tokens as the first (LLaVA-1.5: 576), so the first one is measured; else every example is
-    encoded once up front to measure its own. source names the data file in the messages.
+    Records that cannot be used (malformed, a degenerate pair, a missing or corrupt image, longer than
+    max_length) are named, skipped and counted up front, before the first step: `skipped` holds their names,
+    `skip_reasons` the counts by reason. bad_lines: the lines of a jsonl source that read_jsonl skipped (not
+    UTF-8), counted here too, and kept out of the line numbers the messages give. Long examples are never
+    truncated into the image. fixed_image_tokens (vlm.FAMILIES): every image makes as many tokens as the first
+    (LLaVA-1.5: 576), so the first one is measured; else every example is encoded once up front to measure its
+    own. source names the data file in the messages.
     """
 
     def __init__(self, records, objective, image_folder, processor, template, max_length, cache=False, pad=True,
-                 fixed_image_tokens=True, rank=0, source="data"):
+                 fixed_image_tokens=True, rank=0, source="data", bad_lines=()):
         self.objective, self.image_folder, self.pad = objective, image_folder, pad
         self.processor, self.template, self.max_length = processor, template, max_length
         self.cache = {} if cache else None
@@ -83,10 +99,18 @@ class TrainDataset(torch.utils.data.Dataset):
         self.lengths = []  # tokens of each usable record (its longest sequence), for --group-by-length
         extra_tokens = None
         where = "line" if source.endswith(".jsonl") else "record"
+        for line in bad_lines:
+            self.skipped.append(f"line {line}")
+            self.skip_reasons["line not UTF-8"] += 1
         for index, record in enumerate(tqdm(records, desc=f"checking {source}", disable=rank != 0)):
+            line = index + 1
+            for bad in sorted(bad_lines):  # the file's line: past the lines skipped before it
+                line += bad <= line
             name = record.get("id", f"#{index + 1}") if isinstance(record, dict) else f"#{index + 1}"
             problem = record_problem(record, objective)
             reason = "malformed record"
+            if problem is None and objective == "dpo":
+                problem, reason = degenerate_problem(record), "degenerate pair (equal or empty answers)"
             if problem is None:
                 problem = image_problem(os.path.join(image_folder, record["image"]))
                 reason = "missing or corrupt image"
@@ -104,7 +128,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 self.skipped.append(name)
                 self.skip_reasons[reason] += 1
                 if rank == 0 and len(self.skipped) <= 20:
-                    print(f"{source}: {where} {index + 1}, record {name}: {problem}; skipped", flush=True)
+                    print(f"{source}: {where} {line}, record {name}: {problem}; skipped", flush=True)
                 continue
             if example is not None and self.cache is not None:  # measured by encoding it: keep it
                 self.cache[len(self.records)] = example
@@ -120,7 +144,7 @@ class TrainDataset(torch.utils.data.Dataset):
             if check:
                 self.check_length(record, example)
             return example
-        pair = dpo.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
+        pair = collate.encode_pair(self.processor, image, record["question"], record["chosen"], record["rejected"],
                                self.template)
         if check:
             self.check_length(record, pair["chosen"], *pairs.rejected_list(pair["rejected"]))
@@ -147,7 +171,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def collate(self, examples):
         pad = self.processor.tokenizer.pad_token_id
-        return dpo.collate(examples, pad) if self.objective == "sft" else dpo.collate_pairs(examples, pad)
+        return collate.collate(examples, pad) if self.objective == "sft" else collate.collate_pairs(examples, pad)
 
 
 # ----------------------------------------------------------------------------- which examples each step sees
@@ -208,6 +232,23 @@ def budget_micro_batches(indices, lengths, budget, count=0):
         half = len(micro[k]) // 2
         micro[k:k + 1] = [micro[k][:half], micro[k][half:]]
     return micro
+
+
+def micro_batches(dataset, indices, rank, world_size, accumulation, max_tokens=0):
+    """(micro-batches, encoded): this rank's micro-batches of a step's global batch (index lists), `accumulation`
+    of equal size, or with max_tokens (--max-tokens-per-batch) as many as the token budget needs (packed tokens), the same
+    number on every rank; and the examples encoded to measure them (so that none is encoded twice). The global
+    batch stays so many pairs either way: the loss is the same on 1 process as on N."""
+    if not max_tokens:
+        return rank_micro_batches(indices, rank, world_size, accumulation), {}
+    mine = rank_micro_batches(indices, rank, world_size, 1)[0]
+    encoded = {i: dataset[i] for i in mine}
+    lengths = {i: packed_length(encoded[i]) for i in mine}
+    counts = [0.0] * world_size
+    counts[rank] = len(budget_micro_batches(mine, lengths, max_tokens))
+    most = int(max(common.all_reduce_sum(counts, world_size)))
+    return budget_micro_batches(mine, lengths, max_tokens, most), encoded
+
 
 
 # ----------------------------------------------------------------------------- the precomputed reference

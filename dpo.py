@@ -11,14 +11,14 @@ naive forward (`concatenated_forward`) first; `shared_image_forward` and `shared
 same numbers paying for the image and the prompt once per pair. Each forward also takes pairs with several
 rejected answers (paper 3.3: `multi_negative_loss`), and LD-DPO's length weighting; `rpo_term` is RPO's NLL.
 Nothing here prints, reads the environment or stores anything on the model: train_ddp.py decides which forward
-runs (and says so).
+runs (and says so). The batches come from collate.py (chosen rows, then rejected rows).
 """
 import torch
 import torch.nn.functional as F
 
+import collate
 import positions
 import vlm
-from pairs import REFERENCE_KEYS, rejected_list
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -139,71 +139,7 @@ def rpo_term(policy_chosen_logps, chosen_tokens, alpha):
     return alpha * -policy_chosen_logps / chosen_tokens.clamp(min=1)
 
 
-# ----------------------------------------------------------------------------- pairs as batches
-# A DPO batch holds the B chosen sequences, then the rejected ones, each on the pair's ORIGINAL image (Alg. 1
-# line 4: the augmented image only produced the rejected answer). With one rejected answer per pair (Eq. 7) rows
-# B..2B-1 are the rejected; with several (paper 3.3) they follow in pair order and `pair_index` says whose each is.
-def encode_pair(processor, image, question, chosen, rejected, template):
-    """A preference pair as training sequences; labels cover each answer and its end-of-turn token. rejected: one
-    answer, or a list of them (then "rejected" is a list of sequences)."""
-    encode = lambda answer: vlm.encode(processor, image, [(question, answer)], template)
-    return {"chosen": encode(chosen),
-            "rejected": [encode(r) for r in rejected] if isinstance(rejected, list) else encode(rejected)}
-
-
-def collate(examples, pad_token_id):
-    """Right-pad encoded examples (vlm.encode) into one batch; image tensors are concatenated."""
-    length = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), length), pad_token_id),
-             "labels": torch.full((len(examples), length), -100),
-             "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = e["input_ids"], e["labels"], 1
-    for key in vlm.TOKEN_KEYS:  # per-token tensors of some families, padded with their value after the prompt
-        if key in examples[0]:
-            batch[key] = torch.stack([F.pad(e[key], (0, length - len(e[key])), value=int(e[key][-1]))
-                                      for e in examples])
-    for key in examples[0]:
-        if key not in batch:  # pixel_values, and whatever else a family's processor returns for the image
-            batch[key] = cat_padded([e[key] for e in examples])
-    return batch
-
-
-def cat_padded(tensors):
-    """Concatenate along dim 0, zero-padding the other dims to the largest (LLaVA-NeXT's and Idefics3's
-    images of different sizes make different numbers of crops; the model masks the padding out)."""
-    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-    padded = []
-    for t in tensors:
-        pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
-        padded.append(F.pad(t, pad) if any(pad) else t)
-    return torch.cat(padded)
-
-
-def collate_pairs(pairs, pad_token_id):
-    """A batch of B chosen rows, then the rejected rows (B of them with one per pair: one forward for all).
-    Pairs with several rejected answers add `pair_index` (R,): the pair of each rejected row."""
-    negatives = [rejected_list(p["rejected"]) for p in pairs]
-    batch = collate([p["chosen"] for p in pairs] + [n for group in negatives for n in group], pad_token_id)
-    if any(isinstance(p["rejected"], list) for p in pairs):
-        batch["pair_index"] = torch.tensor([i for i, group in enumerate(negatives) for _ in group])
-    for key in REFERENCE_KEYS:
-        if key in pairs[0]:  # precomputed reference log-probs travel with the batch (flat, as the rows)
-            values = [v for p in pairs for v in rejected_list(p[key])]
-            batch[key] = torch.tensor(values, dtype=torch.float32)
-    return batch
-
-
-def split_rows(batch):
-    """(B, pair_index (R,)): the number of pairs and the pair of each rejected row."""
-    pairs = batch["input_ids"].shape[0] // 2
-    if "pair_index" in batch:
-        pairs = batch["input_ids"].shape[0] - batch["pair_index"].shape[0]
-        return pairs, batch["pair_index"]
-    return pairs, torch.arange(pairs, device=batch["input_ids"].device)
-
-
+# ----------------------------------------------------------------------------- a batch's parts (collate.collate_pairs)
 def model_inputs(batch):
     """What the model is called with: the batch less labels, reference log-probs and pair_index."""
     return {k: v for k, v in batch.items() if k not in ("labels", "pair_index") and not k.startswith("reference_")}
@@ -221,8 +157,8 @@ def concatenated_forward(model, batch, ld_alpha=None):
     """log pi(chosen|x) (B,) and log pi(rejected|x) (B,), or (R,) in pair order with several rejected answers per
     pair, from one forward over every sequence. ld_alpha: LD-DPO's weight of the tokens beyond the shorter answer
     (one rejected answer per pair only)."""
-    logits = model(**model_inputs(batch)).logits  # (B + R, T, V)
-    pairs, pair_index = split_rows(batch)
+    logits = model(**model_inputs(batch), use_cache=False).logits  # (B + R, T, V)
+    pairs, pair_index = collate.split_rows(batch)
     public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
     logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)  # (B + R,)
     return logps[:pairs], logps[pairs:]
@@ -233,7 +169,7 @@ def concatenated_forward(model, batch, ld_alpha=None):
 # chosen and rejected: the two forwards below pay for it once per pair instead of twice.
 def pair_images(model, batch):
     """The image tensors (pixel_values, ...) of each pair once: every row of a pair shows the same image."""
-    pairs, pair_index = split_rows(batch)
+    pairs, pair_index = collate.split_rows(batch)
     config = vlm.unwrap(model).config
     chosen_of_each = vlm.image_inputs(batch, config, pair_index.tolist())  # the chosen row's image, per rejected row
     for key, value in vlm.image_inputs(batch, config, list(range(pairs, len(batch["input_ids"])))).items():
@@ -245,21 +181,21 @@ def pair_images(model, batch):
 def shared_image_forward(model, batch, ld_alpha=None):
     """As concatenated_forward, but the vision tower and projector run on B images, not B + R: each pair's
     image features are computed once and placed into its chosen row and its rejected rows. Only for a model
-    that vlm.pair_forward_problem(model, "shared_image") finds no problem with (train_ddp.pair_forward_for)."""
-    pairs, pair_index = split_rows(batch)
+    that vlm.pair_forward_problem(model, "shared_image") finds no problem with (trainable.pair_forward_for)."""
+    pairs, pair_index = collate.split_rows(batch)
     image_outputs = vlm.unwrap(model).get_image_features(**pair_images(model, batch), return_dict=True)
     features = list(image_outputs.pooler_output)  # B tensors (image tokens, D): one per pair
     rows = features + [features[i] for i in pair_index.tolist()]  # rows: chosen, then rejected
     encoded = {"image": type(image_outputs)(pooler_output=rows)}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_encoder_outputs=encoded,
-                   **{k: batch[k] for k in vlm.TOKEN_KEYS if k in batch}).logits  # (B + R, T, V)
+                   use_cache=False, **{k: batch[k] for k in vlm.TOKEN_KEYS if k in batch}).logits  # (B + R, T, V)
     public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
     logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)
     return logps[:pairs], logps[pairs:]
 
 
 def pack_pairs(batch, row_positions=None, blocks=None):
-    """One sequence per pair, prompt + chosen answer + its rejected answer(s), from a collate_pairs batch.
+    """One sequence per pair, prompt + chosen answer + its rejected answer(s), from a collate.collate_pairs batch.
 
     row_positions: the positions of the batch's rows ((B + R, T), or M-RoPE's (3, B + R, T); positions.py), each
     packed token taking its own row's; None: 0, 1, ... along each row. blocks: the rows' blocks attended both ways
@@ -274,7 +210,7 @@ def pack_pairs(batch, row_positions=None, blocks=None):
     has no labels in its missing slots.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]  # (B + R, T)
-    pairs, pair_index = split_rows(batch)
+    pairs, pair_index = collate.split_rows(batch)
     device, rejected_rows = input_ids.device, input_ids.shape[0] - pairs
     lengths = batch["attention_mask"].sum(-1)  # (B + R,): right padding
     labelled = labels != -100  # (B + R, T)
@@ -370,13 +306,13 @@ def shared_prefix_forward(model, batch, ld_alpha=None):
     one forward over B packed sequences: the image features and the prompt are computed once per pair, and the
     lm_head runs only where an answer token is predicted. Equal to concatenated_forward
     (tests/test_shared_prefix.py). Only for a model that vlm.pair_forward_problem(model, "shared_prefix") finds
-    no problem with (train_ddp.pair_forward_for)."""
+    no problem with (trainable.pair_forward_for)."""
     packed = pack_pairs(batch, positions.row_positions(model, batch), positions.attention_blocks(model, batch))
-    _, pair_index = split_rows(batch)
+    _, pair_index = collate.split_rows(batch)
     keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                    attention_mask=attention_mask_for(model, packed["allowed"][:, None], packed["position_ids"]),
-                   logits_to_keep=keep, **pair_images(model, batch)).logits  # (B, kept, V)
+                   logits_to_keep=keep, use_cache=False, **pair_images(model, batch)).logits  # (B, kept, V)
     return slot_logps(logits, packed, pair_index, ld_alpha)
 
 
@@ -405,12 +341,12 @@ def packed_forward(model, batch, ld_alpha=None):
     vlm.pair_forward_problem(model, "packed") finds no problem with."""
     packed = pack_rows(pack_pairs(batch, positions.row_positions(model, batch),
                                   positions.attention_blocks(model, batch)))
-    _, pair_index = split_rows(batch)
+    _, pair_index = collate.split_rows(batch)
     pairs = packed["length"].shape[0]
     keep = torch.cat([p.reshape(1, -1) for p in packed["positions"]], 1)  # (1, sum over slots of B (1 + A))
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                    attention_mask=attention_mask_for(model, packed["allowed"][:, None], packed["position_ids"]),
-                   logits_to_keep=keep, **pair_images(model, batch)).logits  # (1, kept, V)
+                   logits_to_keep=keep, use_cache=False, **pair_images(model, batch)).logits  # (1, kept, V)
     per_slot = [p.shape[1] for p in packed["positions"]]  # 1 + A of each slot
     logits = torch.cat([chunk.reshape(pairs, width, -1) for chunk, width in
                         zip(logits[0].split([pairs * w for w in per_slot]), per_slot)], 1)  # (B, kept / B, V)

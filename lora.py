@@ -40,10 +40,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # x (..., in)
         out = self.base(x)  # (..., out)
-        if self.disabled or self.merged:
+        if self.merged:
             return out
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.disabled:
+            # What the enabled layer returns with B = 0, dtype included: the reference (disabled) and the policy
+            # at step 1 are then the same function, bit for bit, under bf16 too (loss log 2, rewards 0).
+            return out.float() if autocast else out
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast:
             # Under bf16 autocast the base's output is bf16, on the bf16 grid: adding an update smaller than
             # half a grid step there would round it away. The sum stays fp32 (autocast casts it where needed).
             return out.float() + self.scale * update.float()

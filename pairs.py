@@ -8,9 +8,14 @@ kept for analysis only: it says which way a pair points (`pair_quality`), which 
 With several negatives (seva.py --num-negatives K, paper 3.3) `rejected` is a list of the distinct rejected
 answers and `noise_steps` the step each came from; `expand` makes one single-negative pair of each.
 Exports: TRL's vision preference format, and the authors' step-3 json (one pair per rejected answer).
+seva.py ends with `write_pairs`: the pairs file, OUT.args.json (its arguments and `summarize`'s summary) and
+the exports.
 """
 import json
 import os
+from collections import Counter
+
+import common
 
 
 def pair_record(instance, chosen, rejected, augmentation, noise_step):
@@ -81,3 +86,43 @@ def export_lines(pairs, image_folder, kind):
                             chosen=text("assistant", [{"type": "text", "text": p["chosen"]}]),
                             rejected=text("assistant", [{"type": "text", "text": p["rejected"]}])),
                        ensure_ascii=False) for p in pairs]
+
+
+# ----------------------------------------------------------------------------- what seva.py writes at the end
+def summarize(instances, rows, kept, sampling_skipped, messages):
+    """What seva.py made, into OUT.args.json: instances answered, pairs kept, answer lengths, skips, pair quality.
+    rows: seva.answer_chunk's rows of every instance; kept: the pair records line 3 kept."""
+    skipped = Counter(sampling_skipped) + Counter(row["skipped"] for row in rows if "skipped" in row)
+    answered = sum("skipped" not in row for row in rows)
+    single = expand(kept)  # one (chosen, rejected) per rejected answer
+    words = lambda key: round(sum(len(p[key].split()) for p in single) / max(len(single), 1), 2)
+    return dict(instances=len(instances), answered=answered, pairs=len(kept),
+                kept_percent=round(100 * len(kept) / max(answered, 1), 1),
+                mean_words_chosen=words("chosen"), mean_words_rejected=words("rejected"),
+                skipped=dict(sorted(skipped.items())), pair_quality=pair_quality(kept),
+                messages=messages + [row["message"] for row in rows if "skipped" in row])
+
+
+def format_summary(s, filter_mode):
+    """summarize's dict as the lines seva.py prints at the end."""
+    lines = [f"instances {s['instances']}, answered {s['answered']}, pairs kept {s['pairs']} ({s['kept_percent']}%, "
+             f"filter {filter_mode})",
+             f"mean answer length of kept pairs: chosen {s['mean_words_chosen']:.1f} words, "
+             f"rejected {s['mean_words_rejected']:.1f} words"]
+    lines += [f"skipped ({reason}): {count}" for reason, count in s["skipped"].items()]
+    if s["pair_quality"]:
+        total = sum(s["pair_quality"].values())
+        lines.append(f"pair quality over the {total} kept pairs with an answer in the data:")
+        lines += [f"  {name:<30} {count:>6} {100 * count / total:5.1f}%" for name, count in s["pair_quality"].items()]
+    return "\n".join(lines)
+
+
+def write_pairs(path, kept, run, image_folder, exports=()):
+    """The pairs file, PATH.args.json (`run`: the arguments, world size and summary) and the exports (trl:
+    PATH less .jsonl + .trl.jsonl; authors: + .authors.json), each atomically."""
+    common.write_atomic(path, [json.dumps(pair, ensure_ascii=False) for pair in kept])
+    common.write_atomic(path + ".args.json", [json.dumps(run, indent=1, ensure_ascii=False)])
+    base = path[:-len(".jsonl")] if path.endswith(".jsonl") else path
+    for kind in exports:
+        common.write_atomic(base + (".trl.jsonl" if kind == "trl" else ".authors.json"),
+                            export_lines(kept, image_folder, kind))

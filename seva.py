@@ -2,7 +2,7 @@
 SeVa, Algorithm 1, data side: preference pairs made by the model itself, with no labels.
 
   line 1  sample (image, question) pairs from a LLaVA-665k-format json (paper 4.1: the textvqa and
-          ocr_vqa subsets, up to 2 questions per image, 8k instances from each subset);
+          ocr_vqa subsets, up to 2 questions per image, 8k instances from each subset; pool.py);
   line 2  chosen = model(I, Q) and rejected = model(T(I), Q), greedy, T = diffusion noise by default;
   line 3  drop the pairs whose two answers are equal.
 The pairs file is what `train_ddp.py --objective dpo --pairs` trains on (line 4). The json's own answers
@@ -15,10 +15,9 @@ Resumable: each finished batch is appended to OUT.partial-rank{r}-of-{N}.jsonl (
 after a crash, rerun the same command and it continues. The pairs file is written atomically at the end.
 """
 import argparse
-import json
+import atexit
 import os
-import random
-from collections import Counter
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -26,97 +25,11 @@ import augment
 import common
 import diffusion
 import pairs
+import plan
+import pool
+import runcontrol
 import vlm
-from generate import generate, score_answers
-
-# ----------------------------------------------------------------------------- Alg. 1 line 1: sample (I, Q) from the pool
-SUBSETS = ("textvqa", "ocr_vqa", "gqa", "coco", "vg")  # LLaVA-665k's image folders
-def clean_question(text, subset="all"):
-    """The authors' step 1: `<image>` removed; for textvqa (TextCaps captions) the rest is kept as it is, newlines
-    included; every other subset loses the short-answer suffix and its newlines (the authors do this for
-    ocr_vqa; gqa and coco, ablations of the paper, get the same)."""
-    if subset == "textvqa":
-        return text.replace("<image>\n", "").replace("<image>", "").strip()
-    text = text.replace("<image>", "").replace(vlm.SINGLE_WORD, "")
-    # Deviation: newlines become one space (the authors delete them).
-    return " ".join(text.split())
-
-
-def record_problem(record, subset="all"):
-    """Why a record cannot give instances, or None."""
-    if not isinstance(record, dict):
-        return "not a json object"
-    missing = [key for key in ("id", "image", "conversations") if key not in record]
-    if missing:
-        return f"missing key(s): {', '.join(missing)}"
-    turns = record["conversations"]
-    if not isinstance(record["image"], str) or not isinstance(turns, list) or not all(
-            isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str) for t in turns):
-        return "image must be a path and conversations a list of {from: human|gpt, value} turns"
-    humans = [t for t in turns if t["from"] == "human"]
-    if not humans:
-        return "no human turn"
-    if any(not clean_question(t["value"], subset) for t in humans):
-        return "a human turn is empty once cleaned"
-    return None
-
-
-def subset_of(record, subsets):
-    """The subset a record belongs to, by its image path's first folder (all: one subset of everything)."""
-    if list(subsets) == ["all"]:
-        return "all"
-    image = record.get("image") if isinstance(record, dict) else None
-    prefix = image.split("/")[0] if isinstance(image, str) else None
-    return prefix if prefix in subsets else None
-
-
-def record_instances(record, seed, subset="all"):
-    """Up to 2 of a record's human turns, picked at random (paper 4.1), each one instance."""
-    turns = record["conversations"]
-    humans = [k for k, turn in enumerate(turns) if turn["from"] == "human"]
-    rng = random.Random(f"{seed}/{record['id']}")  # per record: its pick does not depend on the rest
-    instances = []
-    for turn in sorted(rng.sample(range(len(humans)), min(2, len(humans)))):
-        k = humans[turn]
-        answer = turns[k + 1]["value"] if k + 1 < len(turns) and turns[k + 1]["from"] == "gpt" else None
-        instances.append(dict(id=f"{record['id']}-{turn}", image=record["image"],
-                              question=clean_question(turns[k]["value"], subset), answer=answer))
-    return instances
-
-
-def sample_instances(records, subsets, num_samples, seed, source="data"):
-    """Alg. 1 line 1: num_samples instances (0: all), drawn evenly over the subsets, seeded.
-
-    Returns (instances, skipped counts by reason, messages). Records are taken in a seeded random order
-    with all their (up to 2) instances, as the authors sample records; the last one may be cut to fit.
-    """
-    groups = {subset: [] for subset in subsets}
-    skipped, messages = Counter(), []
-    for position, record in enumerate(records):
-        subset = subset_of(record, subsets)
-        if subset is None:
-            continue
-        problem = record_problem(record, subset)
-        if problem:
-            name = record.get("id", f"#{position}") if isinstance(record, dict) else f"#{position}"
-            skipped["malformed record"] += 1
-            messages.append(f"{source}: record {name}: {problem}; skipped")
-            continue
-        groups[subset].append(record)
-    quotas = [num_samples // len(subsets) + (i < num_samples % len(subsets)) for i in range(len(subsets))]
-    instances = []
-    for (subset, group), quota in zip(groups.items(), quotas):
-        order = list(range(len(group)))
-        random.Random(f"{seed}/{subset}").shuffle(order)
-        taken = []
-        for i in order:
-            if num_samples and len(taken) >= quota:
-                break
-            taken += record_instances(group[i], seed, subset)
-        if not taken or (num_samples and len(taken) < quota):
-            messages.append(f"{source}: subset {subset} gives only {len(taken)} instances of its share {quota or 'all'}")
-        instances += taken[:quota] if num_samples else taken
-    return instances, skipped, messages
+from generate import generate, generate_tokens, score_answers
 
 
 # ----------------------------------------------------------------------------- Alg. 1 line 2: chosen on I, rejected on T(I)
@@ -126,48 +39,72 @@ def view_ids(ids, view):
     return ids if view == 0 else [f"{i}/view{view}" for i in ids]
 
 
-def answer_chunk(model, processor, instances, image_folder, augmentation="diffusion", noise_step=500, seed=0,
-                 schedule="sigmoid", template=None, pad=True, max_new_tokens=512, max_length=2048, warn=print,
-                 negative_steps=None, reference=False, filter_mode="exact", prefill_batch=None):
-    """Chosen and rejected answers of a chunk of instances, each generated as one batch.
-    template None: the family's; pad: LLaVA-1.5's square padding, for the families that pad.
-    negative_steps (paper 3.3, several negatives): the noise step of each augmented view, each view seeded apart
-    (view_ids); None: one view at noise_step.
-    reference (--reference-logps): also the model's log-probs of the answers each pair will keep (line 3, by
-    filter_mode), both on the ORIGINAL image, as training's reference scores them (generate.score_answers).
+@dataclass(frozen=True)
+class AnswerSettings:
+    """How answer_chunk answers (seva.py's flags, settings_of(args)). template None: the family's; pad: LLaVA-1.5's
+    square padding, for the families that pad. negative_steps (paper 3.3, several negatives): the noise step of
+    each augmented view, each view seeded apart (view_ids); None: one view at noise_step. reference
+    (--reference-logps): also score the answers each pair will keep (line 3, by filter_mode) on the ORIGINAL image.
+    prefill_batch: prompts read so many at a time (None: all at once)."""
+    augmentation: str = "diffusion"
+    noise_step: int = 500
+    seed: int = 0
+    schedule: str = "sigmoid"
+    template: str | None = None
+    pad: bool = True
+    max_new_tokens: int = 512
+    max_length: int = 2048
+    negative_steps: list | None = None
+    reference: bool = False
+    filter_mode: str = "exact"
+    prefill_batch: int | None = None
+
+
+def settings_of(args):
+    """seva.py's parsed arguments as answer_chunk's settings."""
+    return AnswerSettings(args.augmentation, args.noise_step, args.seed, args.noise_schedule, args.template, args.pad,
+                          args.max_new_tokens, args.max_length, args.negative_steps, args.reference_logps, args.filter,
+                          args.prefill_batch_size or None)
+
+
+def answer_chunk(model, processor, instances, image_folder, settings=AnswerSettings(), warn=print):
+    """Chosen and rejected answers of a chunk of instances, each generated as one batch, as `settings` say
+    (AnswerSettings). With settings.reference also the model's log-probs of the answers each pair will keep,
+    both on the ORIGINAL image, as training's reference scores them (generate.score_answers).
 
     Returns one row per instance, in order: {chosen, rejected} (rejected: one answer, or with negative_steps a
     list of one per view), with reference also {reference_chosen_logps, reference_rejected_logps} where a
     pair is kept, or {skipped: reason, message}.
     """
-    template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
-    rows, images = load_chunk(processor, instances, image_folder, template, pad, max_new_tokens, max_length, warn)
+    s = settings
+    template, pad = vlm.resolve_template(model, s.template), s.pad and vlm.pads_to_square(model)
+    rows, images = load_chunk(processor, instances, image_folder, template, pad, s.max_new_tokens, s.max_length, warn)
     ready = [k for k, row in enumerate(rows) if row is None]
     if ready:
         questions, ids = [instances[k]["question"] for k in ready], [instances[k]["id"] for k in ready]
-        decoding = dict(template=template, max_new_tokens=max_new_tokens, batch_size=len(ready),
-                        prefill_batch=prefill_batch)
-        if reference:  # the prompts' KV cache is kept, to score the answers on the original image below
-            chosen, chosen_ids, state = generate(model, processor, images, questions, return_state=True,
-                                                 **decoding)  # chosen = model(I, Q)
+        decoding = dict(template=template, max_new_tokens=s.max_new_tokens, batch_size=len(ready),
+                        prefill_batch=s.prefill_batch)
+        if s.reference:  # the prompts' KV cache is kept, to score the answers on the original image below
+            chosen, chosen_ids, state = generate_tokens(model, processor, images, questions, keep_state=True,
+                                                        **decoding)  # chosen = model(I, Q)
         else:
             chosen = generate(model, processor, images, questions, **decoding)  # chosen = model(I, Q)
         views = []
-        for view, step in enumerate(negative_steps or [noise_step]):
-            augmented, pixel_transform = augment.augmented_batch(augmentation, images, view_ids(ids, view), seed,
-                                                                 step, schedule)
+        for view, step in enumerate(s.negative_steps or [s.noise_step]):
+            augmented, pixel_transform = augment.augmented_batch(s.augmentation, images, view_ids(ids, view), s.seed,
+                                                                 step, s.schedule)
             views.append(generate(model, processor, augmented, questions, pixel_transform=pixel_transform,
                                   **decoding))  # rejected = model(T(I), Q), each instance its own seeded T
         for n, (k, c) in enumerate(zip(ready, chosen)):
-            rows[k] = dict(chosen=c, rejected=[v[n] for v in views] if negative_steps else views[0][n])
-        if reference:
-            kept = [kept_rejected(rows[k], filter_mode) for k in ready]
+            rows[k] = dict(chosen=c, rejected=[v[n] for v in views] if s.negative_steps else views[0][n])
+        if s.reference:
+            kept = [kept_rejected(rows[k], s.filter_mode) for k in ready]
             scored = score_answers(model, processor, state, images, questions,
                                    [[rows[k]["chosen"]] + r for k, r in zip(ready, kept)], chosen_ids, template)
             for k, r, (c, *rejected) in zip(ready, kept, scored):
                 if r:
                     rows[k].update(reference_chosen_logps=c,
-                                   reference_rejected_logps=rejected if negative_steps else rejected[0])
+                                   reference_rejected_logps=rejected if s.negative_steps else rejected[0])
     return rows
 
 
@@ -232,7 +169,7 @@ def same_answer(chosen, rejected, mode="exact"):
     raise ValueError(f"unknown filter {mode!r}; use exact or normalized")
 
 
-# ----------------------------------------------------------------------------- the pairs file, its summary and exports
+# ----------------------------------------------------------------------------- the output, chunk by chunk
 # The arguments that decide the output: partial files made with others are not resumed.
 OUTPUT_ARGS = ("model", "data", "image_folder", "subsets", "num_samples", "seed", "augmentation", "noise_step",
                "noise_schedule", "template", "pad", "max_new_tokens", "max_length", "batch_size", "precision",
@@ -245,50 +182,14 @@ def sharded_output(args, instances, rank, world_size):
                                 [instance["id"] for instance in instances], args.batch_size, rank, world_size)
 
 
-def summarize(instances, rows, kept, sampling_skipped, messages):
-    skipped = Counter(sampling_skipped) + Counter(row["skipped"] for row in rows if "skipped" in row)
-    answered = sum("skipped" not in row for row in rows)
-    single = pairs.expand(kept)  # one (chosen, rejected) per rejected answer
-    words = lambda key: round(sum(len(p[key].split()) for p in single) / max(len(single), 1), 2)
-    return dict(instances=len(instances), answered=answered, pairs=len(kept),
-                kept_percent=round(100 * len(kept) / max(answered, 1), 1),
-                mean_words_chosen=words("chosen"), mean_words_rejected=words("rejected"),
-                skipped=dict(sorted(skipped.items())), pair_quality=pairs.pair_quality(kept),
-                messages=messages + [row["message"] for row in rows if "skipped" in row])
-
-
-def format_summary(s, filter_mode):
-    lines = [f"instances {s['instances']}, answered {s['answered']}, pairs kept {s['pairs']} ({s['kept_percent']}%, "
-             f"filter {filter_mode})",
-             f"mean answer length of kept pairs: chosen {s['mean_words_chosen']} words, "
-             f"rejected {s['mean_words_rejected']} words"]
-    lines += [f"skipped ({reason}): {count}" for reason, count in s["skipped"].items()]
-    if s["pair_quality"]:
-        total = sum(s["pair_quality"].values())
-        lines.append(f"pair quality over the {total} kept pairs with an answer in the data:")
-        lines += [f"  {name:<30} {count:>6} {100 * count / total:5.1f}%" for name, count in s["pair_quality"].items()]
-    return "\n".join(lines)
-
-
-def write_outputs(args, kept, summary, world_size):
-    """Rank 0: the pairs file, OUT.args.json (arguments and summary) and the exports, each atomically."""
-    common.write_atomic(args.out, [json.dumps(pair, ensure_ascii=False) for pair in kept])
-    common.write_atomic(args.out + ".args.json", [json.dumps(dict(args=vars(args), world_size=world_size,
-                                                                  summary=summary), indent=1, ensure_ascii=False)])
-    base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
-    for kind in args.export:
-        common.write_atomic(base + (".trl.jsonl" if kind == "trl" else ".authors.json"),
-                            pairs.export_lines(kept, args.image_folder, kind))
-
-
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data (Alg. 1 line 1)")
     g.add_argument("--data", default="toy/pool.json",
                    help="LLaVA-665k-format json or jsonl (paper: llava_v1_5_mix665k.json)")
     g.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")
-    g.add_argument("--subsets", default="all", help=f"comma list of {', '.join(SUBSETS)} (image path prefixes), "
+    g.add_argument("--subsets", default="all", help=f"comma list of {', '.join(pool.SUBSETS)} (image path prefixes), "
                                                     f"or all (paper: textvqa,ocr_vqa)")
     g.add_argument("--num-samples", type=int, default=0,
                    help="instances in total, drawn evenly over the subsets; 0 = all (paper: 16000, 8k per subset)")
@@ -335,6 +236,7 @@ def parse_args(argv=None):
     g.add_argument("--export", default="", help="comma list: trl (OUT .trl.jsonl, TRL's vision DPO format), "
                                                 "authors (OUT .authors.json, the authors' step-3 fields)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    plan.add_arguments(p)
     args = p.parse_args(argv)
     args.subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     args.export = [s.strip() for s in args.export.split(",") if s.strip()]
@@ -360,8 +262,8 @@ def check_args(args):
             raise ValueError(f"{flag} must be in 0..{diffusion.NUM_DIFFUSION_STEPS - 1}, got {step}")
     if args.negative_steps and len(set(args.negative_steps)) > 1 and args.augmentation != "diffusion":
         raise ValueError("--negative-steps are diffusion steps: use them with --augmentation diffusion")
-    if args.subsets != ["all"] and (not args.subsets or any(s not in SUBSETS for s in args.subsets)):
-        raise ValueError(f"--subsets {','.join(args.subsets)}: choose from {', '.join(SUBSETS)}, or all")
+    if args.subsets != ["all"] and (not args.subsets or any(s not in pool.SUBSETS for s in args.subsets)):
+        raise ValueError(f"--subsets {','.join(args.subsets)}: choose from {', '.join(pool.SUBSETS)}, or all")
     if any(kind not in ("trl", "authors") for kind in args.export):
         raise ValueError(f"--export {','.join(args.export)}: choose from trl, authors")
     if args.prefill_batch_size < 0:
@@ -378,15 +280,20 @@ def check_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:  # from config.json alone: no weight read, no process group
+        return plan.plan_generation(args)
     check_args(args)
     rank, world_size, device = common.compute_init(args.seed)
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per --out: a second is refused
+    if lock:
+        atexit.register(lock.release)
     warn = print if world_size == 1 else lambda message: print(f"[rank {rank}] {message}", flush=True)
 
     # ---- Alg. 1 line 1: sample; every rank computes the same list
     records = common.read_records(args.data)
     if not isinstance(records, list):
         raise ValueError(f"{args.data}: expected a json list of records")
-    instances, sampling_skipped, messages = sample_instances(records, args.subsets, args.num_samples, args.seed, args.data)
+    instances, sampling_skipped, messages = pool.sample_instances(records, args.subsets, args.num_samples, args.seed, args.data)
     for message in messages[:20]:
         common.print0(message)
     if len(messages) > 20:
@@ -411,12 +318,10 @@ def main(argv=None):
         warn(f"resuming {output.path}: {output.done_before} chunk(s) done before")
 
     # ---- Alg. 1 line 2: answer on I and on T(I), chunk k on rank k % N; each finished chunk goes to disk
+    settings = settings_of(args)
     for k in tqdm(todo, desc="seva", disable=rank != 0 or not args.progress):
         chunk = output.chunks[k]
-        rows = answer_chunk(model, processor, [instances[i] for i in chunk], args.image_folder, args.augmentation,
-                            args.noise_step, args.seed, args.noise_schedule, args.template, args.pad,
-                            args.max_new_tokens, args.max_length, warn, args.negative_steps, args.reference_logps,
-                            args.filter, args.prefill_batch_size or None)
+        rows = answer_chunk(model, processor, [instances[i] for i in chunk], args.image_folder, settings, warn)
         output.append([dict(index=i, id=instances[i]["id"], **row) for i, row in zip(chunk, rows)])
     common.barrier(world_size)
 
@@ -436,10 +341,11 @@ def main(argv=None):
                     steps = [args.negative_steps[row["rejected"].index(r)] for r in rejected]
                     kept.append(pairs.pair_record(instance, row["chosen"], rejected, args.augmentation, steps)
                                 | reference_of(row))
-        summary = summarize(instances, rows, kept, sampling_skipped, messages)
-        write_outputs(args, kept, summary, world_size)
+        summary = pairs.summarize(instances, rows, kept, sampling_skipped, messages)
+        pairs.write_pairs(args.out, kept, dict(args=vars(args), world_size=world_size, summary=summary),
+                          args.image_folder, args.export)
         output.remove()
-        print(f"wrote {args.out}\n" + format_summary(summary, args.filter), flush=True)
+        print(f"wrote {args.out}\n" + pairs.format_summary(summary, args.filter), flush=True)
     common.finish_distributed()
     return summary
 

@@ -11,7 +11,6 @@ same examples for a given seed and step (data.py), and a loss normalised over th
 1 process and N processes (DDP or FSDP2) train the same model, and a resumed run the same as an
 uninterrupted one.
 """
-import argparse
 import copy
 import functools
 import json
@@ -29,75 +28,18 @@ import common
 import data
 import dpo
 import lora
+import plan
+import runcontrol
+import trainable
+import train_args
 import vlm
-
-
-# ----------------------------------------------------------------------------- model
-def prepare_model(path, device, amp_dtype=None, objective="dpo", lora_r=0, lora_alpha=0.0, lora_dropout=0.0,
-                  train_projector=False, parallel="ddp", gradient_checkpointing=False, train_vision=False):
-    """Load the model, add LoRA (or not), freeze what SeVa never trains. Returns (model, processor).
-
-    LoRA under bf16 autocast with DDP stores the frozen base in bf16: half its memory, and autocast computes
-    its matmuls in bf16 anyway. Every trainable parameter (LoRA, and the projector with train_projector) is
-    fp32 whatever the base's dtype: AdamW's small updates on bf16 weights would round away. (FSDP2 wants one
-    dtype per unit: fp32 there.)"""
-    low = amp_dtype is not None and lora_r > 0 and parallel == "ddp"
-    model, processor = vlm.load(path, device, amp_dtype if low else torch.float32)
-    if lora_r > 0:
-        lora.apply_lora(model, lora_r, lora_alpha, lora_dropout)  # freezes all but LoRA
-        vlm.freeze_vision(model, train_projector=train_projector)
-    else:  # full fine-tuning of the language model (and the projector, as LLaVA's SFT)
-        vlm.freeze_vision(model, train_projector=objective == "sft" or train_projector)
-    if train_vision:
-        vlm.unfreeze_vision(model)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # master weights in fp32
-    if objective == "dpo":  # paper: dropout off for DPO (it would make the reference noisy)
-        vlm.disable_dropout(model)
-    if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor
-
-
-def wrap(model, parallel, world_size, device):
-    """DDP, or FSDP2 with one unit per decoder layer (bottom-up) and the rest in the root unit."""
-    if world_size == 1:
-        return model
-    if parallel == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for layer in model.get_submodule(vlm.spec(model)["decoder_layers"]):
-        fully_shard(layer)
-    fully_shard(model)
-    register_fsdp_forward_method(model, "get_image_features")  # dpo.shared_image_forward calls it outside forward
-    return model
-
-
-def grad_sync(model, last, parallel, world_size):
-    """Synchronise gradients on the last micro-step of a step only."""
-    if world_size == 1:
-        return nullcontext()
-    if parallel == "fsdp":
-        model.set_requires_gradient_sync(last)
-        return nullcontext()
-    return nullcontext() if last else model.no_sync()
-
-
-def pair_forward_for(model, name):
-    """dpo.PAIR_FORWARDS[name], or the concatenated forward where the model cannot run it (said once, here)."""
-    problem = vlm.pair_forward_problem(model, name)
-    if problem:
-        common.print0(f"{name}: {problem}; falling back to the concatenated forward")
-        return dpo.concatenated_forward
-    return dpo.PAIR_FORWARDS[name]
 
 
 # ----------------------------------------------------------------------------- losses
 def sft_micro_step(model, batch):
     """Summed next-token loss over the answer tokens of a micro-batch."""
     labels = batch.pop("labels")
-    logits = model(**batch).logits  # (B, T, V)
+    logits = model(**batch, use_cache=False).logits  # (B, T, V)
     loss = -dpo.sequence_logps(logits, labels).sum()  # next-token cross-entropy, summed over answer tokens
     return loss, {"loss": loss.detach()}
 
@@ -186,7 +128,7 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     group_by_length: bool = False  # batches of similar lengths (data.step_indices)
-    max_tokens: int = 0  # --max-tokens-per-batch: micro-batches cut to a token budget (micro_batches)
+    max_tokens: int = 0  # --max-tokens-per-batch: micro-batches cut to a token budget (data.micro_batches)
 
 
 def setup(args):
@@ -200,30 +142,34 @@ def setup(args):
     if args.max_tokens_per_batch and args.objective != "dpo":
         raise ValueError("--max-tokens-per-batch cuts pairs (--objective dpo) to a token budget")
     parallel = args.parallel if world_size > 1 else "ddp"  # nothing to shard in one process
-    raw_model, processor = prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r, args.lora_alpha,
-                                         args.lora_dropout, args.train_projector, parallel,
-                                         args.gradient_checkpointing, args.train_vision)
+    raw_model, processor = trainable.prepare_model(args.model, device, amp_dtype, args.objective, args.lora_r,
+                                                   args.lora_alpha, args.lora_dropout, args.train_projector, parallel,
+                                                   args.gradient_checkpointing, args.train_vision, rank)
     pad = vlm.pads_to_square(raw_model)
     if args.objective == "dpo":  # the images as seva.py padded them to make the pairs
         pad = data.pairs_padding(args.data, pad)
     config = dict(vars(args), template=vlm.resolve_template(raw_model, args.template), parallel=parallel, pad=pad,
-                  world_size=world_size, data_digest=common.file_digest(args.data))
-    latest = checkpoint.latest_checkpoint(args.out) if args.resume else None
+                  world_size=world_size, data_digest=common.file_digest(args.data),
+                  base_digest=checkpoint.base_digest(args.model))
+    # the newest checkpoint whose files match their manifest (a damaged one is named and passed over)
+    latest = checkpoint.good_checkpoint(args.out) if args.resume else None
     if latest:  # before any work: a resume that cannot be exact is refused
         checkpoint.check_resume(latest, config)
-    records = common.read_records(args.data)
+    bad_lines = []  # lines of a jsonl file that are not UTF-8: skipped and counted with the bad records
+    records = common.read_records(args.data, skipped=bad_lines)
     if args.objective == "dpo":
         records = data.pairs_reference(records, args.data, args.reference == "pairs", args.ld_alpha)
         if args.reference == "pairs":
             data.check_pairs_model(args.data, args.model, config["template"])
     dataset = data.TrainDataset(records, args.objective, args.image_folder, processor,
                                 config["template"], args.max_length, args.cache_data, pad,
-                                vlm.spec(raw_model)["fixed_image_tokens"], rank, args.data)
+                                vlm.spec(raw_model)["fixed_image_tokens"], rank, args.data,
+                                [line for _, line, _ in bad_lines])
     config["skipped"] = dict(dataset.skip_reasons)
 
     micro_step = sft_micro_step
     if args.objective == "dpo":
-        pair_forward, reference_model = pair_forward_for(raw_model, args.pair_forward), None
+        pair_forward, reference_model = trainable.pair_forward_for(raw_model, args.pair_forward), None
         several = any(isinstance(r["rejected"], list) for r in dataset.records)  # seva.py --num-negatives K > 1
         max_negatives = max(len(r["rejected"]) for r in dataset.records) if several else 0
         if args.ld_alpha is not None and several:
@@ -247,12 +193,14 @@ def setup(args):
         raise ValueError(f"{args.data}: {len(dataset)} examples x {args.epochs} epochs make no step of a global "
                          f"batch of {global_batch}")
 
-    model = wrap(raw_model, parallel, world_size, device)
+    model = trainable.wrap(raw_model, parallel, world_size, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(math.ceil(args.warmup_ratio * num_steps),
                                                                        num_steps))
     os.makedirs(args.out, exist_ok=True)
+    if rank == 0 and not latest:  # a fresh run: an earlier run's checkpoints here are not its own
+        checkpoint.remove_checkpoints(args.out)
     start_step = 0
     if latest:
         start_step = checkpoint.load_checkpoint(model, optimizer, scheduler, latest, rank)
@@ -282,9 +230,10 @@ def lr_lambda(warmup_steps, total_steps):
 
 
 # ----------------------------------------------------------------------------- the loop
-def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
+def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True, keep=2, stop=None):
     """Train from run.start_step to run.num_steps: one global batch per step (data.step_indices: a function of
-    step and seed), a row of OUT/metrics.jsonl per step, a checkpoint every `save_every` steps."""
+    step and seed), a row of OUT/metrics.jsonl per step, a checkpoint every `save_every` steps (the last `keep`
+    kept). stop (runcontrol.StopSignals): after each step, a SIGINT / SIGTERM ends the run there."""
     dataset, model, rank, world_size = run.dataset, run.model, run.rank, run.world_size
     metrics_path = os.path.join(out, "metrics.jsonl")
     model.train()
@@ -293,7 +242,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         t0 = time.time()
         indices = data.step_indices(step, len(dataset), run.global_batch, seed,
                                     dataset.lengths if run.group_by_length else None)
-        micro, encoded = micro_batches(run, indices, accumulation)
+        micro, encoded = data.micro_batches(dataset, indices, rank, world_size, accumulation, run.max_tokens)
         batches = [dataset.collate([encoded[i] if i in encoded else dataset[i] for i in m]) for m in micro]
         # Normalise by the whole global batch: pairs for DPO, answer tokens for SFT (counted over ranks).
         normaliser = run.global_batch if run.objective == "dpo" else common.all_reduce_sum(
@@ -301,7 +250,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
         sums = {}
         for i, batch in enumerate(batches):
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            with grad_sync(model, i == len(batches) - 1, run.parallel, world_size), \
+            with trainable.grad_sync(model, i == len(batches) - 1, run.parallel, world_size), \
                     common.autocast(run.device, run.amp_dtype):
                 objective, stats = run.micro_step(model, batch)
                 # DDP and FSDP average gradients over ranks: scale so the result is the global mean.
@@ -326,26 +275,15 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True):
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         bar.update()
-        if save_every and (step + 1) % save_every == 0 and step + 1 < run.num_steps:
+        saved = save_every and (step + 1) % save_every == 0 and step + 1 < run.num_steps
+        if saved:
             checkpoint.save_checkpoint(model, run.raw_model, run.optimizer, run.scheduler, step + 1, out, run.config,
-                                       rank, world_size)
+                                       rank, world_size, keep)
+        reason = stop.check(world_size) if stop and step + 1 < run.num_steps else None
+        if reason is not None:
+            bar.close()
+            checkpoint.stop_run(run, out, step + 1, reason, save_every, saved, keep)
     bar.close()
-
-
-def micro_batches(run, indices, accumulation):
-    """(micro-batches, encoded): this rank's micro-batches of a step's global batch (index lists), `accumulation`
-    of equal size, or with --max-tokens-per-batch as many as the token budget needs (packed tokens), the same
-    number on every rank; and the examples encoded to measure them (so that none is encoded twice). The global
-    batch stays so many pairs either way: the loss is the same on 1 process as on N."""
-    if not run.max_tokens:
-        return data.rank_micro_batches(indices, run.rank, run.world_size, accumulation), {}
-    mine = data.rank_micro_batches(indices, run.rank, run.world_size, 1)[0]
-    encoded = {i: run.dataset[i] for i in mine}
-    lengths = {i: data.packed_length(encoded[i]) for i in mine}
-    counts = [0.0] * run.world_size
-    counts[run.rank] = len(data.budget_micro_batches(mine, lengths, run.max_tokens))
-    most = int(max(common.all_reduce_sum(counts, run.world_size)))
-    return data.budget_micro_batches(mine, lengths, run.max_tokens, most), encoded
 
 
 def normalisers(totals, normaliser, key):
@@ -359,109 +297,32 @@ def normalisers(totals, normaliser, key):
 
 def train(args):
     """Train as args say (parse_args, which fills in the objective's defaults); returns the trained model
-    (unwrapped). Writes OUT/adapter/ (LoRA) or OUT/model/ (full fine-tuning) at the end."""
-    run = setup(args)
-    loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress)
-    fresh_model = lambda: prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r,
-                                        args.lora_alpha, args.lora_dropout, args.train_projector,
-                                        train_vision=args.train_vision)[0]
-    checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r, args.merge,
-                      run.parallel == "fsdp", fresh_model)
-    common.barrier(run.world_size)
+    (unwrapped). Writes OUT/adapter/ (LoRA) or OUT/model/ (full fine-tuning) at the end. --plan: the costs only."""
+    if args.plan:  # from config.json alone: no weight read, no process group
+        return plan.plan_training(args)
+    rank, world_size, _ = common.compute_init(args.seed)
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per OUT: a second is refused
+    try:
+        with runcontrol.StopSignals() as stop:
+            run = setup(args)
+            loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress,
+                 args.keep, stop)
+            fresh_model = lambda: trainable.prepare_model(
+                args.model, torch.device("cpu"), None, args.objective, args.lora_r, args.lora_alpha,
+                args.lora_dropout, args.train_projector, train_vision=args.train_vision)[0]
+            checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r,
+                              args.merge, run.parallel == "fsdp", fresh_model, run.config["base_digest"])
+            common.barrier(run.world_size)
+    finally:
+        if lock:
+            lock.release()
     return run.raw_model
 
 
 # ----------------------------------------------------------------------------- CLI
-# Defaults that run the toy world; the paper's values are named in each flag's help.
-OBJECTIVE_DEFAULTS = {
-    "dpo": dict(model="toy/model-sft", data="runs/seva/pairs.jsonl", out="runs/dpo", lr=5e-4, lora_r=32,
-                lora_alpha=64),
-    "sft": dict(model="toy/model-init", data="toy/sft.json", out="runs/sft", lr=1e-3, lora_r=0, lora_alpha=0),
-}
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data and model")
-    g.add_argument("--objective", default="dpo", choices=["dpo", "sft"],
-                   help="dpo: SeVa's preference training on seva.py pairs; sft: supervised fine-tuning")
-    g.add_argument("--model", help="local HF model folder to start from (dpo: toy/model-sft; sft: toy/model-init)")
-    g.add_argument("--data", "--pairs", dest="data",
-                   help="dpo: pairs jsonl from seva.py (runs/seva/pairs.jsonl); sft: LLaVA-665k json (toy/sft.json)")
-    g.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")
-    g.add_argument("--template", choices=vlm.TEMPLATES,
-                   help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
-    g.add_argument("--max-length", type=int, default=2048, help="longer examples are skipped (paper: 2048)")
-    g.add_argument("--cache-data", action="store_true", help="keep tokenized examples in memory (small data sets)")
-    g.add_argument("--group-by-length", action="store_true",
-                   help="batch examples of similar length, so batches pad less (LLaVA's group_by_modality_length); "
-                        "the order stays a function of --seed, and resumes stay exact")
-    g.add_argument("--out", help="output folder: metrics.jsonl, args.json, checkpoints, adapter/ or model/")
-    g = p.add_argument_group("LoRA and DPO")
-    g.add_argument("--lora-r", type=int, help="LoRA rank, 0 = full fine-tuning (paper: 1024; toy: 32)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (paper: 2048, i.e. 2r; toy: 64)")
-    g.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="LoRA dropout, sft only: dpo turns every dropout off (paper config 0.05, effectively 0)")
-    g.add_argument("--train-projector", action="store_true",
-                   help="also train the multimodal projector (the authors' code does; the paper does not say)")
-    g.add_argument("--train-vision", action="store_true",
-                   help="also train the vision tower (the toy world's SFT, whose small CLIP stands in for a "
-                        "pretrained one; LLaVA and SeVa keep it frozen)")
-    g.add_argument("--beta", type=float, default=0.1, help="DPO beta (paper: 0.1)")
-    g.add_argument("--loss-type", default="sigmoid", choices=dpo.LOSS_TYPES, help="sigmoid is Eq. 7 (paper)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (paper: 0)")
-    g.add_argument("--negatives-loss", default="infonce", choices=dpo.NEGATIVE_LOSSES,
-                   help="pairs with several rejected answers (seva.py --num-negatives): infonce, paper 3.3's "
-                        "contrastive form (Eq. 12-13), or pairwise, the mean of K Eq. 7 losses; both are Eq. 7 at K=1")
-    g.add_argument("--rpo-alpha", type=float, default=0.0,
-                   help="RPO (Pang et al. 2024, TRL's rpo_alpha): add alpha x the chosen answer's NLL per token, "
-                        "against the chosen log-prob falling during DPO (paper: 0, off)")
-    g.add_argument("--ld-alpha", type=float, default=None,
-                   help="LD-DPO (Liu et al. 2024, TRL's ld_alpha): weight the log-probs of the tokens beyond the "
-                        "shorter answer of a pair by alpha (0-1), against DPO's pull towards length "
-                        "(paper: off; 1 = plain DPO); one rejected answer per pair only")
-    g.add_argument("--reference", default="adapter", choices=["adapter", "precomputed", "pairs"],
-                   help="adapter: the policy with LoRA disabled (a frozen copy for full fine-tuning); "
-                        "precomputed: log-probs computed once, stored beside the pairs; pairs: those seva.py "
-                        "--reference-logps wrote into the pairs while making them (no reference forward at all)")
-    g.add_argument("--pair-forward", default="shared_prefix", choices=list(dpo.PAIR_FORWARDS),
-                   help="how a pair is scored, all equal (tests/test_shared_prefix.py): shared_prefix packs prompt + "
-                        "chosen + rejected into one sequence (families without it fall back to concatenated); "
-                        "packed puts every pair of a micro-batch in one row, no padding (best with "
-                        "--max-tokens-per-batch); shared_image runs the vision tower once per pair; concatenated runs "
-                        "chosen and rejected as 2B full sequences (the naive way)")
-    g.add_argument("--merge", action="store_true", help="also write OUT/merged/, the LoRA merged into the model")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-step (paper: 16)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (paper: 1)")
-    g.add_argument("--max-tokens-per-batch", type=int, default=0,
-                   help="dpo: cut each device's share of a step (batch x accumulation pairs) into micro-batches of at "
-                        "most this many packed tokens (prompt once + every answer, as --pair-forward packed computes "
-                        "them) instead of --grad-accum equal ones; the step is still the same global batch of pairs")
-    g.add_argument("--global-batch", type=int, default=0,
-                   help="if set, checked against batch x accumulation x world size (paper: 128)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: 1, over pairs listed twice)")
-    g.add_argument("--max-steps", type=int, default=0, help="if set, train exactly this many steps")
-    g.add_argument("--lr", type=float, help="peak learning rate (paper: 2e-6; toy dpo: 5e-4, toy sft: 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
-    g.add_argument("--warmup-ratio", type=float, default=0.03, help="warmup fraction of the steps (paper: 0.03)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (paper: 1.0)")
-    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"],
-                   help="bf16 autocast on CUDA (paper: bf16); CPUs always run fp32; fp16 is refused")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (paper: on)")
-    g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
-                   help="ddp, or fsdp (FSDP2, one unit per decoder layer; the paper used DeepSpeed ZeRO-3)")
-    g.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only the end)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/latest if it exists")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    args = p.parse_args(argv)
-    for key, value in OBJECTIVE_DEFAULTS[args.objective].items():  # the objective's defaults, where not given
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
+    """The flags (train_args.py: grouped, each with its default and the paper's value)."""
+    return train_args.parse_args(argv, __doc__)
 
 if __name__ == "__main__":
     common.run_main(lambda: train(parse_args()), "train_ddp.py")

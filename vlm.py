@@ -15,6 +15,8 @@ import os
 import torch
 from PIL import Image
 
+import common
+
 # ----------------------------------------------------------------------------- the family table
 # The key is the model's config.model_type.
 # lora_targets: a regex over module names (`model.named_modules()`), matched in full: the language
@@ -201,10 +203,11 @@ def pad_to_square(image, color=CLIP_MEAN_RGB):
 
 
 def load_image(path, pad=True):
-    """Open an image as RGB; a missing or corrupt file raises an error naming the file."""
+    """Open an image as 8-bit RGB through its real mode (common.to_rgb: 16-bit scaled, transparency on white);
+    a missing or corrupt file raises an error naming the file."""
     try:
         with Image.open(path) as img:
-            image = img.convert("RGB")
+            image = common.to_rgb(img)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     return pad_to_square(image) if pad else image

@@ -50,10 +50,12 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import collate  # noqa: E402
 import common  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
 import train_ddp  # noqa: E402
+import trainable  # noqa: E402
 import vlm  # noqa: E402
 
 FORWARDS = ("concatenated", "shared_image", "shared_prefix")
@@ -77,7 +79,7 @@ REFERENCES = ("adapter", "precomputed")
 
 
 # ----------------------------------------------------------------------------- model and batches
-def build_model(args, device):
+def build_model(args, device, with_lora=True):
     """A random LLaVA-1.5 from configs (no hub): CLIP vision tower, MLP projector, Llama; LoRA on, B random."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     vision = CLIPVisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_width,
@@ -91,6 +93,8 @@ def build_model(args, device):
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).to(device)
     model.set_attn_implementation(args.attention)
+    if not with_lora:
+        return model
     lora.apply_lora(model, args.lora_r, 2 * args.lora_r)
     vlm.freeze_vision(model)
     with torch.no_grad():  # policy != reference, so the losses are not all log 2
@@ -123,16 +127,16 @@ def make_batch(args, answer_tokens, device, negatives=1):
         rejected = [sequence(prompt, text(n), pixel_values) for n in lengths]
         pairs.append({"chosen": sequence(prompt, text(answer_tokens), pixel_values),
                       "rejected": rejected if negatives > 1 else rejected[0]})
-    return {k: v.to(device) for k, v in dpo.collate_pairs(pairs, pad_token_id=0).items()}
+    return {k: v.to(device) for k, v in collate.collate_pairs(pairs, pad_token_id=0).items()}
 
 
 # ----------------------------------------------------------------------------- one step
 def dpo_step(model, optimizer, batch, forward, amp_dtype):
     """train_ddp.py's DPO step on one micro-batch: (summed loss, summed policy chosen log-probs)."""
     with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pairs = dpo.split_rows(batch)[0]
+        pairs = collate.split_rows(batch)[0]
         negatives = (batch["input_ids"].shape[0] - pairs) // pairs if "pair_index" in batch else 0
-        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, train_ddp.pair_forward_for(model, forward),
+        loss, stats = train_ddp.dpo_micro_step(model, model, None, batch, trainable.pair_forward_for(model, forward),
                                                beta=0.1, max_negatives=negatives)
         (loss / pairs).backward()  # the mean over the pairs
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -185,6 +189,65 @@ def peak_memory(fn, device):
     return peak
 
 
+def reference_memory(model, batch, device, amp_dtype):
+    """Peak tensor memory (bytes) of the reference pass (no grad, LoRA off, the naive forward's call) with the KV
+    cache transformers keeps by default (use_cache=True, as before dpo.py passed False) and without it, and the
+    largest |difference| of their logits (0: the cache buys nothing)."""
+    results = {}
+    for use_cache in (True, False):
+        def reference():
+            with torch.no_grad(), lora.disable_adapter(model), torch.autocast(
+                    device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                results[use_cache] = model(**dpo.model_inputs(batch), use_cache=use_cache).logits.float()
+        reference()  # warm-up
+        results[f"peak {use_cache}"] = peak_memory(reference, device)
+    return results["peak True"], results["peak False"], float((results[True] - results[False]).abs().max())
+
+
+def fsdp_load(args):
+    """Under torchrun (gloo on CPU): each rank's tensor memory while loading the model for FSDP2 LoRA training and
+    after it, the way train_ddp.py loaded it before (every rank reads the whole fp32 model, adds LoRA, then shards)
+    and the way it does now (fsdp.load_sharded: meta-device build, sharded, bf16 base, rank 0's broadcast).
+    Returns rank 0's table rows. The model: build_model's, saved to --fsdp-load with the toy world's tokenizer."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+    import fsdp
+    from toyworld import model as toymodel
+    rank, world_size, device = common.compute_init(0)
+    folder = args.fsdp_load
+    if rank == 0 and not os.path.exists(os.path.join(folder, "config.json")):
+        model = build_model(args, torch.device("cpu"), with_lora=False)
+        model.save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        toymodel.build_processor(tokenizer, args.patch_size, args.image_size).save_pretrained(folder)
+    common.barrier(world_size)
+
+    def prepare(model):
+        lora.apply_lora(model, args.lora_r, 2 * args.lora_r)
+        vlm.freeze_vision(model)
+
+    def before():  # train_ddp.prepare_model + wrap as they were
+        model, _ = vlm.load(folder, device, torch.float32)
+        prepare(model)
+        fsdp.shard(model)
+        return model
+
+    ways = {"before: fp32, whole on every rank, then sharded": before,
+            "now: bf16 base, meta build, broadcast from rank 0": lambda: fsdp.load_sharded(
+                folder, device, torch.bfloat16, prepare, rank)[0]}
+    rows = []
+    for name, load in ways.items():
+        loaded = {}
+        peak = peak_memory(lambda: loaded.update(model=load()), device)
+        after = fsdp.local_bytes(loaded.pop("model"))
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (peak, after))
+        rows += [f"| {name} | {r} | {p / 2**20:.1f} | {a / 2**20:.1f} |" for r, (p, a) in enumerate(gathered)]
+    whole = build_model(args, torch.device("cpu"))
+    rows.append(f"| the whole model (fp32 base + LoRA), for scale | - | - | {fsdp.local_bytes(whole) / 2**20:.1f} |")
+    return rows
+
+
 # ----------------------------------------------------------------------------- FLOPs
 def matmul_peak(device, dtype, sizes, repeats=3):
     """Best dense torch.mm throughput (FLOP/s) over size x size squares of each size."""
@@ -218,7 +281,7 @@ def step_flops(model, batch, forward, reference):
     n_projector = linear_weights(model.model.multi_modal_projector)[0]
     n_base, n_lora = linear_weights(model.model.language_model)
     h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
-    pairs = dpo.split_rows(batch)[0]
+    pairs = collate.split_rows(batch)[0]
     if forward == "shared_prefix":
         packed = dpo.pack_pairs(batch)
         rows, length = pairs, packed["input_ids"].shape[1]
@@ -262,7 +325,7 @@ def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
         for v in (variants if round_index % 2 == 0 else variants[::-1]):
             times[v].append(timed(step[v], device)[0])
     rows, answer_tokens = [], int((batch["labels"][0] != -100).sum())
-    pairs = dpo.split_rows(batch)[0]
+    pairs = collate.split_rows(batch)[0]
     answers = batch["input_ids"].shape[0]  # B chosen + R rejected
     negatives = (answers - pairs) // pairs
     for v in variants:
@@ -283,7 +346,7 @@ def measure(model, optimizer, batch, forwards, args, device, amp_dtype, peak):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("model (LLaVA-1.5-7B: image 336 / patch 14, CLIP 1024 x 24, Llama 4096 x 32)")
     g.add_argument("--image-size", type=int, default=96, help="image side in pixels (LLaVA-1.5: 336)")
     g.add_argument("--patch-size", type=int, default=4, help="(image / patch)^2 image tokens: 96 / 4 = 576 as LLaVA's")
@@ -305,6 +368,13 @@ def parse_args(argv=None):
     g.add_argument("--rounds", type=int, default=5, help="timed rounds per variant, after one warm-up step")
     g.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     g.add_argument("--check-flops", action="store_true", help="also print torch's FlopCounterMode count per variant")
+    g.add_argument("--fsdp-load", metavar="FOLDER", default="",
+                   help="only measure each rank's memory while loading for FSDP2 and after, the old way and "
+                        "fsdp.load_sharded's (run under torchrun; the model is saved to FOLDER first)")
+    g.add_argument("--tokenizer", default="toy/model-sft", help="--fsdp-load: the tokenizer saved with the model")
+    g.add_argument("--reference-cache", action="store_true",
+                   help="only measure the reference pass's peak memory with a KV cache (transformers' default) and "
+                        "without (use_cache=False, as dpo.py runs it), for each answer length")
     g.add_argument("--matmul-sizes", default="", help="sides of the squares for the matmul peak, comma-separated "
                                                        "(default: 2048,4096 on CPU, 8192 on CUDA)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -321,13 +391,35 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = common.compute_dtype(device, "bf16")  # bf16 autocast on CUDA, fp32 on CPU
     forwards = args.forwards.split(",")
+    if args.fsdp_load:  # nothing else is measured
+        table = fsdp_load(args)
+        common.print0(f"FSDP2 load, {os.environ.get('WORLD_SIZE', 1)} processes, width {args.width} x {args.layers} "
+                      f"layers, LoRA r {args.lora_r}; tensor bytes per rank (CPU: host = device)\n"
+                      "| way | rank | peak MiB while loading | MiB after |\n|---|---|---|---|\n" + "\n".join(table))
+        common.finish_distributed()
+        sys.exit(0)
+    if args.reference_cache:  # nothing else is measured
+        model = build_model(args, device)
+        print(f"device {device}, {'bf16 autocast' if amp_dtype else 'fp32'}, {args.pairs} pairs, width {args.width} "
+              f"x {args.layers} layers; the reference pass (no grad, LoRA off, 2B rows)")
+        print("| answer tokens | rows x tokens | peak MiB with cache | peak MiB without | x | cache MiB expected | "
+              "max abs dlogits |\n|---|---|---|---|---|---|---|")
+        for answer_tokens in [int(a) for a in args.answers.split(",")]:
+            batch = make_batch(args, answer_tokens, device)
+            with_cache, without, delta = reference_memory(model, batch, device, amp_dtype)
+            rows, length = batch["input_ids"].shape
+            text = model.config.text_config
+            kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+            expected = 2 * text.num_hidden_layers * kv_width * rows * length * (2 if amp_dtype else 4)  # K and V
+            print(f"| {answer_tokens} | {rows} x {length} | {with_cache / 2**20:.1f} | {without / 2**20:.1f} | "
+                  f"{without / with_cache:.2f} | {expected / 2**20:.1f} | {delta:.1e} |", flush=True)
+        sys.exit(0)
     if args.flops_only:
         model = build_model(args, device)
         print(f"image tokens {(args.image_size // args.patch_size) ** 2}"
@@ -365,3 +457,7 @@ if __name__ == "__main__":
     prompt = args.prompt_tokens + (args.image_size // args.patch_size) ** 2
     print(f"\nprompt {prompt} tokens ({args.prompt_tokens} text + image); x naive: against concatenated with the "
           f"same reference; abs dloss: |mean DPO loss - naive's|, fp32 on CPU, bf16 autocast on CUDA")
+
+
+if __name__ == "__main__":
+    common.run_main(lambda: main(parse_args()), "bench/dpo_step.py")

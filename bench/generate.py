@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import vlm  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import generate_tokens  # noqa: E402
 
 
 def load_questions(data, image_folder, num, pad=True):
@@ -45,15 +45,14 @@ def timed(model, processor, images, questions, batch_size, args):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    answers, ids = generate(model, processor, images, questions, args.template, args.max_new_tokens, batch_size,
-                            return_ids=True)
+    answers, ids, _ = generate_tokens(model, processor, images, questions, args.template, args.max_new_tokens, batch_size)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, answers, ids
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--model", default="toy/model-sft", help="local HF model folder")
     p.add_argument("--data", default="toy/pool.json", help="LLaVA-665k-format json the questions come from")
     p.add_argument("--image-folder", default="toy/images", help="folder the records' image paths are relative to")
@@ -66,8 +65,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,3 +99,7 @@ if __name__ == "__main__":
         print(f"| {name} | {median:.3f} | {len(questions) / median:.1f} | {tokens / median:.1f} |")
     one, batched = (statistics.median(times) for times in seconds.values())
     print(f"speed-up of batching: {one / batched:.2f}x")
+
+
+if __name__ == "__main__":
+    common.run_main(lambda: main(parse_args()), "bench/generate.py")

@@ -44,10 +44,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import collate  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
+import pool  # noqa: E402
 import seva  # noqa: E402
 from toyworld import model as toymodel  # noqa: E402
 import train_ddp  # noqa: E402
@@ -86,7 +88,7 @@ def instances(args, folder, tokenizer):
     (written to `folder`), and answer lengths in tokens (+ EOS): the chosen answer's is that of the pool's true
     answer to the question, the rejected one's that of the next instance's answer, one token longer where the
     two would be equal, so that every pair is kept (as line 3 keeps only pairs whose answers differ)."""
-    rows = seva.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
+    rows = pool.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
     rng = np.random.default_rng(0)
     for i, row in enumerate(rows):
         row["image"] = f"{i:04d}.png"
@@ -135,8 +137,8 @@ def pairs_authors(model, processor, rows, chosen_lengths, rejected_lengths, fold
     out = []
     for row, c, r in zip(rows, chosen_lengths, rejected_lengths):
         model.queue = [[c], [r]]
-        out += seva.answer_chunk(model, processor, [row], folder, "diffusion", args.noise_step, 0,
-                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None)
+        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens)
+        out += seva.answer_chunk(model, processor, [row], folder, settings, warn=lambda m: None)
     return out
 
 
@@ -146,9 +148,9 @@ def pairs_ours(model, processor, rows, chosen_lengths, rejected_lengths, folder,
     for start in range(0, len(rows), args.batch_size):
         end = start + args.batch_size
         model.queue = [chosen_lengths[start:end], rejected_lengths[start:end]]
-        out += seva.answer_chunk(model, processor, rows[start:end], folder, "diffusion", args.noise_step, 0,
-                                 max_new_tokens=args.max_new_tokens, warn=lambda m: None, reference=True,
-                                 prefill_batch=args.prefill_batch_size or None)
+        settings = seva.AnswerSettings(noise_step=args.noise_step, max_new_tokens=args.max_new_tokens, reference=True,
+                                       prefill_batch=args.prefill_batch_size or None)
+        out += seva.answer_chunk(model, processor, rows[start:end], folder, settings, warn=lambda m: None)
     return out
 
 
@@ -160,7 +162,7 @@ def encoded_pairs(processor, rows, answered, folder, reference):
         if seva.same_answer(pair["chosen"], pair["rejected"]):
             continue
         image = vlm.load_image(os.path.join(folder, row["image"]))
-        encoded = dpo.encode_pair(processor, image, row["question"], pair["chosen"], pair["rejected"], "llava_v1")
+        encoded = collate.encode_pair(processor, image, row["question"], pair["chosen"], pair["rejected"], "llava_v1")
         if reference:
             encoded.update(reference_chosen_logps=pair["reference_chosen_logps"],
                            reference_rejected_logps=pair["reference_rejected_logps"])
@@ -173,7 +175,7 @@ def dpo_epoch(model, optimizer, encoded, forward, micro_batches, pad):
     micro-batches, backward, clipping, AdamW. Learning rate 0: every round starts from the same weights."""
     for batch_pairs in micro_batches:
         for micro in batch_pairs:
-            batch = dpo.collate_pairs([encoded[i] for i in micro], pad)
+            batch = collate.collate_pairs([encoded[i] for i in micro], pad)
             loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)
             (loss / sum(len(m) for m in batch_pairs)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -210,7 +212,7 @@ def flops(fn):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("model (LLaVA-1.5-7B: image 336 / patch 14, CLIP 1024 x 24, Llama 4096 x 32)")
     g.add_argument("--tokenizer", default="toy/model-sft", help="a model folder whose tokenizer is used")
     g.add_argument("--image-size", type=int, default=96, help="image side in pixels (LLaVA-1.5: 336)")
@@ -277,14 +279,14 @@ def main(args):
     model = ForcedLengths(raw, processor.tokenizer.eos_token_id)
     in_generate = {"seconds": 0.0}  # the time in generate.py's generate: the generation's share of the pairs
 
-    original = seva.generate
-
-    def timed_generate(*args, **kwargs):
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        in_generate["seconds"] += time.perf_counter() - start
-        return out
-    seva.generate = timed_generate
+    def timed(original):
+        def timed_generate(*args, **kwargs):
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            in_generate["seconds"] += time.perf_counter() - start
+            return out
+        return timed_generate
+    seva.generate, seva.generate_tokens = timed(seva.generate), timed(seva.generate_tokens)
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=0.0)
     pad = processor.tokenizer.pad_token_id
     folder = tempfile.mkdtemp(prefix="seva-pipeline-")

@@ -16,19 +16,22 @@ writes OUT/compare.md, OUT/compare.png, OUT/compare.json and every answer file u
 (resumable: a rerun generates only what is missing). Under torchrun the questions are shared out.
 
 No headline hides a collapse: a model whose POPE yes-ratio leaves 0.2-0.8 answers nearly always one way, and
-its POPE cells (and their delta) are marked degenerate.
+its POPE cells (and their delta) are marked degenerate. The table, its sections and the chart are
+eval/compare_report.py.
 """
 import argparse
+import atexit
 import json
 import os
 
+import checkpoint
 import common
 import pairs
+import runcontrol
 from eval import judge as judge_lib
 from eval import gqa, hallucination, judge_client, mc_files, multiple_choice, pope, runner, shr, toyvqa
+from eval.compare_report import MODELS, bar_chart, degenerate_columns, judged_notes, markdown, table_columns
 
-MODELS = ("SFT", "SeVa")
-YES_RATIO_BAND = (0.2, 0.8)  # outside it, a POPE model answers nearly always yes (or no): its F1 says nothing
 TEMPERATURES = "0.2,0.4,0.5,0.7,0.9,1.0"  # paper Table 5's rows
 
 
@@ -79,7 +82,9 @@ def evaluate_model(model, processor, model_id, weights, out_dir, args, judge=Non
         results["llava-bench"] = judge_lib.evaluate_llava_bench(model, processor, model_id, args.llava_bench_dir,
                                                                 out_dir, judge, **shared)
     if args.shr_dir:
-        results["shr"] = shr.evaluate(model, processor, model_id, args.shr_dir, args.vg_dir, out_dir, judge, **shared)
+        results["shr"] = shr.evaluate(model, processor, model_id, args.shr_dir, args.vg_dir, out_dir, judge,
+                                      **dict(shared, max_new_tokens=args.shr_max_new_tokens,
+                                             num_beams=args.shr_num_beams))  # the published baseline's decoding
     if args.world and os.path.exists(os.path.join(args.world, "val-captions.json")):  # the open stage's files
         results["open"] = hallucination.evaluate(model, processor, model_id, args.world, args.image_folder, out_dir,
                                                  **dict(shared, max_new_tokens=args.open_max_new_tokens))
@@ -98,12 +103,12 @@ def outcomes(out_dir, args, results):
         per["POPE"] = {}
         for split in args.pope_splits:
             rows = pope.read_pope(pope.split_file(args.pope_dir, split))
-            answers = common.read_jsonl(os.path.join(out_dir, f"pope-{split}.jsonl"))
+            answers = runner.read_answers(os.path.join(out_dir, f"pope-{split}.jsonl"), rows)
             per["POPE"].update((f"{split}/{row['question_id']}", float(ok))
                                for row, ok in zip(rows, pope.correctness(rows, answers)))
     if args.gqa_dir:
         records = gqa.read_questions(os.path.join(args.gqa_dir, gqa.QUESTIONS_FILE))
-        answers = common.read_jsonl(os.path.join(out_dir, gqa.ANSWER_FILE))
+        answers = runner.read_answers(os.path.join(out_dir, gqa.ANSWER_FILE), records)
         per["GQA"] = {r["question_id"]: float(ok) for r, ok in zip(records, gqa.correctness(records, answers))}
     if args.val:
         records = common.read_records(args.val)
@@ -111,17 +116,19 @@ def outcomes(out_dir, args, results):
         if args.noise_step is not None:
             files["VQA-noisy"] = f"toyvqa-noise{args.noise_step}.jsonl"
         for name, file in files.items():
-            answers = common.read_jsonl(os.path.join(out_dir, file))
+            answers = runner.read_answers(os.path.join(out_dir, file), [{"question_id": r["id"]} for r in records])
             per[name] = {r["id"]: float(ok) for r, ok in zip(records, toyvqa.correctness(records, answers))}
     if results.get("open"):
         records = common.read_records(os.path.join(args.world, "val-sentences.json"))
         scenes = common.read_records(os.path.join(args.world, "scenes.json"))
-        texts = toyvqa.texts_of(records, common.read_jsonl(os.path.join(out_dir, "sentence-clean.jsonl")))
+        texts = toyvqa.texts_of(records, runner.read_answers(os.path.join(out_dir, "sentence-clean.jsonl"),
+                                                             [{"question_id": r["id"]} for r in records]))
         per["Sentences"] = {r["id"]: float(hallucination.sentence_right(text, r, scenes[r["image"]]))
                             for r, text in zip(records, texts)}
     for name, path in args.mc:
         questions = mc_files.read_questions(path, args.mc_split)
-        answers = common.read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))
+        answers = runner.read_answers(os.path.join(out_dir, f"{name}.jsonl"),
+                                      multiple_choice.runner_questions(questions, args.circular))
         groups = multiple_choice.group_outcomes(questions, answers, args.circular, args.letter_rule)
         per[name] = {group: float(right) for group, (right, _) in groups.items()}  # MMBench: one per question
     for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W")):
@@ -137,221 +144,7 @@ def win_lose_tie(sft, seva):
                 tie=sum(seva[k] == sft[k] for k in keys))
 
 
-# ----------------------------------------------------------------------------- the table (paper Table 2)
-def table_columns(results):
-    """{column: value in percent} of one model, in the paper's order where it has the benchmark."""
-    columns = {}
-    if results.get("mmvet"):
-        columns["MMVet"] = results["mmvet"]["score"]
-    if results.get("llava-bench"):
-        columns["LLaVA-W"] = results["llava-bench"]["all"]["relative"]
-    for key, value in results.items():
-        if key.startswith("mc/") and value:
-            columns[key[3:]] = 100 * value["accuracy"]
-    if results.get("gqa") and results["gqa"]["accuracy"] is not None:
-        columns["GQA"] = 100 * results["gqa"]["accuracy"]
-    if results.get("shr"):
-        columns["SHR"] = 100 * results["shr"]["shr"]  # lower is better
-    if "pope" in results:  # F1, as LLaVA-1.5 and SeVa report POPE
-        short = {"random": "rand", "popular": "pop", "adversarial": "adv"}
-        for split, metrics in results["pope"].items():
-            if split != "average":
-                columns[f"POPE-{short.get(split, split)}"] = 100 * metrics["f1"]
-        columns["POPE"] = 100 * results["pope"]["average"]["f1"]
-    if "toyvqa" in results:
-        columns["VQA"] = 100 * results["toyvqa"]["clean"]["overall"]
-        if "noisy" in results["toyvqa"]:
-            columns["VQA-noisy"] = 100 * results["toyvqa"]["noisy"]["overall"]
-    if results.get("open"):
-        for kind, short in (("caption", "cap"), ("description", "desc")):
-            for metric, name in (("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("cover", "Cover"), ("shr", "SHR")):
-                columns[f"{name}-{short}"] = 100 * results["open"][kind][metric]
-        columns["Sentences"] = 100 * results["open"]["sentence"]["overall"]
-    return columns
-
-
-def degenerate_pope(metrics):
-    """A POPE split whose yes-ratio leaves YES_RATIO_BAND: the model answers (nearly) always one way."""
-    return not YES_RATIO_BAND[0] <= metrics["yes_ratio"] <= YES_RATIO_BAND[1]
-
-
-def degenerate_columns(results):
-    """The POPE columns of one model whose yes-ratio leaves YES_RATIO_BAND (the average: if any split does)."""
-    short = {"random": "rand", "popular": "pop", "adversarial": "adv"}
-    bad = {f"POPE-{short.get(split, split)}" for split, metrics in results.get("pope", {}).items()
-           if split != "average" and degenerate_pope(metrics)}
-    return bad | ({"POPE"} if bad else set())
-
-
-def judged_notes(results):
-    """The judged columns whose scores are not comparable with published ones, and why (eval/judge_client.py)."""
-    notes = []
-    for key, column in (("mmvet", "MMVet"), ("llava-bench", "LLaVA-W"), ("shr", "SHR")):
-        for name in MODELS:
-            if results[name].get(key) and not results[name][key]["comparable"]:
-                notes.append(f"{column} ({name}): {results[name][key]['note']}")
-    return notes
-
-
-def table_rows(table, degenerate):
-    """The main table's rows: each model, then the delta; a POPE cell of a degenerate model (and its delta) marked."""
-    rows = []
-    for name in MODELS + ("delta",):
-        cells = []
-        for column, value in zip(table["columns"], table[name]):
-            marked = column in degenerate["SFT"] | degenerate["SeVa"] if name == "delta" else column in degenerate[name]
-            cells.append((f"{value:+.1f}" if name == "delta" else f"{value:.1f}") + (" (degenerate)" if marked else ""))
-        rows.append([name if name != "delta" else "delta (SeVa - SFT)"] + cells)
-    return rows
-
-
-def pope_section(results):
-    """Every POPE metric of both models, split by split, with the yes-ratio that F1 hides."""
-    rows = []
-    for name in MODELS:
-        for split, m in results[name].get("pope", {}).items():
-            if split == "average":
-                continue
-            rows.append([name, split] + [f"{100 * m[k]:.1f}" for k in ("accuracy", "f1", "precision", "recall")]
-                        + [f"{m['yes_ratio']:.2f}", "**degenerate**" if degenerate_pope(m) else ""])
-    if not rows:
-        return []
-    return ["", "## POPE, every metric", ""] + common.markdown_table(
-        ["model", "split", "accuracy", "F1", "precision", "recall", "yes-ratio", ""], rows) + [
-        "", f"Degenerate: the yes-ratio leaves {YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]}; such a model answers "
-            "(nearly) always one way, and a change of its F1 is no change of what it sees."]
-
-
-def short_answer_section(results):
-    """Toy VQA exact match by question family, both models and the delta (clean images)."""
-    if not all("toyvqa" in results[name] for name in MODELS):
-        return []
-    scores = {name: results[name]["toyvqa"]["clean"] for name in MODELS}
-    families = list(scores["SFT"])
-    rows = [[name] + [f"{100 * scores[name][f]:.1f}" for f in families] for name in MODELS]
-    rows.append(["delta"] + [f"{100 * (scores['SeVa'][f] - scores['SFT'][f]):+.1f}" for f in families])
-    return ["", "## Short answers by family (toy VQA, exact match)", ""] + common.markdown_table(["model", *families],
-                                                                                                  rows)
-
-
-def open_section(results):
-    """Captions and descriptions: every hallucination metric and the answer length, both models and the delta."""
-    if not all(results[name].get("open") for name in MODELS):
-        return []
-    metrics = (("chair_i", "CHAIR_i", 100), ("chair_s", "CHAIR_s", 100), ("cover", "Cover", 100),
-               ("shr", "SHR-like", 100), ("words", "words", 1), ("sentences", "sentences", 1),
-               ("unparsed", "unparsed", 1))
-    rows = []
-    for kind in hallucination.KINDS:
-        for name in MODELS:
-            m = results[name]["open"][kind]
-            rows.append([kind, name] + [f"{scale * m[k]:.1f}" if scale == 100 or k != "unparsed" else str(m[k])
-                                        for k, _, scale in metrics])
-        a, b = results["SFT"]["open"][kind], results["SeVa"]["open"][kind]
-        rows.append([kind, "delta"] + [f"{scale * (b[k] - a[k]):+.1f}" for k, _, scale in metrics])
-    sentence = {name: results[name]["open"]["sentence"] for name in MODELS}
-    return ["", "## Open-ended answers (toy world, scored against the scene graphs)", ""] + common.markdown_table(
-        ["answers", "model", *[label for _, label, _ in metrics]], rows) + [
-        "", "Percent but words, sentences (per answer) and unparsed (sentences outside the grammar, counted as false "
-            "in SHR-like). CHAIR and SHR-like: lower is better; Cover: higher is better; words: the length change "
-            "(paper Fig. 5).",
-        "", "Sentence answers right: " + "; ".join(
-            f"{name} " + ", ".join(f"{f} {100 * v:.1f}" for f, v in sentence[name].items()) for name in MODELS)]
-
-
-def pairs_section(pair_table, quality):
-    """The pairs trained: which side holds more false claims (open-ended answers, per subset) and, where the json
-    had the answer, whether chosen is right and rejected wrong (seva.py's pair quality)."""
-    lines = []
-    if pair_table:
-        rows = [[subset, r["pairs"]] + [f"{100 * r[c] / r['pairs']:.1f}" for c in hallucination.PAIR_CLASSES]
-                + [f"{r['false_chosen']:.2f}", f"{r['false_rejected']:.2f}", f"{r['words_chosen']:.1f}",
-                   f"{r['words_rejected']:.1f}"] for subset, r in pair_table.items()]
-        lines += ["", "## The pairs trained: which side holds more false claims", ""] + common.markdown_table(
-            ["subset", "pairs", *[f"{c} %" for c in hallucination.PAIR_CLASSES], "false claims chosen",
-             "false claims rejected", "words chosen", "words rejected"], rows) + [
-            "", "False claims: claims the image's scene graph contradicts, and sentences outside the grammar."]
-    if quality:
-        total = sum(quality.values())
-        lines += ["", f"Pairs with the json's answer ({total}): " + ", ".join(
-            f"{name} {100 * count / total:.1f}%" for name, count in quality.items())]
-    return lines
-
-
-def markdown(table, pairwise, consistency_by_model, model_ids, args, notes=(), results=None, pair_table=None,
-             quality=None):
-    results = results or {name: {} for name in MODELS}
-    degenerate = {name: degenerate_columns(results[name]) for name in MODELS}
-    lines = [f"Models: SFT `{model_ids['SFT']}`; SeVa `{model_ids['SeVa']}`.", "",
-             "## Benchmarks (paper Table 2)", ""]
-    lines += common.markdown_table(["model", *table["columns"]], table_rows(table, degenerate))
-    lines += ["", "Percent. POPE columns: F1 (POPE = the average over the splits, as in the paper). "
-              f"VQA: toy-world exact match; VQA-noisy: the same under diffusion noise at step {args.noise_step}. "
-              "CHAIR_i, CHAIR_s, Cover, SHR (SHR-like on the toy world) of captions (cap) and descriptions (desc); "
-              "Sentences: sentence answers right. MMVet: judge score; LLaVA-W: relative score to the reference "
-              "answers. CHAIR and SHR: lower is better."]
-    if degenerate["SFT"] | degenerate["SeVa"]:
-        lines += ["", f"**(degenerate): POPE yes-ratio outside {YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]}; the F1 and "
-                      "its delta say nothing.**"]
-    lines += [f"**{note}**" for note in notes]
-    lines += pope_section(results) + short_answer_section(results) + open_section(results)
-    lines += pairs_section(pair_table, quality)
-    if pairwise:
-        lines += ["", "## Pair-wise, SeVa against SFT (paper Fig. 5)", ""] + common.markdown_table(
-            ["benchmark", "win", "lose", "tie"], [[name, c["win"], c["lose"], c["tie"]] for name, c in pairwise.items()])
-        lines += ["", "Win: SeVa's answer right and SFT's wrong (with a judge: scored higher); lose: the reverse."]
-    if any(consistency_by_model.values()):
-        temperatures = list(next(v for v in consistency_by_model.values() if v))
-        header = ["temperature"] + [f"{m} {what}" for m in MODELS for what in ("agreement", "accuracy")]
-        rows = [[t] + [f"{100 * consistency_by_model[m][t][what]:.1f}" for m in MODELS for what in ("agreement", "accuracy")]
-                for t in temperatures]
-        lines += ["", "## Consistency under sampling (paper Table 5's idea)", ""] + common.markdown_table(header, rows)
-        lines += ["", "Agreement: the share of sampled answers (seeded) equal to the model's greedy answer."]
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(table, consistency_by_model, path, degenerate=None):
-    """Grouped bars per benchmark (and the consistency curves, if measured) into a PNG; degenerate ({model:
-    columns}, degenerate_columns): those bars hatched and their labels marked, as the table marks them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    has_curves = any(consistency_by_model.values())
-    fig, axes = plt.subplots(1, 2 if has_curves else 1, figsize=(12 if has_curves else 8, 4), squeeze=False)
-    ax = axes[0][0]
-    columns, width = table["columns"], 0.38
-    for k, name in enumerate(MODELS):
-        positions = [i + (k - 0.5) * width for i in range(len(columns))]
-        bars = ax.bar(positions, table[name], width, label=name)
-        marked = (degenerate or {}).get(name, set())
-        for bar, column in zip(bars, columns):
-            if column in marked:
-                bar.set_hatch("//")
-        ax.bar_label(bars, labels=[f"{v:.1f}" + ("*" if c in marked else "") for v, c in zip(table[name], columns)],
-                     fontsize=7)
-    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
-    ax.set_ylabel("percent")
-    ax.set_ylim(0, 110)
-    ax.set_title("SFT vs SeVa (paper Table 2)" + ("; hatched*: degenerate (POPE yes-ratio outside "
-                                                   f"{YES_RATIO_BAND[0]}-{YES_RATIO_BAND[1]})"
-                                                   if any((degenerate or {}).values()) else ""), fontsize=9)
-    from matplotlib.patches import Patch  # plain swatches: a hatched first bar would hatch its legend entry
-    ax.legend(handles=[Patch(facecolor=f"C{k}", label=name) for k, name in enumerate(MODELS)])
-    if has_curves:
-        ax = axes[0][1]
-        for name in MODELS:
-            points = consistency_by_model[name]
-            ax.plot([float(t) for t in points], [100 * p["agreement"] for p in points.values()], marker="o", label=name)
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("sampling temperature")
-        ax.set_ylabel("agreement with the greedy answer (%)")
-        ax.set_title("Consistency (paper Table 5's idea)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
+# ----------------------------------------------------------------------------- what compare.json keeps
 def without_per_question(results):
     return {k: ({kk: vv for kk, vv in v.items() if kk != "per_question"} if isinstance(v, dict) else v)
             for k, v in results.items()}
@@ -359,10 +152,12 @@ def without_per_question(results):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = runner.add_model_args(p, max_new_tokens=16, model_flags=False)
     g.add_argument("--base", default="toy/model-sft", help="the SFT model folder (paper: LLaVA-1.5-7B/13B)")
     g.add_argument("--adapter", default="runs/dpo/adapter", help="SeVa's LoRA adapter (train_ddp.py's OUT/adapter)")
+    g.add_argument("--allow-other-base", action="store_true",
+                   help="load --adapter onto --base even where its base_model.json names other base weights")
     g = p.add_argument_group("benchmarks (an empty value skips one)")
     g.add_argument("--image-folder", default="toy/images",
                    help="images of POPE and of --val (COCO val2014 for COCO POPE)")
@@ -387,11 +182,16 @@ def parse_args(argv=None):
                         "jsonl of questions), repeatable: --mc MMB=mmbench_dev.tsv")
     g.add_argument("--mc-split", default="test", help="ScienceQA's split (official: test)")
     g.add_argument("--letter-rule", default="official", choices=["official", "loose"],
-                   help="how a letter is read from an answer: official (ScienceQA and SEED as LLaVA's scorers; "
-                        "MMBench by our rules) or loose (our rules everywhere)")
+                   help="how a letter is read from an answer: official (ScienceQA and SEED as LLaVA's scorers, "
+                        "MMBench and generic files as VLMEvalKit's can_infer under exact matching) or loose (our "
+                        "looser reading everywhere, not comparable with published scores)")
     g.add_argument("--shr-dir", default="", help="HA-DPO's SHR annotations (val_images_final.json, ...); needs "
                                                  "--vg-dir and a judge (--judge-url, --judge-prompt)")
     g.add_argument("--vg-dir", default="", help="Visual Genome (image_data.json, region_descriptions.json, images)")
+    g.add_argument("--shr-num-beams", type=int, default=shr.NUM_BEAMS,
+                   help=f"beams of SHR's descriptions (default {shr.NUM_BEAMS}, HA-DPO's published LLaVA-1.5 baseline)")
+    g.add_argument("--shr-max-new-tokens", type=int, default=512,
+                   help="length limit of SHR's descriptions (default 512, HA-DPO's baseline)")
     g.add_argument("--gqa-dir", default="",
                    help=f"GQA folder as LLaVA lays it out (playground/data/eval/gqa/data): {gqa.QUESTIONS_FILE} and "
                         f"images/")
@@ -427,6 +227,10 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {args.adapter}: no adapter_config.json (train one with train_ddp.py)")
     rank, world_size, device = common.compute_init(args.seed)
+    checkpoint.check_base(args.adapter, args.base, args.allow_other_base)  # before any answer
+    lock = runcontrol.lock_output(args.out, rank, world_size)  # one run per --out, released at the end
+    if lock:
+        atexit.register(lock.release)
     judge = judge_client.judge_from_args(args)
     model_ids = {"SFT": runner.model_id_of(args.base), "SeVa": runner.model_id_of(args.base, args.adapter)}
     answer_dirs = {"SFT": os.path.join(args.out, "answers", "sft"), "SeVa": os.path.join(args.out, "answers", "seva")}

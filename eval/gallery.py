@@ -14,17 +14,12 @@ The pairs seva.py made (several files make one page, e.g. one per augmentation):
 
 What SeVa changed (eval.compare's OUT: compare.json, answers/{sft,seva}/):
     python -m eval.gallery --compare runs/compare --out runs/gallery/compare.html
-  each toy-world question: SFT's answer beside SeVa's, won / lost / tied by the rule of its kind (RULES), the
-  hallucinated objects of each answer marked.
+  each toy-world question: SFT's answer beside SeVa's, won / lost / tied by the rule of its kind
+  (eval/gallery_compare.py RULES), the hallucinated objects of each answer marked.
+The page's HTML pieces are eval/gallery_html.py.
 """
 import argparse
-import base64
-import difflib
-import html
-import io
 import os
-import re
-from collections import Counter
 
 import numpy as np
 import torch
@@ -36,157 +31,11 @@ import pairs
 import seva
 from toyworld import grammar as toygrammar
 import vlm
-from eval import hallucination, pope, toyvqa
+from eval import hallucination
+from eval.gallery_compare import compare_page
+from eval.gallery_html import answer_box, cap_note, claims_text, esc, figure, page, slug, stratified, table
 
 PAIR_KEYS = ("id", "image", "question", "chosen", "rejected", "augmentation")
-OUTCOMES = ("won", "lost", "tied")
-RIGHT_WRONG = "; won = SeVa right where SFT is wrong"
-RULES = {  # how SeVa's answer to a question wins against SFT's, by kind of question
-    "caption": "fewer false claims against the scene graph wins (eval/hallucination.py false_count)",
-    "description": "fewer false claims against the scene graph wins (eval/hallucination.py false_count)",
-    "sentence": "right = the expected claim and no false one (eval/hallucination.py)" + RIGHT_WRONG,
-    "short answer": "right = exact match with the label, case-insensitive (eval/toyvqa.py)" + RIGHT_WRONG,
-    "POPE": "right = the yes/no read from the answer equals the label (eval/pope.py)" + RIGHT_WRONG,
-}
-
-
-# ----------------------------------------------------------------------------- HTML pieces
-def esc(text):
-    """Text made safe inside HTML (answers are model output: any character may come)."""
-    return html.escape(str(text), quote=True)
-
-
-def slug(label):
-    """A filter value for a label: lowercase words joined by '-' (labels hold spaces and commas)."""
-    return re.sub(r"[^a-z0-9]+", "-", str(label).lower()).strip("-")
-
-
-def figure(image, caption, max_side):
-    """An image as a base64 PNG data URI, downscaled to max_side pixels (0: never) to keep the page light; None
-    (the patch layout of Qwen2-VL, no image) is said so."""
-    caption = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    if image is None:
-        return f'<figure><div class="none">not drawn: the pixels are patches</div>{caption}</figure>'
-    if max_side and max(image.size) > max_side:
-        image = image.copy()
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return f'<figure><img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">{caption}</figure>'
-
-
-def changed_words(words, other):
-    """Indices of `words` that a word-level diff (difflib) against the word list `other` does not match; words
-    compared lowercased, without the punctuation that ends them."""
-    key = lambda ws: [w.rstrip(".,;:!?").lower() for w in ws]
-    matcher = difflib.SequenceMatcher(None, key(words), key(other), autojunk=False)
-    return {i for tag, i1, i2, _, _ in matcher.get_opcodes() if tag != "equal" for i in range(i1, i2)}
-
-
-def hallucinated_words(text, scene):
-    """Indices of text.split()'s words that name an object the scene lacks (CHAIR's hallucinated objects,
-    toygrammar.hallucinated_object): the claim's "colour shape" where the sentence says it so, else its colour
-    and shape words in that sentence."""
-    marked, offset = set(), 0
-    for sentence in toygrammar.split_sentences(text):
-        words = [word.strip(".,").lower() for word in sentence.split()]
-        for claim in toygrammar.parse(sentence) or []:
-            if toygrammar.hallucinated_object(claim, scene):
-                names = [name for name in (claim["colour"], claim["shape"]) if name]
-                starts = [k for k in range(len(words)) if words[k:k + len(names)] == names]
-                marked.update(offset + k + j for k in starts for j in range(len(names)))
-                if not starts:
-                    marked.update(offset + k for k, word in enumerate(words) if word in names)
-        offset += len(words)
-    return marked
-
-
-def marked(text, others=(), scene=None):
-    """An answer as HTML: a word that no answer of `others` keeps is marked (class diff), a word naming a
-    hallucinated object underlined (class halluc)."""
-    words = text.split()
-    changed = set.intersection(*[changed_words(words, o.split()) for o in others]) if others else set()
-    wrong = hallucinated_words(text, scene) if scene else set()
-    out = []
-    for i, word in enumerate(words):
-        classes = " ".join(name for name, on in (("diff", i in changed), ("halluc", i in wrong)) if on)
-        out.append(f'<span class="{classes}">{esc(word)}</span>' if classes else esc(word))
-    return " ".join(out) or "<i>(empty)</i>"
-
-
-def answer_box(title, text, others, scene):
-    """One answer in its box: a title line, then the marked words (`marked`)."""
-    return f'<div class="answer"><h4>{esc(title)}</h4><p>{marked(text, others, scene)}</p></div>'
-
-
-def claims_text(count):
-    """The count of false claims in words: 1 false claim, 2 false claims."""
-    return f"{count} false claim" + ("" if count == 1 else "s")
-
-
-def table(header, rows):
-    """An HTML table of a header row and rows of cells (already HTML)."""
-    cells = lambda tag, row: "".join(f"<{tag}>{cell}</{tag}>" for cell in row)
-    return f"<table><tr>{cells('th', header)}</tr>" + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</table>"
-
-
-def stratified(items, key, cap):
-    """Up to cap items (0: all), taken in turn from each group of key(item), so that every kind and class shows
-    before any shows twice; returned in the items' order."""
-    if not cap or cap >= len(items):
-        return list(items)
-    groups = {}
-    for i, item in enumerate(items):
-        groups.setdefault(key(item), []).append(i)
-    queues, taken = list(groups.values()), []
-    while len(taken) < cap:
-        for queue in queues:
-            if queue and len(taken) < cap:
-                taken.append(queue.pop(0))
-    return [items[i] for i in sorted(taken)]
-
-
-CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:16px 24px;color:#222;max-width:1400px}
-h1{font-size:20px;margin:0 0 8px}table{border-collapse:collapse;margin:8px 0;font-size:13px}th{background:#f3f3f3}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top;overflow-wrap:break-word}
-.tables{display:flex;flex-wrap:wrap;gap:0 16px;align-items:flex-start}
-.filters{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ccc;z-index:1}
-.filters label{margin-right:16px}.entry{display:flex;gap:16px;border-bottom:1px solid #ddd;padding:12px 0}
-[hidden]{display:none!important}.images{display:flex;gap:8px;flex:none}figure{margin:0;width:160px}
-figure img{width:160px;image-rendering:pixelated;display:block}.none{width:160px;height:160px;background:#eee}
-figcaption{font-size:12px;color:#555;overflow-wrap:anywhere}.body{flex:1;min-width:0}
-.answers{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:8px}
-.answer{border:1px solid #ddd;border-radius:4px;padding:4px 8px}.answer h4{margin:0;font-size:12px;color:#555}
-p{margin:4px 0;overflow-wrap:anywhere;white-space:pre-wrap}.meta{font-size:12px;color:#555}
-.diff{background:#ffe58a}.halluc{text-decoration:underline wavy #d00;color:#b00}
-.tag{display:inline-block;border-radius:3px;padding:0 6px;margin-right:4px;background:#eee;font-size:12px}
-.won{background:#c8efc8}.lost{background:#f6c6c6}.note{color:#555}"""
-SCRIPT = """const menus=[...document.querySelectorAll('select[data-filter]')];
-function apply(){let shown=0;for(const e of document.querySelectorAll('.entry')){
-const ok=menus.every(m=>!m.value||(e.dataset[m.dataset.filter]||'').split(' ').includes(m.value));
-e.hidden=!ok;shown+=ok;}document.getElementById('shown').textContent=shown;}
-menus.forEach(m=>m.onchange=apply);"""
-
-
-def page(title, summary, filters, entries, note):
-    """The whole page: title, summary, a menu per filter ({attribute: (label, values)}: the values an entry
-    holds, space-separated, in its data-ATTRIBUTE), the entries, and the script that hides what a menu leaves out."""
-    menus = "".join(f'<label>{esc(label)} <select data-filter="{name}"><option value="">all</option>' + "".join(
-        f'<option value="{slug(value)}">{esc(value)} ({count})</option>' for value, count in Counter(values).items())
-        + "</select></label>" for name, (label, values) in filters.items() if values)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>{summary}"
-            f'<div class="filters">{menus} showing <span id="shown">{len(entries)}</span> '
-            f'<span class="note">{esc(note)}</span></div>{"".join(entries)}<script>{SCRIPT}</script></body></html>')
-
-
-def cap_note(shown, total, what, flag, groups):
-    """What the page shows of all: every entry, or how the cap chose them."""
-    if shown < total:
-        return f"(of {total} {what}: capped by {flag}, taken in turn from each {groups})"
-    return f"(all {total} {what})"
-
-
 # ----------------------------------------------------------------------------- the pairs seva.py made
 def read_pairs(path):
     """(pairs, seva.py's {args, summary}) of a pairs file and its OUT.args.json; errors name the file."""
@@ -369,147 +218,9 @@ def pairs_page(args):
                 note), len(shown)
 
 
-# ----------------------------------------------------------------------------- what SeVa changed (eval.compare)
-def compared_questions(compare_dir):
-    """(model ids, image folder, questions): every toy-world question eval.compare answered, each a dict of kind,
-    family, id, image, question, truth, record, scene, answers, verdicts and outcome (SeVa's against SFT's)."""
-    path = os.path.join(compare_dir, "compare.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file (eval.compare writes it into its --out)")
-    report = common.read_records(path)
-    args, world = report["args"], report["args"].get("world") or ""
-    for flag, value in (("--world", world), ("--val", args.get("val")), ("--pope-dir", args.get("pope_dir"))):
-        if value and not os.path.exists(value):
-            raise ValueError(f"{path}: its {flag} {value}: no such file or folder (run from where eval.compare ran)")
-    sources = toy_sources(world, args.get("val"), args.get("pope_dir"), args.get("pope_splits"))
-    dirs = {name: os.path.join(compare_dir, "answers", name.lower()) for name in ("SFT", "SeVa")}
-    questions = answered_questions(sources, dirs, common.read_records(os.path.join(world, "scenes.json"))
-                                   if world else {})
-    return report.get("models", {}), args.get("image_folder") or ".", questions
-
-
-def toy_sources(world, val=None, pope_dir=None, pope_splits=()):
-    """[(kind, answer file, records)] of the toy-world questions a model answered: the world's open-ended and
-    sentence files, the short answers of `val`, and POPE's splits, as eval.compare names their answer files."""
-    sources = []
-    for kind in hallucination.KINDS + ("sentence",):
-        if world and os.path.isfile(os.path.join(world, f"val-{kind}s.json")):
-            sources.append((kind, f"{kind}-clean.jsonl", common.read_records(os.path.join(world, f"val-{kind}s.json"))))
-    if val:
-        sources.append(("short answer", "toyvqa-clean.jsonl", common.read_records(val)))
-    for split in (pope_splits or []) if pope_dir else []:
-        sources.append(("POPE", f"pope-{split}.jsonl", pope.read_pope(pope.split_file(pope_dir, split))))
-    return sources
-
-
-def answered_questions(sources, answer_dirs, scenes):
-    """Every question of `sources` with both models' answers (answer_dirs: {"SFT": folder, "SeVa": folder}), its
-    verdicts by its kind's rule and SeVa's outcome against SFT's."""
-    questions = []
-    for kind, file, records in sources:
-        fields = [question_fields(kind, file, record, scenes) for record in records]
-        answers = {}
-        for name, folder in answer_dirs.items():
-            answer_path = os.path.join(folder, file)
-            answers[name] = {row["question_id"]: row["text"] for row in common.read_jsonl(answer_path)}
-            missing = [q["question_id"] for q in fields if q["question_id"] not in answers[name]]
-            if missing:
-                raise ValueError(f"{answer_path}: no answer for question ids {missing[:5]}")
-        for question in fields:
-            question["answers"] = {name: answers[name][question["question_id"]] for name in answers}
-            question["verdicts"] = {name: verdict(question, text) for name, text in question["answers"].items()}
-            question["outcome"] = outcome(kind, question["verdicts"]["SFT"], question["verdicts"]["SeVa"])
-            questions.append(question)
-    return questions
-
-
-def question_fields(kind, file, record, scenes):
-    """A compared question's kind, family, ids, image, question text, truth, its record and its scene."""
-    if kind == "POPE":
-        split, qid = file[len("pope-"):-len(".jsonl")], record["question_id"]
-        return dict(kind=kind, family=split, question_id=qid, id=f"{split}/{qid}", image=record["image"],
-                    question=record["text"], truth=record["label"], record=record, scene=scenes.get(record["image"]))
-    image, question, truth, family = toyvqa.first_question(record)
-    return dict(kind=kind, family=family, question_id=record["id"], id=record["id"], image=image,
-                question=question.replace(vlm.SINGLE_WORD, "").strip(), truth=truth, record=record,
-                scene=scenes.get(image))
-
-
-def verdict(question, text):
-    """What one answer scored by its kind's rule (RULES): right (bool), or its false claims (int)."""
-    kind, record, scene = question["kind"], question["record"], question["scene"]
-    if kind == "short answer":
-        return toyvqa.is_right(text, record)
-    if kind == "sentence":
-        return scene is not None and hallucination.sentence_right(text, record, scene)
-    if kind == "POPE":
-        return pope.correctness([record], [dict(question_id=record["question_id"], text=text)])[0]
-    return hallucination.false_count(text, scene)
-
-
-def outcome(kind, sft, seva_verdict):
-    """won / lost / tied: SeVa's verdict against SFT's (fewer false claims, or right where SFT is wrong)."""
-    better, worse = (seva_verdict < sft, seva_verdict > sft) if kind in hallucination.KINDS else (
-        seva_verdict and not sft, sft and not seva_verdict)
-    return OUTCOMES[0 if better else 1 if worse else 2]
-
-
-def compare_entry(question, image, max_side):
-    """One question's div: the image, the question, SFT's answer beside SeVa's, the truth, the outcome."""
-    counted = question["kind"] in hallucination.KINDS
-    boxes = [answer_box(f"{name} · " + (claims_text(question["verdicts"][name]) if counted else
-                                        "right" if question["verdicts"][name] else "wrong"),
-                        question["answers"][name], [question["answers"][other]], question["scene"])
-             for name, other in (("SFT", "SeVa"), ("SeVa", "SFT"))]
-    kind = question["kind"] + (f" ({question['family']})" if question["family"] != question["kind"] else "")
-    lines = [(f'<p class="meta"><b>{esc(question["id"])}</b> · {esc(kind)} · {esc(question["image"])} '
-              f'<span class="tag {question["outcome"]}">SeVa {question["outcome"]}</span></p>'),
-             f'<p><b>Q:</b> {esc(question["question"])}</p>', f'<div class="answers">{"".join(boxes)}</div>',
-             f'<p class="meta">{"reference" if counted else "truth"}: {esc(question["truth"])}</p>']
-    return (f'<div class="entry" data-kind="{slug(question["kind"])}" data-outcome="{question["outcome"]}">'
-            f'<div class="images">{figure(image, "", max_side)}</div><div class="body">{"".join(lines)}</div></div>')
-
-
-def kind_row(kind, questions):
-    """The summary row of one kind: questions, won / lost / tied, each model's score and mean answer length."""
-    counted, count = kind in hallucination.KINDS, len(questions)
-    score = lambda name: sum(q["verdicts"][name] for q in questions) / count
-    words = lambda name: sum(len(q["answers"][name].split()) for q in questions) / count
-    scores = " / ".join(f"{score(n):.2f}" if counted else f"{100 * score(n):.1f}%" for n in ("SFT", "SeVa"))
-    return [esc(kind), count] + [sum(q["outcome"] == o for q in questions) for o in OUTCOMES] + [
-        ("mean false claims " if counted else "right ") + scores, f"{words('SFT'):.1f} / {words('SeVa'):.1f}",
-        esc(RULES[kind])]
-
-
-def compare_page(args):
-    """The comparison page and how many questions it shows."""
-    models, image_folder, questions = compared_questions(args.compare)
-    if not questions:
-        raise ValueError(f"{args.compare}: no toy-world answers (captions, descriptions, sentences, short answers, "
-                         f"POPE)")
-    kinds = list(dict.fromkeys(q["kind"] for q in questions))
-    summary = (f'<p>SFT: <code>{esc(models.get("SFT", "?"))}</code> · '
-               f'SeVa: <code>{esc(models.get("SeVa", "?"))}</code> · from {esc(args.compare)}</p>'
-               + table(["kind", "questions", *OUTCOMES, "SFT / SeVa", "mean words SFT / SeVa", "rule"],
-                       [kind_row(kind, [q for q in questions if q["kind"] == kind]) for kind in kinds])
-               + '<p class="note">Won / lost: SeVa\'s answer against SFT\'s on the same question. Marked words: where '
-                 'the two answers differ; underlined: an object the scene lacks (hallucinated).</p>')
-    shown = stratified(questions, lambda q: (q["kind"], q["outcome"]), args.max_questions)
-    shown.sort(key=lambda q: (kinds.index(q["kind"]), OUTCOMES.index(q["outcome"])))  # what changed first
-    folder, images = args.image_folder or image_folder, {}
-    for q in shown:
-        if q["image"] not in images:
-            images[q["image"]] = vlm.load_image(os.path.join(folder, q["image"]), pad=False)
-    entries = [compare_entry(q, images[q["image"]], args.image_size) for q in shown]
-    filters = {"kind": ("kind", [q["kind"] for q in questions]), "outcome": ("SeVa", [q["outcome"] for q in questions])}
-    note = cap_note(len(shown), len(questions), "questions", f"--max-questions {args.max_questions}",
-                    "kind and outcome")
-    return page("SeVa against SFT, question by question", summary, filters, entries, note), len(shown)
-
-
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("pairs", nargs="*", help="seva.py pairs files, each with its OUT.args.json beside it; several "
                                             "make one page (e.g. one per augmentation)")
     p.add_argument("--compare", default="", help="eval.compare's OUT folder (compare.json, answers/{sft,seva}/): "

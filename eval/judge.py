@@ -243,7 +243,7 @@ def evaluate_mmvet(model, processor, model_id, data_dir, out_dir, judge=None, an
     """Answer MM-Vet (or read ANSWERS_FILE), export OUT_DIR/mmvet.json, grade if a judge is given."""
     items = read_mmvet(data_dir)
     if answers_file:
-        answers = common.read_jsonl(answers_file)
+        answers = runner.read_answers(answers_file, mmvet_questions(items))
     else:
         answers = runner.answer_questions(model, processor, mmvet_questions(items),
                                           os.path.join(out_dir, "mmvet-answers.jsonl"), model_id,
@@ -268,7 +268,7 @@ def evaluate_llava_bench(model, processor, model_id, data_dir, out_dir, judge=No
     """Answer LLaVA-Bench (or read ANSWERS_FILE) into OUT_DIR/llava-bench.jsonl, review if a judge is given."""
     questions, contexts, references = read_llava_bench(data_dir)
     if answers_file:
-        answers = common.read_jsonl(answers_file)
+        answers = runner.read_answers(answers_file, questions)
     else:
         asked = [dict(question_id=q["question_id"], image=q["image"], text=q["text"]) for q in questions]
         answers = runner.answer_questions(model, processor, asked, os.path.join(out_dir, "llava-bench.jsonl"), model_id,
@@ -292,7 +292,7 @@ BENCHMARKS = {"mmvet": evaluate_mmvet, "llava-bench": evaluate_llava_bench}
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     runner.add_model_args(p, max_new_tokens=1024, batch_size=8)
     g = p.add_argument_group("benchmark")
     g.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="which open-ended benchmark")

@@ -37,12 +37,17 @@ def request_key(body):
 
 
 def chat_completion(url, model, messages, api_key=None, cache_dir=None, temperature=0.0, max_tokens=1024,
-                    retries=5, backoff=1.0, timeout=120, extra=None, attempt=0):
+                    retries=5, backoff=1.0, timeout=120, extra=None, attempt=0, key_order=None):
     """The judge's reply (a string) to one chat; retried with exponential backoff on 429, 5xx and network
     errors; cached in CACHE_DIR/<hash>.json so that asking the same again costs no request. extra: more
     request fields an official script sends (top_p, stop, ...); attempt: the same request asked again (a sampled
-    reply that did not do), cached apart and sent unchanged."""
+    reply that did not do), cached apart and sent unchanged; key_order: the body's fields in the order an official
+    client writes them (the body is serialised as json.dumps writes it by default)."""
     body = dict(model=model, messages=messages, temperature=temperature, max_tokens=max_tokens, **(extra or {}))
+    if key_order is not None:
+        if sorted(key_order) != sorted(body):
+            raise ValueError(f"key_order {key_order} does not name the body's fields {sorted(body)}")
+        body = {key: body[key] for key in key_order}
     key = request_key(body) + (f"-{attempt}" if attempt else "")
     cache_path = os.path.join(cache_dir, f"{key}.json") if cache_dir else None
     if cache_path and os.path.exists(cache_path):

@@ -17,9 +17,10 @@ and for ScienceQA as LLaVA-1.5's llava_test_CQM-A question file (convert_sqa_to_
     Answer with the option's letter from the given choices directly.
 
 The benchmark is told from the file's format (tsv: MMBench; problems.json: ScienceQA; SEED-Bench.json:
-SEED; anything else: generic) and decides the letter rule (`--letter-rule official`): ScienceQA as LLaVA's
-eval_science_qa.py, SEED as its convert_seed_for_submission.py (the answer must be the letter exactly);
-MMBench and generic files the loose `extract_letter` (MMBench's official matcher falls back to ChatGPT).
+SEED; anything else: generic) and decides the letter rule (`--letter-rule official`, eval/mc_letters.py):
+ScienceQA as LLaVA's eval_science_qa.py, SEED as its convert_seed_for_submission.py (the answer must be the
+letter exactly), MMBench and generic files as VLMEvalKit's can_infer; an answer without a letter is wrong
+(MMBench: unless the optional matcher, eval/mc_matcher.py, reads one, as VLMEvalKit's ChatGPT matcher does).
 
 Circular evaluation (MMBench's CircularEval): a question counts as right only if it is right with its options
 in every rotation. The official tsv holds the rotations as extra rows (index + k x 1,000,000): those are asked
@@ -41,12 +42,12 @@ option index), image (a path under --image-folder) or image_base64, optional hin
 """
 import argparse
 import os
-import re
 from collections import defaultdict
 
 import common
-from eval import runner
+from eval import mc_letters, mc_matcher, runner
 from eval.mc_files import LETTERS, group_of, read_benchmark
+from eval.mc_letters import answer_letter
 
 SUFFIX = {"en": "Answer with the option's letter from the given choices directly.",
           "cn": "请直接回答选项字母。"}  # LLaVA's two single-prediction prompts
@@ -102,96 +103,55 @@ def runner_questions(questions, circular=False, lang="en"):
         prompt = PROMPTS.get(q.get("benchmark"), mc_prompt)(q["question"], q["hint"], shown, lang)
         item = dict(question_id=q["question_id"], text=prompt,
                     fields=dict(round_id=round_id, options=shown, option_char=letters))
+        if q.get("benchmark") == "scienceqa":  # model_vqa_science.py's prompt field: eval_science_qa.py counts
+            item["prompt"] = "<image>\n" + prompt  # a problem as IMG by this marker
         item.update({k: q[k] for k in ("image", "image_base64") if k in q})
         out.append(item)
     return out
 
 
-# ----------------------------------------------------------------------------- letters
-def extract_letter(text, options):
-    """The option letter an answer picks, or None. In order: the answer is a letter ('B', '(b)'); it starts
-    with one ('B. cat', '(B) cat', 'B: cat'); 'the answer is B' / 'Answer: B'; exactly one valid capital
-    letter stands alone in it (MMBench's rule; a leading article 'A cat' does not count); exactly one
-    option's text is in it (MMBench's second rule)."""
-    letters = LETTERS[:len(options)]
-    text = text.strip()
-    match = (re.fullmatch(r"\(?([A-Za-z])\)?\.?", text) or re.match(r"\(?([A-Z])(?:[.):]|\)\s)", text)
-             or re.search(r"(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-Z])\b", text))
-    if match and match.group(1).upper() in letters:
-        return match.group(1).upper()
-    words = re.sub(r"[.()\[\],:;!*#{}\"']", " ", text).split()
-    found = [letter for letter in letters if letter in words]
-    lowered = text.lower()
-    by_text = [letter for letter, option in zip(letters, options)
-               if option.strip() and option.strip().lower() in lowered]
-    article = words[:1] == ["A"] and len(words) > 1 and words[1][:1].islower() and words.count("A") == 1
-    if len(found) == 1 and not (article and found == ["A"] and len(by_text) == 1):  # "A cat": the article
-        return found[0]
-    return by_text[0] if len(by_text) == 1 else None
-
-
-def scienceqa_letter(text, options):
-    """The letter as LLaVA's eval_science_qa.py reads it, or None (its FAILED): newlines become '. '; the
-    stripped answer is a letter A-E; or it starts with a letter and '. '; or it holds 'The answer is X.' or
-    'The answer is X'. Only a letter of an existing choice counts (get_pred_idx)."""
-    text = text.replace("\n", ". ")
-    if text.strip() in tuple("ABCDE"):
-        letter = text.strip()
-    elif len(text) >= 3 and text[0] in tuple("ABCDE") and text[1:3] == ". ":
-        letter = text[0]
-    else:
-        match = re.search(r"The answer is ([A-E])\.", text) or re.search(r"The answer is ([A-E])", text)
-        letter = match.group(1) if match else None
-    return letter if letter is not None and letter in LETTERS[:len(options)] else None
-
-
-def seed_letter(text, options):
-    """LLaVA's convert_seed_for_submission.py: right only if the answer is exactly the letter."""
-    return text if text in tuple(LETTERS[:len(options)]) else None
-
-
-OFFICIAL_LETTER = {"scienceqa": scienceqa_letter, "seed": seed_letter}  # LLaVA's scorers; others: extract_letter
-
-
-def letter_rule_name(benchmark, letter_rule):
-    """Which rule reads a benchmark's letters (recorded in the results)."""
-    if letter_rule == "official" and benchmark in OFFICIAL_LETTER:
-        return {"scienceqa": "official: LLaVA eval_science_qa.py",
-                "seed": "official: LLaVA convert_seed_for_submission.py (the exact letter)"}[benchmark]
-    return "loose: extract_letter"
-
-
-def answer_letter(text, options, benchmark, letter_rule="official"):
-    """The letter an answer picks under the rule (official: the benchmark's LLaVA scorer where it has one;
-    MMBench's official matcher asks ChatGPT when its rules fail, which we do not, so MMBench reads loosely)."""
-    if letter_rule == "official" and benchmark in OFFICIAL_LETTER:
-        return OFFICIAL_LETTER[benchmark](text, options)
-    return extract_letter(text, options)
-
-
 # ----------------------------------------------------------------------------- scoring
+def original_letter(answer_row, letter):
+    """The letter, in the file's own option order, of what a round's letter picks (None: no option, e.g. 'Z')."""
+    shown = LETTERS[:len(answer_row["options"])]
+    return answer_row["option_char"][shown.index(letter)] if letter is not None and letter in shown else None
+
+
 def round_right(answer_row, truth, benchmark=None, letter_rule="official"):
     """Is one round's answer right? Its letter is mapped back through the round's rotation."""
-    letter = answer_letter(answer_row["text"], answer_row["options"], benchmark, letter_rule)
-    return letter is not None and answer_row["option_char"][LETTERS.index(letter)] == truth
+    return original_letter(answer_row, answer_letter(answer_row["text"], answer_row["options"], benchmark,
+                                                     letter_rule)) == truth
 
 
-def group_outcomes(questions, answers, circular=False, letter_rule="official"):
+def group_outcomes(questions, answers, circular=False, letter_rule="official", matcher=None):
     """{group: (right in every row and round asked, right in the first round of its question)} of the labeled
-    questions; a group is a question and its MMBench circular copies (CircularEval: all must be right)."""
+    questions; a group is a question and its MMBench circular copies (CircularEval: all must be right).
+
+    As VLMEvalKit's circular evaluation: each row's letter is read by the rule; a group with a row whose letter
+    is wrong is wrong; a row without a letter is wrong under exact matching (matcher None), or, when no row of
+    its group is wrong, asked of `matcher(question, answer_row) -> letter or None` (eval/mc_matcher.py)."""
     by_key = {(a["question_id"], a["round_id"]): a for a in answers}
-    rounds, first = defaultdict(list), {}
+    members = defaultdict(list)  # group -> [(question, its answer row, is the first round)]
     for q, round_id, _, _ in asked([q for q in questions if q["answer"] is not None], circular):
-        right = round_right(by_key[(q["question_id"], round_id)], q["answer"], q.get("benchmark"), letter_rule)
-        rounds[group_of(q)].append(right)
-        if round_id == 0 and q["question_id"] == group_of(q):  # the row with index < 1e6, as given
-            first[group_of(q)] = right
-    return {group: (all(rights), first[group]) for group, rights in rounds.items()}
+        members[group_of(q)].append((q, by_key[(q["question_id"], round_id)],
+                                     round_id == 0 and q["question_id"] == group_of(q)))
+    results = {}
+    for group, rows in members.items():
+        letters = [answer_letter(a["text"], a["options"], q.get("benchmark"), letter_rule) for q, a, _ in rows]
+        wrong = [letter is not None and original_letter(a, letter) != q["answer"]
+                 for letter, (q, a, _) in zip(letters, rows)]
+        for i, (q, a, first) in enumerate(rows):  # the matcher: only rows without a letter, in a group not lost
+            if matcher is not None and letters[i] is None and (first or not any(wrong)):
+                letters[i] = matcher(q, a)
+                wrong[i] = original_letter(a, letters[i]) != q["answer"]
+        rights = [original_letter(a, letter) == q["answer"] for letter, (q, a, _) in zip(letters, rows)]
+        results[group] = (all(rights), next(r for r, (_, _, first) in zip(rights, rows) if first))
+    return results
 
 
-def outcomes(questions, answers, circular=False, letter_rule="official"):
+def outcomes(questions, answers, circular=False, letter_rule="official", matcher=None):
     """[(right, right in the first round)] of each labeled question: its group's outcome."""
-    groups = group_outcomes(questions, answers, circular, letter_rule)
+    groups = group_outcomes(questions, answers, circular, letter_rule, matcher)
     return [groups[group_of(q)] for q in questions if q["answer"] is not None]
 
 
@@ -201,14 +161,14 @@ def protocol(questions, circular):
     return "circular: options rotated here" if circular else "plain"
 
 
-def score(questions, answers, circular=False, letter_rule="official"):
+def score(questions, answers, circular=False, letter_rule="official", matcher=None):
     """Accuracy over questions (circular: a question with all its rotations or copies right), accuracy of the
     first round alone, per category."""
     labeled = [q for q in questions if q["answer"] is not None]
     if not labeled:
         return None  # e.g. MMBench's test split: submit the answer file instead
     benchmark = labeled[0].get("benchmark", "generic")
-    groups = group_outcomes(labeled, answers, circular, letter_rule)
+    groups = group_outcomes(labeled, answers, circular, letter_rule, matcher)
     category = {group_of(q): q["category"] for q in labeled if q["question_id"] == group_of(q)}
     per_category = defaultdict(list)
     for group, (right, _) in groups.items():
@@ -216,7 +176,8 @@ def score(questions, answers, circular=False, letter_rule="official"):
     results = dict(accuracy=sum(r for r, _ in groups.values()) / len(groups),
                    first_round_accuracy=sum(f for _, f in groups.values()) / len(groups), num_questions=len(groups),
                    circular=circular, protocol=protocol(questions, circular), benchmark=benchmark,
-                   letter_rule=letter_rule_name(benchmark, letter_rule),
+                   letter_rule=mc_letters.rule_name(benchmark, letter_rule),
+                   matcher=getattr(matcher, "name", None) or "none: exact matching, a row without a letter is wrong",
                    unparsed=sum(answer_letter(a["text"], a["options"], benchmark, letter_rule) is None
                                 for a in answers),
                    categories={c: sum(v) / len(v) for c, v in sorted(per_category.items())})
@@ -228,14 +189,14 @@ def score(questions, answers, circular=False, letter_rule="official"):
 
 # ----------------------------------------------------------------------------- the benchmark
 def evaluate(model, processor, model_id, path, image_folder, out_dir, circular=False, lang="en", name=None,
-             rank=0, world_size=1, split="test", letter_rule="official", **decoding):
+             rank=0, world_size=1, split="test", letter_rule="official", matcher=None, **decoding):
     """Answer and score one file; answers in OUT_DIR/{name}.jsonl (LLaVA's MMBench answer fields)."""
     data = read_benchmark(path, split)
     name = name or os.path.splitext(os.path.basename(path))[0]
     answers = runner.answer_questions(model, processor, runner_questions(data["questions"], circular, lang),
                                       os.path.join(out_dir, f"{name}.jsonl"), model_id, image_folder,
                                       rank=rank, world_size=world_size, **decoding)
-    results = score(data["questions"], answers, circular, letter_rule)
+    results = score(data["questions"], answers, circular, letter_rule, matcher if rank == 0 else None)
     if results is not None and data["benchmark"] == "scienceqa":
         results.update(split=split, skipped_text_only=data["skipped_text_only"])
     return results
@@ -257,13 +218,14 @@ def parse_args(argv=None):
     g.add_argument("--circular", action="store_true",
                    help="MMBench's CircularEval (official for MMBench): a question is right only if right with its "
                         "options in every rotation; the official tsv's own copies are used, other files rotated")
-    g.add_argument("--letter-rule", default="official", choices=["official", "loose"],
+    g.add_argument("--letter-rule", default="official", choices=mc_letters.RULES,
                    help="official (default): ScienceQA as LLaVA's eval_science_qa.py, SEED as its "
-                        "convert_seed_for_submission.py (exact letter), MMBench and generic files loose; "
-                        "loose: extract_letter for every file")
+                        "convert_seed_for_submission.py (exact letter), MMBench and generic files as VLMEvalKit's "
+                        "can_infer; loose: our looser reading for every file (not comparable with published scores)")
     g.add_argument("--lang", default="en", choices=sorted(SUFFIX), help="prompt language (cn: MMBench-CN)")
     g.add_argument("--name", default=None, help="benchmark name for the answer file (default: the data file's name)")
     g.add_argument("--out", default="runs/eval/multiple_choice", help="folder for the answer file and NAME.json")
+    mc_matcher.add_matcher_args(p)
     return p.parse_args(argv)
 
 
@@ -285,7 +247,8 @@ def main(argv=None):
     run = runner.setup(args)
     name = args.name or os.path.splitext(os.path.basename(args.data))[0]
     results = evaluate(run.model, run.processor, run.model_id, args.data, args.image_folder, args.out, args.circular,
-                       args.lang, name, run.rank, run.world_size, args.split, args.letter_rule, **run.decoding)
+                       args.lang, name, run.rank, run.world_size, args.split, args.letter_rule,
+                       mc_matcher.matcher_from_args(args), **run.decoding)
     if run.rank == 0:
         runner.write_results(args, run, name, results)
         if results is None:

@@ -11,6 +11,11 @@ Toy world (toy/pope/*.jsonl, the default):
 COCO POPE (the POPE repo's coco_pope_{random,popular,adversarial}.json, jsonl despite the name):
     python -m eval.pope --model /models/llava-1.5-7b-hf --pope-dir /data/pope/coco \
         --image-folder /data/coco/val2014 --prompt-suffix llava --max-new-tokens 128 --out runs/eval/pope-7b
+
+Which questions: LLaVA-1.5 (and the published numbers that follow it) answers the coco files of POPE's commit
+e3e39262 (random 2,910 questions, popular and adversarial 3,000 each); POPE's later files differ (3,000 random
+questions, spelling fixes in some prompts). Every run prints and records the files it answered (path, questions
+and "yes" labels per split, sha256) and whether their counts are LLaVA's; `--check-questions` does only that.
 """
 import argparse
 import os
@@ -20,6 +25,8 @@ import vlm
 from eval import runner
 
 SPLITS = ("random", "popular", "adversarial")
+LLAVA_POPE_COMMIT = "e3e39262c85a6a83f26cf5094022a782cb0df58d"  # LLaVA's docs/Evaluation.md links output/coco there
+LLAVA_POPE_COUNTS = {"random": 2910, "popular": 3000, "adversarial": 3000}  # llava_pope_test.jsonl: 8,910
 # LLaVA-1.5's POPE question file appends this to every question.
 LLAVA_SUFFIX = "\n" + vlm.SINGLE_WORD
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
@@ -102,6 +109,31 @@ def correctness(rows, answers):
             for p, row in zip(predictions(rows, answers), rows)]
 
 
+def question_files(pope_dir, splits=SPLITS):
+    """{split: {path, questions, yes, sha256}}: the question files a run answers."""
+    files = {}
+    for split in splits:
+        path = split_file(pope_dir, split)
+        rows = read_pope(path)
+        files[split] = dict(path=path, questions=len(rows), yes=sum(r["label"].strip().lower() != "no" for r in rows),
+                            sha256=common.file_digest(path))
+    return files
+
+
+def question_lines(files):
+    """What question_files found, in words: counts per split, and whether they are LLaVA-1.5's files'."""
+    lines = [f"POPE questions, {split}: {f['questions']} ({f['yes']} yes) from {f['path']} (sha256 {f['sha256'][:12]})"
+             for split, f in files.items()]
+    counts = {split: f["questions"] for split, f in files.items()}
+    pinned = f"POPE commit {LLAVA_POPE_COMMIT[:8]}, which LLaVA-1.5 answers: random 2910, popular 3000, adversarial 3000"
+    if all(LLAVA_POPE_COUNTS.get(split) == n for split, n in counts.items()):
+        lines.append(f"POPE questions: the counts of {pinned}")
+    else:
+        lines.append(f"POPE questions: NOT the counts of {pinned}; a score on these is not comparable question for "
+                     f"question with published LLaVA-1.5 numbers")
+    return lines
+
+
 # ----------------------------------------------------------------------------- the benchmark
 def evaluate(model, processor, model_id, pope_dir, image_folder, out_dir, splits=SPLITS, prompt_suffix="",
              rank=0, world_size=1, **decoding):
@@ -120,7 +152,8 @@ def evaluate(model, processor, model_id, pope_dir, image_folder, out_dir, splits
 
 def format_table(results):
     return "\n".join(common.markdown_table(["split", *METRICS], [
-        [split] + [f"{100 * metrics[m]:.1f}" for m in METRICS] for split, metrics in results.items()]))
+        [split] + [f"{100 * metrics[m]:.1f}" for m in METRICS] for split, metrics in results.items()
+        if split != "questions"]))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -137,6 +170,8 @@ def parse_args(argv=None):
                    help="text appended to each question; 'llava' = LLaVA-1.5's '\\nAnswer the question using a "
                         "single word or phrase.' (use it with COCO POPE; the toy model was not trained on it)")
     g.add_argument("--out", default="runs/eval/pope", help="folder for the answer files and pope.json")
+    g.add_argument("--check-questions", action="store_true",
+                   help="only print the question files' counts per split (and whether they are LLaVA-1.5's) and exit")
     args = p.parse_args(argv)
     args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if args.prompt_suffix == "llava":
@@ -146,12 +181,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    files = question_files(args.pope_dir, args.splits)
+    if args.check_questions:
+        print("\n".join(question_lines(files)))
+        return files
     run = runner.setup(args)
     results = evaluate(run.model, run.processor, run.model_id, args.pope_dir, args.image_folder, args.out, args.splits,
                        args.prompt_suffix, run.rank, run.world_size, **run.decoding)
+    results["questions"] = files
     if run.rank == 0:
         runner.write_results(args, run, "pope", results)
         print(f"POPE, {run.model_id} (percent; paper Table 2 reports the average F1)\n" + format_table(results))
+        print("\n".join(question_lines(files)))
     common.finish_distributed()
     return results
 

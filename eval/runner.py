@@ -22,7 +22,9 @@ file (jsonl: question_id, image, text), as LLaVA's model_vqa_loader.py does:
         --questions llava_pope_test.jsonl --image-folder /data/coco/val2014 --out runs/eval/pope-7b.jsonl
 """
 import argparse
+import atexit
 import base64
+import collections
 import hashlib
 import io
 import json
@@ -35,10 +37,12 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import common
 import lora
+import runcontrol
 import vlm
-from generate import generate
+from generate import generate, generate_beam
 
 
 # ----------------------------------------------------------------------------- the model
@@ -73,10 +77,13 @@ def load_adapter(model, adapter, merge=None):
         lora.merge_lora(model)
 
 
-def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=None):
-    """A local HF VLM folder, with SeVa's adapter on top if given (see load_adapter for when it is merged)."""
+def load_model(model_dir, adapter=None, device="cpu", dtype=torch.float32, merge=None, allow_other_base=False):
+    """A local HF VLM folder, with SeVa's adapter on top if given (see load_adapter for when it is merged). An
+    adapter trained on other base weights than the folder's is refused (checkpoint.check_base), unless
+    allow_other_base."""
     model, processor = vlm.load(model_dir, device, dtype)
     if adapter:
+        checkpoint.check_base(adapter, model_dir, allow_other_base)
         load_adapter(model, adapter, merge)
     return model.eval(), processor
 
@@ -88,6 +95,8 @@ def add_model_args(parser, max_new_tokens=16, batch_size=32, model_flags=True):
         g.add_argument("--model", default="toy/model-sft", help="local HF model folder (paper: LLaVA-1.5-7B/13B)")
         g.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout, train_ddp.py's OUT/adapter)")
         g.add_argument("--model-id", default=None, help="model_id written into the answers (default: folder names)")
+        g.add_argument("--allow-other-base", action="store_true",
+                       help="load --adapter onto --model even where its base_model.json names other base weights")
     g.add_argument("--template", choices=vlm.TEMPLATES,
                    help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--no-pad", dest="pad", action="store_false",
@@ -116,9 +125,14 @@ class Loaded:
 
 
 def setup(args):
-    """torchrun's environment and the model of the shared flags. bf16 on CUDA, fp32 on CPU."""
+    """torchrun's environment and the model of the shared flags. bf16 on CUDA, fp32 on CPU. Rank 0 holds
+    args.out (runcontrol.lock_output) until the process ends: a second run on it is refused."""
     rank, world_size, device = common.compute_init(args.seed)
-    model, processor = load_model(args.model, args.adapter, device, common.weight_dtype(device, args.precision))
+    lock = runcontrol.lock_output(args.out, rank, world_size)
+    if lock:
+        atexit.register(lock.release)
+    model, processor = load_model(args.model, args.adapter, device, common.weight_dtype(device, args.precision),
+                                  allow_other_base=args.allow_other_base)
     return Loaded(model, processor, args.model_id or model_id_of(args.model, args.adapter), rank, world_size,
                   decoding(args, fingerprint(args.model, args.adapter)))
 
@@ -132,19 +146,21 @@ def write_results(args, run, name, results):
 def decoding(args, weights):
     """The runner's keyword arguments from the shared flags; `weights`: fingerprint() of the model's files."""
     return dict(template=args.template, pad=args.pad, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, progress=args.progress, weights=weights)
+                batch_size=args.batch_size, progress=args.progress, weights=weights,
+                num_beams=getattr(args, "num_beams", 1))  # SHR's flag
 
 
 # ----------------------------------------------------------------------------- questions
 # A question is a dict: question_id, text (what the user asks, options included), and the image as
 # `image` (a path under image_folder) or `image_base64` (MMBench's tsv); optional `metadata` (a dict
-# copied into the answer) and `fields` (extra top-level answer fields, e.g. MMBench's round_id).
+# copied into the answer), `fields` (extra top-level answer fields, e.g. MMBench's round_id) and `prompt` (the
+# answer's prompt field when it differs from text).
 def question_image(question, image_folder, pad=True):
     """The question's image as RGB, padded to a square as LLaVA-1.5 does unless pad=False."""
     if "image_base64" in question:
         try:
             with Image.open(io.BytesIO(base64.b64decode(question["image_base64"]))) as img:
-                image = img.convert("RGB")
+                image = common.to_rgb(img)
         except (OSError, ValueError) as e:
             raise ValueError(f"question {question['question_id']}: cannot decode its base64 image: {e}") from e
         return vlm.pad_to_square(image) if pad else image
@@ -208,9 +224,39 @@ def answer_id(model_id, question_id, prompt, text):
     return hashlib.sha256(json.dumps([model_id, question_id, prompt, text]).encode()).hexdigest()[:22]
 
 
+def answer_key(row):
+    """What names one answer: its question_id, and its round where a question is asked in rounds (circular
+    multiple choice: round_id, a field of the answer row and of the runner question's "fields")."""
+    round_id = row.get("round_id", row.get("fields", {}).get("round_id"))
+    return str(row.get("question_id")) if round_id is None else f"{row.get('question_id')}/round {round_id}"
+
+
+def check_answer_ids(path, answers, questions):
+    """Refuse, in one line naming the file and the ids, an answer file that does not answer each question
+    exactly once: duplicate ids (which would count twice, or overwrite each other), missing ones and unknown
+    ones (another question file's answers) would each change a score in silence."""
+    given = collections.Counter(answer_key(a) for a in answers)
+    expected = [answer_key(q) for q in questions]
+    known = set(expected)
+    problems = [(what, ids) for what, ids in (
+        ("duplicate", [k for k, n in given.items() if n > 1]), ("missing", [k for k in expected if k not in given]),
+        ("unknown", [k for k in given if k not in known])) if ids]
+    if problems:
+        raise ValueError(f"{path}: not one answer per question: " + "; ".join(
+            f"{len(ids)} {what} id(s) {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" for what, ids in problems))
+    return answers
+
+
+def read_answers(path, questions):
+    """An answer file's rows (common.read_jsonl), refused unless they answer each question exactly once
+    (check_answer_ids); questions: rows with question_id (and round_id where asked in rounds)."""
+    return check_answer_ids(path, common.read_jsonl(path), questions)
+
+
 def answer_row(question, text, model_id):
-    """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields."""
-    prompt = question["text"]
+    """One line of LLaVA's answer file (model_vqa.py's fields), plus the question's extra fields. The prompt field
+    is the question's text, or its `prompt` where LLaVA's scorer expects more (ScienceQA: the <image> marker)."""
+    prompt = question.get("prompt", question["text"])
     row = dict(question_id=question["question_id"], prompt=prompt, text=text,
                answer_id=answer_id(model_id, question["question_id"], prompt, text), model_id=model_id,
                metadata=question.get("metadata", {}))
@@ -220,7 +266,7 @@ def answer_row(question, text, model_id):
 
 # ----------------------------------------------------------------------------- the run
 def answer_chunk(model, processor, questions, chunk, chunk_index, image_folder, template, pad, max_new_tokens,
-                 noise_step, temperature, seed):
+                 noise_step, temperature, seed, num_beams=1):
     """The answers (strings) of one chunk of question positions, generated as one batch."""
     batch = [questions[i] for i in chunk]
     images = [question_image(q, image_folder, pad) for q in batch]
@@ -230,6 +276,10 @@ def answer_chunk(model, processor, questions, chunk, chunk_index, image_folder, 
     if temperature > 0:
         model = SampledModel(model, temperature, common.sample_seed(seed, f"chunk-{chunk_index}"))
     with inference_autocast(model):
+        if num_beams > 1:  # SHR's baseline decoding (eval/shr.py)
+            return generate_beam(model, processor, images, [q["text"] for q in batch], template=template,
+                                 num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=len(batch),
+                                 pixel_transform=noise)
         return generate(model, processor, images, [q["text"] for q in batch], template=template,
                         max_new_tokens=max_new_tokens, batch_size=len(batch), pixel_transform=noise)
 
@@ -243,32 +293,35 @@ def inference_autocast(model):
 
 def answer_questions(model, processor, questions, out, model_id, image_folder=".", template=None, pad=True,
                      max_new_tokens=16, batch_size=16, noise_step=None, temperature=0.0, seed=0, rank=0,
-                     world_size=1, progress=False, *, weights):
+                     world_size=1, progress=False, num_beams=1, *, weights):
     """Answer every question into the answer file `out`; returns its rows, in question order, on every rank.
 
     noise_step: diffusion noise at that step on each image (seeded by (seed, question_id)), or None.
     temperature: 0 = greedy (the paper's evaluation); > 0 = sampling seeded by (seed, chunk).
+    num_beams: > 1 = beam search (generate.generate_beam; SHR's baseline: 5), greedy temperature only.
     weights: which weights answer (fingerprint(); required, so that a finished or partial answer file made by
         other weights under the same model_id is never reused).
     """
+    if num_beams > 1 and temperature > 0:
+        raise ValueError(f"beam search ({num_beams} beams) does not sample: temperature must be 0")
     template, pad = vlm.resolve_template(model, template), pad and vlm.pads_to_square(model)
     seeded = noise_step is not None or temperature > 0  # the seed matters only then
     settings = decisive_settings(questions, model_id, dict(
         weights=weights, dtype=str(next(model.parameters()).dtype), template=template, pad=pad,
         max_new_tokens=max_new_tokens, batch_size=batch_size, noise_step=noise_step, temperature=temperature,
-        seed=seed if seeded else None))
+        seed=seed if seeded else None, **({"num_beams": num_beams} if num_beams > 1 else {})))
     sidecar = out + ".args.json"
     if os.path.exists(out) and os.path.exists(sidecar):  # finished before with the same settings: reuse
         with open(sidecar) as f:
             if json.load(f).get("args_hash") == common.args_digest(settings):
-                return common.read_jsonl(out)
+                return read_answers(out, questions)
     check_images(questions, image_folder)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     output = common.ShardedOutput(out, settings, [q["question_id"] for q in questions], batch_size, rank, world_size,
                                   what="settings", items="questions")
     for k in tqdm(output.resume(), desc=os.path.basename(out), disable=rank != 0 or not progress):
         texts = answer_chunk(model, processor, questions, output.chunks[k], k, image_folder, template, pad,
-                             max_new_tokens, noise_step, temperature, seed)
+                             max_new_tokens, noise_step, temperature, seed, num_beams)
         output.append([dict(index=i, id=questions[i]["question_id"], text=text)
                        for i, text in zip(output.chunks[k], texts)])
     common.barrier(world_size)
@@ -280,12 +333,12 @@ def answer_questions(model, processor, questions, out, model_id, image_folder=".
                                                  indent=1)])
         output.remove()
     common.barrier(world_size)
-    return common.read_jsonl(out)
+    return read_answers(out, questions)
 
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("questions and answers")
     g.add_argument("--questions", default="toy/pope/random.jsonl",

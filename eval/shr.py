@@ -8,9 +8,13 @@ As HA-DPO's shr_eval (json_eval.py, shr_utils.py, gpt_utils.py):
 - a description is split at every "." into stripped sentences; a sentence that repeats an earlier one (or
   is part of one) is dropped; the rest are numbered "1. ...";
 - the regions are "[x1, y1, x2, y2]: phrase" lines, the box divided by the image's width and height, 2 decimals;
-- the judge (default gpt-4, temperature 0.7, max_tokens 800, stop "###") is asked until its reply holds
-  "Judgement"; after it, one line per sentence, "N. <class>: <reason>"; a reply whose lines do not match the
-  sentences leaves that description unjudged (out of the ratio, as HA-DPO's);
+- the descriptions are generated as HA-DPO's LLaVA-1.5 script (llava-v1_5/shr_eval.py) generated the published
+  baseline: beam search with 5 beams, up to 512 new tokens (--num-beams, --max-new-tokens; generate.generate_beam);
+- the judge's request is gpt_utils.py's, field for field and in its order (gpt-4, temperature 0.7, max_tokens 800,
+  top_p 1, n 1, stream false, stop "###", both penalties 0, logit_bias {"50256": -100}); it is asked until its
+  reply holds "Judgement"; after it, one line per sentence, "N. <class>: <reason>"; a reply whose lines do not
+  match the sentences leaves that description unjudged (out of the ratio, as HA-DPO's); an image whose request
+  text is longer than 15,000 characters is skipped, as shr_eval.py skips it;
 - sentences and words per image, hallucinated ones per image, and their ratios.
 The judge's prompt is HA-DPO's GPT_JUDGE_PROMPT, which this project does not copy: pass your copy with
 --judge-prompt (three {} slots: regions, factual notes, numbered sentences). Without it a paraphrase judges and
@@ -32,7 +36,14 @@ from eval import judge_client, runner
 
 PROMPT = "Describe this image in detail."  # what HA-DPO asks for
 CLASSES = ("hallucination", "correct", "cannot judge")
-JUDGE_SETTINGS = dict(temperature=0.7, max_tokens=800, extra=dict(top_p=1.0, stop=["###"]))  # gpt_utils.py's
+# gpt_utils.py's request: openai.ChatCompletion.create(messages=..., model=..., **its decoding arguments, logit_bias),
+# whose body holds these fields in this order (logit_bias: never the <|endoftext|> token)
+JUDGE_SETTINGS = dict(temperature=0.7, max_tokens=800, extra=dict(
+    top_p=1.0, n=1, stream=False, stop=["###"], presence_penalty=0.0, frequency_penalty=0.0,
+    logit_bias={"50256": -100}), key_order=("messages", "model", "max_tokens", "temperature", "top_p", "n", "stream",
+                                           "stop", "presence_penalty", "frequency_penalty", "logit_bias"))
+MAX_PROMPT_CHARS = 15_000  # shr_eval.py skips an image whose judge prompt is longer
+NUM_BEAMS = 5  # shr_eval.py: num_beams=5, max_new_tokens 512
 JUDGE_TRIES = 5  # HA-DPO asks until the reply holds "Judgement"; we stop after this many and leave it unjudged
 # Our own wording of the judge's instructions, used only without --judge-prompt (three slots, as HA-DPO's).
 BUILTIN_PROMPT = (
@@ -137,12 +148,15 @@ def read_vg(shr_dir, vg_dir):
 
 def judge_vg(items, answers, client, prompt):
     """[(sentence, class or None)] per image, each description judged by the judge model (client:
-    judge_client.client_settings)."""
+    judge_client.client_settings); an image whose request is over MAX_PROMPT_CHARS is left out (shr_eval.py's)."""
     given = {a["question_id"]: a["text"] for a in answers}
     judged = []
     for item in items:
         kept = sentences(given[item["question_id"]])
-        messages = [{"role": "user", "content": prompt.format(item["regions"], item["factual"], numbered(kept))}]
+        text = prompt.format(item["regions"], item["factual"], numbered(kept))
+        if len(text) > MAX_PROMPT_CHARS:
+            continue
+        messages = [{"role": "user", "content": text}]
         classes = None
         for attempt in range(JUDGE_TRIES):
             reply = judge_client.chat_completion(messages=messages, attempt=attempt, **JUDGE_SETTINGS, **client)
@@ -174,7 +188,10 @@ def evaluate(model, processor, model_id, shr_dir, vg_dir, out_dir, judge=None, r
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runner.add_model_args(p, max_new_tokens=512, batch_size=8)
+    g = runner.add_model_args(p, max_new_tokens=512, batch_size=8)
+    g.add_argument("--num-beams", type=int, default=NUM_BEAMS,
+                   help=f"beams of the descriptions' beam search (default {NUM_BEAMS}, HA-DPO's published LLaVA-1.5 "
+                        f"baseline; 1: greedy)")
     g = p.add_argument_group("data")
     g.add_argument("--shr-dir", required=True,
                    help="HA-DPO's SHR annotation folder: val_images_final.json, shr_factual_part{1,2}.jsonl")

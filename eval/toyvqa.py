@@ -125,7 +125,7 @@ def format_table(results):
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     runner.add_model_args(p, max_new_tokens=16)
     g = p.add_argument_group("data")
     g.add_argument("--val", default="toy/val.json", help="held-out labeled questions (LLaVA-665k format)")

@@ -16,7 +16,8 @@ import torch
 import lora
 import vlm
 from conftest import ROOT
-from eval import compare, hallucination, judge, judge_client, mc_files, multiple_choice, pope, runner, toyvqa
+from eval import (compare, compare_report, hallucination, judge, judge_client, mc_files, mc_letters, multiple_choice, pope,
+                  runner, toyvqa)
 from generate import generate
 from helpers import read_lines
 
@@ -71,8 +72,8 @@ def test_pope_reads_the_coco_file_names(tmp_path):
     ("The answer is D.", "D"), ("Answer: A", "A"), ("I think it is C, the bird.", "C"),
     ("A cat", "B"),  # the article, then the text of option B
     ("the fish", "D"), ("A or B", None), ("E", None), ("", None), ("dog and cat", None)])
-def test_extract_letter(text, expected):
-    assert multiple_choice.extract_letter(text, ["dog", "cat", "bird", "fish"]) == expected
+def test_loose_letter(text, expected):
+    assert mc_letters.loose_letter(text, ["dog", "cat", "bird", "fish"]) == expected
 
 
 def test_prompt_as_llava_writes_it():
@@ -264,8 +265,9 @@ def judge_server(reply, fail_first=0, status=500, max_requests=20):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body))
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.loads(raw)
+            requests.append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body, raw=raw))
             if len(requests) > max_requests:
                 code, payload = 503, {"error": "too many requests for a test"}
             elif len(requests) <= fail_first:
@@ -481,8 +483,8 @@ def test_compare_end_to_end(toy_world, toy_pairs, tmp_path, monkeypatch):
                                    for r in read_lines(answers / file)}
         rounds = {}
         for r in read_lines(answers / "MMB.jsonl"):
-            letter = multiple_choice.extract_letter(r["text"], r["options"])
-            original = r["option_char"][ord(letter) - ord("A")] if letter else None
+            letter = mc_letters.mmbench_letter(r["text"], r["options"])  # the official rule (VLMEvalKit's)
+            original = r["option_char"][ord(letter) - ord("A")] if letter not in (None, "Z") else None
             rounds.setdefault(r["question_id"], []).append(original == {1: "A", 2: "B"}[r["question_id"]])
         right[name, "MMB"] = {q: all(ok) for q, ok in rounds.items()}
         expected[name] = [100 * sum(right[name, "MMB"].values()) / 2, *(100 * f for f in f1s), 100 * sum(f1s) / 3,
@@ -532,13 +534,13 @@ def test_a_degenerate_pope_model_is_marked_and_so_is_its_delta():
         split = dict(accuracy=accuracy, precision=0.5, recall=0.5, f1=f1, yes_ratio=yes_ratio)
         return {"pope": {"random": split, "popular": split, "adversarial": split, "average": split}}
     results = {"SFT": pope_results(0.49, 0.78, 0.602), "SeVa": pope_results(0.50, 1.00, 0.667)}
-    assert compare.degenerate_columns(results["SFT"]) == set()  # 0.78 is inside 0.2-0.8
-    assert compare.degenerate_columns(results["SeVa"]) == {"POPE-rand", "POPE-pop", "POPE-adv", "POPE"}
-    columns = {m: compare.table_columns(results[m]) for m in compare.MODELS}
+    assert compare_report.degenerate_columns(results["SFT"]) == set()  # 0.78 is inside 0.2-0.8
+    assert compare_report.degenerate_columns(results["SeVa"]) == {"POPE-rand", "POPE-pop", "POPE-adv", "POPE"}
+    columns = {m: compare_report.table_columns(results[m]) for m in compare.MODELS}
     table = {"columns": list(columns["SFT"]), **{m: list(columns[m].values()) for m in compare.MODELS}}
     table["delta"] = [b - a for a, b in zip(table["SFT"], table["SeVa"])]
     args = compare.parse_args(["--noise-step", "-1"])
-    text = compare.markdown(table, {}, {}, {"SFT": "sft", "SeVa": "seva"}, args, results=results)
+    text = compare_report.markdown(table, {}, {}, {"SFT": "sft", "SeVa": "seva"}, args, results=results)
     rows = {}  # the main table's rows: the first row of each name
     for line in text.splitlines():
         if line.startswith("| "):
@@ -548,3 +550,11 @@ def test_a_degenerate_pope_model_is_marked_and_so_is_its_delta():
     assert "+6.5 (degenerate)" in rows["delta (SeVa - SFT)"]  # never a bare "POPE +6.5"
     pope_rows = [line for line in text.splitlines() if line.startswith("| SeVa | random")]
     assert pope_rows and "50.0" in pope_rows[0] and "1.00" in pope_rows[0] and "**degenerate**" in pope_rows[0]
+
+
+def test_the_caption_names_only_the_columns_the_table_has():
+    toy = compare_report.caption(["POPE-rand", "POPE", "VQA", "VQA-noisy", "CHAIR_i-cap", "Cover-cap", "Sentences"], 500)
+    assert "MMVet" not in toy and "LLaVA-W" not in toy and "step 500" in toy and "lower is better" in toy
+    judged = compare_report.caption(["MMVet", "LLaVA-W"], None)
+    assert "MMVet" in judged and "LLaVA-W" in judged
+    assert not any(word in judged for word in ("POPE", "VQA", "CHAIR", "lower is better"))

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import families  # noqa: E402  (importing it lets Qwen2-VL's processor load without torchvision)
 
+import collate  # noqa: E402
 import diffusion  # noqa: E402
 import dpo  # noqa: E402
 import eval.runner  # noqa: E402
@@ -19,8 +20,9 @@ import lora  # noqa: E402
 import positions  # noqa: E402
 import seva  # noqa: E402
 import train_ddp  # noqa: E402
+import trainable  # noqa: E402
 import vlm  # noqa: E402
-from generate import generate, score_answers  # noqa: E402
+from generate import generate, generate_tokens, score_answers  # noqa: E402
 
 QUESTIONS = ["What colour is the square?", "How many objects are there in the image?", "Is there a red circle?",
              "What shape is it?", "What word is written on the image?"]
@@ -62,10 +64,10 @@ def test_batched_generation_equals_batch_1_clean_and_noisy(family):
     noise = lambda pixels, rows: diffusion.diffusion_noise_rows(pixels, [ids[i] for i in rows], 600, 0)
     answers = {}
     for name, transform in (("clean", None), ("noisy", noise)):
-        one = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1,
-                       pixel_transform=transform, return_ids=True)
-        batched = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=3,
-                           pixel_transform=transform, return_ids=True)
+        one = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1,
+                              pixel_transform=transform)
+        batched = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=3,
+                                  pixel_transform=transform)
         assert one == batched
         answers[name] = one[1]
     assert len(set(map(tuple, answers["clean"]))) > 1  # the answers depend on the inputs...
@@ -81,14 +83,16 @@ def test_prompts_read_a_few_at_a_time_give_the_same_answers(family):
         with pytest.raises(ValueError, match="whole batch"):
             generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, prefill_batch=2)
         return
-    one = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1, return_ids=True)
-    assert generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, prefill_batch=2,
-                    return_ids=True) == one
-    _, _, whole = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5, return_state=True)
-    _, ids, state = generate(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
-                             return_state=True, prefill_batch=2)
+    one = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=1)
+    assert generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
+                           prefill_batch=2) == one
+    _, _, whole = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
+                                  keep_state=True)
+    _, ids, state = generate_tokens(model, processor, images(), QUESTIONS, max_new_tokens=5, batch_size=5,
+                                    keep_state=True, prefill_batch=2)
     assert ids == one[1]
-    assert torch.allclose(state["token_logps"], whole["token_logps"], atol=1e-5)
+    logps = lambda s: torch.stack(s["logits"], 1).float().log_softmax(-1)  # (B, new, V)
+    assert torch.allclose(logps(state), logps(whole), atol=1e-5)
     assert state["cache"].get_seq_length() == whole["cache"].get_seq_length() == state["input_ids"].shape[1]
 
 
@@ -98,15 +102,15 @@ def test_reference_scores_from_the_generation_equal_the_naive_forward(family):
     forward on the same pairs (Gemma 3's sliding window of 8 tokens included: its prompts are ~30)."""
     name, model, processor = family
     sharpen(model)
-    answers, ids, state = generate(model, processor, images()[:3], QUESTIONS[:3], max_new_tokens=4, batch_size=3,
-                                   return_state=True)
+    answers, ids, state = generate_tokens(model, processor, images()[:3], QUESTIONS[:3], max_new_tokens=4,
+                                         batch_size=3, keep_state=True)
     others = ["a red circle", "two", "no"]
     scored = score_answers(model, processor, state, images()[:3], QUESTIONS[:3],
                            [[a, o] for a, o in zip(answers, others)], ids)
-    encoded = [dpo.encode_pair(processor, image, q, a, o, vlm.resolve_template(model))
+    encoded = [collate.encode_pair(processor, image, q, a, o, vlm.resolve_template(model))
                for image, q, a, o in zip(images(), QUESTIONS, answers, others)]
     with torch.no_grad():
-        chosen, rejected = dpo.concatenated_forward(model, dpo.collate_pairs(encoded, processor.tokenizer.pad_token_id))
+        chosen, rejected = dpo.concatenated_forward(model, collate.collate_pairs(encoded, processor.tokenizer.pad_token_id))
     assert [v for pair in scored for v in pair] == pytest.approx(
         [v for pair in zip(chosen.tolist(), rejected.tolist()) for v in pair], abs=1e-4)
 
@@ -155,9 +159,9 @@ def pair_batch(model, processor, pairs=3):
     """Different images (sizes too), questions and answers per pair."""
     template = vlm.resolve_template(model)
     answers = [("red", "a big blue square"), ("two", "three circles"), ("yes", "no")]
-    encoded = [dpo.encode_pair(processor, image, question, chosen, rejected, template)
+    encoded = [collate.encode_pair(processor, image, question, chosen, rejected, template)
                for image, question, (chosen, rejected) in zip(images()[:pairs], QUESTIONS, answers)]
-    return dpo.collate_pairs(encoded, processor.tokenizer.pad_token_id)
+    return collate.collate_pairs(encoded, processor.tokenizer.pad_token_id)
 
 
 def test_every_pair_forward_of_the_family_equals_the_naive_one(family):
@@ -179,9 +183,10 @@ def test_one_dpo_step_lowers_the_loss_on_a_repeated_pair(family, capsys):
     _, model, processor = family
     lora.apply_lora(model, 8, 16)
     vlm.freeze_vision(model)
-    batch = dpo.collate_pairs([dpo.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square",
-                                               vlm.resolve_template(model))] * 2, processor.tokenizer.pad_token_id)
-    forward = train_ddp.pair_forward_for(model, "shared_prefix")
+    pair = collate.encode_pair(processor, families.image(3), QUESTIONS[0], "red", "a big blue square",
+                               vlm.resolve_template(model))
+    batch = collate.collate_pairs([pair] * 2, processor.tokenizer.pad_token_id)
+    forward = trainable.pair_forward_for(model, "shared_prefix")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss, _ = train_ddp.dpo_micro_step(model, model, None, batch, forward, beta=0.1)
     assert loss.item() == pytest.approx(2 * math.log(2), abs=1e-5)  # LoRA B = 0: the policy is the reference

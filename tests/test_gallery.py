@@ -23,7 +23,7 @@ import seva
 from toyworld import grammar as toygrammar
 import vlm
 from conftest import wrong_answer
-from eval import compare, gallery, hallucination, toyvqa
+from eval import compare, gallery, gallery_html, hallucination, toyvqa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOID = {"img", "meta", "br", "hr", "input", "link"}
@@ -158,7 +158,7 @@ def test_pairs_page_entries_views_and_filters(toy_world, diffusion_pairs, crop_p
     noised, cropped = common.read_jsonl(diffusion_pairs), common.read_jsonl(crop_pairs)
     found = entries(root)
     assert len(found) == len(noised) + len(cropped)  # one entry per pair
-    labels = {gallery.slug("diffusion, step 999"): noised, gallery.slug("rr_crop, 2 views"): cropped}
+    labels = {gallery_html.slug("diffusion, step 999"): noised, gallery_html.slug("rr_crop, 2 views"): cropped}
     assert set(menu(root, "augmentation")) == set(labels)
     processor = gallery.load_processor(f"{toy_world}/model-sft")[0]
     for label, rows in labels.items():
@@ -186,7 +186,7 @@ def test_pairs_page_entries_views_and_filters(toy_world, diffusion_pairs, crop_p
     # the filters name the classes present, counted by the entries that hold them
     single = pairs.expand(noised + cropped)
     quality = menu(root, "quality")
-    assert set(quality) == {gallery.slug(pairs.quality_of(p)) for p in single if "answer" in p}
+    assert set(quality) == {gallery_html.slug(pairs.quality_of(p)) for p in single if "answer" in p}
     for value, text in quality.items():
         assert text.endswith(f"({sum(value in e.attrs['data-quality'].split() for e in found)})")
     # false claims: the pairs whose data answer is sentences of the grammar (one-word answers have none to check)
@@ -196,10 +196,10 @@ def test_pairs_page_entries_views_and_filters(toy_world, diffusion_pairs, crop_p
     assert 0 < len(sentences(noised)) < len(noised), "the tiny pairs should hold both kinds"
     counts = lambda rows: {c: sum(row[c] for row in hallucination.pair_claims(rows, scenes).values())
                            for c in hallucination.PAIR_CLASSES}
-    assert set(menu(root, "claims")) == {gallery.slug(c) for c, n in counts(sentences(noised + cropped)).items() if n}
+    assert set(menu(root, "claims")) == {gallery_html.slug(c) for c, n in counts(sentences(noised + cropped)).items() if n}
     noised_entries = [e for e in found if e.attrs["data-augmentation"].startswith("diffusion")]
     for c, n in counts(sentences(noised)).items():  # single negatives: one class per entry
-        assert sum(e.attrs["data-claims"] == gallery.slug(c) for e in noised_entries) == n
+        assert sum(e.attrs["data-claims"] == gallery_html.slug(c) for e in noised_entries) == n
     assert sum(e.attrs["data-claims"] == "" for e in noised_entries) == len(noised) - len(sentences(noised))
     # the reference margin only where the pairs carry reference log-probs
     margins = [e for e in found if "reference margin" in e.words()]
@@ -235,16 +235,16 @@ def test_pairs_page_is_capped_and_says_so(diffusion_pairs, tmp_path):
 
 def test_word_diff_and_hallucinated_objects_by_hand():
     scene = dict(objects=[dict(shape="circle", colour="red", size="small", center=[10, 10])], word="cat")
-    html = gallery.marked("A small red circle and a small blue circle.", ["A small red circle."], scene)
+    html = gallery_html.marked("A small red circle and a small blue circle.", ["A small red circle."], scene)
     root = TreeBuilder()
     root.feed(f"<p>{html}</p>")
     paragraph = root.root.children[0]
     assert spans(paragraph, "diff") == ["and", "a", "small", "blue", "circle."]  # what the other answer lacks
     assert spans(paragraph, "halluc") == ["blue", "circle."]  # a blue circle is not in the scene
-    assert gallery.hallucinated_words("The circle is blue. The circle is red.", scene) == {1, 3}
-    assert gallery.hallucinated_words("A small red circle.", scene) == set()
-    assert gallery.changed_words(["a", "b", "c"], ["a", "x", "c"]) == {1}
-    assert gallery.stratified(list("aabbbc"), lambda x: x, 3) == ["a", "b", "c"]
+    assert gallery_html.hallucinated_words("The circle is blue. The circle is red.", scene) == {1, 3}
+    assert gallery_html.hallucinated_words("A small red circle.", scene) == set()
+    assert gallery_html.changed_words(["a", "b", "c"], ["a", "x", "c"]) == {1}
+    assert gallery_html.stratified(list("aabbbc"), lambda x: x, 3) == ["a", "b", "c"]
 
 
 # ----------------------------------------------------------------------------- the comparison page
@@ -321,7 +321,7 @@ def test_compare_page_outcomes_marks_and_filters(toy_world, compare_dir, tmp_pat
     expected = expected_outcomes(compare_dir, toy_world)
     found = entries(root)
     assert len(found) == len(expected)  # one entry per compared question
-    kind_of = {gallery.slug(kind): kind for kind, _ in expected}
+    kind_of = {gallery_html.slug(kind): kind for kind, _ in expected}
     got = {(kind_of[e.attrs["data-kind"]], e.all(lambda n: n.tag == "b")[0].text): e.attrs["data-outcome"]
            for e in found}
     assert got == {(kind, str(q)): result for (kind, q), result in expected.items()}

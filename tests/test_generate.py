@@ -7,7 +7,7 @@ import torch
 
 import diffusion
 import vlm
-from generate import generate
+from generate import generate, generate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def test_batched_equals_batch_size_one_token_for_token(questions):
     model, processor, images, texts = questions
     lengths = prompt_lengths(processor, texts[:4])
     assert len(set(lengths)) > 1, "the first batch must need left padding"
-    one, one_ids = generate(model, processor, images, texts, max_new_tokens=8, batch_size=1, return_ids=True)
-    batched, batched_ids = generate(model, processor, images, texts, max_new_tokens=8, batch_size=4, return_ids=True)
+    one, one_ids, _ = generate_tokens(model, processor, images, texts, max_new_tokens=8, batch_size=1)
+    batched, batched_ids, _ = generate_tokens(model, processor, images, texts, max_new_tokens=8, batch_size=4)
     assert batched_ids == one_ids
     assert batched == one
     assert generate(model, processor, images[:4], texts[:4], max_new_tokens=8, batch_size=4) == one[:4]  # no ids
@@ -47,17 +47,16 @@ def test_batched_equals_batch_size_one_under_diffusion_noise(questions):
     model, processor, images, texts = questions
     ids = [f"q{i}" for i in range(len(texts))]
     noise = lambda pixels, rows: diffusion.diffusion_noise_rows(pixels, [ids[i] for i in rows], 800, 0)
-    one = generate(model, processor, images, texts, max_new_tokens=6, batch_size=1, pixel_transform=noise, return_ids=True)
-    batched = generate(model, processor, images, texts, max_new_tokens=6, batch_size=5, pixel_transform=noise,
-                       return_ids=True)
+    one = generate_tokens(model, processor, images, texts, max_new_tokens=6, batch_size=1, pixel_transform=noise)
+    batched = generate_tokens(model, processor, images, texts, max_new_tokens=6, batch_size=5, pixel_transform=noise)
     assert batched == one
 
 
 def test_chat_template_and_llava_v1_give_the_same_answers(questions):
     model, processor, images, texts = questions
     assert vlm.prompt_text(processor, texts[0], "chat") == vlm.prompt_text(processor, texts[0], "llava_v1")
-    llava = generate(model, processor, images, texts, "llava_v1", max_new_tokens=6, batch_size=8, return_ids=True)
-    chat = generate(model, processor, images, texts, "chat", max_new_tokens=6, batch_size=8, return_ids=True)
+    llava = generate_tokens(model, processor, images, texts, "llava_v1", max_new_tokens=6, batch_size=8)
+    chat = generate_tokens(model, processor, images, texts, "chat", max_new_tokens=6, batch_size=8)
     assert chat == llava
 
 

@@ -16,6 +16,7 @@ import data
 import dpo
 import lora
 import pairs
+import pool
 import seva
 from helpers import lora_parameters
 from test_seva import argv as seva_argv
@@ -166,9 +167,9 @@ def test_k_views_keep_the_distinct_rejected_answers(toy_world, k3):
     assert kept and summary["pairs"] == len(kept)
     import vlm
     model, processor = vlm.load(os.path.join(toy_world, "model-sft"))
-    instances, _, _ = seva.sample_instances(common.read_records(os.path.join(toy_world, "pool.json")), ["all"], 16, 0)
-    rows = seva.answer_chunk(model, processor, instances, os.path.join(toy_world, "images"), noise_step=999,
-                             max_new_tokens=6, negative_steps=[999, 999, 999])
+    instances, _, _ = pool.sample_instances(common.read_records(os.path.join(toy_world, "pool.json")), ["all"], 16, 0)
+    settings = seva.AnswerSettings(noise_step=999, max_new_tokens=6, negative_steps=[999, 999, 999])
+    rows = seva.answer_chunk(model, processor, instances, os.path.join(toy_world, "images"), settings)
     expected = {i["id"]: seva.distinct_rejected(r["chosen"], r["rejected"]) for i, r in zip(instances, rows)}
     assert {p["id"]: p["rejected"] for p in kept} == {k: v for k, v in expected.items() if v}
     for pair in kept:

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import families  # noqa: E402
 
+import collate  # noqa: E402
 import dpo  # noqa: E402
 import positions  # noqa: E402
 import vlm  # noqa: E402
@@ -33,7 +34,7 @@ def test_mrope_positions_by_hand(folders):
     s + 2 (the grid's larger side), not s + 4, and every answer token at the prompt's largest position + 1."""
     model, processor = loaded(folders, "qwen2_vl")
     example = vlm.encode(processor, families.image(0), [("What colour is it?", "red")], "chat")
-    batch = dpo.collate([example], processor.tokenizer.pad_token_id)
+    batch = collate.collate([example], processor.tokenizer.pad_token_id)
     got = positions.row_positions(model, batch)[:, 0]  # (3, T)
     ids = example["input_ids"].tolist()
     s, n = ids.index(model.config.image_token_id), len(ids)

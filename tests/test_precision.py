@@ -9,6 +9,7 @@ import data
 import dpo
 import lora
 import train_ddp
+import trainable
 from eval import runner
 from helpers import tiny_inputs, tiny_llava
 from test_train_dpo import dpo_args
@@ -81,13 +82,13 @@ def test_fp32_evaluation_merges_and_equals_unmerged(tmp_path):
         torch.testing.assert_close(merged(**inputs).logits, exact(**inputs).logits, rtol=1e-4, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- training (train_ddp.prepare_model)
+# ----------------------------------------------------------------------------- training (trainable.prepare_model)
 def projector_update(toy_world, toy_pairs, tmp_path, amp_dtype, steps=5):
     """The projector's change after `steps` AdamW steps at SeVa's lr 2e-6, trained with LoRA under the CPU's bf16
-    autocast, from a model prepared as train_ddp.prepare_model prepares it for a GPU run with `amp_dtype`."""
+    autocast, from a model prepared as trainable.prepare_model prepares it for a GPU run with `amp_dtype`."""
     args = train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--train-projector", "--lr", "2e-6"))
     torch.manual_seed(0)
-    model, processor = train_ddp.prepare_model(args.model, torch.device("cpu"), amp_dtype, "dpo", args.lora_r,
+    model, processor = trainable.prepare_model(args.model, torch.device("cpu"), amp_dtype, "dpo", args.lora_r,
                                                args.lora_alpha, 0.0, True, "ddp")
     projector = {n: p for n, p in model.named_parameters() if "multi_modal_projector" in n}
     assert projector and all(p.requires_grad for p in projector.values())

@@ -9,13 +9,14 @@ import shutil
 import pytest
 import torch
 
+import collate
 import common
 import data
 import dpo
 import train_ddp
 import seva
 import vlm
-from generate import generate, score_answers
+from generate import generate_tokens, score_answers
 from test_seva import argv
 from test_train_dpo import adapter, assert_same_adapter, dpo_args
 
@@ -35,17 +36,17 @@ def test_scores_from_the_generation_equal_teacher_forcing_and_the_naive_forward(
     images = [vlm.load_image(os.path.join(toy_world, "images", r["image"])) for r in records]
     questions = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in records]
     questions[1] += " Answer the question in full."  # prompts of different lengths: left padding in the batch
-    answers, ids, state = generate(model, processor, images, questions, max_new_tokens=24, batch_size=4,
-                                   return_state=True)
+    answers, ids, state = generate_tokens(model, processor, images, questions, max_new_tokens=24, batch_size=4,
+                                          keep_state=True)
     others = ["a red circle", "Two"] * 2  # rejected-like answers: teacher-forced
     fast = score_answers(model, processor, state, images, questions, [[a, o] for a, o in zip(answers, others)], ids)
-    _, _, state = generate(model, processor, images, questions, max_new_tokens=24, batch_size=4, return_state=True)
+    _, _, state = generate_tokens(model, processor, images, questions, max_new_tokens=24, batch_size=4, keep_state=True)
     forced = score_answers(model, processor, state, images, questions, [[a, o] for a, o in zip(answers, others)])
     template = vlm.resolve_template(model)
-    encoded = [dpo.encode_pair(processor, image, q, a, o, template)
+    encoded = [collate.encode_pair(processor, image, q, a, o, template)
                for image, q, a, o in zip(images, questions, answers, others)]
     with torch.no_grad():
-        chosen, rejected = dpo.concatenated_forward(model, dpo.collate_pairs(encoded, processor.tokenizer.pad_token_id))
+        chosen, rejected = dpo.concatenated_forward(model, collate.collate_pairs(encoded, processor.tokenizer.pad_token_id))
     naive = [v for pair in zip(chosen.tolist(), rejected.tolist()) for v in pair]
     flat = lambda scores: [v for pair in scores for v in pair]
     assert flat(fast) == pytest.approx(naive, abs=1e-4) and flat(forced) == pytest.approx(naive, abs=1e-4)

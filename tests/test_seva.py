@@ -14,6 +14,7 @@ import augment
 import common
 import diffusion
 import pairs
+import pool
 import seva
 import vlm
 from generate import generate
@@ -53,7 +54,7 @@ def turns(*qa):
             (("human", question), ("gpt", answer))]
 
 
-def pool(n=40):
+def pool_records(n=40):
     records = []
     for i in range(n):
         records.append(dict(id=f"ocr{i}", image=f"ocr_vqa/images/{i}.jpg", conversations=turns(
@@ -66,18 +67,18 @@ def pool(n=40):
 
 
 def test_clean_question_by_hand():
-    assert seva.clean_question(f"<image>\nWho wrote this book?\n{SUFFIX}") == "Who wrote this book?"
-    assert seva.clean_question(f"What is the title of this book?\n<image>\n{SUFFIX}") == "What is the title of this book?"
-    assert (seva.clean_question("<image>\nProvide a one-sentence caption for the provided image.\nReference OCR token: A")
+    assert pool.clean_question(f"<image>\nWho wrote this book?\n{SUFFIX}") == "Who wrote this book?"
+    assert pool.clean_question(f"What is the title of this book?\n<image>\n{SUFFIX}") == "What is the title of this book?"
+    assert (pool.clean_question("<image>\nProvide a one-sentence caption for the provided image.\nReference OCR token: A")
             == "Provide a one-sentence caption for the provided image. Reference OCR token: A")
     # the authors keep textvqa's caption prompts as they are, but for the <image> placeholder
-    assert (seva.clean_question("<image>\nProvide a one-sentence caption for the provided image.\nReference OCR token: A",
+    assert (pool.clean_question("<image>\nProvide a one-sentence caption for the provided image.\nReference OCR token: A",
                                 "textvqa") == "Provide a one-sentence caption for the provided image.\nReference OCR token: A")
 
 
 def test_sampling_two_turns_per_image_cleaned_by_subset_and_seeded():
-    records = pool()
-    instances, skipped, _ = seva.sample_instances(records, ["textvqa", "ocr_vqa"], 30, seed=0)
+    records = pool_records()
+    instances, skipped, _ = pool.sample_instances(records, ["textvqa", "ocr_vqa"], 30, seed=0)
     assert len(instances) == 30 and not skipped
     assert sum(i["image"].startswith("textvqa/") for i in instances) == 15  # evenly over the subsets
     assert sum(i["image"].startswith("ocr_vqa/") for i in instances) == 15
@@ -96,18 +97,18 @@ def test_sampling_two_turns_per_image_cleaned_by_subset_and_seeded():
         assert instance["answer"] == record["conversations"][2 * int(turn) + 1]["value"]
     assert all(len(t) <= 2 and len(set(t)) == len(t) for t in by_record.values())
     assert any(len(t) == 2 for t in by_record.values())
-    again, _, _ = seva.sample_instances(records, ["textvqa", "ocr_vqa"], 30, seed=0)
-    other, _, _ = seva.sample_instances(records, ["textvqa", "ocr_vqa"], 30, seed=1)
+    again, _, _ = pool.sample_instances(records, ["textvqa", "ocr_vqa"], 30, seed=0)
+    other, _, _ = pool.sample_instances(records, ["textvqa", "ocr_vqa"], 30, seed=1)
     assert again == instances and [i["id"] for i in other] != [i["id"] for i in instances]
-    everything, _, _ = seva.sample_instances(records, ["all"], 0, seed=0)
+    everything, _, _ = pool.sample_instances(records, ["all"], 0, seed=0)
     assert len(everything) == 40 * (2 + 1 + 1)  # 0 = all: every record, up to 2 turns each
     assert {i["id"] for i in everything} >= {i["id"] for i in instances}
 
 
 def test_malformed_records_are_named_and_counted():
-    records = pool(3) + [{"id": "no-conv", "image": "coco/x.jpg"}, {"id": "no-human", "image": "coco/y.jpg",
+    records = pool_records(3) + [{"id": "no-conv", "image": "coco/x.jpg"}, {"id": "no-human", "image": "coco/y.jpg",
                                                                    "conversations": [{"from": "gpt", "value": "a"}]}]
-    instances, skipped, messages = seva.sample_instances(records, ["coco"], 0, seed=0, source="d.json")
+    instances, skipped, messages = pool.sample_instances(records, ["coco"], 0, seed=0, source="d.json")
     assert len(instances) == 3 and skipped == {"malformed record": 2}
     assert any("d.json" in m and "no-conv" in m and "conversations" in m for m in messages)
     assert any("d.json" in m and "no-human" in m and "no human turn" in m for m in messages)
@@ -196,10 +197,11 @@ def test_killed_and_resumed_equals_uninterrupted(toy_world, tmp_path, capsys):
 def test_torn_last_line_is_dropped(reference, toy_world, tmp_path, capsys):
     out = str(tmp_path / "pairs.jsonl")
     args = seva.parse_args(argv(toy_world, out))
-    instances, _, _ = seva.sample_instances(json.load(open(args.data)), ["all"], 16, 0)
+    instances, _, _ = pool.sample_instances(json.load(open(args.data)), ["all"], 16, 0)
     model, processor = vlm.load(args.model)
     args.template = vlm.resolve_template(model, args.template)  # as main records it: the family's
-    rows = seva.answer_chunk(model, processor, instances[:2], args.image_folder, "diffusion", 999, 0, max_new_tokens=6)
+    rows = seva.answer_chunk(model, processor, instances[:2], args.image_folder,
+                             seva.AnswerSettings(noise_step=999, max_new_tokens=6))
     rows = [dict(index=i, id=instances[i]["id"], **row) for i, row in enumerate(rows)]
     torn = json.dumps(dict(index=2, id=instances[2]["id"], chosen="x", rejected="y"))[:25]
     output = seva.sharded_output(args, instances, 0, 1)

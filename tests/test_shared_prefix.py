@@ -15,6 +15,7 @@ import data
 import dpo
 import lora
 import train_ddp
+import trainable
 import vlm
 from helpers import lora_parameters
 from test_train_dpo import adapter, assert_same_adapter, dpo_args, run
@@ -148,7 +149,7 @@ def test_pair_forwards_agree(lora_model, batch, attention):
 def test_unsupported_family_falls_back_and_says_so_once(lora_model, batch, monkeypatch, capsys):
     model, _ = lora_model
     monkeypatch.setitem(vlm.FAMILIES, "llava", dict(vlm.FAMILIES["llava"], pair_forwards=("concatenated",)))
-    forward = train_ddp.pair_forward_for(model, "shared_prefix")  # chosen once per run, where it is said
+    forward = trainable.pair_forward_for(model, "shared_prefix")  # chosen once per run, where it is said
     with torch.no_grad():
         first, second = forward(model, batch), forward(model, batch)
         naive = dpo.concatenated_forward(model, batch)
@@ -156,7 +157,7 @@ def test_unsupported_family_falls_back_and_says_so_once(lora_model, batch, monke
     for a, b, c in zip(first, second, naive):
         assert torch.equal(a, c) and torch.equal(b, c)
     monkeypatch.undo()
-    assert train_ddp.pair_forward_for(model, "shared_prefix") is dpo.shared_prefix_forward
+    assert trainable.pair_forward_for(model, "shared_prefix") is dpo.shared_prefix_forward
     with torch.no_grad():
         dpo.shared_prefix_forward(model, batch)
     assert capsys.readouterr().out == ""  # the math module prints nothing

@@ -8,7 +8,9 @@ import shutil
 import pytest
 
 import common
+import vlm
 from eval import runner, shr
+from generate import generate_beam
 from test_eval import judge_server, no_proxy  # noqa: F401 (no_proxy is a fixture)
 
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "small", "center": [10, 10]},
@@ -116,3 +118,33 @@ def test_a_reply_without_judgement_is_asked_again(toy_world, tmp_path, no_proxy)
                                max_new_tokens=12, batch_size=2, weights="w")
     assert len(requests) == 2 * shr.JUDGE_TRIES  # each image asked JUDGE_TRIES times (the cache kept apart)
     assert results["unjudged_sentences"] == results["sentences_per_image"] * 2 and results["shr"] == 0
+
+
+def test_descriptions_by_beam_search_and_the_official_request_bytes(toy_world, tmp_path, no_proxy):  # noqa: F811
+    """SHR's defaults are the published baseline's decoding (5 beams, 512 new tokens); the judge's request is
+    gpt_utils.py's body: its fields in the openai client's order, serialised by json.dumps' defaults; an image
+    whose request text is over 15,000 characters is skipped, as shr_eval.py skips it."""
+    args = shr.parse_args(["--shr-dir", "s", "--vg-dir", "v"])
+    assert args.num_beams == 5 and args.max_new_tokens == 512
+    shr_dir, vg_dir = write_vg(toy_world, tmp_path)
+    with open(os.path.join(shr_dir, "shr_factual_part2.jsonl"), "w") as f:  # image 2's request: > 15,000 chars
+        f.write(json.dumps({"2": ["x" * 15_000]}) + "\n")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("P\n{}F\n{}S\n{}")
+    model, processor = runner.load_model(os.path.join(toy_world, "model-sft"))
+    with judge_server(lambda body: "Judgement:\n" + "".join(f"{i}. correct: ok\n" for i in range(1, 40))) as (url, requests):
+        judge = dict(url=url, model=None, cache_dir=None, backoff=0.01, judge_prompt=str(prompt))
+        shr.evaluate(model, processor, "m", shr_dir, vg_dir, str(tmp_path / "out"), judge, max_new_tokens=12,
+                     batch_size=2, weights="w", num_beams=5)
+    answers = common.read_jsonl(tmp_path / "out" / "shr-answers.jsonl")
+    images = [vlm.load_image(os.path.join(vg_dir, "VG_100K", f"{k}.jpg")) for k in (1, 2)]
+    assert [a["text"] for a in answers] == generate_beam(model, processor, images, [shr.PROMPT] * 2, num_beams=5,
+                                                         max_new_tokens=12)
+    assert len(requests) == 1  # image 2 skipped
+    content = "P\n[0.25, 0.25, 0.5, 0.5]: thing 1\nF\nA fact.\nAnother.\nS\n" + shr.numbered(shr.sentences(answers[0]["text"]))
+    # by hand, as json.dumps writes the openai client's parameters (messages first, then model and the decoding
+    # arguments in their dataclass's order, then logit_bias)
+    expected = ('{"messages": [{"role": "user", "content": ' + json.dumps(content) + '}], "model": "gpt-4", '
+                '"max_tokens": 800, "temperature": 0.7, "top_p": 1.0, "n": 1, "stream": false, "stop": ["###"], '
+                '"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {"50256": -100}}')
+    assert requests[0]["raw"] == expected.encode()

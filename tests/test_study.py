@@ -1,23 +1,24 @@
-"""study/ablations.py: one run per (value, seed), recorded once, reported from the records."""
+"""python -m study: one run per (value, seed), recorded once, reported from the records."""
 import json
 import os
 
 import pytest
 
-from study import ablations
 import common
+import pairs
+from study import ablations, analyses, models, settings, tables
 from eval import hallucination, toyvqa
 
 
 def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
-    monkeypatch.setitem(ablations.ABLATIONS, "noise_step", ("Fig. 6", "noise_step", [999]))
-    monkeypatch.setattr(ablations, "GLOBAL_BATCH", 4)
+    monkeypatch.setitem(settings.ABLATIONS, "noise_step", ("Fig. 6", "noise_step", [999]))
+    monkeypatch.setattr(settings, "GLOBAL_BATCH", 4)
     argv = ["noise_step", "--seeds", "0", "1", "--world", toy_world, "--out", str(tmp_path), "--threads", "1"]
     ablations.main(argv)
     rows = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]
     assert [(r["setting"]["noise_step"], r["seed"]) for r in rows] == [(999, 0), (999, 1)]
     for r in rows:  # the recorded pair counts are those of the pairs files the runs wrote
-        name = ablations.run_name(r["setting"], r["seed"])
+        name = settings.run_name(r["setting"], r["seed"])
         pairs = open(tmp_path / "runs" / name / "pairs.jsonl").read().splitlines()
         assert r["pairs"] == len(pairs)
         assert (r["steps"] > 0) == (len(pairs) >= 4)
@@ -26,7 +27,7 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     report = open(tmp_path / "report.md").read()
     assert "| 999 | 2 |" in report
     assert not os.path.exists(tmp_path / "models" / "sft-epochs=1")  # the world's model-sft, not a new one
-    trained = [ablations.run_name(r["setting"], r["seed"]) for r in rows if r["steps"]]
+    trained = [settings.run_name(r["setting"], r["seed"]) for r in rows if r["steps"]]
     assert trained
     ablations.main(["--confusion", "count", "--runs", trained[0], "--world", toy_world, "--out", str(tmp_path)])
     table = open(tmp_path / "confusion-count.md").read()
@@ -63,7 +64,7 @@ def test_runs_are_recorded_once_and_reported(toy_world, tmp_path, monkeypatch):
     for kind, questions in (("description", len(records)), ("short answer", len(val))):
         assert sum(run["pairwise"][kind][o] for o in ("won", "lost", "tied")) == questions
     # fig5 needs the counts: a row without them is run again, and the run gives the same counts and metrics
-    monkeypatch.setitem(ablations.ABLATIONS, "fig5", ("Fig. 5", "noise_step", [999]))
+    monkeypatch.setitem(settings.ABLATIONS, "fig5", ("Fig. 5", "noise_step", [999]))
     older = [{k: v for k, v in r.items() if k != "pairwise"} for r in rows]
     common.write_atomic(str(tmp_path / "runs.jsonl"), [json.dumps(r) for r in older])
     ablations.main(["fig5"] + argv[1:])
@@ -94,16 +95,16 @@ def test_pair_filter_keeps_exactly_its_classes(tmp_path):
 def test_pair_quality_fit_recovers_known_costs():
     """Runs whose accuracy change is an exact linear function of the pair counts: the fit gives it back, counts
     a run reused by several ablations once, and leaves out a class no run has."""
-    quality = ablations.pairs.QUALITY
+    quality = pairs.QUALITY
     true = dict(zip(quality[:3], [0.02, -0.01, -0.05]))
     rows = []
     for i in range(12):
         counts = {q: (7 * i + 13 * k * k + 5) % 40 for k, q in enumerate(quality[:3])}
         change = sum(true[q] * n / 100 for q, n in counts.items())
-        rows.append(dict(setting=dict(ablations.BASE), seed=i, steps=3, trained_quality=dict(counts, **{quality[3]: 0}),
+        rows.append(dict(setting=dict(settings.BASE), seed=i, steps=3, trained_quality=dict(counts, **{quality[3]: 0}),
                          start_accuracy={"overall": 0.5}, accuracy={"overall": 0.5 + change}))
     rows += [dict(rows[0], ablation="reused")] * 5
-    lines = "\n".join(ablations.pair_quality_analysis(rows))
+    lines = "\n".join(analyses.pair_quality_analysis(rows))
     for q, c in true.items():
         assert f"| {q} | {c:+.3f} |" in lines
     assert "Fit over 12 DPO runs" in lines and f"left out: {quality[3]}" in lines
@@ -117,37 +118,37 @@ def test_pair_claims_fit_recovers_a_known_line():
     for i in range(8):
         claims = {fewer: 10 + 7 * i, same: 20, other: 5 + (3 * i) % 11}
         share = 100 * claims[fewer] / sum(claims.values())
-        rows.append(dict(setting=dict(ablations.BASE), seed=i, steps=3, pair_claims=claims,
+        rows.append(dict(setting=dict(settings.BASE), seed=i, steps=3, pair_claims=claims,
                          open=dict(chair_i_desc=0.30 + (2.0 - 4.5 * share / 100) / 100)))
     rows += [dict(rows[0], ablation="reused")] * 4
-    lines = "\n".join(ablations.pair_claims_analysis(rows, dict(chair_i_desc=0.30)))
+    lines = "\n".join(analyses.pair_claims_analysis(rows, dict(chair_i_desc=0.30)))
     assert "Over 8 DPO runs" in lines and "| -4.5 | +2.0 | -1.00 | 1.000 |" in lines
 
 
 def test_sft_strength_starts_from_a_model_trained_for_other_epochs(toy_world, tmp_path, monkeypatch):
     made = json.load(open(os.path.join(toy_world, "sft-run", "args.json")))["epochs"]
-    assert ablations.sft_model(toy_world, str(tmp_path), made) == os.path.join(toy_world, "model-sft")
-    weaker = ablations.sft_model(toy_world, str(tmp_path), 0.5)
+    assert models.sft_model(toy_world, str(tmp_path), made) == os.path.join(toy_world, "model-sft")
+    weaker = models.sft_model(toy_world, str(tmp_path), 0.5)
     assert weaker == os.path.join(str(tmp_path), "models", "sft-epochs=0.5")
     args = json.load(open(os.path.join(str(tmp_path), "models", "sft-epochs=0.5-run", "args.json")))
     assert args["epochs"] == 0.5 and args["lr"] == json.load(open(os.path.join(toy_world, "sft-run", "args.json")))["lr"]
-    a = ablations.model_accuracy(toy_world, str(tmp_path), weaker)
+    a = models.model_accuracy(toy_world, str(tmp_path), weaker)
     assert set(a) >= {"overall"} and os.path.exists(os.path.join(str(tmp_path), "models", "sft-epochs=0.5.accuracy.json"))
 
 
 def test_a_value_can_set_several_settings(toy_world, tmp_path, monkeypatch):
     """negatives: K rejected answers per instance and the loss that trains them, in one run."""
     value = {"num_negatives": 2, "negatives_loss": "pairwise"}
-    monkeypatch.setitem(ablations.ABLATIONS, "negatives", ("3.3", "negatives", [value]))
-    monkeypatch.setattr(ablations, "GLOBAL_BATCH", 4)
-    monkeypatch.setitem(ablations.BASE, "noise_step", 999)
+    monkeypatch.setitem(settings.ABLATIONS, "negatives", ("3.3", "negatives", [value]))
+    monkeypatch.setattr(settings, "GLOBAL_BATCH", 4)
+    monkeypatch.setitem(settings.BASE, "noise_step", 999)
     ablations.main(["negatives", "--seeds", "0", "--world", toy_world, "--out", str(tmp_path), "--threads", "1"])
     row = json.loads(open(tmp_path / "runs.jsonl").read().splitlines()[0])
-    assert ablations.matches(row, "negatives", value) and not ablations.matches(row, "negatives", {"num_negatives": 1})
-    remedies = ablations.ABLATIONS["remedies"][2]  # rpo_alpha 0 (plain DPO) is not the LD-DPO run (rpo_alpha 0 too)
-    ld = {"setting": dict(ablations.BASE, ld_alpha=0.5)}
-    assert [ablations.matches(ld, "remedy", v, remedies) for v in remedies] == [False, False, False, True]
-    name = ablations.run_name(row["setting"], 0)
+    assert settings.matches(row, "negatives", value) and not settings.matches(row, "negatives", {"num_negatives": 1})
+    remedies = settings.ABLATIONS["remedies"][2]  # rpo_alpha 0 (plain DPO) is not the LD-DPO run (rpo_alpha 0 too)
+    ld = {"setting": dict(settings.BASE, ld_alpha=0.5)}
+    assert [settings.matches(ld, "remedy", v, remedies) for v in remedies] == [False, False, False, True]
+    name = settings.run_name(row["setting"], 0)
     assert name == "negatives_loss=pairwise-num_negatives=2-seed0"
     kept = common.read_jsonl(str(tmp_path / "runs" / name / "pairs.jsonl"))
     assert kept and all(isinstance(p["rejected"], list) and 1 <= len(p["rejected"]) <= 2 for p in kept)
@@ -158,37 +159,37 @@ def test_a_value_can_set_several_settings(toy_world, tmp_path, monkeypatch):
 
 def test_a_model_that_names_almost_nothing_is_marked_collapsed():
     """Cover below half the SFT model's: a low CHAIR_i there is silence, not a gain."""
-    metrics = {k: 0.5 for k, _, _ in ablations.OPEN_COLUMNS}
+    metrics = {k: 0.5 for k, _, _ in tables.OPEN_COLUMNS}
     start = {"accuracy": {"overall": 0.6}, "open": dict(metrics, cover_desc=0.6)}
-    runs = [{"setting": dict(ablations.BASE, lora_r=r), "accuracy": {"overall": 0.5}, "start_accuracy": None,
+    runs = [{"setting": dict(settings.BASE, lora_r=r), "accuracy": {"overall": 0.5}, "start_accuracy": None,
              "open": dict(metrics, cover_desc=cover, chair_i_desc=0.1)} for r, cover in ((8, 0.31), (128, 0.29))]
-    lines = ablations.open_table(runs, "lora_r", [8, 128], start)
+    lines = tables.open_table(runs, "lora_r", [8, 128], start)
     assert lines[3].startswith("| 8 | 1 |") and lines[4].startswith("| 128 **(collapsed)** | 1 |")
 
 
 def test_the_search_draws_runnable_settings_of_its_grid():
     """Every searched setting is one train_ddp.py takes (no LD-DPO with several negatives), the default first,
     no setting twice, each inside the grid."""
-    settings = ablations.search_settings()
-    assert len(settings) == 1 + ablations.SEARCH_DRAWS and settings[0] == {k: ablations.BASE[k] for k in ablations.SEARCH}
-    assert len({json.dumps(s, sort_keys=True) for s in settings}) == len(settings)
-    for s in settings:
+    drawn = settings.search_settings()
+    assert len(drawn) == 1 + settings.SEARCH_DRAWS and drawn[0] == {k: settings.BASE[k] for k in settings.SEARCH}
+    assert len({json.dumps(s, sort_keys=True) for s in drawn}) == len(drawn)
+    for s in drawn:
         assert s["num_negatives"] == 1 or s["ld_alpha"] is None
         assert s["num_negatives"] > 1 or s["negatives_loss"] == "infonce"
-        assert all(s[k] in values for k, values in ablations.SEARCH.items())
+        assert all(s[k] in values for k, values in settings.SEARCH.items())
 
 
 def test_consistency_and_the_search_with_its_confirmation(toy_world, tmp_path, monkeypatch):
     """C5's sampled agreement is recorded per run and for the SFT model; the exploratory search runs its grid on
     seed 0, makes the confirmation split before its first run, and confirms the lowest-CHAIR guarded setting on
     the confirmation seeds only, scored on that split."""
-    monkeypatch.setattr(ablations, "GLOBAL_BATCH", 4)
-    monkeypatch.setitem(ablations.BASE, "noise_step", 999)
-    monkeypatch.setitem(ablations.ABLATIONS, "consistency", ("Table 5", "noise_step", [999]))
-    monkeypatch.setattr(ablations, "SEARCH", dict(beta=[0.1, 0.5]))
-    monkeypatch.setattr(ablations, "SEARCH_DRAWS", 1)
-    monkeypatch.setattr(ablations, "CONFIRM_SEEDS", [3])
-    monkeypatch.setattr(ablations, "GUARD", 1.0)  # every setting passes the guard: the best is the lowest CHAIR_i
+    monkeypatch.setattr(settings, "GLOBAL_BATCH", 4)
+    monkeypatch.setitem(settings.BASE, "noise_step", 999)
+    monkeypatch.setitem(settings.ABLATIONS, "consistency", ("Table 5", "noise_step", [999]))
+    monkeypatch.setattr(settings, "SEARCH", dict(beta=[0.1, 0.5]))
+    monkeypatch.setattr(settings, "SEARCH_DRAWS", 1)
+    monkeypatch.setattr(settings, "CONFIRM_SEEDS", [3])
+    monkeypatch.setattr(settings, "GUARD", 1.0)  # every setting passes the guard: the best is the lowest CHAIR_i
     ablations.main(["consistency", "search", "--seeds", "0", "--world", toy_world, "--out", str(tmp_path),
                     "--threads", "1"])
     rows = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]
@@ -206,7 +207,7 @@ def test_consistency_and_the_search_with_its_confirmation(toy_world, tmp_path, m
     assert confirm["setting"] == best["setting"] and confirm["seed"] == 3
     split = json.load(open(tmp_path / "confirm" / "val-descriptions.json"))
     assert split != json.load(open(os.path.join(toy_world, "val-descriptions.json")))
-    answers = common.read_jsonl(str(tmp_path / "runs" / ablations.run_name(best["setting"], 3) / "confirm-answers"
+    answers = common.read_jsonl(str(tmp_path / "runs" / settings.run_name(best["setting"], 3) / "confirm-answers"
                                     / "description-clean.jsonl"))
     assert len(answers) == len(split) and set(confirm["confirm"]) >= {"chair_i_desc", "cover_desc", "accuracy"}
     report = open(tmp_path / "report.md").read()

@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import collate
 import common
 import data
 import dpo
 import lora
 import train_ddp
+import trainable
 import vlm
 from conftest import ROOT
 
@@ -26,8 +28,8 @@ def dpo_args(toy_world, toy_pairs, out, *extra):
 
 
 def model_of(args):
-    """train_ddp.prepare_model as the run of `args` calls it on a CPU: (model, processor)."""
-    return train_ddp.prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r, args.lora_alpha,
+    """trainable.prepare_model as the run of `args` calls it on a CPU: (model, processor)."""
+    return trainable.prepare_model(args.model, torch.device("cpu"), None, args.objective, args.lora_r, args.lora_alpha,
                                    args.lora_dropout, args.train_projector, args.parallel, args.gradient_checkpointing)
 
 
@@ -48,7 +50,7 @@ def assert_same_adapter(a, b, rtol=1e-4, atol=1e-6):
 def test_pair_labels_cover_only_the_answers(toy_world):
     _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
     image = vlm.load_image(os.path.join(toy_world, "images", "val", "000000.png"))
-    pair = dpo.encode_pair(processor, image, "What color is the star?", "red", "deep blue", "llava_v1")
+    pair = collate.encode_pair(processor, image, "What color is the star?", "red", "deep blue", "llava_v1")
     decode = lambda e: processor.tokenizer.decode(e["input_ids"][e["labels"] != -100])
     assert decode(pair["chosen"]) == " red</s>" and decode(pair["rejected"]) == " deep blue</s>"
     # same prompt and image tokens in both: they differ only after the prompt
@@ -121,7 +123,7 @@ def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatc
         train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *flags)))
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert open(tmp_path / "crashed" / "latest").read() == "checkpoint-000004"
-    assert not os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # only the last is kept
+    assert os.path.exists(tmp_path / "crashed" / "checkpoint-000002")  # the last two are kept (--keep 2)
     with pytest.raises(ValueError, match="other lr"):  # a resume must keep what decides the run
         train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "crashed", *flags,
                                                       "--resume", "--lr", "1e-3")))
@@ -212,7 +214,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(toy_world, toy_pairs,
 
 
 def test_lora_over_a_bf16_base_trains_in_fp32_and_merges_into_the_weights_as_loaded(toy_world, toy_pairs, tmp_path):
-    """On a GPU with bf16 autocast and DDP the frozen base is stored in bf16 (train_ddp.prepare_model); here the
+    """On a GPU with bf16 autocast and DDP the frozen base is stored in bf16 (trainable.prepare_model); here the
     same model on the CPU's bf16 autocast. LoRA keeps fp32 weights and gradients, scores as the fp32-base model
     does to bf16's precision, and --merge folds it into the fp32 weights from disk, not their bf16 copies."""
     args = train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--merge"))

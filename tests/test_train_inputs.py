@@ -15,6 +15,7 @@ import checkpoint
 import common
 import data
 import train_ddp
+import trainable
 import vlm
 from conftest import ROOT
 from eval import pope, runner
@@ -151,7 +152,7 @@ def test_reference_log_probs_belong_to_a_pairs_content(toy_world, toy_pairs, tmp
                                 "llava_v1", 2048)
     path = data.reference_path(str(pairs), args.model, os.path.join(toy_world, "images"), True, "llava_v1", "fp32",
                                2048, "shared_prefix")
-    data.precompute_reference(model, dataset, path, train_ddp.pair_forward_for(model, "shared_prefix"), 2, 0, 1,
+    data.precompute_reference(model, dataset, path, trainable.pair_forward_for(model, "shared_prefix"), 2, 0, 1,
                               torch.device("cpu"), None)
     a, b = dataset.records
     assert a["reference_chosen_logps"] == pytest.approx(b["reference_rejected_logps"], abs=1e-5)  # swapped twins
@@ -184,7 +185,7 @@ def test_dpo_turns_off_the_dropout_the_config_holds(toy_world, tmp_path):
                        return_tensors="pt")
 
     def two_forwards(objective):
-        model, _ = train_ddp.prepare_model(str(tmp_path / "model"), torch.device("cpu"), None, objective, 4, 8)
+        model, _ = trainable.prepare_model(str(tmp_path / "model"), torch.device("cpu"), None, objective, 4, 8)
         model.train()
         torch.manual_seed(0)
         with torch.no_grad():

@@ -83,11 +83,12 @@ def build_model(out, scenes, args):
     checkpoint.save_model_atomic(model, processor, os.path.join(out, "model-init"))
 
 
-def train_stage(out, name, start, data, epochs, args, extra=()):
+def train_stage(stage, out, name, start, data, epochs, args, extra=()):
     """toy/model-{name}: train_ddp.py --objective sft from toy/{start} on toy/{data} (vision tower frozen, as
     LLaVA's stages 1 and 2, unless --train-vision). Random batches of every subset: grouping them by length
     (--group-by-length) made the toy model unable to read the word."""
     import train_ddp
+    print(f"{stage}: toy/{data} -> toy/model-{name} (train_ddp.py --objective sft, from toy/{start})", flush=True)
     run_dir = os.path.join(out, f"{name}-run")
     shutil.rmtree(run_dir, ignore_errors=True)
     train_ddp.train(train_ddp.parse_args([
@@ -103,13 +104,13 @@ def pretrain(out, args):
     """toy/model-pretrain: LLaVA's stage 1 on toy/pretrain.json, in its plain template ("<image>{caption}\n").
     LLaVA trains only the projector there, its Vicuna already reads; ours starts from nothing, so its language
     model learns here too, on short sequences, to say what the image tokens show."""
-    train_stage(out, "pretrain", "model-init", "pretrain.json", args.pretrain_epochs, args, ["--template", "plain"])
+    train_stage("stage 1", out, "pretrain", "model-init", "pretrain.json", args.pretrain_epochs, args, ["--template", "plain"])
 
 
 def fine_tune(out, args):
     """toy/model-sft: LLaVA's stage 2, the instruction data toy/sft.json, from stage 1's model (if any)."""
     start = "model-pretrain" if args.pretrain_epochs else "model-init"
-    train_stage(out, "sft", start, "sft.json", args.sft_epochs, args)
+    train_stage("stage 2", out, "sft", start, "sft.json", args.sft_epochs, args)
 
 
 # ----------------------------------------------------------------------------- the bands
@@ -172,7 +173,8 @@ def print_report(report, stage):
     short, pope = report["short"], report["pope"]
     print("short answers, exact match: " + ", ".join(f"{k} {v:.2f}" for k, v in short.items())
           + "; majority answer: " + ", ".join(f"{k} {v:.2f}" for k, v in report["majority"].items()))
-    print("POPE accuracy / yes-ratio: " + ", ".join(
+    print("POPE accuracy / yes-ratio (prompt: the question + LLaVA-1.5's one-word suffix; eval.compare asks the "
+          "question alone unless --prompt-suffix llava): " + ", ".join(
         f"{s} {pope[s]['accuracy']:.2f} / {pope[s]['yes_ratio']:.2f}" for s in SPLITS))
     for kind in KINDS:
         m = report["open"][kind]
@@ -245,7 +247,7 @@ STAGE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--out", default="toy", help="folder to write the toy world to")
     p.add_argument("--stage", default="open", choices=list(STAGE_DEFAULTS),
                    help="open: LLaVA-665k's shape, captions and descriptions (the default); closed: the first toy world "
