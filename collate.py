@@ -30,11 +30,10 @@ def collate(examples, pad_token_id):
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = e["input_ids"], e["labels"], 1
-    for key, after in vlm.TOKEN_KEYS.items():  # per-token tensors of some families, padded like input_ids
+    for key in vlm.TOKEN_KEYS:  # per-token tensors of some families, padded with their value after the prompt
         if key in examples[0]:
-            batch[key] = torch.full((len(examples), length), after)
-            for i, e in enumerate(examples):
-                batch[key][i, :len(e[key])] = e[key]
+            batch[key] = torch.stack([F.pad(e[key], (0, length - len(e[key])), value=int(e[key][-1]))
+                                      for e in examples])
     for key in examples[0]:
         if key not in batch:  # pixel_values, and whatever else a family's processor returns for the image
             batch[key] = cat_padded([e[key] for e in examples])

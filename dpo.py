@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import collate
+import positions
 import vlm
 
 
@@ -166,15 +167,15 @@ def concatenated_forward(model, batch, ld_alpha=None):
 # ----------------------------------------------------------------------------- the prompt once per pair
 # The prompt (system prompt, 576 image tokens, question) is most of every sequence and is the same in
 # chosen and rejected: the two forwards below pay for it once per pair instead of twice.
-def pair_images(batch):
+def pair_images(model, batch):
     """The image tensors (pixel_values, ...) of each pair once: every row of a pair shows the same image."""
     pairs, pair_index = collate.split_rows(batch)
-    images = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "pair_index")
-              and k not in vlm.TOKEN_KEYS and not k.startswith("reference_")}
-    for key, value in images.items():
-        if not torch.equal(value[:pairs][pair_index], value[pairs:]):  # Alg. 1 line 4: all on the original image
+    config = vlm.unwrap(model).config
+    chosen_of_each = vlm.image_inputs(batch, config, pair_index.tolist())  # the chosen row's image, per rejected row
+    for key, value in vlm.image_inputs(batch, config, list(range(pairs, len(batch["input_ids"])))).items():
+        if not torch.equal(chosen_of_each[key], value):  # Alg. 1 line 4: all on the original image
             raise ValueError(f"{key}: the chosen and rejected rows of a pair must show the same image")
-    return {k: v[:pairs] for k, v in images.items()}
+    return vlm.image_inputs(batch, config, list(range(pairs)))
 
 
 def shared_image_forward(model, batch, ld_alpha=None):
@@ -182,19 +183,23 @@ def shared_image_forward(model, batch, ld_alpha=None):
     image features are computed once and placed into its chosen row and its rejected rows. Only for a model
     that vlm.pair_forward_problem(model, "shared_image") finds no problem with (trainable.pair_forward_for)."""
     pairs, pair_index = collate.split_rows(batch)
-    image_outputs = vlm.unwrap(model).get_image_features(**pair_images(batch), return_dict=True)
+    image_outputs = vlm.unwrap(model).get_image_features(**pair_images(model, batch), return_dict=True)
     features = list(image_outputs.pooler_output)  # B tensors (image tokens, D): one per pair
     rows = features + [features[i] for i in pair_index.tolist()]  # rows: chosen, then rejected
     encoded = {"image": type(image_outputs)(pooler_output=rows)}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   mm_encoder_outputs=encoded, use_cache=False).logits  # (B + R, T, V)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_encoder_outputs=encoded,
+                   use_cache=False, **{k: batch[k] for k in vlm.TOKEN_KEYS if k in batch}).logits  # (B + R, T, V)
     public = ld_public(batch["labels"], pairs, pair_index) if ld_alpha is not None else None
     logps = sequence_logps(logits, batch["labels"], public=public, ld_alpha=ld_alpha)
     return logps[:pairs], logps[pairs:]
 
 
-def pack_pairs(batch):
+def pack_pairs(batch, row_positions=None, blocks=None):
     """One sequence per pair, prompt + chosen answer + its rejected answer(s), from a collate.collate_pairs batch.
+
+    row_positions: the positions of the batch's rows ((B + R, T), or M-RoPE's (3, B + R, T); positions.py), each
+    packed token taking its own row's; None: 0, 1, ... along each row. blocks: the rows' blocks attended both ways
+    (B + R, T) (positions.attention_blocks), or None.
 
     The prompt is everything before a row's first labelled token and must be the same in every row of a pair.
     Returns input_ids and position_ids (B, L), the block mask `allowed` (B, L, L) (True: query may attend to
@@ -241,13 +246,18 @@ def pack_pairs(batch):
     source_col = torch.where(inside, k - first.gather(1, answer) + prompt[:, None], k)  # (B, L)
     source_col = torch.where(segment == padding, prompt[:, None] - 1, source_col)
     packed_ids = input_ids[source_row, source_col]  # (B, L)
-    position_ids = torch.where(segment == padding, 0, source_col)  # (B, L)
+    if row_positions is None:
+        row_positions = column.expand(input_ids.shape)  # (B + R, T)
+    position_ids = torch.where(segment == padding, 0, row_positions[..., source_row, source_col])  # (B, L) or (3, B, L)
 
     # Prompt causal; each answer sees the prompt and itself causally, never another answer. Padding queries
     # see the prompt, so no row of the mask is empty (an empty row would give nan gradients).
     query, key = segment[:, :, None], segment[:, None, :]  # (B, L, 1), (B, 1, L)
     causal = k[0][None, :, None] >= k[0][None, None, :]  # (1, L, L)
     allowed = causal & ((key == 0) | ((key == query) & (key != padding)))  # (B, L, L)
+    if blocks is not None:  # and the prompt's blocks both ways (PaliGemma's prefix, Gemma 3's images)
+        block = torch.where(segment == 0, blocks[source_row, source_col], -1)  # (B, L)
+        allowed = allowed | ((block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0))
 
     def score(a):  # packed positions and labels of answer slot a, (B, 1 + A)
         length = answer_length[:, a]
@@ -262,9 +272,14 @@ def pack_pairs(batch):
                 positions=[p for p, _ in scored], labels=[lab for _, lab in scored])
 
 
-def attention_mask_for(model, allowed):
+def attention_mask_for(model, allowed, position_ids=None):
     """A boolean (B, 1, L, L) mask as the model's attention takes it: as is for SDPA; eager adds it to the
-    scores, so there it becomes 0 where allowed and the dtype's minimum elsewhere."""
+    scores, so there it becomes 0 where allowed and the dtype's minimum elsewhere. A model with sliding-window
+    layers (Gemma 3) gets one mask per kind of layer (positions.masks_for_layers)."""
+    window = positions.sliding_window(model)
+    if window is not None and position_ids is not None:
+        return {kind: attention_mask_for(model, mask) for kind, mask in
+                positions.masks_for_layers(allowed, position_ids, window).items()}
     if vlm.unwrap(model).config.get_text_config()._attn_implementation != "eager":
         return allowed
     dtype = vlm.unwrap(model).get_input_embeddings().weight.dtype
@@ -292,12 +307,12 @@ def shared_prefix_forward(model, batch, ld_alpha=None):
     lm_head runs only where an answer token is predicted. Equal to concatenated_forward
     (tests/test_shared_prefix.py). Only for a model that vlm.pair_forward_problem(model, "shared_prefix") finds
     no problem with (trainable.pair_forward_for)."""
-    packed = pack_pairs(batch)
+    packed = pack_pairs(batch, positions.row_positions(model, batch), positions.attention_blocks(model, batch))
     _, pair_index = collate.split_rows(batch)
     keep = torch.cat(packed["positions"], 1)  # (B, sum over slots of 1 + A)
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                   attention_mask=attention_mask_for(model, packed["allowed"][:, None]),
-                   logits_to_keep=keep, use_cache=False, **pair_images(batch)).logits  # (B, kept, V)
+                   attention_mask=attention_mask_for(model, packed["allowed"][:, None], packed["position_ids"]),
+                   logits_to_keep=keep, use_cache=False, **pair_images(model, batch)).logits  # (B, kept, V)
     return slot_logps(logits, packed, pair_index, ld_alpha)
 
 
@@ -314,7 +329,8 @@ def pack_rows(packed):
     offset = length.cumsum(0) - length  # (B,): where each pair starts in the row
     real = torch.arange(packed["input_ids"].shape[1], device=length.device)[None] < length[:, None]  # (B, L)
     blocks = [packed["allowed"][i, :n, :n] for i, n in enumerate(length.tolist())]
-    return dict(packed, input_ids=packed["input_ids"][real][None], position_ids=packed["position_ids"][real][None],
+    return dict(packed, input_ids=packed["input_ids"][real][None],
+                position_ids=packed["position_ids"][..., real].unsqueeze(-2),  # (1, N), or (3, 1, N)
                 allowed=torch.block_diag(*[b.to(torch.uint8) for b in blocks]).bool()[None],
                 positions=[p + offset[:, None] for p in packed["positions"]])
 
@@ -323,13 +339,14 @@ def packed_forward(model, batch, ld_alpha=None):
     """shared_prefix_forward's numbers from one row holding every pair of the batch (pack_rows): no padding
     computed. Equal to concatenated_forward (tests/test_shared_prefix.py). Only for a model that
     vlm.pair_forward_problem(model, "packed") finds no problem with."""
-    packed = pack_rows(pack_pairs(batch))
+    packed = pack_rows(pack_pairs(batch, positions.row_positions(model, batch),
+                                  positions.attention_blocks(model, batch)))
     _, pair_index = collate.split_rows(batch)
     pairs = packed["length"].shape[0]
     keep = torch.cat([p.reshape(1, -1) for p in packed["positions"]], 1)  # (1, sum over slots of B (1 + A))
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                   attention_mask=attention_mask_for(model, packed["allowed"][:, None]),
-                   logits_to_keep=keep, use_cache=False, **pair_images(batch)).logits  # (1, kept, V)
+                   attention_mask=attention_mask_for(model, packed["allowed"][:, None], packed["position_ids"]),
+                   logits_to_keep=keep, use_cache=False, **pair_images(model, batch)).logits  # (1, kept, V)
     per_slot = [p.shape[1] for p in packed["positions"]]  # 1 + A of each slot
     logits = torch.cat([chunk.reshape(pairs, width, -1) for chunk, width in
                         zip(logits[0].split([pairs * w for w in per_slot]), per_slot)], 1)  # (B, kept / B, V)

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 import common
 import dpo
+import positions
 import vlm
 
 
@@ -50,7 +51,8 @@ def generate_tokens(model, processor, images, questions, template=None, max_new_
     """generate's answers as a Generation(answers, ids, state): also each answer's new token ids (without the
     padding that batching adds after its end-of-sequence token), and with keep_state (all questions in one
     batch) what scoring answers on these prompts needs (seva.py --reference-logps): state = {cache: the KV
-    cache, cut back to the prompts; attention_mask (B, P) of the left-padded prompts; input_ids (B, P); logits:
+    cache, cut back to the prompts; attention_mask (B, P) of the left-padded prompts; input_ids (B, P);
+    next_position (B,): the position an answer's first token takes (positions.next_positions); logits:
     the logits of each generation step, new tensors (B, V)}. The other arguments are generate's."""
     if keep_state and len(images) > batch_size:
         raise ValueError(f"keep_state needs one batch: {len(images)} questions > batch_size {batch_size}")
@@ -65,7 +67,8 @@ def generate_tokens(model, processor, images, questions, template=None, max_new_
         indices = list(range(start, min(start + batch_size, len(images))))
         prompts = [vlm.prompt_text(processor, questions[i], template) for i in indices]
         # generation appends on the right, so pad on the left (for this call only: the processor is the caller's)
-        inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, padding_side="left",
+        # one list of images per prompt (Gemma 3's and SmolVLM's processors take no flat list)
+        inputs = processor(images=[[images[i]] for i in indices], text=prompts, padding=True, padding_side="left",
                            return_tensors="pt")
         inputs.pop("labels", None)  # PaliGemma's processor returns labels too: none on a prompt
         if pixel_transform is not None:  # on each image's own pixels, whatever the family's tensor layout
@@ -75,12 +78,14 @@ def generate_tokens(model, processor, images, questions, template=None, max_new_
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         if prefill_batch and prefill_batch < len(indices):
             inputs = prefilled(model, inputs, prefill_batch)
+        elif keep_state and positions.sliding_window(model):  # a cache of every position, which can be cut back
+            inputs["cache"] = DynamicCache()  # (Gemma 3's own would keep its sliding-window layers' last tokens only)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                 return_dict_in_generate=keep_state, output_logits=keep_state)
         state = None
         if keep_state:
-            state = prompt_state(output, inputs)
+            state = prompt_state(model, output, inputs)
             output = output.sequences
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new): generate returns prompt + answer
         answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -93,17 +98,22 @@ def generate_tokens(model, processor, images, questions, template=None, max_new_
 def prefilled(model, inputs, rows):
     """`inputs` for model.generate with the prompts' KV cache already computed, `rows` prompts at a time, for
     every prompt token but the last (generate computes that one and goes on): the pixels are then not needed.
-    Positions as generate makes them from the left-padded attention mask."""
+    Positions as the model's own forward makes them (positions.row_positions). The cache keeps every position, also
+    in sliding-window layers (Gemma 3's own would keep the window's last tokens only, which cannot be joined)."""
     if not vlm.spec(model.config)["prefill_rows"]:
         raise ValueError(f"prefill_batch: {model.config.model_type}'s prompts cannot be read apart from their last "
                          f"token (vlm.FAMILIES prefill_rows); generate them a whole batch at a time")
+    config, prompts = model.config, len(inputs["input_ids"])
+    row_positions = positions.row_positions(model, inputs)  # (B, P), or M-RoPE's (3, B, P)
     parts = []
-    for start in range(0, len(inputs["input_ids"]), rows):
-        part = {k: v[start:start + rows] for k, v in inputs.items()}  # every tensor is one row per prompt
-        part["input_ids"], mask = part["input_ids"][:, :-1], part["attention_mask"][:, :-1]
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        parts.append(model(**dict(part, attention_mask=mask), position_ids=positions, use_cache=True,
-                           logits_to_keep=1).cache)
+    for start in range(0, prompts, rows):
+        part = list(range(start, min(start + rows, prompts)))
+        per_token = ("input_ids", "attention_mask") + tuple(vlm.TOKEN_KEYS)
+        tokens = {k: v[part, :-1] for k, v in inputs.items() if k in per_token}  # every prompt token but the last
+        parts.append(model(**tokens, **vlm.image_inputs(inputs, config, part), use_cache=True, logits_to_keep=1,
+                           position_ids=row_positions[..., part, :-1], cache=DynamicCache()).cache)
+    if hasattr(getattr(model, "model", None), "rope_deltas"):  # M-RoPE: the deltas kept from an earlier batch are
+        model.model.rope_deltas = None  # not these prompts'; generate makes them again from the prompts
     cache = DynamicCache()
     for layer in range(len(parts[0].layers)):
         cache.update(torch.cat([p.layers[layer].keys for p in parts]),
@@ -111,13 +121,13 @@ def prefilled(model, inputs, rows):
     return dict({k: v for k, v in inputs.items() if k != "pixel_values"}, cache=cache)
 
 
-def prompt_state(output, inputs):
+def prompt_state(model, output, inputs):
     """generate_tokens(keep_state=True)'s state, from a return_dict_in_generate output with output_logits."""
     prompt = inputs["input_ids"].shape[1]
     cache = output.cache
     cache.crop(prompt - cache.get_seq_length())  # the answers' entries dropped: the prompts' remain
     return dict(cache=cache, attention_mask=inputs["attention_mask"], input_ids=inputs["input_ids"],
-                logits=output.logits)  # logits: one (B, V) per step, as generate computed them
+                next_position=positions.next_positions(model, inputs), logits=output.logits)  # logits: one (B, V) per step, as generate computed them
 
 
 # ----------------------------------------------------------------------------- answers scored on the prompts
@@ -161,10 +171,10 @@ def score_answers(model, processor, state, images, questions, answers, answer_id
         cache, state["cache"] = state["cache"], None
         cache.batch_select_indices(rows)  # each forced answer continues its own prompt's cache
         prompt_mask = state["attention_mask"][rows]  # (R, P)
-        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(length, device=device)  # after the prompt
+        after = state["next_position"][rows, None] + torch.arange(length, device=device)  # positions.next_positions
         # use_cache=False: the prompts' cache is read (each layer appends the answers to it to attend over both),
         # and nothing is kept for a next token
-        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=positions,
+        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=after,
                        cache=cache, use_cache=False).logits  # (R, A, V): token t + 1 from position t
         for r, (i, j, tokens, labelled) in enumerate(forced):
             # the prompt's last position (generation's first step) predicts the first token
@@ -192,9 +202,10 @@ def generate_beam(model, processor, images, questions, template=None, num_beams=
 
     The search is transformers' (beam_search below; tested token for token against model.generate with
     num_beams on a tiny model), the prompts batched and left-padded as generate() batches them."""
-    if not vlm.spec(model.config)["prefill_rows"]:
-        raise ValueError(f"generate_beam: {model.config.model_type}'s positions are not the attention mask's "
-                         f"(vlm.FAMILIES prefill_rows); use model.generate(num_beams=...) for this family")
+    row = vlm.spec(model.config)
+    if not row["prefill_rows"] or row["positions"] != "1d" or row["attention"] != "causal":
+        raise ValueError(f"generate_beam: {model.config.model_type}'s positions or attention are not the attention "
+                         f"mask's (vlm.FAMILIES); use model.generate(num_beams=...) for this family")
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
     template = vlm.resolve_template(model, template)

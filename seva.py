@@ -232,12 +232,12 @@ def parse_args(argv=None):
                    help="instances per batch and per chunk of the output (authors: 1; batching changes no answer)")
     g.add_argument("--prefill-batch-size", type=int, default=0,
                    help="read each batch's prompts this many at a time, then decode the batch together (0: all at "
-                        "once). On CPUs 4 is faster: the activations stay small; answers are the same. LLaVA, "
-                        "LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows)")
+                        "once). On CPUs 4 is faster: the activations stay small; answers are the same. Every family "
+                        "but PaliGemma (vlm.FAMILIES prefill_rows)")
     g.add_argument("--no-draft", dest="draft", action="store_false",
                    help="decode the rejected answers one forward per token; by default each is drafted by its "
-                        "chosen answer, verified in one forward (draft.py: the same answers, fewer forwards). "
-                        "LLaVA, LLaVA-NeXT, Idefics3 (vlm.FAMILIES prefill_rows); other families decode plainly")
+                        "chosen answer, verified in one forward (draft.py: the same answers, fewer forwards), in "
+                        "the families with vlm.FAMILIES prefill_rows; the others decode plainly")
     g.add_argument("--reference-logps", action="store_true",
                    help="also score each kept pair's answers under this model on the original image, as training's "
                         "reference does, into the pairs (the chosen answer from its own generation, the rejected by "
@@ -321,7 +321,7 @@ def main(argv=None):
     args.template = vlm.resolve_template(model, args.template)  # the family's, recorded as used
     args.pad = args.pad and vlm.pads_to_square(model)
     problem = args.reference_logps and vlm.pair_forward_problem(model, "shared_prefix")
-    if problem:  # the answers continue the prompt's cache with 1D positions and no per-token inputs
+    if problem:  # the answers continue the prompt's cache (generate.score_answers)
         raise ValueError(f"--reference-logps: {problem}; make the pairs without it (train_ddp.py --reference "
                          f"precomputed scores them instead)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -3,7 +3,7 @@ What differs between vision-language model (VLM) families, in one place.
 
 Every other file asks this one how to load a model, how to write a prompt, how an image becomes model
 inputs, which linear layers get LoRA and where the vision tower is. Porting SeVa to a new family means
-adding a row to FAMILIES (README: "Porting to a new VLM"); the prompt comes from the processor's chat
+adding a row to FAMILIES (docs/porting.md); the prompt comes from the processor's chat
 template, and the processor expands the image into the family's own image tokens.
 
 LLaVA-1.5 (the authors' code, llava-hf/llava-1.5-7b-hf): the vicuna_v1 template with its system prompt,
@@ -27,60 +27,52 @@ import common
 # template: the default prompt template (TEMPLATES). pad_to_square: LLaVA-1.5's expand2square.
 # pixels: the layout of the processor's pixel_values (see `image_pixels`): "image" = dim 0 is the image
 #     (B, C, H, W) or (B, crops, C, H, W); "patches" = Qwen2-VL's flattened patches (sum of patches,
-#     C x T x P x P), each patch repeated over T frames, image_grid_thw telling which rows are whose.
+#     C x T x P x P), each patch repeated over T frames, image_grid_thw telling which rows are whose; "tiles" =
+#     InternVL's tiles of every image along dim 0 (sum of tiles, C, H, W), the image's tokens telling how many.
 # pair_forwards: the dpo.PAIR_FORWARDS the family was tested with; others fall back to "concatenated".
-#     shared_image needs get_image_features + mm_encoder_outputs as LLaVA's; shared_prefix needs a
-#     decoder that takes a 4D attention mask and 1D position ids; packed (several pairs in one row) also needs
-#     each image to fill the image tokens of its own pair, in order.
+#     shared_image needs get_image_features + mm_encoder_outputs as LLaVA's; shared_prefix needs a decoder that
+#     takes a 4D attention mask and position ids as `positions` makes them; packed (several pairs in one row) also
+#     needs each image to fill the image tokens of its own pair, in order. No shared_image for M-RoPE (its
+#     positions need image_grid_thw, which a forward on encoder outputs lacks), InternVL's tiles, PaliGemma and
+#     Gemma 3 (their get_image_features return no per-image list): their shared_prefix runs the tower once too.
+# positions: "1d" (first_position, + 1, + 2, ... along the row: PaliGemma counts from 1) or "mrope" (Qwen2-VL's 3D
+#     positions: the model's get_rope_index). An answer scored on a prompt's cache continues them exactly.
+# attention: "causal"; "prefix" (PaliGemma: the prompt, token_type_ids 0, attended both ways); "image_blocks"
+#     (Gemma 3: each image's tokens, token_type_ids 1, attended both ways). positions.attention_blocks.
 # prefill_rows: generate.py can read the prompts a few rows at a time (prefill_batch) and decode them together:
-#     positions from the attention mask alone and causal attention over the prompt (not Qwen2-VL's M-RoPE,
-#     not PaliGemma's prefix-LM attention, where the prompt's last token is seen by those before it).
+#     every prompt token but the last is computed apart (not PaliGemma's prefix-LM attention, where the prompt's
+#     last token is seen by those before it).
 _LLAMA_LINEARS = r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+_ALL = ("concatenated", "shared_image", "shared_prefix", "packed")
 FAMILIES = {
-    "llava": dict(
+    "llava": dict(  # LLaVA-1.5
         lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
         decoder_layers="model.language_model.layers",
         fixed_image_tokens=True, template="llava_v1", pad_to_square=True, pixels="image",
-        pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
-        prefill_rows=True,
-    ),
-    "llava_next": dict(  # LLaVA-NeXT (1.6): any-resolution crops, image_sizes, image_newline
-        lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
-        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
-        decoder_layers="model.language_model.layers",
-        fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
-        pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
-        prefill_rows=True,
-    ),
-    "qwen2_vl": dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions: no packed pairs
-        lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
-        vision_tower="model.visual", projector="model.visual.merger",
-        decoder_layers="model.language_model.layers",
-        fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="patches",
-        pair_forwards=("concatenated",),
-        prefill_rows=False,
-    ),
-    "idefics3": dict(  # Idefics3 / SmolVLM: SigLIP, pixel-shuffle connector, Llama text model
-        lora_targets=r"model\.text_model" + _LLAMA_LINEARS,
-        vision_tower="model.vision_model", projector="model.connector",
-        decoder_layers="model.text_model.layers",
-        fixed_image_tokens=False, template="chat", pad_to_square=False, pixels="image",
-        pair_forwards=("concatenated", "shared_image", "shared_prefix", "packed"),
-        prefill_rows=True,
-    ),
-    "paligemma": dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids): no packed pairs
-        lora_targets=r"model\.language_model" + _LLAMA_LINEARS,
-        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
-        decoder_layers="model.language_model.layers",
-        fixed_image_tokens=True, template="chat", pad_to_square=False, pixels="image",
-        pair_forwards=("concatenated",),
-        prefill_rows=False,
+        pair_forwards=_ALL, positions="1d", first_position=0, attention="causal", prefill_rows=True,
     ),
 }
-# The same module paths and layouts in transformers 5.24, but not among the tests' tiny families (tests/families.py):
-FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL
-FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"], pair_forwards=("concatenated",))  # SmolVLM
+FAMILIES["llava_next"] = dict(  # LLaVA-NeXT (1.6): any-resolution crops, image_sizes, image_newline
+    FAMILIES["llava"], fixed_image_tokens=False, template="chat", pad_to_square=False)
+FAMILIES["llava_onevision"] = dict(FAMILIES["llava_next"])  # LLaVA-OneVision: SigLIP, NeXT's crops, Qwen2
+FAMILIES["internvl"] = dict(  # InternVL 3: InternViT, pixel shuffle, Qwen2; tiles of every image along dim 0
+    FAMILIES["llava_next"], pixels="tiles", pair_forwards=("concatenated", "shared_prefix", "packed"))
+FAMILIES["qwen2_vl"] = dict(  # Qwen2-VL: its own ViT with a patch merger; 3D (M-RoPE) positions
+    FAMILIES["llava_next"], vision_tower="model.visual", projector="model.visual.merger", pixels="patches",
+    pair_forwards=("concatenated", "shared_prefix", "packed"), positions="mrope")
+FAMILIES["qwen2_5_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen2.5-VL: windowed ViT, same layout (no tiny test model)
+FAMILIES["qwen3_vl"] = dict(FAMILIES["qwen2_vl"])  # Qwen3-VL: interleaved M-RoPE, DeepStack features
+FAMILIES["idefics3"] = dict(  # Idefics3: SigLIP, pixel-shuffle connector, Llama text model
+    FAMILIES["llava_next"], lora_targets=r"model\.text_model" + _LLAMA_LINEARS, vision_tower="model.vision_model",
+    projector="model.connector", decoder_layers="model.text_model.layers")
+FAMILIES["smolvlm"] = dict(FAMILIES["idefics3"])  # SmolVLM: Idefics3's layout, its own processor
+FAMILIES["paligemma"] = dict(  # PaliGemma: SigLIP + Gemma, prefix-LM attention (token_type_ids)
+    FAMILIES["llava"], template="chat", pad_to_square=False, pair_forwards=("concatenated", "shared_prefix", "packed"),
+    first_position=1, attention="prefix", prefill_rows=False)
+FAMILIES["gemma3"] = dict(  # Gemma 3: SigLIP pooled, image tokens attended both ways, sliding-window layers
+    FAMILIES["llava"], template="chat", pad_to_square=False, pair_forwards=("concatenated", "shared_prefix", "packed"),
+    attention="image_blocks")
 
 # The LLaVA-1.5 (vicuna_v1) conversation template, as in the authors' generation code.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -100,7 +92,7 @@ def family_of(model_or_config):
     name = config.model_type
     if name not in FAMILIES:
         raise ValueError(f"model type {name!r} is not in vlm.FAMILIES ({', '.join(FAMILIES)}); "
-                         f"see README 'Porting to a new VLM'")
+                         f"see docs/porting.md")
     return name
 
 
@@ -222,35 +214,68 @@ def load_image(path, pad=True):
 
 
 # Per-token tensors some processors return beside input_ids, and their value on the tokens after the prompt
-# (answers, padding): PaliGemma's token_type_ids (0: the prefix, attended both ways; 1: the suffix) and
-# Qwen2-VL's mm_token_type_ids (1 on image tokens).
-TOKEN_KEYS = {"token_type_ids": 1, "mm_token_type_ids": 0}
+# (answers, padding): PaliGemma's token_type_ids (0: the prefix, attended both ways; 1: the suffix), Gemma 3's
+# (1 on image tokens, attended both ways) and Qwen2-VL's mm_token_type_ids (1 on image tokens).
+TOKEN_KEYS = {"token_type_ids": 0, "mm_token_type_ids": 0}
+SUFFIX_TOKEN_TYPE = {"PaliGemmaProcessor": {"token_type_ids": 1}}  # processors whose value after the prompt is not 0
+
+
+def after_prompt(processor, key):
+    """The value of per-token tensor `key` (TOKEN_KEYS) on the tokens after the prompt, for this processor."""
+    return SUFFIX_TOKEN_TYPE.get(type(processor).__name__, {}).get(key, TOKEN_KEYS[key])
 
 
 # ----------------------------------------------------------------------------- image tensors
+def image_rows(inputs, config):
+    """How many rows of pixel_values each image has: "image" layout 1 (dim 0 is the image); "patches" (Qwen2-VL)
+    its patches, from image_grid_thw; "tiles" (InternVL) its tiles, from its image tokens (one image a row)."""
+    pixel_values, layout = inputs["pixel_values"], spec(config)["pixels"]
+    if layout == "image":
+        return [1] * len(pixel_values)
+    if layout == "patches":
+        return inputs["image_grid_thw"].prod(-1).tolist()
+    vision = config.vision_config
+    per_tile = int((vision.image_size[0] // vision.patch_size[0]) ** 2 * config.downsample_ratio ** 2)
+    return ((inputs["input_ids"] == config.image_token_id).sum(-1) // per_tile).tolist()
+
+
+def image_inputs(inputs, config, images):
+    """The image tensors (pixel_values and whatever else is per image: image_grid_thw, image_sizes, ...) of the
+    images numbered `images` (a list), in that order; `inputs` holds one image a row, input_ids included."""
+    rows = image_rows(inputs, config)
+    per_image = {k: v for k, v in inputs.items() if k not in ("input_ids", "labels", "attention_mask", "pair_index")
+                 and k not in TOKEN_KEYS and not k.startswith("reference_")}
+    pixels = per_image.pop("pixel_values").split(rows)
+    return dict({k: v[images] for k, v in per_image.items()}, pixel_values=torch.cat([pixels[i] for i in images]))
+
+
 def image_pixels(inputs, config):
     """Each image's own pixels from a processor's output: a list, one tensor per image, each pixel once, for
     transforms such as SeVa's diffusion noise. "image" layout: pixel_values[i] ((C, H, W), or (crops, C, H, W)
-    for LLaVA-NeXT and Idefics3); "patches" layout (Qwen2-VL): image i's rows of pixel_values, first of its
-    T identical frames, (patches, C, P x P)."""
-    pixel_values = inputs["pixel_values"]
-    if spec(config)["pixels"] == "image":
+    for LLaVA-NeXT and Idefics3); "tiles": image i's tiles (tiles, C, H, W); "patches" layout (Qwen2-VL): image i's
+    rows of pixel_values, first of its T identical frames, (patches, C, P x P)."""
+    pixel_values, layout = inputs["pixel_values"], spec(config)["pixels"]
+    if layout == "image":
         return list(pixel_values)
+    if layout == "tiles":
+        return list(pixel_values.split(image_rows(inputs, config)))
     vision = config.vision_config
-    sizes = inputs["image_grid_thw"].prod(-1).tolist()  # patches per image
     frames = pixel_values.view(pixel_values.shape[0], vision.in_channels, vision.temporal_patch_size, -1)
-    return [rows[:, :, 0] for rows in frames.split(sizes)]
+    return [rows[:, :, 0] for rows in frames.split(image_rows(inputs, config))]
 
 
 def with_image_pixels(inputs, config, pixels):
     """`inputs` with pixel_values rebuilt from `image_pixels`' list (the inverse of image_pixels). Crops that
     were all zeros stay so: they pad a batch's images to the same number of crops, and Idefics3 tells them
     from real crops by their zeros."""
-    if spec(config)["pixels"] == "image":
+    layout = spec(config)["pixels"]
+    if layout == "image":
         new = torch.stack(pixels)
         if new.dim() == 5:  # (B, crops, C, H, W)
             new[(inputs["pixel_values"] == 0).flatten(2).all(-1)] = 0
         return dict(inputs, pixel_values=new)
+    if layout == "tiles":
+        return dict(inputs, pixel_values=torch.cat(pixels))
     frames = config.vision_config.temporal_patch_size
     rows = [p[:, :, None].expand(-1, -1, frames, -1).reshape(p.shape[0], -1) for p in pixels]
     return dict(inputs, pixel_values=torch.cat(rows))
@@ -341,9 +366,9 @@ def encode(processor, image, turns, template):
     rest = torch.tensor(ids[prompt_tokens:], dtype=torch.long)
     example = dict(input_ids=torch.cat([prompt_ids, rest]),
                    labels=torch.tensor([-100] * len(prompt_ids) + labels[prompt_tokens:]))
-    for key, after in TOKEN_KEYS.items():
+    for key in TOKEN_KEYS:
         if key in inputs:
-            example[key] = torch.cat([inputs.pop(key)[0], torch.full_like(rest, after)])
+            example[key] = torch.cat([inputs.pop(key)[0], torch.full_like(rest, after_prompt(processor, key))])
     return dict(example, **inputs)
 
 

@@ -7,6 +7,9 @@ of dpo.py, on a random LLaVA at LLaVA-1.5's proportions: 576 image tokens, ~40 p
     python bench/dpo_step.py --width 1024 --layers 8 --pairs 8  # on a GPU (cuda is used when present, bf16 autocast)
     python bench/dpo_step.py --negatives 1,2,4 --answers 16 --forwards concatenated,shared_prefix --no-memory
                                                               # several rejected answers per pair (paper 3.3)
+    python bench/dpo_step.py --family qwen2_vl --answers 16 --forwards concatenated,shared_prefix --no-memory
+                                                              # at a family's proportions (FAMILY_IMAGE_TOKENS)
+    python bench/dpo_step.py --family qwen2_vl --answers 16,64 --flops-only    # the FLOP ratios alone, in seconds
 
 Variants: concatenated (naive: 2B full sequences), shared_image (vision tower once per pair), shared_prefix
 (one packed sequence per pair), each with the on-the-fly reference (LoRA disabled) and the precomputed one.
@@ -56,6 +59,22 @@ import trainable  # noqa: E402
 import vlm  # noqa: E402
 
 FORWARDS = ("concatenated", "shared_image", "shared_prefix")
+# --family: the image tokens one 448 x 448 image (one question, SeVa's use) becomes in each family's released
+# checkpoints, which is what sets the shared prefix's gain; the model stays the LLaVA-shaped one below with the
+# nearest square number of image tokens (the families' own positions and masks are tested equal to the naive
+# forward in tests/test_families.py; their cost is small beside the tokens).
+FAMILY_IMAGE_TOKENS = {
+    "llava": 576,  # CLIP 336 / 14: 24 x 24, whatever the image
+    "llava_next": 2928,  # about; grid 672 x 672: 2 x 2 crops + the whole image, 5 x 576, + 48 row-end tokens
+    "llava_onevision": 3693,  # about; SigLIP 384 / 14 = 27 x 27 = 729 a crop: 2 x 2 crops + the whole, + 48 row ends
+    "qwen2_vl": 256, "qwen2_5_vl": 256,  # 448 / 14 = 32 x 32 patches, merged 2 x 2
+    "qwen3_vl": 196,  # 448 / 16 = 28 x 28 patches, merged 2 x 2
+    "internvl": 256,  # one 448 tile (an image of one tile's aspect gets no thumbnail): 32 x 32 pixel-shuffled
+    "idefics3": 2873,  # about; resized to 1456 (4 x 364): 4 x 4 crops + the whole image, 17 x 169
+    "smolvlm": 1088,  # about; resized to 2048 (4 x 512): 4 x 4 crops + the whole image, 17 x 64
+    "paligemma": 256,  # the 224 checkpoints: 16 x 16 (448: 1024)
+    "gemma3": 256,  # 896 / 14 = 64 x 64 patches pooled 4 x 4
+}
 REFERENCES = ("adapter", "precomputed")
 
 
@@ -359,7 +378,17 @@ def parse_args(argv=None):
     g.add_argument("--matmul-sizes", default="", help="sides of the squares for the matmul peak, comma-separated "
                                                        "(default: 2048,4096 on CPU, 8192 on CUDA)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    return p.parse_args(argv)
+    g.add_argument("--flops-only", action="store_true",
+                   help="print each variant's FLOPs (the formula above) and their ratio to the naive forward's, "
+                        "timing nothing: machine-independent, unlike the times; seconds to run")
+    g.add_argument("--family", choices=sorted(FAMILY_IMAGE_TOKENS),
+                   help="image tokens per image as this family's (FAMILY_IMAGE_TOKENS; sets --image-size with "
+                        "--patch-size 4); default: --image-size and --patch-size as given")
+    args = p.parse_args(argv)
+    if args.family:
+        args.patch_size = 4
+        args.image_size = 4 * round(FAMILY_IMAGE_TOKENS[args.family] ** 0.5)
+    return args
 
 
 def main(args):
@@ -391,6 +420,20 @@ def main(args):
             print(f"| {answer_tokens} | {rows} x {length} | {with_cache / 2**20:.1f} | {without / 2**20:.1f} | "
                   f"{without / with_cache:.2f} | {expected / 2**20:.1f} | {delta:.1e} |", flush=True)
         sys.exit(0)
+    if args.flops_only:
+        model = build_model(args, device)
+        print(f"image tokens {(args.image_size // args.patch_size) ** 2}"
+              + (f" ({args.family}: {FAMILY_IMAGE_TOKENS[args.family]})" if args.family else "")
+              + f", {args.prompt_tokens} prompt text tokens, {args.pairs} pairs\n"
+              "| answer tokens | forward | reference | GFLOP | x naive |\n|---|---|---|---|---|")
+        for answer_tokens in [int(a) for a in args.answers.split(",")]:
+            batch = make_batch(args, answer_tokens, device)
+            for reference in REFERENCES:
+                naive = step_flops(model, batch, "concatenated", reference)
+                for forward in forwards:
+                    flops = step_flops(model, batch, forward, reference)
+                    print(f"| {answer_tokens} | {forward} | {reference} | {flops / 1e9:.2f} | {flops / naive:.2f} |")
+        sys.exit(0)
     sizes = args.matmul_sizes or ("8192" if device.type == "cuda" else "2048,4096")
     peak = matmul_peak(device, amp_dtype or torch.float32, [int(size) for size in sizes.split(",")])
     model = build_model(args, device)
@@ -399,7 +442,8 @@ def main(args):
     print(f"device {device} ({torch.get_num_threads()} threads), {'bf16 autocast' if amp_dtype else 'fp32'}; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s; model {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
           f"params (language linears {n_base / 1e6:.2f} M + LoRA {n_lora / 1e6:.2f} M), "
-          f"{args.pairs} pairs per step, {args.rounds} rounds", flush=True)
+          f"{args.pairs} pairs per step, {args.rounds} rounds"
+          + (f"; {args.family}'s proportions" if args.family else ""), flush=True)
 
     table = ["| answer tokens | negatives | forward | reference | step s (median) | min s | ms per answer | x naive "
              "| peak MiB | x naive | GFLOP | GFLOP/s | % matmul peak | abs dloss vs naive |", "|---" * 14 + "|"]

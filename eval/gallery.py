@@ -63,8 +63,8 @@ def load_processor(model_dir):
 
 def picture(pixels, processor, config):
     """Normalized pixels back to an RGB image (x * std + mean with the processor's image_mean / image_std,
-    clipped to 0..1), crops side by side; None for the patch layout, which is no image."""
-    if vlm.spec(config)["pixels"] != "image":
+    clipped to 0..1), crops (or tiles) side by side; None for the patch layout, which is no image."""
+    if vlm.spec(config)["pixels"] == "patches":
         return None
     image_processor = processor.image_processor
     mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in

@@ -1,4 +1,4 @@
-"""Porting: SeVa's code paths on tiny random models of five Hugging Face VLM families (tests/families.py),
+"""Porting: SeVa's code paths on tiny random models of ten Hugging Face VLM families (tests/families.py),
 each loaded from a local folder by vlm.load, with nothing family-specific outside vlm.FAMILIES."""
 import json
 import math
@@ -18,11 +18,12 @@ import draft  # noqa: E402
 import dpo  # noqa: E402
 import eval.runner  # noqa: E402
 import lora  # noqa: E402
+import positions  # noqa: E402
 import seva  # noqa: E402
 import train_ddp  # noqa: E402
 import trainable  # noqa: E402
 import vlm  # noqa: E402
-from generate import generate, generate_tokens  # noqa: E402
+from generate import generate, generate_tokens, score_answers  # noqa: E402
 
 QUESTIONS = ["What colour is the square?", "How many objects are there in the image?", "Is there a red circle?",
              "What shape is it?", "What word is written on the image?"]
@@ -37,10 +38,11 @@ def sharpen(model, seed=0):
     """Random weights large enough that a tiny model's answers depend on the image and the question (at the
     builders' small initialisation every answer is the same, and equal answers would prove little)."""
     torch.manual_seed(seed)
+    std = 0.05 if model.config.model_type == "gemma3" else 0.3  # Gemma scales its embeddings by sqrt(width)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0, 0.3)
+                p.normal_(0, std)
     return model
 
 
@@ -95,6 +97,25 @@ def test_prompts_read_a_few_at_a_time_give_the_same_answers(family):
     assert state["cache"].get_seq_length() == whole["cache"].get_seq_length() == state["input_ids"].shape[1]
 
 
+def test_reference_scores_from_the_generation_equal_the_naive_forward(family):
+    """seva.py --reference-logps: answers scored on the prompts' KV cache (the greedy one from its own generation,
+    others teacher-forced at the positions after the prompt, positions.next_positions) equal training's naive
+    forward on the same pairs (Gemma 3's sliding window of 8 tokens included: its prompts are ~30)."""
+    name, model, processor = family
+    sharpen(model)
+    answers, ids, state = generate_tokens(model, processor, images()[:3], QUESTIONS[:3], max_new_tokens=4,
+                                         batch_size=3, keep_state=True)
+    others = ["a red circle", "two", "no"]
+    scored = score_answers(model, processor, state, images()[:3], QUESTIONS[:3],
+                           [[a, o] for a, o in zip(answers, others)], ids)
+    encoded = [collate.encode_pair(processor, image, q, a, o, vlm.resolve_template(model))
+               for image, q, a, o in zip(images(), QUESTIONS, answers, others)]
+    with torch.no_grad():
+        chosen, rejected = dpo.concatenated_forward(model, collate.collate_pairs(encoded, processor.tokenizer.pad_token_id))
+    assert [v for pair in scored for v in pair] == pytest.approx(
+        [v for pair in zip(chosen.tolist(), rejected.tolist()) for v in pair], abs=1e-4)
+
+
 def test_prompt_mask_covers_exactly_the_answer(family):
     name, model, processor = family
     template, image, question = vlm.resolve_template(model), families.image(0), QUESTIONS[1]
@@ -110,11 +131,13 @@ def test_prompt_mask_covers_exactly_the_answer(family):
     assert torch.equal(example["labels"][n:], answer)
     assert answer[-1] == processor.tokenizer.eos_token_id
     assert processor.tokenizer.decode(answer, skip_special_tokens=True).strip() == "two red squares"
-    for key, after in vlm.TOKEN_KEYS.items():  # per-token tensors: the processor's on the prompt, then `after`
+    for key in vlm.TOKEN_KEYS:  # per-token tensors: the processor's on the prompt, then the suffix's value
         assert (key in example) == (key in prompt)
         if key in example:
+            after = vlm.after_prompt(processor, key)
             assert torch.equal(example[key][:n], prompt[key][0]) and (example[key][n:] == after).all()
-    assert ("token_type_ids" in example) == (name == "paligemma")  # its prefix-LM mask needs them
+    assert ("token_type_ids" in example) == (name in ("paligemma", "gemma3"))  # their masks need them
+    assert vlm.after_prompt(processor, "token_type_ids") == (1 if name == "paligemma" else 0)  # 1: PaliGemma's suffix
 
 
 def test_lora_targets_land_on_every_language_model_linear_and_nowhere_else(family):
@@ -186,7 +209,7 @@ def test_diffusion_noise_lands_on_each_image_of_the_family_layout(family):
     name, model, processor = family
     config, prompt = model.config, vlm.prompt_text(processor, QUESTIONS[0], vlm.resolve_template(model))
     small, large = images()[0], images()[2]  # different sizes: the large one may have more crops or patches
-    both = processor(images=[small, large], text=[prompt] * 2, padding=True, return_tensors="pt")
+    both = processor(images=[[small], [large]], text=[prompt] * 2, padding=True, return_tensors="pt")
     alone = processor(images=[large], text=[prompt], return_tensors="pt")
     pixels = vlm.image_pixels(both, config)
     assert len(pixels) == 2 and same_image(vlm.image_pixels(alone, config)[0], pixels[1])  # image 1's own

@@ -1,4 +1,4 @@
-"""The five tiny families of tests/families.py: each builds, reloads from its folder with the Auto classes,
+"""The tiny families of tests/families.py: each builds, reloads from its folder with the Auto classes,
 renders its generation prompt, runs a forward pass and a left-padded batched greedy generation."""
 import os
 import sys
@@ -49,7 +49,7 @@ def test_family(family, tmp_path):
     tokenizer.padding_side = "left"
     prompts = [prompt, processor.apply_chat_template(conversation("How many objects are there in the image?"),
                                                      add_generation_prompt=True, tokenize=False)]
-    batch = processor(images=[families.image(1), families.image(2)], text=prompts, padding=True,
+    batch = processor(images=[[families.image(1)], [families.image(2)]], text=prompts, padding=True,
                       return_tensors="pt")
     batch.pop("labels", None)
     assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()
