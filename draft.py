@@ -30,15 +30,20 @@ from generate import prefilled
 
 
 def can_draft(model):
-    """Whether drafted decoding can serve this model's family (vlm.FAMILIES prefill_rows)."""
-    return vlm.spec(vlm.unwrap(model).config)["prefill_rows"]
+    """Whether drafted decoding can serve this model's family: prompts read a few rows at a time (vlm.FAMILIES
+    prefill_rows), 1D positions from 0 and causal attention, since the draft continues the prompt's KV cache with
+    positions and a mask of its own."""
+    spec = vlm.spec(vlm.unwrap(model).config)
+    return (spec["prefill_rows"] and spec["positions"] == "1d" and spec["first_position"] == 0
+            and spec["attention"] == "causal")
 
 
 def prompt_inputs(model, processor, images, questions, template, pixel_transform=None, indices=None):
     """The model inputs of a batch of prompts as generate.py builds them: left-padded, pixels transformed
     (pixel_transform(pixels, indices)), on the model's device."""
     prompts = [vlm.prompt_text(processor, question, template) for question in questions]
-    inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    inputs = processor(images=[[image] for image in images], text=prompts, padding=True, padding_side="left",
+                       return_tensors="pt")  # one image per prompt, nested as generate.py passes them
     inputs.pop("labels", None)
     if pixel_transform is not None:
         inputs = vlm.with_image_pixels(inputs, model.config,
@@ -63,7 +68,7 @@ def drafted_generate(model, processor, images, questions, drafts, template=None,
         decoding takes one per token)."""
     if not can_draft(model):
         raise ValueError(f"drafted decoding: {vlm.family_of(vlm.unwrap(model).config)}'s prompts cannot be continued "
-                         f"with 1D positions (vlm.FAMILIES prefill_rows); generate without drafts")
+                         f"with 1D positions and a causal mask (draft.can_draft); generate without drafts")
     if not len(images) == len(questions) == len(drafts):
         raise ValueError(f"{len(images)} images, {len(questions)} questions, {len(drafts)} drafts")
     template = vlm.resolve_template(model, template)

@@ -213,7 +213,7 @@ def generate_beam(model, processor, images, questions, template=None, num_beams=
     for start in tqdm(range(0, len(images), batch_size), desc="beam search", disable=not progress):
         indices = list(range(start, min(start + batch_size, len(images))))
         prompts = [vlm.prompt_text(processor, questions[i], template) for i in indices]
-        inputs = processor(images=[images[i] for i in indices], text=prompts, padding=True, padding_side="left",
+        inputs = processor(images=[[images[i]] for i in indices], text=prompts, padding=True, padding_side="left",
                            return_tensors="pt")
         inputs.pop("labels", None)
         if pixel_transform is not None:

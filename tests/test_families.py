@@ -285,7 +285,7 @@ def test_chat_turns_that_do_not_end_in_eos_keep_the_template_text():
 def test_drafted_rejected_answers_leave_the_pairs_file_unchanged(family, tmp_path, negatives, monkeypatch):
     """seva.py's rejected answers drafted by the chosen ones (the default, draft.py) or decoded one token per forward
     (--no-draft): the same pairs file byte for byte, with one negative and with three. The families that cannot
-    draft (vlm.FAMILIES prefill_rows) decode plainly either way."""
+    draft (draft.can_draft: 1D positions, a causal mask) decode plainly either way."""
     _, model, processor = family
     folder = str(tmp_path / "model")
     sharpen(model).save_pretrained(folder)
@@ -309,4 +309,4 @@ def test_drafted_rejected_answers_leave_the_pairs_file_unchanged(family, tmp_pat
         files[len(setting)] = open(out, "rb").read()
     assert files[0] == files[1]
     assert negatives or 0 < summary["pairs"] < summary["answered"]  # some rejected answers equal their draft, some not
-    assert bool(drafted_batches) == vlm.spec(model.config)["prefill_rows"]  # drafted where the family allows
+    assert bool(drafted_batches) == draft.can_draft(model)  # drafted where the family allows
