@@ -204,7 +204,7 @@ def evaluate(model, processor, model_id, path, image_folder, out_dir, circular=F
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     runner.add_model_args(p, max_new_tokens=16)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True,

@@ -187,7 +187,7 @@ def evaluate(model, processor, model_id, shr_dir, vg_dir, out_dir, judge=None, r
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = runner.add_model_args(p, max_new_tokens=512, batch_size=8)
     g.add_argument("--num-beams", type=int, default=NUM_BEAMS,
                    help=f"beams of the descriptions' beam search (default {NUM_BEAMS}, HA-DPO's published LLaVA-1.5 "
