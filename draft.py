@@ -26,7 +26,7 @@ prefill_rows: LLaVA, LLaVA-NeXT, Idefics3); `can_draft` says.
 import torch
 
 import vlm
-from generate import prefilled
+from generate import prefilled, prompt_inputs
 
 
 def can_draft(model):
@@ -36,22 +36,6 @@ def can_draft(model):
     spec = vlm.spec(vlm.unwrap(model).config)
     return (spec["prefill_rows"] and spec["positions"] == "1d" and spec["first_position"] == 0
             and spec["attention"] == "causal")
-
-
-def prompt_inputs(model, processor, images, questions, template, pixel_transform=None, indices=None):
-    """The model inputs of a batch of prompts as generate.py builds them: left-padded, pixels transformed
-    (pixel_transform(pixels, indices)), on the model's device."""
-    prompts = [vlm.prompt_text(processor, question, template) for question in questions]
-    inputs = processor(images=[[image] for image in images], text=prompts, padding=True, padding_side="left",
-                       return_tensors="pt")  # one image per prompt, nested as generate.py passes them
-    inputs.pop("labels", None)
-    if pixel_transform is not None:
-        inputs = vlm.with_image_pixels(inputs, model.config,
-                                       pixel_transform(vlm.image_pixels(inputs, model.config), indices))
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return inputs
 
 
 @torch.no_grad()

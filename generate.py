@@ -21,6 +21,24 @@ import positions
 import vlm
 
 
+def prompt_inputs(model, processor, images, questions, template, pixel_transform=None, indices=None):
+    """The model inputs of a batch of prompts, one image each: left-padded (generation appends on the right; for
+    this call only, the processor is the caller's), one list of images per prompt (Gemma 3's and SmolVLM's
+    processors take no flat list), the pixels transformed on each image's own pixels whatever the family's tensor
+    layout (pixel_transform(pixels, indices)), on the model's device in its dtype."""
+    prompts = [vlm.prompt_text(processor, question, template) for question in questions]
+    inputs = processor(images=[[image] for image in images], text=prompts, padding=True, padding_side="left",
+                       return_tensors="pt")
+    inputs.pop("labels", None)  # PaliGemma's processor returns labels too: none on a prompt
+    if pixel_transform is not None:
+        inputs = vlm.with_image_pixels(inputs, model.config,
+                                       pixel_transform(vlm.image_pixels(inputs, model.config), indices))
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
 def generate(model, processor, images, questions, template=None, max_new_tokens=16, batch_size=8,
              pixel_transform=None, progress=False, prefill_batch=None):
     """Greedy-decode one answer per (image, question); returns the answers as strings.
@@ -59,23 +77,13 @@ def generate_tokens(model, processor, images, questions, template=None, max_new_
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     tokenizer = processor.tokenizer
-    device = next(model.parameters()).device
     template = vlm.resolve_template(model, template)
     answers, answer_ids = [], []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
         indices = list(range(start, min(start + batch_size, len(images))))
-        prompts = [vlm.prompt_text(processor, questions[i], template) for i in indices]
-        # generation appends on the right, so pad on the left (for this call only: the processor is the caller's)
-        # one list of images per prompt (Gemma 3's and SmolVLM's processors take no flat list)
-        inputs = processor(images=[[images[i]] for i in indices], text=prompts, padding=True, padding_side="left",
-                           return_tensors="pt")
-        inputs.pop("labels", None)  # PaliGemma's processor returns labels too: none on a prompt
-        if pixel_transform is not None:  # on each image's own pixels, whatever the family's tensor layout
-            inputs = vlm.with_image_pixels(inputs, model.config,
-                                           pixel_transform(vlm.image_pixels(inputs, model.config), indices))
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = prompt_inputs(model, processor, [images[i] for i in indices], [questions[i] for i in indices],
+                               template, pixel_transform, indices)
         if prefill_batch and prefill_batch < len(indices):
             inputs = prefilled(model, inputs, prefill_batch)
         elif keep_state and positions.sliding_window(model):  # a cache of every position, which can be cut back
@@ -207,20 +215,12 @@ def generate_beam(model, processor, images, questions, template=None, num_beams=
         raise ValueError(f"generate_beam: {model.config.model_type}'s positions or attention are not the attention "
                          f"mask's (vlm.FAMILIES); use model.generate(num_beams=...) for this family")
     tokenizer = processor.tokenizer
-    device = next(model.parameters()).device
     template = vlm.resolve_template(model, template)
     answers = []
     for start in tqdm(range(0, len(images), batch_size), desc="beam search", disable=not progress):
         indices = list(range(start, min(start + batch_size, len(images))))
-        prompts = [vlm.prompt_text(processor, questions[i], template) for i in indices]
-        inputs = processor(images=[[images[i]] for i in indices], text=prompts, padding=True, padding_side="left",
-                           return_tensors="pt")
-        inputs.pop("labels", None)
-        if pixel_transform is not None:
-            inputs = vlm.with_image_pixels(inputs, model.config,
-                                           pixel_transform(vlm.image_pixels(inputs, model.config), indices))
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = prompt_inputs(model, processor, [images[i] for i in indices], [questions[i] for i in indices],
+                               template, pixel_transform, indices)
         ids = beam_search(model, inputs, num_beams, max_new_tokens, tokenizer.eos_token_id, length_penalty)
         answers += [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return answers
