@@ -345,10 +345,10 @@ def run_main(main, name, errors=(ValueError, OSError, FloatingPointError)):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help with the script's docstring as written and every flag's default beside its help ("(default: 8)"),
     the paper's value staying in the help text. Switches (on/off flags), and flags whose default is empty or
-    depends on another (None), say so in their own help."""
+    depends on another (None), say so in their own help, as do flags whose help already names its default."""
 
     def _get_help_string(self, action):
-        if action.default in (None, "", []) or isinstance(action.default, bool):
+        if action.default in (None, "", []) or isinstance(action.default, bool) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

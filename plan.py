@@ -300,10 +300,10 @@ def add_arguments(parser):
     """The flags that stand for the machine under --plan (train_ddp.py and seva.py)."""
     g = parser.add_argument_group("plan (print what the run will cost, then exit; reads config.json only)")
     g.add_argument("--plan", action="store_true", help="print memory per GPU, FLOPs and run time, and exit")
-    g.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per machine the run will use (default 1)")
-    g.add_argument("--nnodes", type=int, default=1, help="machines the run will use (default 1)")
-    g.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80: A100/H100-80GB; H200: 141)")
+    g.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per machine the run will use")
+    g.add_argument("--nnodes", type=int, default=1, help="machines the run will use")
+    g.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (80: A100/H100-80GB; H200: 141)")
     g.add_argument("--mfu", type=float, default=0.3,
-                   help="model-FLOPs utilisation assumed for the run time (default 0.3: as LoRA-DPO with gradient "
+                   help="model-FLOPs utilisation assumed for the run time (0.3: as LoRA-DPO with gradient "
                         "checkpointing recomputes a forward (a third more work than the model FLOPs) on dense "
                         "7B training that reaches ~0.4 of the bf16 peak)")
