@@ -129,15 +129,23 @@ def test_judged_answers_with_unknown_ids_are_refused_before_judging(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one owner per output
-def test_a_second_owner_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
-    out = str(tmp_path / "run")
+def lock_holder(out):
+    """Another process holding OUT's lock (it has printed that it holds it); the caller kills it."""
     holder = ("import sys, time, runcontrol\n"
               "lock = runcontrol.OutputLock(sys.argv[1]).acquire()\n"
               "print('held', flush=True)\n"
               "time.sleep(60)\n")
     other = subprocess.Popen([sys.executable, "-c", holder, out], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    if other.stdout.readline().strip() != "held":
+        other.kill()
+        pytest.fail("the other process could not take the lock")
+    return other
+
+
+def test_a_second_owner_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    other = lock_holder(out)
     try:
-        assert other.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=f"run.lock: this output is in use by pid {other.pid} on "):
             runcontrol.OutputLock(out).acquire()
     finally:
@@ -420,13 +428,8 @@ def test_seva_and_eval_refuse_a_second_owner(toy_world, tmp_path, script):
     import seva
     from eval import pope
     out = str(tmp_path / ("pairs.jsonl" if script == "seva" else "pope"))
-    holder = ("import sys, time, runcontrol\n"
-              "lock = runcontrol.OutputLock(sys.argv[1]).acquire()\n"
-              "print('held', flush=True)\n"
-              "time.sleep(60)\n")
-    other = subprocess.Popen([sys.executable, "-c", holder, out], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    other = lock_holder(out)
     try:
-        assert other.stdout.readline().strip() == "held"
         model = ["--model", os.path.join(toy_world, "model-sft"), "--image-folder", os.path.join(toy_world, "images")]
         main = (lambda: seva.main(model + ["--data", os.path.join(toy_world, "pool.json"), "--out", out])) \
             if script == "seva" else (lambda: pope.main(model + ["--pope-dir", os.path.join(toy_world, "pope"),
