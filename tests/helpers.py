@@ -1,10 +1,12 @@
 """Small helpers the tests share that the library itself does not need."""
 import json
+import os
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import lora
+import vlm
 
 
 def lora_parameters(model):
@@ -73,3 +75,16 @@ def read_lines(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
+
+def pool_questions(toy_world):
+    """(model, processor, images, questions): every turn of the toy world's first 4 pool records, the second
+    question made much longer than the rest, so a batch of them needs left padding."""
+    model, processor = vlm.load(os.path.join(toy_world, "model-sft"))
+    images, questions = [], []
+    for record in json.load(open(os.path.join(toy_world, "pool.json")))[:4]:
+        image = vlm.load_image(os.path.join(toy_world, "images", record["image"]))
+        for human in record["conversations"][0::2]:
+            images.append(image)
+            questions.append(human["value"].replace("<image>", "").strip())
+    questions[1] += " Look at the whole image, then answer in one word."
+    return model.eval(), processor, images, questions

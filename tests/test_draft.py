@@ -1,30 +1,20 @@
 """draft.py: greedy decoding with a draft gives plain greedy decoding's answers token for token, whatever the
 draft (right, partly right, wrong, too long, ending early), in batches with left padding; a right draft costs one
 forward per answer."""
-import json
-import os
 
 import pytest
 import torch
 
 import diffusion
 import draft
-import vlm
 from generate import generate_tokens
+from helpers import pool_questions
 
 
 @pytest.fixture(scope="module")
 def setting(toy_world, one_thread):
     """(model, processor, images, questions): two turns of the first pool records, prompt lengths differing."""
-    model, processor = vlm.load(os.path.join(toy_world, "model-sft"))
-    images, questions = [], []
-    for record in json.load(open(os.path.join(toy_world, "pool.json")))[:4]:
-        image = vlm.load_image(os.path.join(toy_world, "images", record["image"]))
-        for human in record["conversations"][0::2]:
-            images.append(image)
-            questions.append(human["value"].replace("<image>", "").strip())
-    questions[1] += " Look at the whole image, then answer in one word."  # left padding in the first batch
-    return model.eval(), processor, images, questions
+    return pool_questions(toy_world)
 
 
 def noise(count):

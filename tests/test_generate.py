@@ -1,6 +1,4 @@
 """generate.py: batched answers equal batch-size-1 answers token for token; the two templates agree."""
-import json
-import os
 
 import pytest
 import torch
@@ -8,20 +6,13 @@ import torch
 import diffusion
 import vlm
 from generate import generate, generate_tokens
+from helpers import pool_questions
 
 
 @pytest.fixture(scope="module")
 def questions(toy_world):
     """(model, processor, images, questions): every turn of the first pool records, lengths differing."""
-    model, processor = vlm.load(os.path.join(toy_world, "model-sft"))
-    images, questions = [], []
-    for record in json.load(open(os.path.join(toy_world, "pool.json")))[:4]:
-        image = vlm.load_image(os.path.join(toy_world, "images", record["image"]))
-        for human in record["conversations"][0::2]:
-            images.append(image)
-            questions.append(human["value"].replace("<image>", "").strip())
-    questions[1] += " Look at the whole image, then answer in one word."  # a much longer prompt in batch 1
-    return model, processor, images, questions
+    return pool_questions(toy_world)
 
 
 def prompt_lengths(processor, questions):
