@@ -30,6 +30,7 @@ from PIL import Image
 
 import common
 from toyworld import datafiles as toydata
+from toyworld import priors as toypriors
 from toyworld import scenes as toyscenes
 import vlm
 
@@ -62,6 +63,24 @@ BANDS = {
 }
 
 
+# The prior stage's bands (toyworld/priors.py), fixed before any SeVa run on it (study/protocol.md): the open
+# stage's CHAIR and Cover bands, and the prior's own on the broken images' descriptions (eval/priors.py).
+PRIOR_BANDS = {
+    "captions and descriptions: CHAIR_i 10-40%": BANDS["captions and descriptions: CHAIR_i 10-40%"],
+    "captions and descriptions: Cover 50-90%": BANDS["captions and descriptions: Cover 50-90%"],
+    "the SFT model names an absent partner in 15-50% of its descriptions of prior-broken images": lambda r: _band(
+        [("named", r["prior"]["broken descriptions"]["partner_rate"])],
+        0.15 <= r["prior"]["broken descriptions"]["partner_rate"] <= 0.50),
+    "VCD's premise: noise at step 500 raises that share by at least 5 points": lambda r: _band(
+        [("change", r["prior_noise500"]["broken descriptions"]["partner_rate"]
+          - r["prior"]["broken descriptions"]["partner_rate"])],
+        r["prior_noise500"]["broken descriptions"]["partner_rate"]
+        >= r["prior"]["broken descriptions"]["partner_rate"] + 0.05, sign="+"),
+    "noise at step 500 changes at least 30% of the pool's captions and descriptions":
+        BANDS["noise at step 500 changes at least 30% of the pool's captions and descriptions"],
+}
+
+
 # ----------------------------------------------------------------------------- the model
 def build_model(out, scenes, args):
     """toy/model-init: tokenizer, processor and a random LLaVA whose vision tower is pretrained (stage 0)."""
@@ -77,7 +96,7 @@ def build_model(out, scenes, args):
     names = sorted(r["image"] for r in sft)
     pixels = processor.image_processor([Image.open(os.path.join(out, "images", n)) for n in names],
                                        return_tensors="pt")["pixel_values"]
-    targets, classes = toyscenes.vision_targets(scenes, names, args.patch_size, present=args.stage == "open")
+    targets, classes = toyscenes.vision_targets(scenes, names, args.patch_size, present=args.stage != "closed")
     loss = toymodel.pretrain_vision(model, pixels, targets, classes, args.vision_steps, 64, 2e-3, args.seed)
     print(f"stage 0: vision tower pretrained, probe loss {loss:.3f}")
     checkpoint.save_model_atomic(model, processor, os.path.join(out, "model-init"))
@@ -124,7 +143,7 @@ def majority(records):
 
 def measure_open(out, args):
     """The open stage's report: every band's quantity, measured on the SFT model's answers (toy/report/)."""
-    from eval import hallucination, pope, runner, toyvqa
+    from eval import hallucination, pope, priors, runner, toyvqa
     images, answers_dir = os.path.join(out, "images"), os.path.join(out, "report")
     model, processor = runner.load_model(os.path.join(out, "model-sft"))
     decoding = dict(max_new_tokens=96, batch_size=64, weights=runner.fingerprint(os.path.join(out, "model-sft")))
@@ -144,8 +163,12 @@ def measure_open(out, args):
     noisy = runner.answer_questions(model, processor, questions, os.path.join(answers_dir, "pool-noise500.jsonl"),
                                     "sft", images, noise_step=500, seed=args.seed, **decoding)
     report["noise500_changed"] = toyvqa.change_rate(clean, noisy)
+    if args.stage == "prior":  # the prior's share on clean and noisy images (eval/priors.py)
+        found = {name: priors.evaluate(model, processor, "sft", out, answers_dir, step, args.seed, **decoding)
+                 for name, step in (("prior", None), ("prior_noise500", 500))}
+        report.update(found)
     report["bands"] = {}
-    for name, check in BANDS.items():
+    for name, check in (PRIOR_BANDS if args.stage == "prior" else BANDS).items():
         measured, ok = check(report)
         report["bands"][name] = dict(measured=measured, ok=bool(ok))
     return report
@@ -182,6 +205,10 @@ def print_report(report, stage):
               f"SHR-like {m['shr']:.2f}, {m['words']:.1f} words, {m['unparsed']} unparsed sentences")
     print("sentence answers right: " + ", ".join(f"{k} {v:.2f}" for k, v in report["open"]["sentence"].items()))
     print(f"pool captions and descriptions changed by noise at step 500: {report['noise500_changed']:.1%}")
+    if "prior" in report:
+        from eval import priors
+        for name in ("prior", "prior_noise500"):
+            print(f"{name} (eval/priors.py, percent):\n" + priors.format_table(report[name]))
     for name, band in report["bands"].items():
         print(f"  band {name}: {band['measured']}: {'ok' if band['ok'] else 'OUT OF BAND'}")
 
@@ -202,19 +229,20 @@ def build(args):
             timings[name] = time.time() - began
 
     def data():
-        if args.stage == "open":
+        if args.stage in ("open", "prior"):
             sizes = dict(sft=args.sft_images, shares=args.subset_shares, pool=args.pool_size, unseen=args.unseen_images,
                          val=dict(short=args.val_images, sentence=args.val_images // 2,
                                   caption=args.val_images // 4, description=args.val_images // 4),
-                         pope=args.pope_images)
-            print("data:", toydata.build_open(out, args.seed, sizes))
+                         pope=args.pope_images, prior=args.prior_images)
+            pairs = toypriors.partner_pairs(args.seed) if args.stage == "prior" else None
+            print("data:", toydata.build_open(out, args.seed, sizes, pairs))
         else:
             sizes = dict(sft=args.sft_images, unseen=args.unseen_images, val=args.val_images, pope=args.pope_images,
                          pool=args.pool_size)
             print("data:", toydata.build_closed(out, args.seed, sizes))
 
     def measure():
-        report = measure_open(out, args) if args.stage == "open" else measure_closed(out, args)
+        report = measure_closed(out, args) if args.stage == "closed" else measure_open(out, args)
         toydata.write_json(report, report_path)
 
     exists = lambda name: os.path.exists(os.path.join(out, name))
@@ -239,6 +267,11 @@ STAGE_DEFAULTS = {
                  subset_shares=(0.25, 0.15, 0.35, 0.25), vocab_size=1000, width=128, vision_layers=3,
                  text_layers=2, patch_size=16, vision_steps=800, pretrain_epochs=4, sft_epochs=3, sft_batch_size=64,
                  sft_lr=1e-3, noise_check=100, train_vision=0),
+    # the prior stage: the open stage's, its scenes drawn with partners (toyworld/priors.py)
+    "prior": dict(sft_images=4000, pool_size=600, unseen_images=600, val_images=400, pope_images=60,
+                  subset_shares=(0.25, 0.15, 0.35, 0.25), vocab_size=1000, width=128, vision_layers=3,
+                  text_layers=2, patch_size=16, vision_steps=800, pretrain_epochs=4, sft_epochs=3, sft_batch_size=64,
+                  sft_lr=1e-3, noise_check=100, train_vision=0, prior_images=100),
     "closed": dict(sft_images=6000, pool_size=1000, unseen_images=1000, val_images=800, pope_images=100,
                    subset_shares=None, vocab_size=1000, width=128, vision_layers=3, text_layers=2, patch_size=8,
                    vision_steps=800, pretrain_epochs=0, sft_epochs=6, sft_batch_size=64, sft_lr=1e-3,
@@ -250,8 +283,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--out", default="toy", help="folder to write the toy world to")
     p.add_argument("--stage", default="open", choices=list(STAGE_DEFAULTS),
-                   help="open: LLaVA-665k's shape, captions and descriptions (the default); closed: the first toy world "
-                        "of one-word answers (ablations/report.md)")
+                   help="open: LLaVA-665k's shape, captions and descriptions (the default); prior: the same with "
+                        "language priors, each object kind with a partner beside it (toyworld/priors.py); closed: the "
+                        "first toy world of one-word answers (ablations/report.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--force", action="store_true", help="rebuild every part, even finished ones")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -264,6 +298,8 @@ def parse_args(argv=None):
     g.add_argument("--unseen-images", type=int, help="open: per subset (600); closed: in all (1000)")
     g.add_argument("--val-images", type=int, help="held-out short-answer images; open: half as many sentence "
                                                   "questions, a quarter captions, a quarter descriptions (400)")
+    g.add_argument("--prior-images", type=int, help="prior: held-out images per kind of answer (caption, "
+                                                    "description) and of image (broken, kept) (100)")
     g.add_argument("--pope-images", type=int, help="POPE images (6 questions each, per split) (open: 60; closed: 100)")
     g = p.add_argument_group("model and training (defaults: the stage's)")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (1000)")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import common
 from toyworld import grammar as toygrammar
+from toyworld import priors
 from toyworld import scenes as toyscenes
 import vlm
 from toyworld.grammar import COLOURS, SHAPES
@@ -167,12 +168,13 @@ def val_record(kind, name, scene, rng, index):
 
 
 # ----------------------------------------------------------------------------- POPE
-def pope_questions(scene, split, rng, popularity):
+def pope_questions(scene, split, rng, popularity, partner=None):
     """POPE (Li et al. 2023): 3 questions about present objects, 3 about absent ones.
 
     Objects are (colour, shape) pairs. Negatives: random (any absent pair), popular (the most frequent
     pairs of the SFT data), adversarial (pairs that share a colour or a shape with a present object, the
-    toy world's analogue of frequently co-occurring objects).
+    toy world's analogue of frequently co-occurring objects; on the prior stage, with partner {kind: partner},
+    the absent partners of the present objects, POPE's co-occurring objects themselves).
     """
     present = [(o["colour"], o["shape"]) for o in scene["objects"]]
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
@@ -180,6 +182,9 @@ def pope_questions(scene, split, rng, popularity):
         negatives = rng.sample(absent, 3)
     elif split == "popular":
         negatives = sorted(absent, key=lambda pair: -popularity[pair])[:3]
+    elif split == "adversarial" and partner:  # the prior stage's: the absent partners of present objects first
+        negatives = sorted({partner[q] for q in present} - set(present))[:3]
+        negatives += rng.sample([p for p in absent if p not in negatives], 3 - len(negatives))
     elif split == "adversarial":
         near = [p for p in absent if any(p[0] == q[0] or p[1] == q[1] for q in present)]
         negatives = rng.sample(near, min(3, len(near)))
@@ -191,8 +196,8 @@ def pope_questions(scene, split, rng, popularity):
            [(f"Is there a {c} {s} in the image?", "no") for c, s in negatives]
 
 
-def pope_files(out, seed, scenes, pope_images, sft_images):
-    """toy/pope/{split}.jsonl; popularity counted over the SFT images."""
+def pope_files(out, seed, scenes, pope_images, sft_images, partner=None):
+    """toy/pope/{split}.jsonl; popularity counted over the SFT images; partner: the prior stage's pairing."""
     popularity = {(c, s): 0 for c in COLOURS for s in SHAPES}
     for name in sft_images:
         for o in scenes[name]["objects"]:
@@ -201,7 +206,7 @@ def pope_files(out, seed, scenes, pope_images, sft_images):
         rows = []
         for name in pope_images:
             rng = random.Random(f"{seed}/pope/{split}/{name}")
-            for text, label in pope_questions(scenes[name], split, rng, popularity):
+            for text, label in pope_questions(scenes[name], split, rng, popularity, partner):
                 rows.append({"question_id": len(rows), "image": name, "text": text, "label": label})
         write_json(rows, os.path.join(out, "pope", f"{split}.jsonl"), jsonl=True)
 
@@ -216,20 +221,25 @@ def write_json(obj, path, jsonl=False):
     common.write_atomic(path, [json.dumps(row) for row in obj] if jsonl else [json.dumps(obj, indent=1)])
 
 
-def draw(out, scenes, name, rng, word=None, distinct=0):
-    """A new scene for image `name` (with at least `distinct` different objects), rendered and recorded."""
-    scene = toyscenes.make_scene(rng, word)
+def draw(out, scenes, name, rng, word=None, distinct=0, make=toyscenes.make_scene):
+    """A new scene for image `name` (with at least `distinct` different objects), rendered and recorded.
+    make(rng, word): the stage's scene maker (the prior stage's draws pairs of partners)."""
+    scene = make(rng, word)
     while len({(o["colour"], o["shape"]) for o in scene["objects"]}) < distinct:
-        scene = toyscenes.make_scene(rng, word)
+        scene = make(rng, word)
     os.makedirs(os.path.dirname(os.path.join(out, "images", name)), exist_ok=True)
     toyscenes.render(scene).save(os.path.join(out, "images", name))
     scenes[name] = scene
     return scene
 
 
-def build_open(out, seed, sizes):
+def build_open(out, seed, sizes, pairs=None):
     """The open stage's images and files; sizes: sft (images), shares (per subset), pool and unseen (records
-    per subset), val (per benchmark), pope (images). Returns a summary."""
+    per subset), val (per benchmark), pope (images), prior (the prior stage's held-out images per kind of answer
+    and of image). pairs: the prior stage's partner pairs (toyworld/priors.py), None for the open stage. Returns
+    a summary."""
+    make = toyscenes.make_scene if pairs is None else (
+        lambda rng, word: priors.make_prior_scene(rng, pairs, "train", word))
     scenes, sft, unseen = {}, [], []
     order = list(range(sizes["sft"]))
     random.Random(f"{seed}/subsets").shuffle(order)
@@ -241,26 +251,33 @@ def build_open(out, seed, sizes):
         subset = SUBSETS[next(k for k, bound in enumerate(bounds) if rank < bound)]
         rng = scene_rng(seed, "sft", index)
         name = f"{subset}/{index:06d}.png"
-        scene = draw(out, scenes, name, rng, word=subset in ("textvqa", "ocr_vqa") or None)
+        scene = draw(out, scenes, name, rng, word=subset in ("textvqa", "ocr_vqa") or None, make=make)
         sft.append(dict(id=f"{subset}-{index:06d}", image=name, **subset_record(subset, scene, rng)))
     sft.sort(key=lambda r: r["id"])
     for subset in SUBSETS:  # images the model never saw, in the same subset folders
         for index in range(sizes["unseen"]):
             rng = scene_rng(seed, f"unseen/{subset}", index)
             name = f"{subset}/unseen-{index:06d}.png"
-            scene = draw(out, scenes, name, rng, word=subset in ("textvqa", "ocr_vqa") or None)
+            scene = draw(out, scenes, name, rng, word=subset in ("textvqa", "ocr_vqa") or None, make=make)
             unseen.append(dict(id=f"{subset}-unseen-{index:06d}", image=name, **subset_record(subset, scene, rng)))
     pool_rng = random.Random(f"{seed}/pool")
     pool = []  # paper 4.1: the pool is drawn from the SFT data, its answers never used to make pairs
     for subset in SUBSETS:
         records = [r for r in sft if r["image"].startswith(subset + "/")]
         pool += pool_rng.sample(records, min(sizes["pool"], len(records)))
-    val = val_splits(out, seed, sizes["val"], scenes)
+    val = val_splits(out, seed, sizes["val"], scenes, make)
     pope = [f"pope/{index:06d}.png" for index in range(sizes["pope"])]
     for index, name in enumerate(pope):  # POPE images hold 3 distinct objects, so 3 positives exist
-        draw(out, scenes, name, scene_rng(seed, "pope", index), distinct=3)
+        if pairs is None:
+            draw(out, scenes, name, scene_rng(seed, "pope", index), distinct=3)
+        else:  # the prior stage's: 2 lone objects, so their partners are absent (its adversarial negatives)
+            draw(out, scenes, name, scene_rng(seed, "pope", index), distinct=2,
+                 make=lambda rng, word: priors.make_prior_scene(rng, pairs, "broken", word))
     os.makedirs(os.path.join(out, "pope"), exist_ok=True)
-    pope_files(out, seed, scenes, pope, [r["image"] for r in sft])
+    pope_files(out, seed, scenes, pope, [r["image"] for r in sft], None if pairs is None else priors.partner_of(pairs))
+    if pairs is not None:
+        write_json(prior_val(out, seed, sizes["prior"], scenes, pairs), os.path.join(out, "val-prior.json"))
+        write_json([list(map(list, p)) for p in pairs], os.path.join(out, "partners.json"))
     # LLaVA's stage 1 (feature alignment) data, LCS-558K's analogue: a caption of every SFT image; the plain
     # template drops the prompt, as the authors' stage 1 does.
     pretrain = [dict(id=f"pretrain-{r['id']}", image=r["image"], conversations=[
@@ -276,16 +293,32 @@ def build_open(out, seed, sizes):
             "val": {kind: len(records) for kind, records in val.items()}}
 
 
-def val_splits(out, seed, sizes, scenes):
+def val_splits(out, seed, sizes, scenes, make=toyscenes.make_scene):
     """The open stage's held-out questions, {kind: records}, their images drawn into OUT/images/val/."""
     val = {kind: [] for kind in ("short", "sentence", "caption", "description")}
     for kind, records in val.items():
         for index in range(sizes[kind]):
             rng = scene_rng(seed, f"val/{kind}", index)
             name = f"val/{index:06d}.png" if kind == "short" else f"val/{kind}-{index:06d}.png"
-            scene = draw(out, scenes, name, rng, word=True if kind == "caption" else None)
+            scene = draw(out, scenes, name, rng, word=True if kind == "caption" else None, make=make)
             records.append(val_record(kind, name, scene, rng, index))
     return val
+
+
+def prior_val(out, seed, size, scenes, pairs):
+    """The prior stage's held-out captions and descriptions: `size` of each on images that break the prior
+    (objects without their partners) and on images that keep it (a pair), each record marked with "prior"."""
+    records = []
+    for prior in ("broken", "kept"):
+        for kind in ("caption", "description"):
+            for index in range(size):
+                rng = scene_rng(seed, f"prior/{prior}/{kind}", index)
+                name = f"val/prior-{prior}-{kind}-{index:06d}.png"
+                scene = draw(out, scenes, name, rng, word=True if kind == "caption" else None,
+                             make=lambda rng, word: priors.make_prior_scene(rng, pairs, prior, word))
+                record = val_record(kind, name, scene, rng, index)
+                records.append(dict(record, id=f"prior-{prior}-{record['id']}", prior=prior))
+    return records
 
 
 def write_val(out, val):

@@ -1,0 +1,123 @@
+"""
+The prior stage's scenes: the open stage with language priors (python -m toyworld --stage prior).
+
+The open stage draws every object independently, so a model has no prior that a noisy view could expose. Here
+each object kind (a colour and a shape) has one partner kind, and the two come as a pair: the anchor on the left,
+its partner just right of it on the same row, so every caption (left to right) and description (reading order)
+names the partner right after its anchor. In the training scenes each unit of a scene is a pair with probability
+PAIR_SHARE, else its anchor or partner alone; a model learns that "a red circle" is followed by "a blue square".
+The held-out images break the prior (objects without their partners) or keep it (a pair present), so the share
+of answers that name an absent partner measures the prior-driven hallucination that LURE and VCD describe.
+
+    partners    12 (anchor, partner) kinds, a fixed pairing of the 24 kinds (toy/partners.json)
+    train       1 or 2 units: a pair (PAIR_SHARE) or a lone kind whose partner is absent; at most 3 objects
+    broken      1 or 2 lone kinds, none with its partner
+    kept        one pair (every object with its partner)
+"""
+import random
+
+from toyworld.grammar import COLOURS, SHAPES, SIZES, WORDS
+from toyworld.scenes import IMAGE_SIZE
+
+PAIR_SHARE = 0.85  # the share of a training scene's units that are pairs
+GAP = (2, 5)  # pixels between an anchor's box and its partner's
+
+
+def partner_pairs(seed):
+    """The 12 (anchor, partner) pairs of kinds ((colour, shape) tuples), a fixed pairing drawn by seed in which
+    the two kinds of a pair differ in colour and in shape (so a partner is never half named by its anchor)."""
+    rng = random.Random(f"{seed}/partners")
+    kinds = [(c, s) for c in COLOURS for s in SHAPES]
+    while True:
+        rng.shuffle(kinds)
+        pairs = [(kinds[2 * i], kinds[2 * i + 1]) for i in range(len(kinds) // 2)]
+        if all(a[0] != b[0] and a[1] != b[1] for a, b in pairs):
+            return pairs
+
+
+def partner_of(pairs):
+    """{kind: its partner} both ways."""
+    found = {}
+    for a, b in pairs:
+        found[a], found[b] = b, a
+    return found
+
+
+def _free(box, boxes):
+    return all(box[2] < b[0] - 1 or box[0] > b[2] + 1 or box[3] < b[1] - 1 or box[1] > b[3] + 1 for b in boxes)
+
+
+def _object(kind, size, cx, cy):
+    return {"shape": kind[1], "colour": kind[0], "size": size, "center": [cx, cy]}
+
+
+def _place(rng, kinds, boxes, top):
+    """Objects of the given kinds side by side on one row (a pair: anchor then partner), at a random free place,
+    or None after 50 tries."""
+    for _try in range(50):
+        sizes = [rng.choice(list(SIZES)) for _ in kinds]
+        radii = [SIZES[s] for s in sizes]
+        gaps = [rng.randint(*GAP) for _ in kinds[1:]]
+        width = 2 * sum(radii) + sum(gaps)
+        if width > IMAGE_SIZE - 3:
+            continue
+        left = rng.randint(1, IMAGE_SIZE - 2 - width)
+        r_max = max(radii)
+        cy = rng.randint(r_max + 1, IMAGE_SIZE - 20 + top - r_max)
+        placed, x = [], left
+        for k, (kind, size, r) in enumerate(zip(kinds, sizes, radii)):
+            cx = x + r
+            placed.append((_object(kind, size, cx, cy), (cx - r, cy - r, cx + r, cy + r)))
+            x = cx + r + (gaps[k] if k < len(gaps) else 0)
+        if all(_free(box, boxes) for _, box in placed):
+            return placed
+    return None
+
+
+def make_prior_scene(rng, pairs, mode="train", word=None):
+    """A scene graph as toyworld.scenes.make_scene's, with the prior: mode train, broken or kept (above)."""
+    grey = rng.randint(175, 245)
+    scene = {"background": [grey + rng.randint(-10, 10) for _ in range(3)], "objects": [], "word": None}
+    if rng.random() < 0.5 or word:
+        scene["word"] = rng.choice(WORDS)
+    top = 12 if scene["word"] is None else 0
+    partner = partner_of(pairs)
+    if mode == "train":
+        units = ["pair" if rng.random() < PAIR_SHARE else "lone" for _ in range(rng.randint(1, 2))]
+    elif mode == "broken":
+        units = ["lone"] * rng.randint(1, 2)
+    elif mode == "kept":
+        units = ["pair"]
+    else:
+        raise ValueError(f"unknown scene mode {mode!r}")
+    boxes = []
+    for unit in units:
+        used = {(o["colour"], o["shape"]) for o in scene["objects"]}
+        if unit == "pair":
+            if len(scene["objects"]) > 1:
+                continue  # at most 3 objects
+            choices = [p for p in pairs if p[0] not in used and p[1] not in used]
+            kinds = list(rng.choice(choices))
+        else:  # a lone kind: neither it nor its partner in the scene
+            choices = [k for k in partner if k not in used and partner[k] not in used]
+            kinds = [rng.choice(choices)]
+        placed = _place(rng, kinds, boxes, top)
+        if placed is None:
+            continue
+        for obj, box in placed:
+            scene["objects"].append(obj)
+            boxes.append(box)
+    if not scene["objects"]:  # no unit found room: one lone object (train, broken) or start over (kept)
+        return make_prior_scene(rng, pairs, mode, word)
+    return scene
+
+
+def absent_partners(scene, partner):
+    """The kinds that partner an object of the scene and are not in it."""
+    present = {(o["colour"], o["shape"]) for o in scene["objects"]}
+    return {partner[k] for k in present} - present
+
+
+def prior_kind(scene, partner):
+    """broken when some object's partner is absent, else kept."""
+    return "broken" if absent_partners(scene, partner) else "kept"
