@@ -187,7 +187,7 @@ def main(argv=None):
 
 def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.priors", description=__doc__,
-                                formatter_class=control.HelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--world", default="toy-prior", help="the prior stage (python -m toyworld --stage prior --out WORLD)")
     p.add_argument("--out", default="study/priors", help="runs.jsonl, report.md, the pairs, each run's files")
     p.add_argument("--runs", nargs="+", metavar="ARM:SEED",
