@@ -78,8 +78,8 @@ def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, r
     if rank == 0:
         for name in sorted({info.relative_path for info in written.storage_data.values()}):
             if not os.path.isfile(os.path.join(tmp, name)):
-                raise RuntimeError(f"{os.path.join(tmp, name)}: written by another rank, not seen by rank 0: --out "
-                                   f"must be on a filesystem every node shares")
+                raise OSError(f"{os.path.join(tmp, name)}: written by another rank, not seen by rank 0: --out "
+                              f"must be on a filesystem every node shares")
         write_manifest(tmp)
         common.remove(final)  # left by an earlier run into the same folder, or by a resume from before it
         os.replace(tmp, final)
