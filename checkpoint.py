@@ -2,36 +2,53 @@
 Nothing lost on a crash: training checkpoints that survive a kill at any moment, prove themselves, resume,
 and the results.
 
-A checkpoint is OUT/checkpoint-STEP/ (trainable weights in safetensors, optimizer, scheduler, RNG, step and
-the run's configuration), written in a temporary folder and renamed, then OUT/latest is pointed at it. Every
-rank takes part (the state dicts of FSDP2 are gathered collectively); rank 0 writes. Nothing is ever
-unpickled on load: weights are safetensors and the rest loads with torch.load(..., weights_only=True).
+A checkpoint is OUT/checkpoint-STEP/, written in a temporary folder and renamed, then OUT/latest is pointed at it:
+  .metadata, __R_0.distcp  the trainable weights (LoRA, the projector if trained) and AdamW's state, in
+                           torch.distributed.checkpoint's format: each rank R writes its own part (its shards under
+                           FSDP2; under DDP each replicated tensor is written once, by one rank) and reads back only
+                           its own; the frozen base is never written (it is on disk already)
+  rng-rankR.pt             each rank's RNG state
+  state.json               the step, the scheduler and the run's configuration
+  manifest.json            the size and sha256 of every other file, written last by rank 0
+No rank ever gathers the whole state. Nothing is unpickled on load but DCP's own metadata classes (SafeReader): the
+tensors and the rest load with torch.load(..., weights_only=True).
+Several nodes: OUT must be on a filesystem every rank shares (rank 0 checks every rank's shard, writes the manifest
+over them and renames the folder); a rank's shard not seen by rank 0 stops the run in one line.
 
-Each checkpoint holds manifest.json, the size and sha256 of every other file in it, written last. A resume
-takes the newest checkpoint whose files all match their manifest (good_checkpoint); a damaged, truncated or
-incomplete one is named in one line and the one before it is used; the last `keep` (default 2) are kept.
+A resume takes the newest checkpoint whose files all match their manifest (good_checkpoint); a damaged, truncated
+or incomplete one (any rank's shard included) is named in one line and the one before it is used; the last `keep`
+(default 2) are kept. A checkpoint of the earlier, gathered format (trainable.safetensors) is refused in one line.
 The run's configuration holds base_digest, which base weights it trains (base_digest()): a resume, or an
 adapter loaded onto a model, on other weights is refused.
 """
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
+import warnings
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 import common
 import lora
 
-# The trainable weights alone (LoRA, and the projector if trained), gathered whole onto rank 0's CPU: the frozen
-# base is never gathered (it is on disk already), so a checkpoint of a 7B LoRA run copies megabytes, not 14 GB.
+# The results' (export): the trainable weights alone (LoRA, and the projector if trained), gathered whole onto rank
+# 0's CPU; the frozen base is never gathered (it is on disk already).
 TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+# A checkpoint's: each rank's own part of the trainable weights and of AdamW's state (DTensor shards under FSDP2,
+# whole tensors in one process or under DDP), never gathered.
+SHARDED = StateDictOptions(ignore_frozen_params=True)
+LOAD_SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)  # dcp.load has checked every key is there
 
 
 def trainable_names(raw_model):
@@ -41,10 +58,8 @@ def trainable_names(raw_model):
 def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, rank, world_size, keep=2):
     """OUT/checkpoint-STEP/ written in a temporary folder with its manifest and renamed, then OUT/latest points
     to it and all but the newest `keep` checkpoints are removed: a crash at any moment leaves the last good
-    checkpoints intact. config: the run's resolved arguments."""
-    weights = get_model_state_dict(model, options=TRAINABLE)  # collective: every rank
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=TRAINABLE)
-    # Every rank writes its RNG state into the same temporary folder, so it has a fixed name (not common.atomic_path)
+    checkpoints intact. Every rank calls it and writes its own shards. config: the run's resolved arguments."""
+    # Every rank writes into the same temporary folder, so it has a fixed name (not common.atomic_path)
     final, tmp = os.path.join(out, f"checkpoint-{step:06d}"), os.path.join(out, f"checkpoint-{step:06d}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -52,13 +67,19 @@ def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, r
     common.barrier(world_size)
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available()
                 else torch.empty(0, dtype=torch.uint8)}, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    weights, optimizer_state = get_state_dict(model, optimizer, options=SHARDED)
+    with one_process_quiet():  # collective: every rank writes its part
+        written = dcp.save({"model": weights, "optimizer": optimizer_state}, storage_writer=dcp.FileSystemWriter(tmp),
+                           no_dist=not dist.is_initialized())
     if rank == 0:
-        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "scheduler": scheduler.state_dict(), "args": config}, f, indent=1)
     common.barrier(world_size)
     if rank == 0:
+        for name in sorted({info.relative_path for info in written.storage_data.values()}):
+            if not os.path.isfile(os.path.join(tmp, name)):
+                raise OSError(f"{os.path.join(tmp, name)}: written by another rank, not seen by rank 0: --out "
+                              f"must be on a filesystem every node shares")
         write_manifest(tmp)
         common.remove(final)  # left by an earlier run into the same folder, or by a resume from before it
         os.replace(tmp, final)
@@ -88,6 +109,7 @@ def glob_tmp(out):
 
 # ----------------------------------------------------------------------------- checkpoints that prove themselves
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of every rank's shards
 
 
 def write_manifest(folder):
@@ -110,6 +132,9 @@ def checkpoint_problem(folder):
         return f"{path}: missing (an incomplete checkpoint, or one made before checkpoints had manifests)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path}: damaged ({e})"
+    if DCP_METADATA not in files:
+        return (f"{folder}: an earlier format (the weights gathered whole in trainable.safetensors), which this "
+                f"version does not read" if "trainable.safetensors" in files else f"{folder}: no {DCP_METADATA}")
     for name, expected in files.items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
@@ -231,19 +256,70 @@ def check_resume(path, config):
 
 def load_checkpoint(model, optimizer, scheduler, path, rank):
     """Restore weights, optimizer, scheduler and RNG from a checkpoint (check_resume first); return the step to
-    continue at."""
+    continue at. Every rank calls it and reads its own shards."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    set_model_state_dict(model, load_file(os.path.join(path, "trainable.safetensors")),
-                         options=StateDictOptions(full_state_dict=True, strict=False))
-    set_optimizer_state_dict(model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True),
-                             options=StateDictOptions(full_state_dict=True))
+    weights, optimizer_state = get_state_dict(model, optimizer, options=SHARDED)  # this rank's tensors, filled
+    both = {"model": weights, "optimizer": optimizer_state}
+    SafeReader(path).read_metadata()  # a foreign .metadata refused in one line, before DCP's collective load
+    with one_process_quiet():
+        dcp.load(both, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"],
+                   options=LOAD_SHARDED)
     scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and rng["cuda"].numel():
         torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
+
+
+# torch.distributed.checkpoint pickles its index (.metadata) and the optimizer's hyperparameters: read back with
+# DCP's own classes only, so that a checkpoint from elsewhere cannot run code when it is loaded.
+METADATA_CLASSES = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file):
+        super().__init__(file)
+        self.path = file.name
+
+    def find_class(self, module, name):
+        if (module, name) in METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise ValueError(f"{self.path}: holds {module}.{name}, not one of torch.distributed.checkpoint's metadata "
+                         f"classes; refused")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's reader, its .metadata unpickled into DCP's metadata classes only."""
+    def read_metadata(self, *args, **kwargs):
+        with open(os.path.join(self.path, DCP_METADATA), "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+@contextlib.contextmanager
+def one_process_quiet():
+    """DCP warns that one process without a process group saves or loads alone: here that is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP's planner, the optimizer's hyperparameters (numbers, flags) read with torch.load(weights_only=True)."""
+    def load_bytes(self, read_item, value):
+        torch.load(value, weights_only=True)  # raises on anything but tensors and plain values
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 # ----------------------------------------------------------------------------- the results

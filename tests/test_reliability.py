@@ -4,6 +4,7 @@ images through their real mode, a line that is not UTF-8 skipped and counted, de
 files that do not answer each question once refused."""
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -168,12 +169,16 @@ def test_a_second_owner_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys)
 
 
 # ----------------------------------------------------------------------------- checkpoints that prove themselves
-def fake_checkpoint(out, step):
-    """A checkpoint folder as save_checkpoint writes it, with made-up contents."""
+SHARDED_FILES = ((".metadata", 900), ("__0_0.distcp", 5000), ("__1_0.distcp", 5000), ("rng-rank0.pt", 300),
+                 ("rng-rank1.pt", 300), ("state.json", 200))
+
+
+def fake_checkpoint(out, step, files=SHARDED_FILES):
+    """A checkpoint folder as save_checkpoint writes it for 2 ranks, with made-up contents (`files`: another
+    layout's)."""
     folder = os.path.join(out, f"checkpoint-{step:06d}")
     os.makedirs(folder)
-    for name, size in (("trainable.safetensors", 5000), ("optimizer.pt", 9000), ("rng-rank0.pt", 300),
-                       ("state.json", 200)):
+    for name, size in files:
         with open(os.path.join(folder, name), "wb") as f:
             f.write(np.random.default_rng(step).bytes(size))
     checkpoint.write_manifest(folder)
@@ -195,8 +200,7 @@ def flip(path):
         f.write(bytes(b ^ 0xFF for b in block))
 
 
-@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "rng-rank0.pt", "state.json",
-                                  "manifest.json"])
+@pytest.mark.parametrize("name", [".metadata", "__1_0.distcp", "rng-rank1.pt", "state.json", "manifest.json"])
 @pytest.mark.parametrize("damage", [truncate, flip, os.remove])
 def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys, name, damage):
     out = str(tmp_path)
@@ -212,6 +216,28 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys,
     with pytest.raises(ValueError, match="no good checkpoint") as refused:
         checkpoint.good_checkpoint(out)
     assert os.path.join(older, name) in str(refused.value) and os.path.join(newest, name) in str(refused.value)
+
+
+def test_a_checkpoint_of_the_gathered_format_is_refused_in_one_line(tmp_path, capsys):
+    """The format before sharded checkpoints (the weights gathered whole by rank 0) is not read: refused, naming it."""
+    out = str(tmp_path)
+    old = fake_checkpoint(out, 2, (("trainable.safetensors", 5000), ("optimizer.pt", 9000), ("rng-rank0.pt", 300),
+                                   ("state.json", 200)))
+    with pytest.raises(ValueError) as refused:
+        checkpoint.good_checkpoint(out)
+    assert str(refused.value) == (f"--resume: no good checkpoint in {out} ({old}: an earlier format (the weights "
+                                  f"gathered whole in trainable.safetensors), which this version does not read); "
+                                  f"rerun without --resume to start over")
+    assert capsys.readouterr().out.count("checkpoint refused") == 1
+
+
+def test_a_foreign_metadata_is_refused_before_it_runs_anything(tmp_path):
+    """DCP's index is a pickle: read into its own classes only, so a forged one cannot call a function."""
+    with open(tmp_path / ".metadata", "wb") as f:
+        pickle.dump(print, f)  # any callable: unpickling it would import and call it
+    with pytest.raises(ValueError, match=r"\.metadata: holds builtins\.print, not one of "
+                                         r"torch\.distributed\.checkpoint's metadata classes; refused"):
+        checkpoint.SafeReader(str(tmp_path)).read_metadata()
 
 
 def test_an_empty_latest_falls_back_to_the_newest_good_checkpoint(tmp_path, capsys):
@@ -292,11 +318,11 @@ def test_a_damaged_newest_checkpoint_falls_back_and_still_resumes_exactly(toy_wo
     with pytest.raises(KeyboardInterrupt):
         train(toy_world, toy_pairs, tmp_path, *FLAGS)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
-    flip(str(tmp_path / "checkpoint-000004" / "trainable.safetensors"))  # 64 bytes flipped in the newest
+    flip(str(tmp_path / "checkpoint-000004" / "__0_0.distcp"))  # 64 bytes flipped in the newest's shard
     capsys.readouterr()
     train(toy_world, toy_pairs, tmp_path, *FLAGS, "--resume")
     printed = capsys.readouterr().out
-    assert f"--resume: {tmp_path}/checkpoint-000004/trainable.safetensors: damaged" in printed
+    assert f"--resume: {tmp_path}/checkpoint-000004/__0_0.distcp: damaged" in printed
     assert f"resumed from {tmp_path}/checkpoint-000002 at step 2" in printed
     assert_same_adapter(adapter(straight), adapter(tmp_path), rtol=0, atol=0)
 

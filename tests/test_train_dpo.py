@@ -147,7 +147,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(toy_world, toy_pairs, tm
     latest = checkpoint.latest_checkpoint(str(tmp_path))
     assert latest.endswith("checkpoint-000002")
     assert json.load(open(os.path.join(latest, "state.json")))["step"] == 2
-    assert load_file(os.path.join(latest, "trainable.safetensors"))
+    assert checkpoint.checkpoint_problem(latest) is None
 
 
 @pytest.mark.parametrize("fixed_image_tokens", [True, False])
@@ -167,23 +167,43 @@ def run(cmd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
-    """Global batch 8: 1 process x 4 x accumulation 2 against 2 processes x 2 x accumulation 2."""
+    """Global batch 8: 1 process x 4 x accumulation 2 against 2 processes x 2 x accumulation 2. The 2 processes'
+    checkpoint of step 2 is sharded: under FSDP2 each rank wrote half of every trained tensor, and resumed from it
+    they train the same adapter bit for bit."""
     steps = ("--max-steps", "3", "--global-batch", "8", "--grad-accum", "2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py"]
+    two = dpo_args(toy_world, toy_pairs, tmp_path / "two", "--batch-size", "2", "--parallel", parallel, *steps,
+                   "--save-every", "2")
     run([sys.executable, "train_ddp.py", *dpo_args(toy_world, toy_pairs, tmp_path / "one", "--batch-size", "4", *steps)])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py",
-         *dpo_args(toy_world, toy_pairs, tmp_path / "two", "--batch-size", "2", "--parallel", parallel, *steps)])
-    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    run(torchrun + two)
+    one, straight = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)  # training moved B off zero
-    assert_same_adapter(one, two)
+    assert_same_adapter(one, straight)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         # margins are beta x differences of log-prob sums: a caption's sum (~-100) in fp32 carries ~1e-5 of
         # rounding that depends on the batch split, so ~1e-6 on the margin
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-6)
+    saved = str(tmp_path / "two" / "checkpoint-000002")
+    index = checkpoint.SafeReader(saved).read_metadata()
+    files = {i: index.storage_data[i].relative_path for i in index.storage_data}
+    lora_weights = [k for k in index.state_dict_metadata if k.startswith("model.") and ".lora_" in k]
+    assert len(lora_weights) == len([k for k in one if ".lora_" in k])
+    for name in lora_weights:  # where each tensor's chunks are, and in which rank's file
+        chunks = sorted((i.offset[0], files[i]) for i in files if i.fqn == name)
+        rows = index.state_dict_metadata[name].size[0]
+        assert chunks == ([(0, "__0_0.distcp"), ((rows + 1) // 2, "__1_0.distcp")] if parallel == "fsdp" else
+                          [(0, chunks[0][1])]), name  # DDP: one copy, written by one of the ranks
+    if parallel == "fsdp":  # resumed from the sharded checkpoint: the same run, bit for bit
+        losses = [r["loss"] for r in metrics(tmp_path / "two")]
+        assert f"resumed from {saved} at step 2" in run(torchrun + two + ["--resume"])
+        assert_same_adapter(straight, adapter(tmp_path / "two"), rtol=0, atol=0)
+        assert [r["loss"] for r in metrics(tmp_path / "two")] == losses
 
 
 def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_pairs, tmp_path):

@@ -196,7 +196,7 @@ def test_dpo_turns_off_the_dropout_the_config_holds(toy_world, tmp_path):
     assert torch.equal(first, second)
 
 
-def test_checkpoints_and_export_gather_only_the_trainable_weights(toy_world, toy_pairs, tmp_path, monkeypatch):
+def test_checkpoints_and_export_hold_only_the_trainable_weights(toy_world, toy_pairs, tmp_path, monkeypatch):
     calls = []
     real = checkpoint.get_model_state_dict
 
@@ -207,7 +207,11 @@ def test_checkpoints_and_export_gather_only_the_trainable_weights(toy_world, toy
     monkeypatch.setattr(checkpoint, "get_model_state_dict", spy)
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4", "--max-steps",
                                                   "2", "--save-every", "1", "--train-projector")))
-    assert len(calls) == 2  # the checkpoint at step 1, the export
+    assert len(calls) == 1  # the export gathers; the checkpoint at step 1 writes each rank's own part
     model, _ = model_of(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--train-projector")))
     trainable = set(checkpoint.trainable_names(model))
     assert all(ignore and keys == trainable for ignore, keys in calls)
+    index = checkpoint.SafeReader(str(tmp_path / "checkpoint-000001")).read_metadata().state_dict_metadata
+    assert {k.removeprefix("model.") for k in index if k.startswith("model.")} == trainable
+    assert {k.removeprefix("optimizer.state.").rsplit(".", 1)[0] for k in index
+            if k.startswith("optimizer.state.")} == trainable  # AdamW's state of those alone
