@@ -74,8 +74,9 @@ def _place(rng, kinds, boxes, top):
     return None
 
 
-def make_prior_scene(rng, pairs, mode="train", word=None):
-    """A scene graph as toyworld.scenes.make_scene's, with the prior: mode train, broken or kept (above)."""
+def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE):
+    """A scene graph as toyworld.scenes.make_scene's, with the prior: mode train, broken or kept (above);
+    pair_share: the probability that a training scene's unit is a pair."""
     grey = rng.randint(175, 245)
     scene = {"background": [grey + rng.randint(-10, 10) for _ in range(3)], "objects": [], "word": None}
     if rng.random() < 0.5 or word:
@@ -83,7 +84,7 @@ def make_prior_scene(rng, pairs, mode="train", word=None):
     top = 12 if scene["word"] is None else 0
     partner = partner_of(pairs)
     if mode == "train":
-        units = ["pair" if rng.random() < PAIR_SHARE else "lone" for _ in range(rng.randint(1, 2))]
+        units = ["pair" if rng.random() < pair_share else "lone" for _ in range(rng.randint(1, 2))]
     elif mode == "broken":
         units = ["lone"] * rng.randint(1, 2)
     elif mode == "kept":
@@ -108,7 +109,7 @@ def make_prior_scene(rng, pairs, mode="train", word=None):
             scene["objects"].append(obj)
             boxes.append(box)
     if not scene["objects"]:  # no unit found room: one lone object (train, broken) or start over (kept)
-        return make_prior_scene(rng, pairs, mode, word)
+        return make_prior_scene(rng, pairs, mode, word, pair_share)
     return scene
 
 
