@@ -233,7 +233,8 @@ def build(args):
             sizes = dict(sft=args.sft_images, shares=args.subset_shares, pool=args.pool_size, unseen=args.unseen_images,
                          val=dict(short=args.val_images, sentence=args.val_images // 2,
                                   caption=args.val_images // 4, description=args.val_images // 4),
-                         pope=args.pope_images, prior=args.prior_images, pair_share=args.pair_share)
+                         pope=args.pope_images, prior=args.prior_images, pair_share=args.pair_share,
+                         faint_share=args.faint_share)
             pairs = toypriors.partner_pairs(args.seed) if args.stage == "prior" else None
             print("data:", toydata.build_open(out, args.seed, sizes, pairs))
         else:
@@ -271,7 +272,8 @@ STAGE_DEFAULTS = {
     "prior": dict(sft_images=4000, pool_size=600, unseen_images=600, val_images=400, pope_images=60,
                   subset_shares=(0.25, 0.15, 0.35, 0.25), vocab_size=1000, width=128, vision_layers=3,
                   text_layers=2, patch_size=16, vision_steps=800, pretrain_epochs=4, sft_epochs=3, sft_batch_size=64,
-                  sft_lr=1e-3, noise_check=100, train_vision=0, prior_images=100, pair_share=0.85),
+                  sft_lr=1e-3, noise_check=100, train_vision=0, prior_images=100, pair_share=0.85,
+                  faint_share=0.0),
     "closed": dict(sft_images=6000, pool_size=1000, unseen_images=1000, val_images=800, pope_images=100,
                    subset_shares=None, vocab_size=1000, width=128, vision_layers=3, text_layers=2, patch_size=8,
                    vision_steps=800, pretrain_epochs=0, sft_epochs=6, sft_batch_size=64, sft_lr=1e-3,
@@ -302,6 +304,8 @@ def parse_args(argv=None):
                                                     "description) and of image (broken, kept) (100)")
     g.add_argument("--pair-share", type=float, help="prior: the probability that a unit of a training scene is a "
                                                   "pair of partners (0.85)")
+    g.add_argument("--faint-share", type=float, help="prior: the probability that a training pair's partner is "
+                                                   "drawn faint, named by its caption all the same (0.0)")
     g.add_argument("--pope-images", type=int, help="POPE images (6 questions each, per split) (open: 60; closed: 100)")
     g = p.add_argument_group("model and training (defaults: the stage's)")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (1000)")

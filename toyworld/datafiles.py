@@ -239,7 +239,8 @@ def build_open(out, seed, sizes, pairs=None):
     and of image). pairs: the prior stage's partner pairs (toyworld/priors.py), None for the open stage. Returns
     a summary."""
     make = toyscenes.make_scene if pairs is None else (
-        lambda rng, word: priors.make_prior_scene(rng, pairs, "train", word, sizes["pair_share"]))
+        lambda rng, word: priors.make_prior_scene(rng, pairs, "train", word, sizes["pair_share"],
+                                                sizes["faint_share"]))
     scenes, sft, unseen = {}, [], []
     order = list(range(sizes["sft"]))
     random.Random(f"{seed}/subsets").shuffle(order)

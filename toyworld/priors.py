@@ -10,6 +10,9 @@ The held-out images break the prior (objects without their partners) or keep it 
 of answers that name an absent partner measures the prior-driven hallucination that LURE and VCD describe.
 
     partners    12 (anchor, partner) kinds, a fixed pairing of the 24 kinds (toy/partners.json)
+    faint       (--faint-share) a training pair's partner drawn at a fifth of its colour's contrast and unseen
+                by the vision tower's pretraining, named by its caption all the same: the weak evidence on
+                which a prior decides (LURE's uncertainty), and which noise erases (VCD)
     train       1 or 2 units: a pair (PAIR_SHARE) or a lone kind whose partner is absent; at most 3 objects
     broken      1 or 2 lone kinds, none with its partner
     kept        one pair (every object with its partner)
@@ -20,6 +23,7 @@ from toyworld.grammar import COLOURS, SHAPES, SIZES, WORDS
 from toyworld.scenes import IMAGE_SIZE
 
 PAIR_SHARE = 0.85  # the share of a training scene's units that are pairs
+FAINT_SHARE, FAINT = 0.0, 0.2  # the share of training pairs whose partner is faint, and its contrast
 GAP = (2, 5)  # pixels between an anchor's box and its partner's
 
 
@@ -74,9 +78,11 @@ def _place(rng, kinds, boxes, top):
     return None
 
 
-def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE):
+def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE, faint_share=FAINT_SHARE):
     """A scene graph as toyworld.scenes.make_scene's, with the prior: mode train, broken or kept (above);
-    pair_share: the probability that a training scene's unit is a pair."""
+    pair_share: the probability that a training scene's unit is a pair; faint_share: the probability that a
+    training pair's partner is drawn faint (FAINT of its colour's contrast with the background, and unseen by
+    stage 0's probes), though every caption names it: a partner the model learns to name on weak evidence."""
     grey = rng.randint(175, 245)
     scene = {"background": [grey + rng.randint(-10, 10) for _ in range(3)], "objects": [], "word": None}
     if rng.random() < 0.5 or word:
@@ -105,11 +111,13 @@ def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE)
         placed = _place(rng, kinds, boxes, top)
         if placed is None:
             continue
+        if mode == "train" and unit == "pair" and rng.random() < faint_share:
+            placed[1][0]["faint"] = FAINT
         for obj, box in placed:
             scene["objects"].append(obj)
             boxes.append(box)
     if not scene["objects"]:  # no unit found room: one lone object (train, broken) or start over (kept)
-        return make_prior_scene(rng, pairs, mode, word, pair_share)
+        return make_prior_scene(rng, pairs, mode, word, pair_share, faint_share)
     return scene
 
 

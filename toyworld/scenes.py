@@ -44,7 +44,11 @@ def render(scene, label_map=False):
     draw = ImageDraw.Draw(image)
     for k, obj in enumerate(scene["objects"]):
         (cx, cy), r = obj["center"], SIZES[obj["size"]]
-        fill = k + 1 if label_map else COLOURS[obj["colour"]]
+        faint = obj.get("faint")  # the prior stage's faint partners (toyworld/priors.py)
+        if label_map and faint:
+            continue  # stage 0's probes never see them: a pretrained tower that misses faint things
+        fill = k + 1 if label_map else COLOURS[obj["colour"]] if not faint else tuple(
+            round(faint * c + (1 - faint) * b) for c, b in zip(COLOURS[obj["colour"]], scene["background"]))
         if obj["shape"] == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         elif obj["shape"] == "square":
@@ -93,7 +97,7 @@ def patch_targets(scene, patch_size):
 def present_pairs(scene):
     """The (colour, shape) pairs a scene holds, as a multi-hot vector over the 24 pairs."""
     present = torch.zeros(len(COLOURS) * len(SHAPES))
-    for obj in scene["objects"]:
+    for obj in (o for o in scene["objects"] if not o.get("faint")):
         present[list(COLOURS).index(obj["colour"]) * len(SHAPES) + SHAPES.index(obj["shape"])] = 1
     return present
 
