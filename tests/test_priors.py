@@ -85,3 +85,23 @@ def test_pope_adversarial_asks_about_absent_partners():
     for kind in (PAIRS[0][1], PAIRS[1][0]):
         assert f"Is there a {kind[0]} {kind[1]} in the image?" in negatives
     assert len(questions) == 6 and sum(label == "yes" for _, label in questions) == 3
+
+
+def test_a_faint_partner_is_drawn_faint_named_and_unseen_by_stage_0():
+    from toyworld import scenes as toyscenes
+    scene = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0)
+    anchor, partner = scene["objects"][:2]
+    assert partner["faint"] == toypriors.FAINT and "faint" not in anchor
+    image = toyscenes.render(scene)
+    background = scene["background"]
+    pixel = image.getpixel(tuple(partner["center"]))
+    expected = [round(toypriors.FAINT * c + (1 - toypriors.FAINT) * b)
+                for c, b in zip(toygrammar.COLOURS[partner["colour"]], background)]
+    assert list(pixel) == expected  # a fifth of the colour's contrast with the background
+    labels = toyscenes.render(scene, label_map=True)
+    assert labels.getpixel(tuple(partner["center"])) == 0 and labels.getpixel(tuple(anchor["center"])) == 1
+    present = toyscenes.present_pairs(scene)
+    assert present.sum() == len(scene["objects"]) - 1
+    assert f"{partner['colour']} {partner['shape']}" in toygrammar.caption(scene)  # the caption names it
+    assert all("faint" not in o for i in range(50)
+               for o in toypriors.make_prior_scene(random.Random(i), PAIRS, "kept", faint_share=1.0)["objects"])
