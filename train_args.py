@@ -67,6 +67,10 @@ def parse_args(argv=None, description=None):
                         "--max-tokens-per-batch); shared_image runs the vision tower once per pair; concatenated runs "
                         "chosen and rejected as 2B full sequences (the naive way)")
     g.add_argument("--merge", action="store_true", help="also write OUT/merged/, the LoRA merged into the model")
+    g.add_argument("--merge-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="the dtype OUT/merged/ is saved in, the one you will evaluate it in (auto: the base's, as its "
+                        "config.json says; LLaVA-1.5: float16); a line says how much of the update it rounds away "
+                        "(SeVa's lr 2e-6 updates mostly vanish in bf16 and fp16: evaluate base + adapter instead)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-step (paper: 16)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (paper: 1)")

@@ -172,13 +172,19 @@ def run(cmd):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
     """Global batch 8: 1 process x 4 x accumulation 2 against 2 processes x 2 x accumulation 2."""
-    steps = ("--max-steps", "3", "--global-batch", "8", "--grad-accum", "2")
+    # --merge: FSDP2's ranks hold shards of LoRA; the merged folder (bf16 there) is the one process's
+    merge_dtype = {"ddp": "float32", "fsdp": "bfloat16"}[parallel]
+    steps = ("--max-steps", "3", "--global-batch", "8", "--grad-accum", "2", "--merge", "--merge-dtype", merge_dtype)
     run([sys.executable, "train_ddp.py", *dpo_args(toy_world, toy_pairs, tmp_path / "one", "--batch-size", "4", *steps)])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py",
          *dpo_args(toy_world, toy_pairs, tmp_path / "two", "--batch-size", "2", "--parallel", parallel, *steps)])
     one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)  # training moved B off zero
     assert_same_adapter(one, two)
+    merged_one, merged_two = [load_file(str(tmp_path / n / "merged" / "model.safetensors")) for n in ("one", "two")]
+    assert {v.dtype for v in merged_one.values()} == {v.dtype for v in merged_two.values()} == {getattr(torch, merge_dtype)}
+    # bf16: the adapters' 1e-4 difference may move a merged value across a rounding boundary, one step of 2^-7 at most
+    assert_same_adapter(merged_one, merged_two, rtol=1e-4 if parallel == "ddp" else 2 ** -7, atol=1e-6)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         # margins are beta x differences of log-prob sums: a caption's sum (~-100) in fp32 carries ~1e-5 of
@@ -239,10 +245,51 @@ def test_lora_over_a_bf16_base_trains_in_fp32_and_merges_into_the_weights_as_loa
     grads = [p.grad for n, p in low.named_parameters() if ".lora_" in n]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
-    fresh = lambda: model_of(args)[0]
-    checkpoint.export(low, low, processor, args.out, 0, args.model, args.lora_r, args.merge, False, fresh)
-    merged, _ = vlm.load(os.path.join(str(tmp_path), "merged"))
-    assert merged.dtype == torch.float32
-    reference = lora.remove_lora(full).state_dict()
-    for key, value in merged.state_dict().items():
+    # --merge from the bf16 base: each merged weight is the base as stored (fp32 here) + scale B A in fp32, cast once
+    # to the dtype asked; computed here independently, from the fp32 model and the formula
+    scales = {name: module.scale for name, module in lora.lora_modules(full)}
+    lora_weights = {k: v for k, v in full.state_dict().items() if ".lora_" in k}
+    base_weights = {k.replace(".base.", "."): v for k, v in full.state_dict().items() if ".lora_" not in k}
+    for asked in ("float32", "bfloat16"):
+        checkpoint.export(low, low, processor, str(tmp_path / asked), 0, args.model, args.lora_r, True, False, None,
+                          merge_dtype=asked)
+        merged_dir = tmp_path / asked / "merged"
+        assert json.load(open(merged_dir / "config.json"))["dtype"] == asked
+        assert {v.dtype for v in load_file(str(merged_dir / "model.safetensors")).values()} == {getattr(torch, asked)}
+        merged = vlm.load(str(merged_dir), dtype=getattr(torch, asked))[0].state_dict()
+        changed = 0
+        for key, value in merged.items():
+            module = key.removesuffix(".weight")
+            want = base_weights[key].float()
+            if module in scales:
+                update = lora_weights[f"{module}.lora_B.weight"] @ lora_weights[f"{module}.lora_A.weight"]
+                want = want + scales[module] * update
+                changed += 1
+            assert torch.equal(value, want.to(getattr(torch, asked))), key
+        assert changed == len(scales)
+    with torch.no_grad():  # the merged fp32 model is the LoRA model, merged in memory
+        reference = lora.remove_lora(full).state_dict()
+    for key, value in vlm.load(str(tmp_path / "float32" / "merged"))[0].state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+def test_merge_names_the_update_a_cast_rounds_away():
+    """lora.merged_weight on hand-worked values: an update of 1e-4 on weights of 1 is below bf16's resolution
+    (1 + 1e-4 rounds to 1: 2^-7 apart there) and vanishes whole, a warning says so; 0.5 is exact in bf16; fp32
+    keeps 1e-4 to ~6e-8 / 1e-4."""
+    weight = torch.ones(4, 8)
+    small, large = torch.full((4, 8), 1e-4), torch.full((4, 8), 0.5)
+    small[0] = 0  # elements the update leaves alone are not counted
+    merged, stats = lora.merged_weight(weight, small, torch.bfloat16)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, weight.bfloat16())
+    assert stats[:2].tolist() == [24, 24]  # 24 elements updated, all 24 rounded away
+    line = lora.rounding_line(stats, torch.bfloat16)
+    assert line.startswith("warning: merged in bfloat16: 100.0% of the updated weights") and "100.0% of the update" in line
+    merged, stats = lora.merged_weight(weight, large, torch.bfloat16)
+    assert torch.equal(merged, torch.full((4, 8), 1.5, dtype=torch.bfloat16)) and stats[1] == 0 and stats[3] == 0
+    assert lora.rounding_line(stats, torch.bfloat16).startswith("merged in bfloat16: 0.0%")
+    merged, stats = lora.merged_weight(weight, small, torch.float32)
+    assert stats[1] == 0 and not lora.rounding_line(stats, torch.float32).startswith("warning")
+    # summed over layers: the line reads the totals
+    both = lora.merged_weight(weight, small, torch.bfloat16)[1] + lora.merged_weight(weight, large, torch.bfloat16)[1]
+    assert lora.rounding_line(both, torch.bfloat16).startswith("merged in bfloat16: 42.9%")  # 24 of 56
