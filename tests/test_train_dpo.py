@@ -15,6 +15,7 @@ import common
 import data
 import dpo
 import lora
+import pairs
 import train_ddp
 import trainable
 import vlm
@@ -59,6 +60,40 @@ def test_pair_labels_cover_only_the_answers(toy_world):
     assert torch.equal(pair["chosen"]["pixel_values"], pair["rejected"]["pixel_values"])
 
 
+def test_a_pairs_image_is_processed_once(toy_world):
+    """encode_pair calls the processor (which processes the image) once per pair, whatever its number of rejected
+    answers, and gives the examples, and the batch, that encoding each answer alone gives."""
+    _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
+    calls = []
+
+    class Counting:  # the processor, counting its calls
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs.get("images"))
+            return processor(*args, **kwargs)
+
+    question = "What color is the star?"
+    pairs_now, pairs_before = [], []
+    for index, rejected in enumerate(["deep blue", ["deep blue", "green", "a red square"]]):
+        image = vlm.load_image(os.path.join(toy_world, "images", "val", f"00000{index}.png"))
+        calls.clear()
+        pair = collate.encode_pair(Counting(), image, question, "red", rejected, "llava_v1")
+        assert len(calls) == 1
+        alone = lambda answer: vlm.encode(processor, image, [(question, answer)], "llava_v1")  # as before
+        before = {"chosen": alone("red"), "rejected": [alone(r) for r in rejected] if isinstance(rejected, list)
+                  else alone(rejected)}
+        for got, want in zip([pair["chosen"], *pairs.rejected_list(pair["rejected"])],
+                             [before["chosen"], *pairs.rejected_list(before["rejected"])]):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        pairs_now.append(pair)
+        pairs_before.append(before)
+    pad = processor.tokenizer.pad_token_id
+    batch, batch_before = collate.collate_pairs(pairs_now, pad), collate.collate_pairs(pairs_before, pad)
+    assert batch.keys() == batch_before.keys() and all(torch.equal(batch[k], batch_before[k]) for k in batch)
+
+
 def test_dpo_learns_the_preference(toy_world, toy_pairs, tmp_path):
     """Two dozen steps on 8 right-way-round pairs: reward accuracy above 0.5 and a positive margin."""
     few = tmp_path / "pairs.jsonl"
@@ -94,6 +129,24 @@ def test_merged_model_loads_like_any_hf_model(toy_world, toy_pairs, tmp_path):
             base_logits = base(**inputs).logits
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # training changed something
+
+
+@pytest.mark.parametrize("split", [("--grad-accum", "2"), ("--max-tokens-per-batch", "600", "--group-by-length")])
+def test_prefetching_changes_no_number(toy_world, toy_pairs, tmp_path, split):
+    """The next step's batches prepared in a background thread (--prefetch, the default) are the batches the
+    training thread prepares itself (--no-prefetch): every metric and every adapter weight bit for bit, with equal
+    micro-batches or micro-batches cut to a token budget on the training thread."""
+    flags = ("--batch-size", "4", "--max-steps", "4", *split)
+    for name, prefetch in (("on", "--prefetch"), ("off", "--no-prefetch")):
+        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / name, *flags, prefetch)))
+    timing = ("tokens_per_s", "data_s")
+    on, off = metrics(tmp_path / "on"), metrics(tmp_path / "off")
+    assert len(on) == len(off) == 4 and all(row["data_s"] >= 0 for row in on + off)
+    assert [{k: v for k, v in row.items() if k not in timing} for row in on] == \
+        [{k: v for k, v in row.items() if k not in timing} for row in off]
+    a, b = adapter(tmp_path / "on"), adapter(tmp_path / "off")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
 
 
 def test_precomputed_reference_equals_adapter_reference(toy_world, toy_pairs, tmp_path):
