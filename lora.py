@@ -131,11 +131,12 @@ def merged_weight(weight, delta, dtype):
     merged weights carry of it minus the update (the part lost)."""
     delta = delta.float()  # (out, in)
     merged = (weight.float() + delta).to(dtype)
-    kept = merged.float() - weight.to(dtype).float()  # the update as the merged weights carry it, over the base in dtype
+    base = weight.to(dtype)  # the base as a model in dtype holds it
     updated = delta != 0
-    stats = torch.stack([updated.sum().double(), (updated & (kept == 0)).sum().double(),
-                         delta.double().square().sum(), (kept - delta).double().square().sum()])
-    return merged, stats
+    lost = merged.float() - base.float() - delta  # what the merged weights carry of the update, minus the update
+    stats = torch.stack([updated.sum(), (updated & (merged == base)).sum()]).double()
+    norms = torch.stack([torch.linalg.vector_norm(delta), torch.linalg.vector_norm(lost)]).double()
+    return merged, torch.cat([stats, norms.square()])
 
 
 def rounding_line(stats, dtype):
