@@ -308,7 +308,7 @@ def prepare_step(run, step, seed, accumulation):
     if run.max_tokens:
         return {i: dataset[i] for i in data.rank_micro_batches(indices, run.rank, run.world_size, 1)[0]}
     micro = data.rank_micro_batches(indices, run.rank, run.world_size, accumulation)
-    return [dataset.collate([dataset[i] for i in indices]) for indices in micro]
+    return [dataset.collate([dataset[i] for i in batch_indices]) for batch_indices in micro]
 
 
 def step_batches(run, prepared):
@@ -317,7 +317,7 @@ def step_batches(run, prepared):
     if not run.max_tokens:
         return prepared
     micro = data.budget_split(prepared, run.max_tokens, run.rank, run.world_size)
-    return [run.dataset.collate([prepared[i] for i in indices]) for indices in micro]
+    return [run.dataset.collate([prepared[i] for i in batch_indices]) for batch_indices in micro]
 
 
 def normalisers(totals, normaliser, key):
