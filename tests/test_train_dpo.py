@@ -256,9 +256,14 @@ def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_p
     extra = [n for n in checkpoint.trainable_names(model) if ".lora_" not in n]
     assert extra and all(n.startswith("model.multi_modal_projector.") for n in extra)
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "run", "--batch-size", "4",
-                                                  "--max-steps", "2", "--train-projector")))
+                                                  "--max-steps", "2", "--train-projector", "--merge",
+                                                  "--merge-dtype", "bfloat16")))
     saved = load_file(os.path.join(tmp_path, "run", "adapter", "non_lora_trainables.safetensors"))
     assert sorted(saved) == sorted(extra)
+    merged = vlm.load(os.path.join(tmp_path, "run", "merged"), dtype=torch.bfloat16)[0].state_dict()
+    base = vlm.load(args.model)[0].state_dict()
+    for name in extra:  # the trained projector in the merged model, cast once
+        assert torch.equal(merged[name], saved[name].bfloat16()) and not torch.equal(saved[name], base[name]), name
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(toy_world, toy_pairs, tmp_path):
