@@ -9,10 +9,10 @@ Benchmark: two costs of train_ddp.py beside the step's own math.
    batches collated) with --no-prefetch, and waiting for it with --prefetch (the next step's data prepared in a
    background thread while a step computes): train_ddp.py's own setup and loop on the toy world's SFT model and
    pairs made from its SFT data (chosen: the record's answer; rejected: the next record's), --batch-size 8, one
-   process, the two alternating over --rounds runs (order reversed every round) after a warm-up of each. "data share" = the metrics'
-   data_s summed over the run / the loop's wall time, median over rounds; the first step of a prefetching run
-   prepares its own data, as a run without prefetching does. Not a test: CPU numbers are noisy.
-2. --merge: the peak tensor memory of writing OUT/merged/ as export did it before (a fresh fp32 copy of the model
+   process, the two alternating over --rounds runs (order reversed every round) after a warm-up of each. "data
+   share" = the metrics' data_s summed over the run / the loop's wall time, median over rounds; the first step of
+   a prefetching run prepares its own data, as a run without prefetching does. Not a test: CPU numbers are noisy.
+2. --merge: the peak host memory of writing OUT/merged/ as export did it before (a fresh fp32 copy of the model
    with LoRA, the trained weights loaded into it, merged there: fp32 on disk) and as it does now
    (checkpoint.merged_model: the base read in the dtype it is stored in, fp16 as LLaVA-1.5's, each LoRA layer
    merged in fp32 and cast once to --merge-dtype auto = fp16), on bench/dpo_step.py's random LLaVA (its --width,
