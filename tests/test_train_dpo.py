@@ -131,12 +131,12 @@ def test_merged_model_loads_like_any_hf_model(toy_world, toy_pairs, tmp_path):
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # training changed something
 
 
-@pytest.mark.parametrize("split", [("--grad-accum", "2"), ("--max-tokens-per-batch", "600", "--group-by-length")])
-def test_prefetching_changes_no_number(toy_world, toy_pairs, tmp_path, split):
-    """The next step's batches prepared in a background thread (--prefetch, the default) are the batches the
-    training thread prepares itself (--no-prefetch): every metric and every adapter weight bit for bit, with equal
-    micro-batches or micro-batches cut to a token budget on the training thread."""
-    flags = ("--batch-size", "4", "--max-steps", "4", *split)
+def test_prefetching_changes_no_number(toy_world, toy_pairs, tmp_path):
+    """The next step's examples prepared in a background thread (--prefetch, the default) are those the training
+    thread prepares itself (--no-prefetch): every metric and every adapter weight bit for bit, here with
+    micro-batches cut to a token budget (~800 packed tokens a step: 2 micro-batches or more) on the training thread
+    (test_train_sft.py: micro-batches collated in the thread)."""
+    flags = ("--batch-size", "4", "--max-steps", "4", "--max-tokens-per-batch", "600", "--group-by-length")
     for name, prefetch in (("on", "--prefetch"), ("off", "--no-prefetch")):
         train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / name, *flags, prefetch)))
     timing = ("tokens_per_s", "data_s")
