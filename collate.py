@@ -15,8 +15,10 @@ from pairs import REFERENCE_KEYS, rejected_list
 
 def encode_pair(processor, image, question, chosen, rejected, template):
     """A preference pair as training sequences; labels cover each answer and its end-of-turn token. rejected: one
-    answer, or a list of them (then "rejected" is a list of sequences)."""
-    encode = lambda answer: vlm.encode(processor, image, [(question, answer)], template)
+    answer, or a list of them (then "rejected" is a list of sequences). The image is processed once for all of them
+    (Alg. 1 line 4: every answer is scored on the same original image)."""
+    processed = {}
+    encode = lambda answer: vlm.encode(processor, image, [(question, answer)], template, processed)
     return {"chosen": encode(chosen),
             "rejected": [encode(r) for r in rejected] if isinstance(rejected, list) else encode(rejected)}
 

@@ -234,21 +234,16 @@ def budget_micro_batches(indices, lengths, budget, count=0):
     return micro
 
 
-def micro_batches(dataset, indices, rank, world_size, accumulation, max_tokens=0):
-    """(micro-batches, encoded): this rank's micro-batches of a step's global batch (index lists), `accumulation`
-    of equal size, or with max_tokens (--max-tokens-per-batch) as many as the token budget needs (packed tokens), the same
-    number on every rank; and the examples encoded to measure them (so that none is encoded twice). The global
-    batch stays so many pairs either way: the loss is the same on 1 process as on N."""
-    if not max_tokens:
-        return rank_micro_batches(indices, rank, world_size, accumulation), {}
-    mine = rank_micro_batches(indices, rank, world_size, 1)[0]
-    encoded = {i: dataset[i] for i in mine}
-    lengths = {i: packed_length(encoded[i]) for i in mine}
+def budget_split(encoded, max_tokens, rank, world_size):
+    """--max-tokens-per-batch: this rank's share of a step's global batch ({index: encoded pair}, in order) cut into
+    micro-batches (index lists) of at most max_tokens packed tokens, the same number on every rank (a collective:
+    call it on the training thread only). The global batch stays so many pairs: the loss is the same on 1 process
+    as on N."""
+    lengths = {i: packed_length(example) for i, example in encoded.items()}
     counts = [0.0] * world_size
-    counts[rank] = len(budget_micro_batches(mine, lengths, max_tokens))
+    counts[rank] = len(budget_micro_batches(list(encoded), lengths, max_tokens))
     most = int(max(common.all_reduce_sum(counts, world_size)))
-    return budget_micro_batches(mine, lengths, max_tokens, most), encoded
-
+    return budget_micro_batches(list(encoded), lengths, max_tokens, most)
 
 
 # ----------------------------------------------------------------------------- the precomputed reference

@@ -100,11 +100,13 @@ def disable_adapter(model):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold each LoRA update into its base weight in place (W += scale * B @ A); no-op if merged.
-    Exact enough in fp32; into bf16 weights it rounds small updates away, so merge into fp32 weights only."""
+    """Fold each LoRA update into its base weight in place (W + scale * B @ A, computed in fp32 and cast once to
+    W's dtype: merged_weight); no-op if merged. Into bf16 weights a small update rounds away: merge into fp32
+    weights, or keep the adapter unmerged (eval/runner.py)."""
     for _, module in lora_modules(model):
         if not module.merged:
-            module.base.weight += module.delta_weight().to(module.base.weight.dtype)
+            weight = module.base.weight
+            weight.copy_(merged_weight(weight, module.delta_weight(), weight.dtype)[0])
             module.merged = True
 
 
@@ -115,6 +117,56 @@ def remove_lora(model):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, module.base)
     return model
+
+
+# ----------------------------------------------------------------------------- merging into a saved model
+LOST_WARNING = 0.1  # a merged model that loses more than this share of the update's norm is named in a warning
+
+
+@torch.no_grad()
+def merged_weight(weight, delta, dtype):
+    """(weight + delta in fp32, cast once to dtype, what the cast did to the update): the latter as a (4,) float64
+    tensor of sums that rounding_line reads: elements the update changes, those of them whose merged value equals
+    the base's in dtype (the update rounded away), the update's squared norm, and the squared norm of what the
+    merged weights carry of it minus the update (the part lost)."""
+    delta = delta.float()  # (out, in)
+    merged = (weight.float() + delta).to(dtype)
+    base = weight.to(dtype)  # the base as a model in dtype holds it
+    updated = delta != 0
+    lost = merged.float() - base.float() - delta  # what the merged weights carry of the update, minus the update
+    stats = torch.stack([updated.sum(), (updated & (merged == base)).sum()]).double()
+    norms = torch.stack([torch.linalg.vector_norm(delta), torch.linalg.vector_norm(lost)]).double()
+    return merged, torch.cat([stats, norms.square()])
+
+
+def rounding_line(stats, dtype):
+    """One line: how much of the update merging into `dtype` rounded away (merged_weight's sums, added up); a
+    warning where more than LOST_WARNING of its norm is lost."""
+    updated, vanished, update_square, lost_square = stats.tolist()
+    lost = math.sqrt(lost_square / update_square) if update_square else 0.0
+    line = (f"merged in {str(dtype).removeprefix('torch.')}: {vanished / max(updated, 1):.1%} of the updated weights "
+            f"equal the base's after the cast, {lost:.1%} of the update's norm is lost")
+    if lost > LOST_WARNING:
+        return (f"warning: {line}; evaluate the base with the adapter (OUT/adapter, unmerged) or merge with "
+                f"--merge-dtype float32")
+    return line
+
+
+@torch.no_grad()
+def merge_into(model, lora_weights, scales, dtype, device):
+    """Fold LoRA updates given as tensors into `model`, a model without LoRA (the base as stored): each targeted
+    nn.Linear's weight becomes W + scale * B @ A, computed on `device` in fp32 one layer at a time and cast once to
+    `dtype`. lora_weights: {MODULE.lora_A.weight, MODULE.lora_B.weight: tensor} (a LoRA model's state dict);
+    scales: {MODULE: alpha / r}. Returns merged_weight's sums over every layer."""
+    totals = torch.zeros(4, dtype=torch.float64)
+    for name, scale in scales.items():
+        linear = model.get_submodule(name)
+        lora_A = lora_weights[f"{name}.lora_A.weight"].to(device, torch.float32)  # (r, in)
+        lora_B = lora_weights[f"{name}.lora_B.weight"].to(device, torch.float32)  # (out, r)
+        merged, stats = merged_weight(linear.weight.to(device), scale * lora_B @ lora_A, dtype)
+        linear.weight = nn.Parameter(merged.to(linear.weight.device), requires_grad=False)
+        totals += stats.cpu()
+    return totals
 
 
 # ----------------------------------------------------------------------------- PEFT's on-disk layout
@@ -128,9 +180,10 @@ def peft_key(module_name, param_name):
     return f"base_model.model.{module_name}.{param_name}"
 
 
-def save_lora(model, out_dir, base_model_name_or_path="", targets=None):
+def save_lora(model, out_dir, base_model_name_or_path="", targets=None, weights=None):
     """Save the LoRA adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors.
-    targets: the regex apply_lora was given (default: the family's)."""
+    targets: the regex apply_lora was given (default: the family's). weights: the LoRA tensors by state-dict name,
+    where the model's own are not whole (a state dict gathered from FSDP2's shards)."""
     modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA layers to save")
@@ -152,7 +205,9 @@ def save_lora(model, out_dir, base_model_name_or_path="", targets=None):
     config = dict(peft_type="LORA", task_type=None, r=r, lora_alpha=alpha, lora_dropout=dropout,
                   target_modules=regex, base_model_name_or_path=base_model_name_or_path,
                   inference_mode=True, init_lora_weights=True, revision=None, **PEFT_FIXED)
-    tensors = {peft_key(name, f"{part}.weight"): getattr(module, part).weight.detach().cpu().contiguous()
+    tensor = lambda name, module, part: (getattr(module, part).weight if weights is None
+                                         else weights[f"{name}.{part}.weight"])
+    tensors = {peft_key(name, f"{part}.weight"): tensor(name, module, part).detach().cpu().contiguous()
                for name, module in modules for part in ("lora_A", "lora_B")}
     os.makedirs(out_dir, exist_ok=True)
     with common.atomic_path(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:

@@ -29,6 +29,10 @@ def parse_args(argv=None, description=None):
                    help="prompt template (default: the family's; LLaVA-1.5: llava_v1, the authors'; others: chat)")
     g.add_argument("--max-length", type=int, default=2048, help="longer examples are skipped (paper: 2048)")
     g.add_argument("--cache-data", action="store_true", help="keep tokenized examples in memory (small data sets)")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepare the next step's batches (images, tokens) in a background thread while a step "
+                        "computes: the same batches, one step's more in memory (default: on; --no-prefetch: on the "
+                        "training thread)")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length, so batches pad less (LLaVA's group_by_modality_length); "
                         "the order stays a function of --seed, and resumes stay exact")
@@ -67,6 +71,11 @@ def parse_args(argv=None, description=None):
                         "--max-tokens-per-batch); shared_image runs the vision tower once per pair; concatenated runs "
                         "chosen and rejected as 2B full sequences (the naive way)")
     g.add_argument("--merge", action="store_true", help="also write OUT/merged/, the LoRA merged into the model")
+    g.add_argument("--merge-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="the dtype OUT/merged/ is saved in, the one you will evaluate it in (auto: the base's, as its "
+                        "config.json says; LLaVA-1.5: float16); a line says how much of the update it rounds away, a "
+                        "warning where it loses it (small updates, as at SeVa's lr 2e-6, can vanish in bf16: "
+                        "then evaluate the base with OUT/adapter)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-step (paper: 16)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (paper: 1)")

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -128,7 +129,7 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     group_by_length: bool = False  # batches of similar lengths (data.step_indices)
-    max_tokens: int = 0  # --max-tokens-per-batch: micro-batches cut to a token budget (data.micro_batches)
+    max_tokens: int = 0  # --max-tokens-per-batch: micro-batches cut to a token budget (data.budget_split)
 
 
 def setup(args):
@@ -230,20 +231,27 @@ def lr_lambda(warmup_steps, total_steps):
 
 
 # ----------------------------------------------------------------------------- the loop
-def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True, keep=2, stop=None):
+def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True, keep=2, stop=None, prefetch=True):
     """Train from run.start_step to run.num_steps: one global batch per step (data.step_indices: a function of
     step and seed), a row of OUT/metrics.jsonl per step, a checkpoint every `save_every` steps (the last `keep`
-    kept). stop (runcontrol.StopSignals): after each step, a SIGINT / SIGTERM ends the run there."""
-    dataset, model, rank, world_size = run.dataset, run.model, run.rank, run.world_size
+    kept). stop (runcontrol.StopSignals): after each step, a SIGINT / SIGTERM ends the run there. prefetch: each
+    step's data (images, tokens, batches) is prepared in a background thread during the step before, the same data
+    (prepare_step); data_s in the metrics is the time the step still waited for it."""
+    model, rank, world_size = run.model, run.rank, run.world_size
     metrics_path = os.path.join(out, "metrics.jsonl")
     model.train()
     bar = tqdm(total=run.num_steps, initial=run.start_step, desc=run.objective, disable=rank != 0 or not progress)
+    prepare = functools.partial(prepare_step, run, seed=seed, accumulation=accumulation)
+    # --prefetch: the next step's data is prepared in a background thread while this step computes
+    background = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+    upcoming = None
     for step in range(run.start_step, run.num_steps):
         t0 = time.time()
-        indices = data.step_indices(step, len(dataset), run.global_batch, seed,
-                                    dataset.lengths if run.group_by_length else None)
-        micro, encoded = data.micro_batches(dataset, indices, rank, world_size, accumulation, run.max_tokens)
-        batches = [dataset.collate([encoded[i] if i in encoded else dataset[i] for i in m]) for m in micro]
+        prepared = upcoming.result() if upcoming else prepare(step)
+        if background and step + 1 < run.num_steps:
+            upcoming = background.submit(prepare, step + 1)
+        batches = step_batches(run, prepared)
+        data_s = time.time() - t0  # the training thread's wait for the step's data
         # Normalise by the whole global batch: pairs for DPO, answer tokens for SFT (counted over ranks).
         normaliser = run.global_batch if run.objective == "dpo" else common.all_reduce_sum(
             [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)], world_size)[0]
@@ -269,7 +277,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True, k
         tokens = sum(int(b["attention_mask"].sum()) for b in batches) * world_size  # unpacked: prompt twice per pair
         row = {"step": step + 1, **{k: v / normalisers(totals, normaliser, k) for k, v in totals.items()},
                "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-               "tokens_per_s": tokens / (time.time() - t0)}
+               "tokens_per_s": tokens / (time.time() - t0), "data_s": data_s}
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -282,8 +290,34 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True, k
         reason = stop.check(world_size) if stop and step + 1 < run.num_steps else None
         if reason is not None:
             bar.close()
+            if background:
+                background.shutdown(cancel_futures=True)
             checkpoint.stop_run(run, out, step + 1, reason, save_every, saved, keep)
     bar.close()
+    if background:
+        background.shutdown()
+
+
+def prepare_step(run, step, seed, accumulation):
+    """Step `step`'s data on this rank (data.step_indices: a function of step and seed), with no collective, so that a
+    background thread may prepare it: its micro-batches collated, or with --max-tokens-per-batch its examples
+    encoded ({index: example}), for step_batches to cut on the training thread."""
+    dataset = run.dataset
+    indices = data.step_indices(step, len(dataset), run.global_batch, seed,
+                                dataset.lengths if run.group_by_length else None)
+    if run.max_tokens:
+        return {i: dataset[i] for i in data.rank_micro_batches(indices, run.rank, run.world_size, 1)[0]}
+    micro = data.rank_micro_batches(indices, run.rank, run.world_size, accumulation)
+    return [dataset.collate([dataset[i] for i in batch_indices]) for batch_indices in micro]
+
+
+def step_batches(run, prepared):
+    """The step's micro-batches from prepare_step's result: with --max-tokens-per-batch cut to the token budget here,
+    on the training thread (its all_reduce must not run beside the step's collectives from another thread)."""
+    if not run.max_tokens:
+        return prepared
+    micro = data.budget_split(prepared, run.max_tokens, run.rank, run.world_size)
+    return [run.dataset.collate([prepared[i] for i in batch_indices]) for batch_indices in micro]
 
 
 def normalisers(totals, normaliser, key):
@@ -306,12 +340,13 @@ def train(args):
         with runcontrol.StopSignals() as stop:
             run = setup(args)
             loop(run, args.out, args.seed, args.grad_accum, args.grad_clip, args.save_every, args.progress,
-                 args.keep, stop)
+                 args.keep, stop, args.prefetch)
             fresh_model = lambda: trainable.prepare_model(
                 args.model, torch.device("cpu"), None, args.objective, args.lora_r, args.lora_alpha,
                 args.lora_dropout, args.train_projector, train_vision=args.train_vision)[0]
             checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r,
-                              args.merge, run.parallel == "fsdp", fresh_model, run.config["base_digest"])
+                              args.merge, run.parallel == "fsdp", fresh_model, run.config["base_digest"],
+                              args.merge_dtype, run.device)
             common.barrier(run.world_size)
     finally:
         if lock:

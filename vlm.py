@@ -334,7 +334,7 @@ def prompt_text(processor, question, template):
 
 
 # ----------------------------------------------------------------------------- tokenizing
-def encode(processor, image, turns, template):
+def encode(processor, image, turns, template, processed=None):
     """Tokenize a conversation on one image for training.
 
     Returns input_ids (T,), labels (T,) with -100 everywhere but the answers and their end-of-turn
@@ -343,6 +343,9 @@ def encode(processor, image, turns, template):
     The first piece, the prompt that holds the image, goes through the processor exactly as generate.py
     sends it, so its image tokens (and whatever the family adds around them) are those the model
     expects; the rest of the conversation follows as the tokenizer splits the whole text.
+
+    processed: a dict shared by the calls on one image (a pair's chosen and rejected answers): the processor's
+    output for each prompt, kept there, so that the image is processed once; the examples then share its tensors.
     """
     tokenizer = processor.tokenizer
     pieces = render_turns(processor, turns, template)
@@ -359,7 +362,10 @@ def encode(processor, image, turns, template):
         labels += added if is_answer else [-100] * len(added)
         if k == 0:
             prompt_tokens = len(ids)  # the first piece's tokens: the processor gives the model's own for them
-    inputs = dict(processor(images=[image], text=[pieces[0][0]], return_tensors="pt"))
+    processed = {} if processed is None else processed
+    if pieces[0][0] not in processed:
+        processed[pieces[0][0]] = dict(processor(images=[image], text=[pieces[0][0]], return_tensors="pt"))
+    inputs = dict(processed[pieces[0][0]])  # a copy: the keys are popped below
     prompt_ids = inputs.pop("input_ids")[0]
     inputs.pop("attention_mask", None)
     inputs.pop("labels", None)  # PaliGemma's processor returns labels too: none on a prompt

@@ -15,6 +15,7 @@ import common
 import data
 import dpo
 import lora
+import pairs
 import train_ddp
 import trainable
 import vlm
@@ -59,6 +60,40 @@ def test_pair_labels_cover_only_the_answers(toy_world):
     assert torch.equal(pair["chosen"]["pixel_values"], pair["rejected"]["pixel_values"])
 
 
+def test_a_pairs_image_is_processed_once(toy_world):
+    """encode_pair calls the processor (which processes the image) once per pair, whatever its number of rejected
+    answers, and gives the examples, and the batch, that encoding each answer alone gives."""
+    _, processor = vlm.load(os.path.join(toy_world, "model-sft"))
+    calls = []
+
+    class Counting:  # the processor, counting its calls
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs.get("images"))
+            return processor(*args, **kwargs)
+
+    question = "What color is the star?"
+    pairs_now, pairs_before = [], []
+    for index, rejected in enumerate(["deep blue", ["deep blue", "green", "a red square"]]):
+        image = vlm.load_image(os.path.join(toy_world, "images", "val", f"00000{index}.png"))
+        calls.clear()
+        pair = collate.encode_pair(Counting(), image, question, "red", rejected, "llava_v1")
+        assert len(calls) == 1
+        alone = lambda answer: vlm.encode(processor, image, [(question, answer)], "llava_v1")  # as before
+        before = {"chosen": alone("red"), "rejected": [alone(r) for r in rejected] if isinstance(rejected, list)
+                  else alone(rejected)}
+        for got, want in zip([pair["chosen"], *pairs.rejected_list(pair["rejected"])],
+                             [before["chosen"], *pairs.rejected_list(before["rejected"])]):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        pairs_now.append(pair)
+        pairs_before.append(before)
+    pad = processor.tokenizer.pad_token_id
+    batch, batch_before = collate.collate_pairs(pairs_now, pad), collate.collate_pairs(pairs_before, pad)
+    assert batch.keys() == batch_before.keys() and all(torch.equal(batch[k], batch_before[k]) for k in batch)
+
+
 def test_dpo_learns_the_preference(toy_world, toy_pairs, tmp_path):
     """Two dozen steps on 8 right-way-round pairs: reward accuracy above 0.5 and a positive margin."""
     few = tmp_path / "pairs.jsonl"
@@ -94,6 +129,24 @@ def test_merged_model_loads_like_any_hf_model(toy_world, toy_pairs, tmp_path):
             base_logits = base(**inputs).logits
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # training changed something
+
+
+def test_prefetching_changes_no_number(toy_world, toy_pairs, tmp_path):
+    """The next step's examples prepared in a background thread (--prefetch, the default) are those the training
+    thread prepares itself (--no-prefetch): every metric and every adapter weight bit for bit, here with
+    micro-batches cut to a token budget (~800 packed tokens a step: 2 micro-batches or more) on the training thread
+    (test_train_sft.py: micro-batches collated in the thread)."""
+    flags = ("--batch-size", "4", "--max-steps", "4", "--max-tokens-per-batch", "600", "--group-by-length")
+    for name, prefetch in (("on", "--prefetch"), ("off", "--no-prefetch")):
+        train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / name, *flags, prefetch)))
+    timing = ("tokens_per_s", "data_s")
+    on, off = metrics(tmp_path / "on"), metrics(tmp_path / "off")
+    assert len(on) == len(off) == 4 and all(row["data_s"] >= 0 for row in on + off)
+    assert [{k: v for k, v in row.items() if k not in timing} for row in on] == \
+        [{k: v for k, v in row.items() if k not in timing} for row in off]
+    a, b = adapter(tmp_path / "on"), adapter(tmp_path / "off")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
 
 
 def test_precomputed_reference_equals_adapter_reference(toy_world, toy_pairs, tmp_path):
@@ -175,7 +228,9 @@ def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
     """Global batch 8: 1 process x 4 x accumulation 2 against 2 processes x 2 x accumulation 2. The 2 processes'
     checkpoint of step 2 is sharded: under FSDP2 each rank wrote half of every trained tensor, and resumed from it
     they train the same adapter bit for bit."""
-    steps = ("--max-steps", "3", "--global-batch", "8", "--grad-accum", "2")
+    # --merge: FSDP2's ranks hold shards of LoRA; the merged folder (bf16 there) is the one process's
+    merge_dtype = {"ddp": "float32", "fsdp": "bfloat16"}[parallel]
+    steps = ("--max-steps", "3", "--global-batch", "8", "--grad-accum", "2", "--merge", "--merge-dtype", merge_dtype)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py"]
     two = dpo_args(toy_world, toy_pairs, tmp_path / "two", "--batch-size", "2", "--parallel", parallel, *steps,
                    "--save-every", "2")
@@ -184,6 +239,11 @@ def test_two_processes_equal_one(toy_world, toy_pairs, tmp_path, parallel):
     one, straight = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)  # training moved B off zero
     assert_same_adapter(one, straight)
+    merged_one, merged_two = [load_file(str(tmp_path / n / "merged" / "model.safetensors")) for n in ("one", "two")]
+    dtypes = {v.dtype for v in merged_one.values()}, {v.dtype for v in merged_two.values()}
+    assert dtypes[0] == dtypes[1] == {getattr(torch, merge_dtype)}
+    # bf16: the adapters' 1e-4 difference may move a merged value across a rounding boundary, one step of 2^-7 at most
+    assert_same_adapter(merged_one, merged_two, rtol=1e-4 if parallel == "ddp" else 2 ** -7, atol=1e-6)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         # margins are beta x differences of log-prob sums: a caption's sum (~-100) in fp32 carries ~1e-5 of
@@ -217,9 +277,14 @@ def test_only_lora_is_trained_unless_the_projector_is_asked_for(toy_world, toy_p
     extra = [n for n in checkpoint.trainable_names(model) if ".lora_" not in n]
     assert extra and all(n.startswith("model.multi_modal_projector.") for n in extra)
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "run", "--batch-size", "4",
-                                                  "--max-steps", "2", "--train-projector")))
+                                                  "--max-steps", "2", "--train-projector", "--merge",
+                                                  "--merge-dtype", "bfloat16")))
     saved = load_file(os.path.join(tmp_path, "run", "adapter", "non_lora_trainables.safetensors"))
     assert sorted(saved) == sorted(extra)
+    merged = vlm.load(os.path.join(tmp_path, "run", "merged"), dtype=torch.bfloat16)[0].state_dict()
+    base = vlm.load(args.model)[0].state_dict()
+    for name in extra:  # the trained projector in the merged model, cast once
+        assert torch.equal(merged[name], saved[name].bfloat16()) and not torch.equal(saved[name], base[name]), name
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(toy_world, toy_pairs, tmp_path):
@@ -259,10 +324,52 @@ def test_lora_over_a_bf16_base_trains_in_fp32_and_merges_into_the_weights_as_loa
     grads = [p.grad for n, p in low.named_parameters() if ".lora_" in n]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
-    fresh = lambda: model_of(args)[0]
-    checkpoint.export(low, low, processor, args.out, 0, args.model, args.lora_r, args.merge, False, fresh)
-    merged, _ = vlm.load(os.path.join(str(tmp_path), "merged"))
-    assert merged.dtype == torch.float32
-    reference = lora.remove_lora(full).state_dict()
-    for key, value in merged.state_dict().items():
+    # --merge from the bf16 base: each merged weight is the base as stored (fp32 here) + scale B A in fp32, cast once
+    # to the dtype asked; computed here independently, from the fp32 model and the formula
+    scales = {name: module.scale for name, module in lora.lora_modules(full)}
+    lora_weights = {k: v for k, v in full.state_dict().items() if ".lora_" in k}
+    base_weights = {k.replace(".base.", "."): v for k, v in full.state_dict().items() if ".lora_" not in k}
+    for asked in ("float32", "bfloat16"):
+        checkpoint.export(low, low, processor, str(tmp_path / asked), 0, args.model, args.lora_r, True, False, None,
+                          merge_dtype=asked)
+        merged_dir = tmp_path / asked / "merged"
+        assert json.load(open(merged_dir / "config.json"))["dtype"] == asked
+        assert {v.dtype for v in load_file(str(merged_dir / "model.safetensors")).values()} == {getattr(torch, asked)}
+        merged = vlm.load(str(merged_dir), dtype=getattr(torch, asked))[0].state_dict()
+        changed = 0
+        for key, value in merged.items():
+            module = key.removesuffix(".weight")
+            want = base_weights[key].float()
+            if module in scales:
+                update = lora_weights[f"{module}.lora_B.weight"] @ lora_weights[f"{module}.lora_A.weight"]
+                want = want + scales[module] * update
+                changed += 1
+            assert torch.equal(value, want.to(getattr(torch, asked))), key
+        assert changed == len(scales)
+    with torch.no_grad():  # the merged fp32 model is the LoRA model, merged in memory
+        reference = lora.remove_lora(full).state_dict()
+    for key, value in vlm.load(str(tmp_path / "float32" / "merged"))[0].state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+def test_merge_names_the_update_a_cast_rounds_away():
+    """lora.merged_weight on hand-worked values: an update of 1e-4 on weights of 1 is below bf16's resolution
+    (1 + 1e-4 rounds to 1: 2^-7 apart there) and vanishes whole, a warning says so; 0.5 is exact in bf16; fp32
+    keeps 1e-4 to ~6e-8 / 1e-4."""
+    weight = torch.ones(4, 8)
+    small, large = torch.full((4, 8), 1e-4), torch.full((4, 8), 0.5)
+    small[0] = 0  # elements the update leaves alone are not counted
+    merged, stats = lora.merged_weight(weight, small, torch.bfloat16)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, weight.bfloat16())
+    assert stats[:2].tolist() == [24, 24]  # 24 elements updated, all 24 rounded away
+    line = lora.rounding_line(stats, torch.bfloat16)
+    assert line.startswith("warning: merged in bfloat16: 100.0% of the updated weights")
+    assert "100.0% of the update's norm is lost" in line
+    merged, stats = lora.merged_weight(weight, large, torch.bfloat16)
+    assert torch.equal(merged, torch.full((4, 8), 1.5, dtype=torch.bfloat16)) and stats[1] == 0 and stats[3] == 0
+    assert lora.rounding_line(stats, torch.bfloat16).startswith("merged in bfloat16: 0.0%")
+    merged, stats = lora.merged_weight(weight, small, torch.float32)
+    assert stats[1] == 0 and not lora.rounding_line(stats, torch.float32).startswith("warning")
+    # summed over layers: the line reads the totals
+    both = lora.merged_weight(weight, small, torch.bfloat16)[1] + lora.merged_weight(weight, large, torch.bfloat16)[1]
+    assert lora.rounding_line(both, torch.bfloat16).startswith("merged in bfloat16: 42.9%")  # 24 of 56

@@ -41,6 +41,21 @@ def test_a_few_sft_steps_lower_the_loss(toy_world, tmp_path):
     assert os.path.exists(tmp_path / "model" / "model.safetensors")
 
 
+def test_prefetching_changes_no_number_with_dropout(toy_world, tmp_path):
+    """SFT with LoRA dropout draws random numbers on the training thread every step; the background thread that
+    prepares the next step's batches (--prefetch) draws none, so the run is the one without it, bit for bit."""
+    flags = ("--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0.1", "--batch-size", "4", "--max-steps", "4")
+    runs = {}
+    for flag in ("--prefetch", "--no-prefetch"):
+        train_ddp.train(train_ddp.parse_args(sft_args(toy_world, str(tmp_path / flag), *flags, flag)))
+        rows = [json.loads(line) for line in open(tmp_path / flag / "metrics.jsonl")]
+        runs[flag] = ([{k: v for k, v in row.items() if k not in ("tokens_per_s", "data_s")} for row in rows],
+                      load_file(str(tmp_path / flag / "adapter" / "adapter_model.safetensors")))
+    (rows, weights), (rows_off, weights_off) = runs["--prefetch"], runs["--no-prefetch"]
+    assert len(rows) == 4 and rows == rows_off
+    assert weights.keys() == weights_off.keys() and all(torch.equal(weights[k], weights_off[k]) for k in weights)
+
+
 def test_labels_cover_only_answers(toy_world):
     _, processor = vlm.load(os.path.join(toy_world, "model-init"))
     record = common.read_records(os.path.join(toy_world, "sft.json"))[0]
