@@ -28,6 +28,7 @@ import checkpoint
 import common
 import data
 import dpo
+import export
 import lora
 import plan
 import runcontrol
@@ -344,7 +345,7 @@ def train(args):
             fresh_model = lambda: trainable.prepare_model(
                 args.model, torch.device("cpu"), None, args.objective, args.lora_r, args.lora_alpha,
                 args.lora_dropout, args.train_projector, train_vision=args.train_vision)[0]
-            checkpoint.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r,
+            export.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r,
                               args.merge, run.parallel == "fsdp", fresh_model, run.config["base_digest"],
                               args.merge_dtype, run.device)
             common.barrier(run.world_size)

@@ -14,7 +14,7 @@ Benchmark: two costs of train_ddp.py beside the step's own math.
    a prefetching run prepares its own data, as a run without prefetching does. Not a test: CPU numbers are noisy.
 2. --merge: the peak host memory of writing OUT/merged/ as export did it before (a fresh fp32 copy of the model
    with LoRA, the trained weights loaded into it, merged there: fp32 on disk) and as it does now
-   (checkpoint.merged_model: the base read in the dtype it is stored in, fp16 as LLaVA-1.5's, each LoRA layer
+   (export.merged_model: the base read in the dtype it is stored in, fp16 as LLaVA-1.5's, each LoRA layer
    merged in fp32 and cast once to --merge-dtype auto = fp16), on bench/dpo_step.py's random LLaVA (its --width,
    --layers, LoRA r 16 on every linear layer of the language model, B random) saved in fp16. Memory: host memory,
    each way in a fresh process, sampled every 2 ms above the process before the merge (torch, transformers, the
@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
+import export  # noqa: E402
 import lora  # noqa: E402
 import train_ddp  # noqa: E402
 import vlm  # noqa: E402
@@ -116,7 +116,7 @@ def merge_memory(args, tmp):
 
 
 MERGE_WAYS = {"before": "before: a fresh fp32 model with LoRA, the weights in, merged there",
-              "now": "now: checkpoint.merged_model, the base as stored, merged per layer"}
+              "now": "now: export.merged_model, the base as stored, merged per layer"}
 
 
 def memory_now():
@@ -148,7 +148,7 @@ def merge_way(way, tmp, lora_r):
         merged.load_state_dict(weights, strict=False)
         lora.remove_lora(merged)
     else:
-        merged = checkpoint.merged_model(folder, weights, scales, "auto", "cpu")
+        merged = export.merged_model(folder, weights, scales, "auto", "cpu")
     done.set()
     sampler.join()
     peak = [max(p, m) for p, m in zip(peak, memory_now())]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import checkpoint
 import collate
 import common
+import export
 import data
 import dpo
 import lora
@@ -330,7 +331,7 @@ def test_lora_over_a_bf16_base_trains_in_fp32_and_merges_into_the_weights_as_loa
     lora_weights = {k: v for k, v in full.state_dict().items() if ".lora_" in k}
     base_weights = {k.replace(".base.", "."): v for k, v in full.state_dict().items() if ".lora_" not in k}
     for asked in ("float32", "bfloat16"):
-        checkpoint.export(low, low, processor, str(tmp_path / asked), 0, args.model, args.lora_r, True, False, None,
+        export.export(low, low, processor, str(tmp_path / asked), 0, args.model, args.lora_r, True, False, None,
                           merge_dtype=asked)
         merged_dir = tmp_path / asked / "merged"
         assert json.load(open(merged_dir / "config.json"))["dtype"] == asked

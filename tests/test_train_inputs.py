@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import common
 import data
+import export
 import train_ddp
 import trainable
 import vlm
@@ -198,13 +199,13 @@ def test_dpo_turns_off_the_dropout_the_config_holds(toy_world, tmp_path):
 
 def test_checkpoints_and_export_hold_only_the_trainable_weights(toy_world, toy_pairs, tmp_path, monkeypatch):
     calls = []
-    real = checkpoint.get_model_state_dict
+    real = export.get_model_state_dict
 
     def spy(model, options=None, **kwargs):
         state = real(model, options=options, **kwargs)
         calls.append((options.ignore_frozen_params, set(state)))
         return state
-    monkeypatch.setattr(checkpoint, "get_model_state_dict", spy)
+    monkeypatch.setattr(export, "get_model_state_dict", spy)
     train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path, "--batch-size", "4", "--max-steps",
                                                   "2", "--save-every", "1", "--train-projector")))
     assert len(calls) == 1  # the export gathers; the checkpoint at step 1 writes each rank's own part
