@@ -105,3 +105,11 @@ def test_a_faint_partner_is_drawn_faint_named_and_unseen_by_stage_0():
     assert f"{partner['colour']} {partner['shape']}" in toygrammar.caption(scene)  # the caption names it
     assert all("faint" not in o for i in range(50)
                for o in toypriors.make_prior_scene(random.Random(i), PAIRS, "kept", faint_share=1.0)["objects"])
+
+
+def test_stage_0_counts_no_faint_partner():
+    from toyworld import scenes as toyscenes
+    scene = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0)
+    faint = sum(bool(o.get("faint")) for o in scene["objects"])
+    assert faint >= 1
+    assert toyscenes.patch_targets(scene, 16)[4] == len(scene["objects"]) - faint - 1

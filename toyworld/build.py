@@ -272,8 +272,8 @@ STAGE_DEFAULTS = {
     "prior": dict(sft_images=4000, pool_size=600, unseen_images=600, val_images=400, pope_images=60,
                   subset_shares=(0.25, 0.15, 0.35, 0.25), vocab_size=1000, width=128, vision_layers=3,
                   text_layers=2, patch_size=16, vision_steps=800, pretrain_epochs=4, sft_epochs=3, sft_batch_size=64,
-                  sft_lr=1e-3, noise_check=100, train_vision=0, prior_images=100, pair_share=0.85,
-                  faint_share=0.0),
+                  sft_lr=1e-3, noise_check=100, train_vision=0, prior_images=100, pair_share=0.7,
+                  faint_share=0.5),
     "closed": dict(sft_images=6000, pool_size=1000, unseen_images=1000, val_images=800, pope_images=100,
                    subset_shares=None, vocab_size=1000, width=128, vision_layers=3, text_layers=2, patch_size=8,
                    vision_steps=800, pretrain_epochs=0, sft_epochs=6, sft_batch_size=64, sft_lr=1e-3,
@@ -303,9 +303,9 @@ def parse_args(argv=None):
     g.add_argument("--prior-images", type=int, help="prior: held-out images per kind of answer (caption, "
                                                     "description) and of image (broken, kept) (100)")
     g.add_argument("--pair-share", type=float, help="prior: the probability that a unit of a training scene is a "
-                                                  "pair of partners (0.85)")
+                                                  "pair of partners (0.7)")
     g.add_argument("--faint-share", type=float, help="prior: the probability that a training pair's partner is "
-                                                   "drawn faint, named by its caption all the same (0.0)")
+                                                   "drawn faint, named by its caption all the same (0.5)")
     g.add_argument("--pope-images", type=int, help="POPE images (6 questions each, per split) (open: 60; closed: 100)")
     g = p.add_argument_group("model and training (defaults: the stage's)")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (1000)")

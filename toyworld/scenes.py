@@ -72,7 +72,8 @@ def render(scene, label_map=False):
 # ----------------------------------------------------------------------------- what stage 0 learns from them
 def patch_targets(scene, patch_size):
     """What a pretrained CLIP would know about each patch: the colour, shape, object (colour x shape) and
-    word it mostly shows (class 0: none), read off the scene's label map; and the scene's object count."""
+    word it mostly shows (class 0: none), read off the scene's label map; and the scene's object count. The prior
+    stage's faint partners are in none of them (toyworld/priors.py)."""
     labels = torch.frombuffer(bytearray(render(scene, label_map=True).tobytes()), dtype=torch.uint8)
     side = IMAGE_SIZE // patch_size
     patches = labels.view(side, patch_size, side, patch_size).permute(0, 2, 1, 3).reshape(side * side, -1)
@@ -91,7 +92,7 @@ def patch_targets(scene, patch_size):
                 obj = scene["objects"][value - 1]
                 colour[p], shape[p] = 1 + list(COLOURS).index(obj["colour"]), 1 + SHAPES.index(obj["shape"])
                 pair[p] = (colour[p] - 1) * len(SHAPES) + shape[p]
-    return colour, shape, pair, word, len(scene["objects"]) - 1
+    return colour, shape, pair, word, sum(not o.get("faint") for o in scene["objects"]) - 1  # faint: unseen
 
 
 def present_pairs(scene):
