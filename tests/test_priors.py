@@ -113,3 +113,21 @@ def test_stage_0_counts_no_faint_partner():
     faint = sum(bool(o.get("faint")) for o in scene["objects"])
     assert faint >= 1
     assert toyscenes.patch_targets(scene, 16)[4] == len(scene["objects"]) - faint - 1
+
+
+def test_the_registered_test_of_one_run_and_of_a_cell():
+    from study import priors as studypriors
+    start = {"broken": {"partner_rate": 0.20, "cover": 0.50}, "kept": {"cover": 0.90}}
+
+    def run(rate, broken_cover=0.50, kept_cover=0.90):
+        return {"prior": {"broken": {"partner_rate": rate, "cover": broken_cover}, "kept": {"cover": kept_cover}}}
+    assert studypriors.meets(run(0.17), start)  # down 3 points, Covers kept
+    assert not studypriors.meets(run(0.175), start)  # down 2.5 points
+    assert not studypriors.meets(run(0.10, broken_cover=0.47), start)  # bought with the broken images' Cover
+    assert not studypriors.meets(run(0.10, kept_cover=0.87), start)  # or by dropping present partners
+    assert studypriors.meets(run(0.10, 0.481, 0.881), start)
+    assert studypriors.cell_state([run(0.1)] * 3, start) == "succeeds"
+    assert studypriors.cell_state([run(0.1)] * 2, start).startswith("open")
+    assert studypriors.cell_state([run(0.1), run(0.19), run(0.1)], start) == "fails"
+    assert "A DPO control succeeds" in studypriors.reading({"dpo-own": "succeeds", "seva": "fails"})
+    assert "untested" in studypriors.reading({"dpo-own": "fails", "dpo-seva": "fails", "sft": "fails"})
