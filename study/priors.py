@@ -155,7 +155,11 @@ def report(out, rows, start, world):
              f"Made by `python -m study.priors` on `{world}` (`python -m toyworld --stage prior`), registered in "
              "[protocol.md](../protocol.md), section \"2026-12-03 (fourth)\", before the stage was built. Scored by "
              "`eval/priors.py` on 100 captions and 100 descriptions of prior-broken and of prior-kept images. Percent "
-             "except positions and words; mean ± sd over seeds. Partner rate: answers naming an absent partner.", ""]
+             "except positions and words; mean ± sd over seeds. Partner rate: answers naming an absent partner.", "",
+             "**Exploratory.** No build of the stage met every band (protocol.md, sections five to eight; "
+             "study/priors/builds/): on this one noise at step 500 does not raise the partner rate (VCD's premise "
+             "fails), so nothing below is a verdict on the paper's claims; the reading below is the registered "
+             "rule's, applied to an exploration.", ""]
     lines += common.markdown_table(header, body) + [""]
     lines += ["Each run's change against the SFT model (points): partner rate broken / Cover broken / Cover kept, "
               "and the registered test:", ""]
