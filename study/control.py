@@ -39,7 +39,14 @@ CONTROLS = ("dpo-own", "dpo-seva", "sft")
 SETTINGS = {"main": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None),
             "guarded": dict(lr=1e-4, beta=0.5, rpo_alpha=0.5, ld_alpha=0.5),
             # exploratory, registered after the control was read (protocol's third section of 2026-12-03)
-            "long": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, epochs=3)}
+            "long": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, epochs=3),
+            # exploratory, the reason measured (protocol's ninth section of 2026-12-03): dpo-own, seed 0, the main
+            # setting with one thing changed: LoRA's rank, full fine-tuning, a lower lr, images never trained on
+            "r8": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, lora_r=8),
+            "r128": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, lora_r=128),
+            "full": dict(lr=5e-5, beta=0.1, rpo_alpha=0.0, ld_alpha=None, lora_r=0),
+            "lr5e-5": dict(lr=5e-5, beta=0.1, rpo_alpha=0.0, ld_alpha=None),
+            "unseen": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, pairs="seva-pairs-unseen.jsonl")}
 REGISTERED = ("main", "guarded")  # the settings the control's reading is over
 LORA_R = 32  # alpha 2r, as every study run
 FALL, COVER_SLACK = 0.03, 0.02  # support: CHAIR_i down >= 3 points, Cover no more than 2 points down
@@ -88,6 +95,17 @@ def write_data(folder, seva_pairs, control):
     return path, dropped
 
 
+def unseen_pairs(world, out, name):
+    """The main command's SeVa pairs made on the pool of images the SFT model never saw (pool-unseen.json),
+    OUT/NAME, made once."""
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        seva.main(["--model", os.path.join(world, "model-sft"), "--data", os.path.join(world, "pool-unseen.json"),
+                   "--image-folder", os.path.join(world, "images"), "--subsets", "textvqa,ocr_vqa", "--num-samples",
+                   "1000", "--batch-size", "64", "--seed", "0", "--no-progress", "--out", path])
+    return common.read_jsonl(path)
+
+
 # ----------------------------------------------------------------------------- one run
 def score(model, processor, world, answers_dir, model_id, weights):
     """scores.score_open's metrics without POPE (protocol, the control's second section: POPE is evidence
@@ -106,8 +124,9 @@ def run_name(control, setting, seed):
 def training_args(start, images, folder, data_path, control, setting, seed):
     """train_ddp.py's arguments of one run: one process, global batch 16, LoRA r 32 / alpha 64, 1 epoch."""
     s = SETTINGS[setting]
+    rank = s.get("lora_r", LORA_R)  # 0: full fine-tuning of the language model
     argv = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"), "--seed", str(seed),
-            "--lora-r", str(LORA_R), "--lora-alpha", str(2 * LORA_R), "--lr", str(s["lr"]),
+            "--lora-r", str(rank), "--lora-alpha", str(2 * rank), "--lr", str(s["lr"]),
             "--batch-size", str(settings.GLOBAL_BATCH), "--no-progress", "--cache-data",
             "--epochs", str(s.get("epochs", 1))]
     if control == "sft":
@@ -330,7 +349,9 @@ def run_control(argv=None):
         todo = schedule(rows, start, args.controls, args.settings, args.seeds)
         if not todo:
             break
-        row = run_once(args.world, args.out, seva_pairs, *todo)
+        pairs_file = SETTINGS[todo[1]].get("pairs")  # unseen: SeVa's pairs made on pool-unseen.json
+        row = run_once(args.world, args.out, unseen_pairs(args.world, args.out, pairs_file) if pairs_file else seva_pairs,
+                       *todo)
         rows.append(row)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
