@@ -147,7 +147,8 @@ def run_once(world, out, seva_pairs, control, setting, seed):
     model.eval()
     _, processor = vlm.load(start)
     answers = os.path.join(folder, "answers")
-    weights = runner.fingerprint(start, os.path.join(folder, "train", "adapter"))
+    trained_dir = os.path.join(folder, "train", "adapter" if SETTINGS[setting].get("lora_r", LORA_R) else "model")
+    weights = runner.fingerprint(start, trained_dir) if trained_dir.endswith("adapter") else runner.fingerprint(trained_dir)
     row = dict(control=control, setting=setting, seed=seed, training=argv, instances=len(seva_pairs),
                trained=trained, dropped=dropped,
                accuracy=scores.short_answers(model, processor, world, answers),
