@@ -346,8 +346,8 @@ def train(args):
                 args.model, torch.device("cpu"), None, args.objective, args.lora_r, args.lora_alpha,
                 args.lora_dropout, args.train_projector, train_vision=args.train_vision)[0]
             export.export(run.model, run.raw_model, run.processor, args.out, run.rank, args.model, args.lora_r,
-                              args.merge, run.parallel == "fsdp", fresh_model, run.config["base_digest"],
-                              args.merge_dtype, run.device)
+                          args.merge, run.parallel == "fsdp", fresh_model, run.config["base_digest"],
+                          args.merge_dtype, run.device)
             common.barrier(run.world_size)
     finally:
         if lock:
