@@ -216,3 +216,24 @@ def test_checkpoints_and_export_hold_only_the_trainable_weights(toy_world, toy_p
     assert {k.removeprefix("model.") for k in index if k.startswith("model.")} == trainable
     assert {k.removeprefix("optimizer.state.").rsplit(".", 1)[0] for k in index
             if k.startswith("optimizer.state.")} == trainable  # AdamW's state of those alone
+
+
+def test_a_shard_rank_0_cannot_see_stops_the_save_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint.save_checkpoint(model, model, optimizer, scheduler, 1, str(tmp_path), {}, 0, 1)
+    real = checkpoint.dcp.save
+
+    def on_another_node(state, storage_writer, **kwargs):  # the shard lands where rank 0 cannot see it
+        written = real(state, storage_writer=storage_writer, **kwargs)
+        os.remove(os.path.join(str(storage_writer.path), "__0_0.distcp"))
+        return written
+    monkeypatch.setattr(checkpoint.dcp, "save", on_another_node)
+    with pytest.raises(OSError, match="not seen by rank 0: --out must be on a filesystem every node shares"):
+        checkpoint.save_checkpoint(model, model, optimizer, scheduler, 2, str(tmp_path), {}, 0, 1)
+    assert checkpoint.checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-000001")]  # never renamed
+    assert checkpoint.checkpoint_problem(str(tmp_path / "checkpoint-000001")) is None
+    assert checkpoint.good_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
