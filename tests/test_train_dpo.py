@@ -163,9 +163,16 @@ def test_precomputed_reference_equals_adapter_reference(toy_world, toy_pairs, tm
     assert_same_adapter(adapter(tmp_path / "adapter"), adapter(tmp_path / "pre"))
 
 
-def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpu_bf16", [False, True], ids=["fp32", "bf16"])
+def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatch, cpu_bf16):
+    """bf16: the GPU's precision path (a bf16 base, fp32 LoRA, bf16 autocast) forced on the CPU, its sharded
+    checkpoint resumed bit for bit as fp32's is."""
+    if cpu_bf16:
+        monkeypatch.setenv(common.CPU_BF16, "1")
     flags = ("--batch-size", "4", "--max-steps", "6", "--save-every", "2")
-    train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "straight", *flags)))
+    model = train_ddp.train(train_ddp.parse_args(dpo_args(toy_world, toy_pairs, tmp_path / "straight", *flags)))
+    assert {p.dtype for n, p in model.named_parameters() if ".lora_" not in n} == {
+        torch.bfloat16 if cpu_bf16 else torch.float32}  # the frozen base as the precision path keeps it
 
     save = checkpoint.save_checkpoint
     def save_then_crash(*args, **kwargs):
