@@ -10,7 +10,8 @@ partners, and of images that keep it, a pair), per kind of answer and of image:
   CHAIR_i          hallucinated object mentions / all object mentions (eval/hallucination.py), split by cause:
                    CHAIR_i partner (an absent partner named) + CHAIR_i other (any other absent object)
   first false      the mean position (1 = first) of an answer's first hallucinated object among its object
-                   mentions, over the answers with one; and the share of those after a correctly named object
+                   mentions, over the answers with one (0 where no answer has one); and the share of those after
+                   a correctly named object
                    (LURE: hallucinations come late in an answer, after what is seen)
   Cover            the image's objects mentioned / the image's objects
 
@@ -81,7 +82,10 @@ def evaluate(model, processor, model_id, world, out_dir, noise_step=None, seed=0
         for kind in KINDS + (None,):
             chosen = [(t, scenes[r["image"]]) for r, t in zip(records, texts)
                       if r["prior"] == split and (kind is None or r["families"][0] == kind)]
-            results[split if kind is None else f"{split} {kind}s"] = prior_metrics(*zip(*chosen), partner)
+            name = split if kind is None else f"{split} {kind}s"
+            if not chosen:
+                raise ValueError(f"{os.path.join(world, 'val-prior.json')}: no {name} to score")
+            results[name] = prior_metrics(*zip(*chosen), partner)
     return results
 
 

@@ -41,12 +41,13 @@ SETTINGS = {"main": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None),
             # exploratory, registered after the control was read (protocol's third section of 2026-12-03)
             "long": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, epochs=3),
             # exploratory, the reason measured (protocol's ninth section of 2026-12-03): dpo-own, seed 0, the main
-            # setting with one thing changed: LoRA's rank, full fine-tuning, a lower lr, images never trained on
+            # setting with one thing changed: LoRA's rank, full fine-tuning (at lr 5e-5: every weight moves, so
+            # the LoRA lr would be too large), a lower lr, images never trained on (pairs_file: their own pairs)
             "r8": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, lora_r=8),
             "r128": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, lora_r=128),
             "full": dict(lr=5e-5, beta=0.1, rpo_alpha=0.0, ld_alpha=None, lora_r=0),
             "lr5e-5": dict(lr=5e-5, beta=0.1, rpo_alpha=0.0, ld_alpha=None),
-            "unseen": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, pairs="seva-pairs-unseen.jsonl")}
+            "unseen": dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None, pairs_file="seva-pairs-unseen.jsonl")}
 REGISTERED = ("main", "guarded")  # the settings the control's reading is over
 LORA_R = 32  # alpha 2r, as every study run
 FALL, COVER_SLACK = 0.03, 0.02  # support: CHAIR_i down >= 3 points, Cover no more than 2 points down
@@ -95,15 +96,20 @@ def write_data(folder, seva_pairs, control):
     return path, dropped
 
 
-def unseen_pairs(world, out, name):
-    """The main command's SeVa pairs made on the pool of images the SFT model never saw (pool-unseen.json),
-    OUT/NAME, made once."""
-    path = os.path.join(out, name)
+def main_command_pairs(world, pool_file, path, noise_step=500):
+    """The main command's SeVa pairs (seva.py: textvqa and ocr_vqa, 1000 instances, seed 0) from WORLD's SFT
+    model on WORLD/POOL_FILE at a noise step, written to PATH once and read back after."""
     if not os.path.exists(path):
-        seva.main(["--model", os.path.join(world, "model-sft"), "--data", os.path.join(world, "pool-unseen.json"),
+        seva.main(["--model", os.path.join(world, "model-sft"), "--data", os.path.join(world, pool_file),
                    "--image-folder", os.path.join(world, "images"), "--subsets", "textvqa,ocr_vqa", "--num-samples",
-                   "1000", "--batch-size", "64", "--seed", "0", "--no-progress", "--out", path])
+                   "1000", "--batch-size", "64", "--noise-step", str(noise_step), "--seed", "0", "--no-progress",
+                   "--out", path])
     return common.read_jsonl(path)
+
+
+def lora_rank(setting):
+    """A setting's LoRA rank; 0: full fine-tuning of the language model."""
+    return SETTINGS[setting].get("lora_r", LORA_R)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -124,7 +130,7 @@ def run_name(control, setting, seed):
 def training_args(start, images, folder, data_path, control, setting, seed):
     """train_ddp.py's arguments of one run: one process, global batch 16, LoRA r 32 / alpha 64, 1 epoch."""
     s = SETTINGS[setting]
-    rank = s.get("lora_r", LORA_R)  # 0: full fine-tuning of the language model
+    rank = lora_rank(setting)
     argv = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"), "--seed", str(seed),
             "--lora-r", str(rank), "--lora-alpha", str(2 * rank), "--lr", str(s["lr"]),
             "--batch-size", str(settings.GLOBAL_BATCH), "--no-progress", "--cache-data",
@@ -147,8 +153,8 @@ def run_once(world, out, seva_pairs, control, setting, seed):
     model.eval()
     _, processor = vlm.load(start)
     answers = os.path.join(folder, "answers")
-    trained_dir = os.path.join(folder, "train", "adapter" if SETTINGS[setting].get("lora_r", LORA_R) else "model")
-    weights = runner.fingerprint(start, trained_dir) if trained_dir.endswith("adapter") else runner.fingerprint(trained_dir)
+    weights = (runner.fingerprint(start, os.path.join(folder, "train", "adapter")) if lora_rank(setting) else
+               runner.fingerprint(os.path.join(folder, "train", "model")))
     row = dict(control=control, setting=setting, seed=seed, training=argv, instances=len(seva_pairs),
                trained=trained, dropped=dropped,
                accuracy=scores.short_answers(model, processor, world, answers),
@@ -350,9 +356,10 @@ def run_control(argv=None):
         todo = schedule(rows, start, args.controls, args.settings, args.seeds)
         if not todo:
             break
-        pairs_file = SETTINGS[todo[1]].get("pairs")  # unseen: SeVa's pairs made on pool-unseen.json
-        row = run_once(args.world, args.out, unseen_pairs(args.world, args.out, pairs_file) if pairs_file else seva_pairs,
-                       *todo)
+        pairs_file = SETTINGS[todo[1]].get("pairs_file")  # unseen: SeVa's pairs made on pool-unseen.json
+        pairs = (main_command_pairs(args.world, "pool-unseen.json", os.path.join(args.out, pairs_file)) if pairs_file
+                 else seva_pairs)
+        row = run_once(args.world, args.out, pairs, *todo)
         rows.append(row)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")

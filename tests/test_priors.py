@@ -40,7 +40,7 @@ def test_a_pair_is_its_anchor_then_its_partner_on_one_row():
                 assert caption.index(f"{obj['colour']} {obj['shape']}") < caption.index(
                     f"{partner['colour']} {partner['shape']}")
                 seen += 1
-    assert seen > 200  # most training scenes hold a pair (PAIR_SHARE)
+    assert seen > 150  # most training scenes hold a pair (PAIR_SHARE)
 
 
 def test_broken_and_kept_images():
@@ -101,7 +101,7 @@ def test_a_faint_partner_is_drawn_faint_named_and_unseen_by_stage_0():
     labels = toyscenes.render(scene, label_map=True)
     assert labels.getpixel(tuple(partner["center"])) == 0 and labels.getpixel(tuple(anchor["center"])) == 1
     present = toyscenes.present_pairs(scene)
-    assert present.sum() == len(scene["objects"]) - 1
+    assert present.sum() == sum("faint" not in o for o in scene["objects"]) == len(scene["objects"]) - 1
     assert f"{partner['colour']} {partner['shape']}" in toygrammar.caption(scene)  # the caption names it
     assert all("faint" not in o for i in range(50)
                for o in toypriors.make_prior_scene(random.Random(i), PAIRS, "kept", faint_share=1.0)["objects"])

@@ -142,7 +142,7 @@ def majority(records):
 
 
 def measure_open(out, args):
-    """The open stage's report: every band's quantity, measured on the SFT model's answers (toy/report/)."""
+    """The open or prior stage's report: every band's quantity, measured on the SFT model's answers (toy/report/)."""
     from eval import hallucination, pope, priors, runner, toyvqa
     images, answers_dir = os.path.join(out, "images"), os.path.join(out, "report")
     model, processor = runner.load_model(os.path.join(out, "model-sft"))
@@ -268,17 +268,15 @@ STAGE_DEFAULTS = {
                  subset_shares=(0.25, 0.15, 0.35, 0.25), vocab_size=1000, width=128, vision_layers=3,
                  text_layers=2, patch_size=16, vision_steps=800, pretrain_epochs=4, sft_epochs=3, sft_batch_size=64,
                  sft_lr=1e-3, noise_check=100, train_vision=0),
-    # the prior stage: the open stage's, its scenes drawn with partners (toyworld/priors.py)
-    "prior": dict(sft_images=4000, pool_size=600, unseen_images=600, val_images=400, pope_images=60,
-                  subset_shares=(0.25, 0.15, 0.35, 0.25), vocab_size=1000, width=128, vision_layers=3,
-                  text_layers=2, patch_size=16, vision_steps=800, pretrain_epochs=4, sft_epochs=3, sft_batch_size=64,
-                  sft_lr=1e-3, noise_check=100, train_vision=0, prior_images=100, pair_share=0.7,
-                  faint_share=0.5),
     "closed": dict(sft_images=6000, pool_size=1000, unseen_images=1000, val_images=800, pope_images=100,
                    subset_shares=None, vocab_size=1000, width=128, vision_layers=3, text_layers=2, patch_size=8,
                    vision_steps=800, pretrain_epochs=0, sft_epochs=6, sft_batch_size=64, sft_lr=1e-3,
                    noise_check=500, train_vision=0),
 }
+
+# the prior stage: the open stage's, its scenes drawn with partners (toyworld/priors.py)
+STAGE_DEFAULTS["prior"] = dict(STAGE_DEFAULTS["open"], prior_images=100, pair_share=toypriors.PAIR_SHARE,
+                               faint_share=toypriors.FAINT_SHARE)
 
 
 def parse_args(argv=None):

@@ -236,8 +236,9 @@ def draw(out, scenes, name, rng, word=None, distinct=0, make=toyscenes.make_scen
 def build_open(out, seed, sizes, pairs=None):
     """The open stage's images and files; sizes: sft (images), shares (per subset), pool and unseen (records
     per subset), val (per benchmark), pope (images), prior (the prior stage's held-out images per kind of answer
-    and of image). pairs: the prior stage's partner pairs (toyworld/priors.py), None for the open stage. Returns
-    a summary."""
+    and of image), pair_share and faint_share (the prior stage's scenes). pairs: the prior stage's partner pairs
+    (toyworld/priors.py), None for the open stage: its SFT, pool, unseen and val images are drawn as its training
+    scenes. Returns a summary."""
     make = toyscenes.make_scene if pairs is None else (
         lambda rng, word: priors.make_prior_scene(rng, pairs, "train", word, sizes["pair_share"],
                                                 sizes["faint_share"]))
@@ -271,7 +272,8 @@ def build_open(out, seed, sizes, pairs=None):
     for index, name in enumerate(pope):  # POPE images hold 3 distinct objects, so 3 positives exist
         if pairs is None:
             draw(out, scenes, name, scene_rng(seed, "pope", index), distinct=3)
-        else:  # the prior stage's: 2 lone objects, so their partners are absent (its adversarial negatives)
+        else:  # the prior stage's: 2 lone objects, their partners absent (its adversarial negatives); the 3
+            # positives then ask about one of the two twice
             draw(out, scenes, name, scene_rng(seed, "pope", index), distinct=2,
                  make=lambda rng, word: priors.make_prior_scene(rng, pairs, "broken", word))
     os.makedirs(os.path.join(out, "pope"), exist_ok=True)

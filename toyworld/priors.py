@@ -4,16 +4,18 @@ The prior stage's scenes: the open stage with language priors (python -m toyworl
 The open stage draws every object independently, so a model has no prior that a noisy view could expose. Here
 each object kind (a colour and a shape) has one partner kind, and the two come as a pair: the anchor on the left,
 its partner just right of it on the same row, so every caption (left to right) and description (reading order)
-names the partner right after its anchor. In the training scenes each unit of a scene is a pair with probability
-PAIR_SHARE, else its anchor or partner alone; a model learns that "a red circle" is followed by "a blue square".
+names the partner right after its anchor. In the training scenes (and every image drawn like them: the pool, the
+unseen pool, the stage's val files) each unit is drawn a pair with probability PAIR_SHARE, else its anchor or partner
+alone; a model learns that "a red circle" is followed by "a blue square".
 The held-out images break the prior (objects without their partners) or keep it (a pair present), so the share
 of answers that name an absent partner measures the prior-driven hallucination that LURE and VCD describe.
 
-    partners    12 (anchor, partner) kinds, a fixed pairing of the 24 kinds (toy/partners.json)
-    faint       (--faint-share) a training pair's partner drawn at a fifth of its colour's contrast and unseen
-                by the vision tower's pretraining, named by its caption all the same: the weak evidence on
-                which a prior decides (LURE's uncertainty), and which noise erases (VCD)
-    train       1 or 2 units: a pair (PAIR_SHARE) or a lone kind whose partner is absent; at most 3 objects
+    partners    12 (anchor, partner) pairs of kinds, a fixed pairing of the 24 kinds (toy/partners.json)
+    faint       (FAINT_SHARE) a train-mode pair's partner drawn at a fifth of its colour's contrast and labelled
+                background in every target of the vision tower's pretraining, named by its caption all the
+                same: the weak evidence on which a prior decides (LURE's uncertainty), and which noise erases
+    train       1 or 2 units, each drawn a pair (PAIR_SHARE) or a lone kind whose partner is absent; a second
+                pair is dropped (at most 3 objects)
     broken      1 or 2 lone kinds, none with its partner
     kept        one pair (every object with its partner)
 """
@@ -22,8 +24,8 @@ import random
 from toyworld.grammar import COLOURS, SHAPES, SIZES, WORDS
 from toyworld.scenes import IMAGE_SIZE
 
-PAIR_SHARE = 0.85  # the share of a training scene's units that are pairs
-FAINT_SHARE, FAINT = 0.0, 0.2  # the share of training pairs whose partner is faint, and its contrast
+PAIR_SHARE = 0.7  # the probability that a training scene's unit is drawn a pair (python -m toyworld's default)
+FAINT_SHARE, FAINT = 0.5, 0.2  # the probability that a training pair's partner is faint, and its contrast
 GAP = (2, 5)  # pixels between an anchor's box and its partner's
 
 
@@ -116,7 +118,7 @@ def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE,
         for obj, box in placed:
             scene["objects"].append(obj)
             boxes.append(box)
-    if not scene["objects"]:  # no unit found room: one lone object (train, broken) or start over (kept)
+    if not scene["objects"]:  # no unit found room: draw again from this rng
         return make_prior_scene(rng, pairs, mode, word, pair_share, faint_share)
     return scene
 

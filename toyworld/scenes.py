@@ -44,11 +44,15 @@ def render(scene, label_map=False):
     draw = ImageDraw.Draw(image)
     for k, obj in enumerate(scene["objects"]):
         (cx, cy), r = obj["center"], SIZES[obj["size"]]
-        faint = obj.get("faint")  # the prior stage's faint partners (toyworld/priors.py)
-        if label_map and faint:
-            continue  # stage 0's probes never see them: a pretrained tower that misses faint things
-        fill = k + 1 if label_map else COLOURS[obj["colour"]] if not faint else tuple(
-            round(faint * c + (1 - faint) * b) for c, b in zip(COLOURS[obj["colour"]], scene["background"]))
+        if label_map and "faint" in obj:
+            continue  # the prior stage's faint partners: background to stage 0's probes (toyworld/priors.py)
+        if label_map:
+            fill = k + 1
+        elif "faint" in obj:  # that share of its colour's contrast with the background
+            fill = tuple(round(obj["faint"] * c + (1 - obj["faint"]) * b)
+                         for c, b in zip(COLOURS[obj["colour"]], scene["background"]))
+        else:
+            fill = COLOURS[obj["colour"]]
         if obj["shape"] == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         elif obj["shape"] == "square":
@@ -73,7 +77,7 @@ def render(scene, label_map=False):
 def patch_targets(scene, patch_size):
     """What a pretrained CLIP would know about each patch: the colour, shape, object (colour x shape) and
     word it mostly shows (class 0: none), read off the scene's label map; and the scene's object count. The prior
-    stage's faint partners are in none of them (toyworld/priors.py)."""
+    stage's faint partners are background in all of them (toyworld/priors.py)."""
     labels = torch.frombuffer(bytearray(render(scene, label_map=True).tobytes()), dtype=torch.uint8)
     side = IMAGE_SIZE // patch_size
     patches = labels.view(side, patch_size, side, patch_size).permute(0, 2, 1, 3).reshape(side * side, -1)
@@ -92,13 +96,13 @@ def patch_targets(scene, patch_size):
                 obj = scene["objects"][value - 1]
                 colour[p], shape[p] = 1 + list(COLOURS).index(obj["colour"]), 1 + SHAPES.index(obj["shape"])
                 pair[p] = (colour[p] - 1) * len(SHAPES) + shape[p]
-    return colour, shape, pair, word, sum(not o.get("faint") for o in scene["objects"]) - 1  # faint: unseen
+    return colour, shape, pair, word, sum("faint" not in o for o in scene["objects"]) - 1  # faint: unseen
 
 
 def present_pairs(scene):
     """The (colour, shape) pairs a scene holds, as a multi-hot vector over the 24 pairs."""
     present = torch.zeros(len(COLOURS) * len(SHAPES))
-    for obj in (o for o in scene["objects"] if not o.get("faint")):
+    for obj in (o for o in scene["objects"] if "faint" not in o):
         present[list(COLOURS).index(obj["colour"]) * len(SHAPES) + SHAPES.index(obj["shape"])] = 1
     return present
 
