@@ -42,6 +42,13 @@ def answer_claims(text):
     return objects, unparsed
 
 
+def mentioned(claims, scene):
+    """How many of the scene's objects the object claims name (Cover's numerator): same shape, and colour where
+    the claim says one."""
+    return sum(any(c["shape"] == o["shape"] and c["colour"] in (None, o["colour"]) for c in claims)
+               for o in scene["objects"])
+
+
 def hallucination(texts, scenes):
     """The metrics above over answers (strings) to open-ended prompts about `scenes` (one each)."""
     mentions = hallucinated = answers_hallucinating = covered = objects = words = unparsed = 0
@@ -51,8 +58,7 @@ def hallucination(texts, scenes):
         mentions, hallucinated, unparsed = mentions + len(claims), hallucinated + len(wrong), unparsed + bad
         answers_hallucinating += bool(wrong)
         objects += len(scene["objects"])
-        covered += sum(any(c["shape"] == o["shape"] and c["colour"] in (None, o["colour"]) for c in claims)
-                       for o in scene["objects"])
+        covered += mentioned(claims, scene)
         words += len(text.split())
     sentences = shr.metrics(shr.judge_toy(list(zip(texts, scenes))))
     return dict(chair_i=hallucinated / max(1, mentions), chair_s=answers_hallucinating / len(texts),

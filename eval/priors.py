@@ -38,7 +38,7 @@ def partner_map(world):
 
 def prior_metrics(texts, scenes, partner):
     """The metrics above over answers (strings) about `scenes` (one each); partner: {kind: partner}."""
-    mentions = by_partner = other = naming = first_late = 0
+    mentions = by_partner = other = naming = first_late = covered = objects = words = 0
     firsts = []
     for text, scene in zip(texts, scenes):
         claims, _ = hallucination.answer_claims(text)
@@ -55,13 +55,15 @@ def prior_metrics(texts, scenes, partner):
             first = first or position
         mentions += len(claims)
         naming += named_partner
+        covered, objects = covered + hallucination.mentioned(claims, scene), objects + len(scene["objects"])
+        words += len(text.split())
         if first:
             firsts.append(first)
             first_late += first > 1
-    found = hallucination.hallucination(texts, scenes)
-    return dict(partner_rate=naming / max(1, len(texts)), chair_i=found["chair_i"],
+    return dict(partner_rate=naming / max(1, len(texts)), chair_i=(by_partner + other) / max(1, mentions),
                 chair_i_partner=by_partner / max(1, mentions), chair_i_other=other / max(1, mentions),
-                cover=found["cover"], words=found["words"], first_false=statistics.mean(firsts) if firsts else 0.0,
+                cover=covered / max(1, objects), words=words / len(texts),
+                first_false=statistics.mean(firsts) if firsts else 0.0,
                 first_false_late=first_late / max(1, len(firsts)), answers=len(texts), mentions=mentions)
 
 
