@@ -234,7 +234,7 @@ def build(args):
                          val=dict(short=args.val_images, sentence=args.val_images // 2,
                                   caption=args.val_images // 4, description=args.val_images // 4),
                          pope=args.pope_images, prior=args.prior_images, pair_share=args.pair_share,
-                         faint_share=args.faint_share)
+                         faint_share=args.faint_share, faint=args.faint, faint_counted=bool(args.faint_counted))
             pairs = toypriors.partner_pairs(args.seed) if args.stage == "prior" else None
             print("data:", toydata.build_open(out, args.seed, sizes, pairs))
         else:
@@ -276,7 +276,8 @@ STAGE_DEFAULTS = {
 
 # the prior stage: the open stage's, its scenes drawn with partners (toyworld/priors.py)
 STAGE_DEFAULTS["prior"] = dict(STAGE_DEFAULTS["open"], prior_images=100, pair_share=toypriors.PAIR_SHARE,
-                               faint_share=toypriors.FAINT_SHARE)
+                               faint_share=toypriors.FAINT_SHARE, faint=toypriors.FAINT,
+                               faint_counted=int(toypriors.FAINT_COUNTED))
 
 
 def parse_args(argv=None):
@@ -304,6 +305,11 @@ def parse_args(argv=None):
                                                   "pair of partners (0.7)")
     g.add_argument("--faint-share", type=float, help="prior: the probability that a training pair's partner is "
                                                    "drawn faint, named by its caption all the same (0.5)")
+    g.add_argument("--faint", type=float, help="prior: a faint partner's share of its colour's contrast with the "
+                                               "background (0.2)")
+    g.add_argument("--faint-counted", type=int, choices=[0, 1],
+                   help="prior: 1 = stage 0's object count counts the faint partners, which its other targets never "
+                        "see (0)")
     g.add_argument("--pope-images", type=int, help="POPE images (6 questions each, per split) (open: 60; closed: 100)")
     g = p.add_argument_group("model and training (defaults: the stage's)")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (1000)")

@@ -236,12 +236,12 @@ def draw(out, scenes, name, rng, word=None, distinct=0, make=toyscenes.make_scen
 def build_open(out, seed, sizes, pairs=None):
     """The open stage's images and files; sizes: sft (images), shares (per subset), pool and unseen (records
     per subset), val (per benchmark), pope (images), prior (the prior stage's held-out images per kind of answer
-    and of image), pair_share and faint_share (the prior stage's scenes). pairs: the prior stage's partner pairs
+    and of image), pair_share, faint_share, faint and faint_counted (the prior stage's scenes). pairs: the prior stage's partner pairs
     (toyworld/priors.py), None for the open stage: its SFT, pool, unseen and val images are drawn as its training
     scenes. Returns a summary."""
     make = toyscenes.make_scene if pairs is None else (
         lambda rng, word: priors.make_prior_scene(rng, pairs, "train", word, sizes["pair_share"],
-                                                sizes["faint_share"]))
+                                                sizes["faint_share"], sizes["faint"], sizes["faint_counted"]))
     scenes, sft, unseen = {}, [], []
     order = list(range(sizes["sft"]))
     random.Random(f"{seed}/subsets").shuffle(order)

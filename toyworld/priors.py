@@ -11,9 +11,10 @@ The held-out images break the prior (objects without their partners) or keep it 
 of answers that name an absent partner measures the prior-driven hallucination that LURE and VCD describe.
 
     partners    12 (anchor, partner) pairs of kinds, a fixed pairing of the 24 kinds (toy/partners.json)
-    faint       (FAINT_SHARE) a train-mode pair's partner drawn at a fifth of its colour's contrast and labelled
-                background in every target of the vision tower's pretraining, named by its caption all the
-                same: the weak evidence on which a prior decides (LURE's uncertainty), and which noise erases
+    faint       (FAINT_SHARE) a train-mode pair's partner drawn at FAINT of its colour's contrast and labelled
+                background in the vision tower's pretraining targets (colour, shape, object, presence; the
+                object count too unless FAINT_COUNTED), named by its caption all the same: the weak evidence on
+                which a prior decides (LURE's uncertainty), and which noise erases
     train       1 or 2 units, each drawn a pair (PAIR_SHARE) or a lone kind whose partner is absent; a second
                 pair is dropped (at most 3 objects)
     broken      1 or 2 lone kinds, none with its partner
@@ -26,6 +27,7 @@ from toyworld.scenes import IMAGE_SIZE
 
 PAIR_SHARE = 0.7  # the probability that a training scene's unit is drawn a pair (python -m toyworld's default)
 FAINT_SHARE, FAINT = 0.5, 0.2  # the probability that a training pair's partner is faint, and its contrast
+FAINT_COUNTED = False  # whether stage 0's object count counts the faint partners (its other targets never see them)
 GAP = (2, 5)  # pixels between an anchor's box and its partner's
 
 
@@ -80,11 +82,13 @@ def _place(rng, kinds, boxes, top):
     return None
 
 
-def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE, faint_share=FAINT_SHARE):
+def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE, faint_share=FAINT_SHARE,
+                     faint=FAINT, counted=FAINT_COUNTED):
     """A scene graph as toyworld.scenes.make_scene's, with the prior: mode train, broken or kept (above);
     pair_share: the probability that a training scene's unit is a pair; faint_share: the probability that a
-    training pair's partner is drawn faint (FAINT of its colour's contrast with the background, and unseen by
-    stage 0's probes), though every caption names it: a partner the model learns to name on weak evidence."""
+    training pair's partner is drawn faint (faint of its colour's contrast with the background, and unseen by
+    stage 0's probes but for the object count when counted), though every caption names it: a partner the model
+    learns to name on weak evidence."""
     grey = rng.randint(175, 245)
     scene = {"background": [grey + rng.randint(-10, 10) for _ in range(3)], "objects": [], "word": None}
     if rng.random() < 0.5 or word:
@@ -114,12 +118,14 @@ def make_prior_scene(rng, pairs, mode="train", word=None, pair_share=PAIR_SHARE,
         if placed is None:
             continue
         if mode == "train" and unit == "pair" and rng.random() < faint_share:
-            placed[1][0]["faint"] = FAINT
+            placed[1][0]["faint"] = faint
+            if counted:
+                placed[1][0]["counted"] = True  # stage 0's object count sees it (toyworld/scenes.py)
         for obj, box in placed:
             scene["objects"].append(obj)
             boxes.append(box)
     if not scene["objects"]:  # no unit found room: draw again from this rng
-        return make_prior_scene(rng, pairs, mode, word, pair_share, faint_share)
+        return make_prior_scene(rng, pairs, mode, word, pair_share, faint_share, faint, counted)
     return scene
 
 

@@ -77,7 +77,8 @@ def render(scene, label_map=False):
 def patch_targets(scene, patch_size):
     """What a pretrained CLIP would know about each patch: the colour, shape, object (colour x shape) and
     word it mostly shows (class 0: none), read off the scene's label map; and the scene's object count. The prior
-    stage's faint partners are background in all of them (toyworld/priors.py)."""
+    stage's faint partners are background in all of them, but for the count where the stage counts them
+    (toyworld/priors.py, FAINT_COUNTED)."""
     labels = torch.frombuffer(bytearray(render(scene, label_map=True).tobytes()), dtype=torch.uint8)
     side = IMAGE_SIZE // patch_size
     patches = labels.view(side, patch_size, side, patch_size).permute(0, 2, 1, 3).reshape(side * side, -1)
@@ -96,7 +97,8 @@ def patch_targets(scene, patch_size):
                 obj = scene["objects"][value - 1]
                 colour[p], shape[p] = 1 + list(COLOURS).index(obj["colour"]), 1 + SHAPES.index(obj["shape"])
                 pair[p] = (colour[p] - 1) * len(SHAPES) + shape[p]
-    return colour, shape, pair, word, sum("faint" not in o for o in scene["objects"]) - 1  # faint: unseen
+    count = sum("faint" not in o or o.get("counted", False) for o in scene["objects"])
+    return colour, shape, pair, word, count - 1
 
 
 def present_pairs(scene):
