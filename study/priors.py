@@ -10,11 +10,15 @@ least 3 points, with Cover on broken and on kept images no more than 2 points do
     seva-step200/-step800    the same on pairs made at other noise steps (seed 0)
     seva-rpo, seva-lr1e-4    RPO alpha 1.0, or lr 1e-4 (seed 0): do they keep the chosen answer likely?
 
+At the guarded setting (protocol's eleventh section of 2026-12-03) the controls and seva run at the open stage's
+best guarded setting (study/control.py), seva on its noise step 800's pairs; their runs are named ARM-guarded.
+
 Every run is appended to OUT/runs.jsonl as it ends, so a rerun does only the missing ones, in the protocol's
 order; OUT/report.md is rewritten after each.
 
     python -m study.priors                       # every run, in order (resumes)
     python -m study.priors --runs seva:0 sft:1   # just these
+    python -m study.priors --settings main       # the main setting's runs only
 """
 import argparse
 import json
@@ -33,10 +37,16 @@ ARMS = {  # name: (its pairs' noise step, or None for the controls; training ove
     "seva-step200": (200, {}), "seva-step800": (800, {}),
     "seva-rpo": (500, dict(rpo_alpha=1.0)), "seva-lr1e-4": (500, dict(lr=1e-4)),
 }
-MAIN = dict(lr=5e-4, beta=0.1, rpo_alpha=0.0)  # the main command's training setting
+MAIN = dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None)  # the main command's training setting
 ORDER = ([(a, 0) for a in ("dpo-own", "dpo-seva", "sft", "seva")]
          + [(a, s) for s in (1, 2) for a in ("dpo-own", "dpo-seva", "sft", "seva")]
          + [(a, 0) for a in ("seva-step200", "seva-step800", "seva-rpo", "seva-lr1e-4")])
+GUARDED = {"dpo-own": (None, {}), "dpo-seva": (None, {}), "sft": (None, {}), "seva": (800, {})}
+SETTINGS = {  # setting: (its training values, its arms, its order of runs)
+    "main": (MAIN, ARMS, ORDER),
+    "guarded": ({k: v for k, v in control.SETTINGS["guarded"].items()}, GUARDED,
+                [(a, s) for s in (0, 1, 2) for a in GUARDED])}
+PROTOCOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol.md")
 FALL, COVER_SLACK = 0.03, 0.02  # support: the partner rate down >= 3 points, both Covers no more than 2 points down
 
 
@@ -46,15 +56,17 @@ def pairs_path(out, step):
     return os.path.join(out, f"seva-pairs-step{step}.jsonl")
 
 
-def training_args(start, images, folder, data_path, arm, seed):
+def training_args(start, images, folder, data_path, arm, seed, setting="main"):
     """train_ddp.py's arguments: one process, global batch 16, LoRA r 32 / alpha 64, 1 epoch."""
-    s = dict(MAIN, **ARMS[arm][1])
+    values, arms, _ = SETTINGS[setting]
+    s = dict(values, **arms[arm][1])
     argv = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"), "--seed", str(seed),
             "--lora-r", str(control.LORA_R), "--lora-alpha", str(2 * control.LORA_R), "--lr", str(s["lr"]),
             "--batch-size", str(settings.GLOBAL_BATCH), "--no-progress", "--cache-data", "--epochs", "1"]
     if arm == "sft":
         return argv + ["--objective", "sft", "--data", data_path]
-    return argv + ["--objective", "dpo", "--pairs", data_path, "--beta", str(s["beta"]), "--rpo-alpha", str(s["rpo_alpha"])]
+    argv += ["--objective", "dpo", "--pairs", data_path, "--beta", str(s["beta"]), "--rpo-alpha", str(s["rpo_alpha"])]
+    return argv + (["--ld-alpha", str(s["ld_alpha"])] if s["ld_alpha"] is not None else [])
 
 
 def score(model, processor, world, answers_dir, name, weights):
@@ -62,12 +74,12 @@ def score(model, processor, world, answers_dir, name, weights):
                            progress=False, weights=weights)
 
 
-def run_once(world, out, arm, seed):
+def run_once(world, out, arm, seed, setting="main"):
     """Train one arm at one seed and score it; returns its row for runs.jsonl."""
     began = time.time()
-    name = f"{arm}-seed{seed}"
+    name = f"{arm}-seed{seed}" if setting == "main" else f"{arm}-{setting}-seed{seed}"
     folder, start, images = os.path.join(out, "runs", name), os.path.join(world, "model-sft"), os.path.join(world, "images")
-    step = ARMS[arm][0]
+    step = SETTINGS[setting][1][arm][0]
     made = control.main_command_pairs(world, "pool.json", pairs_path(out, step or 500), step or 500)
     if step is None:  # a control: its data from the step-500 pairs' instances
         data_path, dropped = control.write_data(folder, made, arm)
@@ -75,12 +87,12 @@ def run_once(world, out, arm, seed):
         os.makedirs(folder, exist_ok=True)
         data_path, dropped = pairs_path(out, step), 0
     trained = len(common.read_records(data_path)) if arm == "sft" else len(common.read_jsonl(data_path))
-    argv = training_args(start, images, folder, data_path, arm, seed)
+    argv = training_args(start, images, folder, data_path, arm, seed, setting)
     model = train_ddp.train(train_ddp.parse_args(argv))
     model.eval()
     _, processor = vlm.load(start)
     weights = runner.fingerprint(start, os.path.join(folder, "train", "adapter"))
-    row = dict(arm=arm, seed=seed, training=argv, instances=len(made), trained=trained, dropped=dropped,
+    row = dict(arm=arm, seed=seed, setting=setting, training=argv, instances=len(made), trained=trained, dropped=dropped,
                prior=score(model, processor, world, os.path.join(folder, "answers"), name, weights))
     metrics = common.read_jsonl(os.path.join(folder, "train", "metrics.jsonl"), appended=True)
     row["steps"] = len(metrics)
@@ -122,60 +134,116 @@ def cells(found):
     return out
 
 
+def label(setting, arm):
+    return arm if setting == "main" else f"{arm} ({setting})"
+
+
+def stage_fit(world):
+    """Whether the world's build met every band (WORLD/report.json, toyworld/build.py's PRIOR_BANDS)."""
+    bands = common.read_records(os.path.join(world, "report.json")).get("bands", {})
+    return bool(bands) and all(b["ok"] for b in bands.values())
+
+
 def report(out, rows, start, world):
-    """OUT/report.md: the SFT model and each arm (mean ± sd over seeds), each run against the test, the reading."""
+    """OUT/report.md: the SFT model and each arm at each setting (mean ± sd over seeds), each run against the
+    test, the reading."""
     header = ["model", "seeds"] + [c for _, _, c in COLUMNS] + ["pairs trained", "steps", "chosen log-prob first -> last",
                                                               "rejected log-prob first -> last"]
     body = [["SFT model", "-"] + cells([start]) + ["-"] * 4]
-    per_seed, states = [], {}
-    for arm in ARMS:
-        runs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
-        if not runs:
-            continue
-        logp = lambda side: (f"{statistics.mean(r['logps'][side][0] for r in runs):.2f} -> "
-                             f"{statistics.mean(r['logps'][side][1] for r in runs):.2f}") if arm != "sft" else "-"
-        body.append([arm, len(runs)] + cells([r["prior"] for r in runs])
-                    + [f"{statistics.mean(r['trained'] for r in runs):.0f}", f"{statistics.mean(r['steps'] for r in runs):.0f}",
-                       logp("chosen"), logp("rejected")])
-        states[arm] = cell_state(runs, start)
-        deltas = "; ".join(
-            f"seed {r['seed']}: {100 * (r['prior']['broken']['partner_rate'] - start['broken']['partner_rate']):+.1f} / "
-            f"{100 * (r['prior']['broken']['cover'] - start['broken']['cover']):+.1f} / "
-            f"{100 * (r['prior']['kept']['cover'] - start['kept']['cover']):+.1f} ({'meets' if meets(r, start) else 'fails'})"
-            for r in runs)
-        per_seed.append([arm, len(runs), deltas, states[arm]])
+    per_seed, states, runs_of = [], {}, {}
+    for setting, (_, arms, _) in SETTINGS.items():
+        for arm in arms:
+            runs = sorted((r for r in rows if r["arm"] == arm and r.get("setting", "main") == setting),
+                          key=lambda r: r["seed"])
+            if not runs:
+                continue
+            runs_of[setting, arm] = runs
+            logp = lambda side: (f"{statistics.mean(r['logps'][side][0] for r in runs):.2f} -> "
+                                 f"{statistics.mean(r['logps'][side][1] for r in runs):.2f}") if arm != "sft" else "-"
+            body.append([label(setting, arm), len(runs)] + cells([r["prior"] for r in runs])
+                        + [f"{statistics.mean(r['trained'] for r in runs):.0f}",
+                           f"{statistics.mean(r['steps'] for r in runs):.0f}", logp("chosen"), logp("rejected")])
+            states[setting, arm] = cell_state(runs, start)
+            deltas = "; ".join(
+                f"seed {r['seed']}: {100 * (r['prior']['broken']['partner_rate'] - start['broken']['partner_rate']):+.1f} / "
+                f"{100 * (r['prior']['broken']['cover'] - start['broken']['cover']):+.1f} / "
+                f"{100 * (r['prior']['kept']['cover'] - start['kept']['cover']):+.1f} ({'meets' if meets(r, start) else 'fails'})"
+                for r in runs)
+            per_seed.append([label(setting, arm), len(runs), deltas, states[setting, arm]])
+    fit = stage_fit(world)
     lines = ["# SeVa on the prior stage: the control and the verdicts", "",
              f"Made by `python -m study.priors` on `{world}` (`python -m toyworld --stage prior`), registered in "
-             "[protocol.md](../protocol.md), section \"2026-12-03 (fourth)\", before the stage was built. Scored by "
-             f"`eval/priors.py` on {start['broken captions']['answers']} captions and "
+             f"[protocol.md]({os.path.relpath(PROTOCOL, out)}), sections \"2026-12-03 (fourth)\" and \"(eleventh)\", before any run "
+             f"on the stage. Scored by `eval/priors.py` on {start['broken captions']['answers']} captions and "
              f"{start['broken descriptions']['answers']} descriptions of prior-broken images, and as many of "
-             "prior-kept ones. Percent "
-             "except positions and words; mean ± sd over seeds. Partner rate: answers naming an absent partner.", "",
-             "**Exploratory.** No build of the stage met every band (protocol.md, sections five to eight; "
-             "study/priors/builds/), so nothing below is a verdict on the paper's claims; the reading below is the "
-             "registered rule's, applied to an exploration.", ""]
+             "prior-kept ones. Percent except positions and words; mean ± sd over seeds. Partner rate: answers naming "
+             "an absent partner. Arms marked (guarded) ran at the open stage's best guarded setting.", ""]
+    if not fit:
+        lines += ["**Exploratory.** This build of the stage missed a band (its report.json; protocol.md, sections five "
+                  "to eight and eleven), so nothing below is a verdict on the paper's claims; the reading below is the "
+                  "registered rule's, applied to an exploration.", ""]
     lines += common.markdown_table(header, body) + [""]
     lines += ["Each run's change against the SFT model (points): partner rate broken / Cover broken / Cover kept, "
               "and the registered test:", ""]
     lines += common.markdown_table(["arm", "seeds", "changes per seed", "cell"], per_seed) + [""]
-    lines += ["## The reading (protocol.md's rule)", "", reading(states), ""]
+    lines += ["## The reading (protocol.md's rule)", ""] + reading(states, runs_of, start) + [""]
     common.write_atomic(os.path.join(out, "report.md"), ["\n".join(lines)])
 
 
-def reading(states):
-    dpo = [a for a in ("dpo-own", "dpo-seva") if states.get(a) == "succeeds"]
-    decided = all(a in states and not states[a].startswith("open") for a in ("dpo-own", "dpo-seva", "sft"))
-    if dpo:
-        seva_state = states.get("seva", "not run")
-        return (f"A DPO control succeeds ({', '.join(dpo)}): the stage can show a DPO gain on prior-driven "
-                f"hallucination, so SeVa's verdicts are read here. SeVa's cell: {seva_state}.")
-    if states.get("sft") == "succeeds":
-        return ("Only continual SFT succeeds: the stage shows a gain, but not by DPO; SeVa's rows are comparisons "
-                "only.")
-    if not decided:
-        return "Not every control cell is decided yet: no reading."
-    return ("No control cell succeeds: SeVa's verdicts are untested on this stage too; its rows are comparisons "
-            "only.")
+def _fall(runs, start):
+    """The mean change of the broken images' partner rate against the SFT model's (a fraction)."""
+    return statistics.mean(r["prior"]["broken"]["partner_rate"] for r in runs) - start["broken"]["partner_rate"]
+
+
+def reading(states, runs_of, start):
+    """The fourth section's reading at each setting (eleventh section): the control, then C1-prior where a DPO
+    control succeeds, and the noise-step and likelihood verdicts at the main setting; a list of paragraphs."""
+    found, works = [], []
+    for setting in SETTINGS:
+        dpo = [a for a in ("dpo-own", "dpo-seva") if states.get((setting, a)) == "succeeds"]
+        decided = all((setting, a) in states and not states[setting, a].startswith("open")
+                      for a in ("dpo-own", "dpo-seva", "sft"))
+        if dpo:
+            works.append(setting)
+            seva = runs_of.get((setting, "seva"), [])
+            state = states.get((setting, "seva"), "not run")
+            if state == "succeeds":
+                verdict = "supported"
+            elif seva and len(seva) >= 3 and _fall(seva, start) >= 0:
+                verdict = "refuted (its mean partner rate does not fall)"
+            elif len(seva) >= 3:
+                verdict = "inconclusive"
+            else:
+                verdict = "open (fewer than 3 seeds)"
+            found.append(f"- {setting}: a DPO control succeeds ({', '.join(dpo)}), so the stage can show a DPO gain on "
+                         f"prior-driven hallucination. C1-prior (SeVa lowers it; its cell: {state}): {verdict}.")
+        elif states.get((setting, "sft")) == "succeeds":
+            found.append(f"- {setting}: only continual SFT succeeds: a gain, but not by DPO; SeVa's rows are comparisons "
+                         "only.")
+        elif decided:
+            found.append(f"- {setting}: no control cell succeeds; SeVa's rows are comparisons only.")
+        else:
+            found.append(f"- {setting}: not every control cell is decided yet: no reading.")
+    if not works:
+        return found
+    main = lambda arm: runs_of.get(("main", arm), [])
+    seed0 = lambda arm: [r for r in main(arm) if r["seed"] == 0]
+    if all(seed0(a) for a in ("seva", "seva-step200", "seva-step800")):
+        falls = {a: -100 * _fall(seed0(a), start) for a in ("seva", "seva-step200", "seva-step800")}
+        shaped = falls["seva"] >= max(falls["seva-step200"], falls["seva-step800"]) + 2
+        found.append(f"- Noise step (Fig. 6's shape; seed 0, indicative only): the partner rate falls by "
+                     f"{falls['seva-step200']:.1f}, {falls['seva']:.1f} and {falls['seva-step800']:.1f} points at steps "
+                     f"200, 500 and 800: {'the shape holds' if shaped else 'not the shape'} (500 ahead of both by 2 "
+                     "points or more).")
+    if all(seed0(a) for a in ("seva", "seva-rpo", "seva-lr1e-4")):
+        drift = {a: seed0(a)[0]["logps"]["chosen"][1] - seed0(a)[0]["logps"]["chosen"][0]
+                 for a in ("seva", "seva-rpo", "seva-lr1e-4")}
+        kept = [a for a in ("seva-rpo", "seva-lr1e-4") if drift[a] >= -0.1 and drift["seva"] < -0.1]
+        found.append("- Likelihood (seed 0): the chosen log-prob moves " + ", ".join(
+            f"{drift[a]:+.2f} ({a}, partner rate {-100 * _fall(seed0(a), start):+.1f} points fall)" for a in drift)
+            + f" from the first step to the last: {', '.join(kept) if kept else 'neither'} keeps it up where the "
+              "default lets it fall by more than 0.1 nat.")
+    return found
 
 
 # ----------------------------------------------------------------------------- the command
@@ -189,21 +257,24 @@ def run(argv=None):
     p.add_argument("--world", default="toy-prior", help="the prior stage (python -m toyworld --stage prior --out WORLD)")
     p.add_argument("--out", default="study/priors", help="runs.jsonl, report.md, the pairs, each run's files")
     p.add_argument("--runs", nargs="+", metavar="ARM:SEED",
-                   help="only these runs (default: every run of the protocol, in its order)")
+                   help="only these runs of the first --settings (default: every run of the protocol, in its order)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                   help="the training settings whose runs to make, in this order")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     if not os.path.exists(os.path.join(args.world, "val-prior.json")):
         p.error(f"{args.world} is not a prior-stage world (python -m toyworld --stage prior --out {args.world})")
-    order = ORDER
+    order = [(setting, arm, seed) for setting in args.settings for arm, seed in SETTINGS[setting][2]]
     if args.runs:
-        order = []
+        setting, order = args.settings[0], []
+        arms = SETTINGS[setting][1]
         for item in args.runs:
             arm, _, seed = item.partition(":")
-            if arm not in ARMS or not seed.isdigit():
-                p.error(f"--runs {item!r}: want ARM:SEED, ARM one of {', '.join(ARMS)}")
-            order.append((arm, int(seed)))
+            if arm not in arms or not seed.isdigit():
+                p.error(f"--runs {item!r}: want ARM:SEED, ARM one of {', '.join(arms)} ({setting} setting)")
+            order.append((setting, arm, int(seed)))
     os.makedirs(args.out, exist_ok=True)
     start = models.once(args.out, os.path.join(args.world, "model-sft"), ".prior.json",
                         lambda model, processor, name, weights: score(
@@ -211,10 +282,10 @@ def run(argv=None):
                             weights))
     log = os.path.join(args.out, "runs.jsonl")
     rows = common.read_jsonl(log, appended=True)
-    for arm, seed in order:
-        if any(r["arm"] == arm and r["seed"] == seed for r in rows):
+    for setting, arm, seed in order:
+        if any(r["arm"] == arm and r["seed"] == seed and r.get("setting", "main") == setting for r in rows):
             continue
-        row = run_once(args.world, args.out, arm, seed)
+        row = run_once(args.world, args.out, arm, seed, setting)
         rows.append(row)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -129,5 +129,76 @@ def test_the_registered_test_of_one_run_and_of_a_cell():
     assert studypriors.cell_state([run(0.1)] * 3, start) == "succeeds"
     assert studypriors.cell_state([run(0.1)] * 2, start).startswith("open")
     assert studypriors.cell_state([run(0.1), run(0.19), run(0.1)], start) == "fails"
-    assert "A DPO control succeeds" in studypriors.reading({"dpo-own": "succeeds", "seva": "fails"})
-    assert "untested" in studypriors.reading({"dpo-own": "fails", "dpo-seva": "fails", "sft": "fails"})
+
+
+def test_a_counted_faint_partner_is_counted_by_stage_0_alone_at_its_contrast():
+    from toyworld import scenes as toyscenes
+    scene = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0,
+                                       faint=0.1, counted=True)
+    partner = next(o for o in scene["objects"] if "faint" in o)
+    assert partner["faint"] == 0.1
+    pixel = toyscenes.render(scene).getpixel(tuple(partner["center"]))
+    assert list(pixel) == [round(0.1 * c + 0.9 * b)
+                           for c, b in zip(toygrammar.COLOURS[partner["colour"]], scene["background"])]
+    colour, shape, pair, _, count = toyscenes.patch_targets(scene, 16)
+    assert count == len(scene["objects"]) - 1  # the count sees it
+    assert toyscenes.present_pairs(scene).sum() == len(scene["objects"]) - 1  # presence does not
+    uncounted = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0)
+    colour2, shape2, pair2, _, _ = toyscenes.patch_targets(uncounted, 16)
+    # the same scene drawn either way: the per-patch targets agree (the faint partner is background in both)
+    assert [o["center"] for o in uncounted["objects"]] == [o["center"] for o in scene["objects"]]
+    assert all((a == b).all() for a, b in ((colour, colour2), (shape, shape2), (pair, pair2)))
+
+
+def _rows(setting, arm, rates, chosen=(-2.0, -2.0)):
+    return [{"arm": arm, "seed": seed, "setting": setting, "logps": {"chosen": list(chosen)},
+             "prior": {"broken": {"partner_rate": rate, "cover": 0.5}, "kept": {"cover": 0.9}}}
+            for seed, rate in enumerate(rates)]
+
+
+def _read(runs):
+    from study import priors as studypriors
+    start = {"broken": {"partner_rate": 0.30, "cover": 0.50}, "kept": {"cover": 0.90}}
+    runs_of, states = {}, {}
+    for r in runs:
+        runs_of.setdefault((r["setting"], r["arm"]), []).append(r)
+    for key, found in runs_of.items():
+        states[key] = studypriors.cell_state(found, start)
+    return "\n".join(studypriors.reading(states, runs_of, start))
+
+
+def test_the_reading_at_each_setting():
+    controls = lambda setting, own: (_rows(setting, "dpo-own", own) + _rows(setting, "dpo-seva", [0.3] * 3)
+                                     + _rows(setting, "sft", [0.3] * 3))
+    text = _read(controls("main", [0.3] * 3) + controls("guarded", [0.3] * 3))
+    assert "main: no control cell succeeds" in text and "guarded: no control cell succeeds" in text
+    # a control works at the guarded setting only: C1-prior is read there, by the guarded seva cell
+    text = _read(controls("main", [0.3] * 3) + controls("guarded", [0.2] * 3) + _rows("guarded", "seva", [0.25] * 3))
+    assert "main: no control" in text and "guarded: a DPO control succeeds (dpo-own)" in text
+    assert "C1-prior" in text and ": supported" in text
+    text = _read(controls("main", [0.2] * 3) + _rows("main", "seva", [0.31, 0.2, 0.2]))
+    assert "main: a DPO control succeeds" in text and "inconclusive" in text and "guarded: not every" in text
+    assert "refuted" in _read(controls("main", [0.2] * 3) + _rows("main", "seva", [0.31, 0.31, 0.3]))
+    assert "open (fewer" in _read(controls("main", [0.2] * 3) + _rows("main", "seva", [0.2]))
+    # the noise step and the likelihood, read at the main setting from seed 0
+    extra = (_rows("main", "seva", [0.25], (-1.0, -1.5)) + _rows("main", "seva-step200", [0.29])
+             + _rows("main", "seva-step800", [0.28]) + _rows("main", "seva-rpo", [0.3], (-1.0, -1.05))
+             + _rows("main", "seva-lr1e-4", [0.3], (-1.0, -1.3)))
+    text = _read(controls("main", [0.2] * 3) + extra)
+    assert "1.0, 5.0 and 2.0 points" in text and "the shape holds" in text
+    assert "seva-rpo keeps it up" in text and "seva-lr1e-4" not in text.split("keeps it up")[0].split(":")[-1]
+    extra[2]["prior"]["broken"]["partner_rate"] = 0.26  # step 800 falls 4 points: 500 is not 2 ahead
+    assert "not the shape" in _read(controls("main", [0.2] * 3) + extra)
+
+
+def test_the_guarded_setting_trains_as_the_open_stage_s():
+    from study import control, priors as studypriors
+    argv = studypriors.training_args("m", "i", "f", "d.jsonl", "dpo-own", 0, "guarded")
+    value = lambda flag: argv[argv.index(flag) + 1]
+    g = control.SETTINGS["guarded"]
+    assert (float(value("--lr")), float(value("--beta")), float(value("--rpo-alpha")), float(value("--ld-alpha"))) == (
+        g["lr"], g["beta"], g["rpo_alpha"], g["ld_alpha"])
+    assert "--ld-alpha" not in studypriors.training_args("m", "i", "f", "d.jsonl", "dpo-own", 0, "main")
+    assert studypriors.SETTINGS["guarded"][1]["seva"][0] == 800  # SeVa's pairs at the guarded noise step
+    sft = studypriors.training_args("m", "i", "f", "d.json", "sft", 0, "guarded")
+    assert float(sft[sft.index("--lr") + 1]) == g["lr"] and "--beta" not in sft
