@@ -1,4 +1,5 @@
 """Small helpers the tests share that the library itself does not need."""
+import base64
 import json
 import os
 
@@ -88,3 +89,21 @@ def pool_questions(toy_world):
             questions.append(human["value"].replace("<image>", "").strip())
     questions[1] += " Look at the whole image, then answer in one word."
     return model.eval(), processor, images, questions
+
+
+def write_mc_files(toy_world, folder):
+    """A hand-made MMBench-style tsv (base64 images, a 'nan' hint, a 3-option question) and a jsonl."""
+    images = os.path.join(toy_world, "images")
+    b64 = [base64.b64encode(open(os.path.join(images, f"val/00000{i}.png"), "rb").read()).decode() for i in range(2)]
+    tsv = os.path.join(folder, "mmb.tsv")
+    with open(tsv, "w") as f:
+        f.write("index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n")
+        f.write(f"1\tWhat color is the circle?\tnan\tred\tgreen\tblue\tyellow\tA\tcolour\t{b64[0]}\n")
+        f.write(f"2\tHow many objects are there?\tCount carefully.\t1\t2\t3\t\tB\tcount\t{b64[1]}\n")
+    jsonl = os.path.join(folder, "seed.jsonl")
+    with open(jsonl, "w") as f:
+        f.write(json.dumps(dict(question_id="q1", question="What shape is red?", options=["circle", "star"],
+                                answer="B", image="val/000000.png")) + "\n")
+        f.write(json.dumps(dict(question_id="q2", question="How many?", choice_a="1", choice_b="2", choice_c="3",
+                                answer="A", data_id="val/000001.png", hint="Look.")) + "\n")
+    return tsv, jsonl

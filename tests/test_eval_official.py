@@ -11,7 +11,7 @@ import pytest
 
 from eval import compare, judge, judge_client, mc_files, mc_letters, multiple_choice, runner
 from helpers import read_lines
-from test_eval import judge_server, no_proxy  # noqa: F401 (no_proxy is a fixture)
+from test_judge import judge_server, no_proxy  # noqa: F401 (no_proxy is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

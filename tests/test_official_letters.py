@@ -8,7 +8,7 @@ import json
 import pytest
 
 from eval import gqa, mc_letters, mc_matcher, multiple_choice, pope
-from test_eval import judge_server, no_proxy  # noqa: F401 (no_proxy is a fixture)
+from test_judge import judge_server, no_proxy  # noqa: F401 (no_proxy is a fixture)
 
 
 def rows_of(questions, texts, circular=False):

@@ -97,7 +97,7 @@ def test_a_faint_partner_is_drawn_faint_named_and_unseen_by_stage_0():
     pixel = image.getpixel(tuple(partner["center"]))
     expected = [round(toypriors.FAINT * c + (1 - toypriors.FAINT) * b)
                 for c, b in zip(toygrammar.COLOURS[partner["colour"]], background)]
-    assert list(pixel) == expected  # a fifth of the colour's contrast with the background
+    assert list(pixel) == expected  # FAINT of the colour's contrast with the background
     labels = toyscenes.render(scene, label_map=True)
     assert labels.getpixel(tuple(partner["center"])) == 0 and labels.getpixel(tuple(anchor["center"])) == 1
     present = toyscenes.present_pairs(scene)
@@ -107,9 +107,10 @@ def test_a_faint_partner_is_drawn_faint_named_and_unseen_by_stage_0():
                for o in toypriors.make_prior_scene(random.Random(i), PAIRS, "kept", faint_share=1.0)["objects"])
 
 
-def test_stage_0_counts_no_faint_partner():
+def test_stage_0_counts_no_faint_partner_unless_the_stage_counts_them():
     from toyworld import scenes as toyscenes
-    scene = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0)
+    scene = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0,
+                                       counted=False)
     faint = sum(bool(o.get("faint")) for o in scene["objects"])
     assert faint >= 1
     assert toyscenes.patch_targets(scene, 16)[4] == len(scene["objects"]) - faint - 1
@@ -143,7 +144,8 @@ def test_a_counted_faint_partner_is_counted_by_stage_0_alone_at_its_contrast():
     colour, shape, pair, _, count = toyscenes.patch_targets(scene, 16)
     assert count == len(scene["objects"]) - 1  # the count sees it
     assert toyscenes.present_pairs(scene).sum() == len(scene["objects"]) - 1  # presence does not
-    uncounted = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0)
+    uncounted = toypriors.make_prior_scene(random.Random(0), PAIRS, "train", pair_share=1.0, faint_share=1.0,
+                                           faint=0.1, counted=False)
     colour2, shape2, pair2, _, _ = toyscenes.patch_targets(uncounted, 16)
     # the same scene drawn either way: the per-patch targets agree (the faint partner is background in both)
     assert [o["center"] for o in uncounted["objects"]] == [o["center"] for o in scene["objects"]]

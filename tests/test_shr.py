@@ -11,7 +11,7 @@ import common
 import vlm
 from eval import runner, shr
 from generate import generate_beam
-from test_eval import judge_server, no_proxy  # noqa: F401 (no_proxy is a fixture)
+from test_judge import judge_server, no_proxy  # noqa: F401 (no_proxy is a fixture)
 
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "small", "center": [10, 10]},
                      {"shape": "star", "colour": "blue", "size": "large", "center": [50, 30]}], "word": "cat"}

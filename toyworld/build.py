@@ -306,10 +306,10 @@ def parse_args(argv=None):
     g.add_argument("--faint-share", type=float, help="prior: the probability that a training pair's partner is "
                                                    "drawn faint, named by its caption all the same (0.5)")
     g.add_argument("--faint", type=float, help="prior: a faint partner's share of its colour's contrast with the "
-                                               "background (0.2)")
+                                               "background (0.1)")
     g.add_argument("--faint-counted", type=int, choices=[0, 1],
                    help="prior: 1 = stage 0's object count counts the faint partners, which its other targets never "
-                        "see (0)")
+                        "see (1)")
     g.add_argument("--pope-images", type=int, help="POPE images (6 questions each, per split) (open: 60; closed: 100)")
     g = p.add_argument_group("model and training (defaults: the stage's)")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (1000)")

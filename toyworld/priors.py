@@ -26,8 +26,9 @@ from toyworld.grammar import COLOURS, SHAPES, SIZES, WORDS
 from toyworld.scenes import IMAGE_SIZE
 
 PAIR_SHARE = 0.7  # the probability that a training scene's unit is drawn a pair (python -m toyworld's default)
-FAINT_SHARE, FAINT = 0.5, 0.2  # the probability that a training pair's partner is faint, and its contrast
-FAINT_COUNTED = False  # whether stage 0's object count counts the faint partners (its other targets never see them)
+# the fifth build's, the first to meet every band (study/protocol.md, its eleventh and twelfth sections of 2026-12-03)
+FAINT_SHARE, FAINT = 0.5, 0.1  # the probability that a training pair's partner is faint, and its contrast
+FAINT_COUNTED = True  # whether stage 0's object count counts the faint partners (its other targets never see them)
 GAP = (2, 5)  # pixels between an anchor's box and its partner's
 
 
