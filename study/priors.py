@@ -19,6 +19,7 @@ order; OUT/report.md is rewritten after each.
     python -m study.priors                       # every run, in order (resumes)
     python -m study.priors --runs seva:0 sft:1   # just these
     python -m study.priors --settings main       # the main setting's runs only
+    python -m study.priors --pool pool-prior.json --out study/priors/fit-pool   # SeVa's pool drawn as val's
 """
 import argparse
 import json
@@ -74,13 +75,13 @@ def score(model, processor, world, answers_dir, name, weights):
                            progress=False, weights=weights)
 
 
-def run_once(world, out, arm, seed, setting="main"):
+def run_once(world, out, arm, seed, setting="main", pool="pool.json"):
     """Train one arm at one seed and score it; returns its row for runs.jsonl."""
     began = time.time()
     name = f"{arm}-seed{seed}" if setting == "main" else f"{arm}-{setting}-seed{seed}"
     folder, start, images = os.path.join(out, "runs", name), os.path.join(world, "model-sft"), os.path.join(world, "images")
     step = SETTINGS[setting][1][arm][0]
-    made = control.main_command_pairs(world, "pool.json", pairs_path(out, step or 500), step or 500)
+    made = control.main_command_pairs(world, pool, pairs_path(out, step or 500), step or 500)
     if step is None:  # a control: its data from the step-500 pairs' instances
         data_path, dropped = control.write_data(folder, made, arm)
     else:
@@ -260,6 +261,8 @@ def run(argv=None):
                    help="only these runs of the first --settings (default: every run of the protocol, in its order)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
                    help="the training settings whose runs to make, in this order")
+    p.add_argument("--pool", default="pool.json", help="the world's pool file SeVa's pairs are made from "
+                                                      "(pool-prior.json: drawn as the held-out images are)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
     import torch
@@ -285,7 +288,7 @@ def run(argv=None):
     for setting, arm, seed in order:
         if any(r["arm"] == arm and r["seed"] == seed and r.get("setting", "main") == setting for r in rows):
             continue
-        row = run_once(args.world, args.out, arm, seed, setting)
+        row = run_once(args.world, args.out, arm, seed, setting, args.pool)
         rows.append(row)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -233,7 +233,8 @@ def build(args):
             sizes = dict(sft=args.sft_images, shares=args.subset_shares, pool=args.pool_size, unseen=args.unseen_images,
                          val=dict(short=args.val_images, sentence=args.val_images // 2,
                                   caption=args.val_images // 4, description=args.val_images // 4),
-                         pope=args.pope_images, prior=args.prior_images, pair_share=args.pair_share,
+                         pope=args.pope_images, prior=args.prior_images, prior_pool=args.prior_pool,
+                         pair_share=args.pair_share,
                          faint_share=args.faint_share, faint=args.faint, faint_counted=bool(args.faint_counted))
             pairs = toypriors.partner_pairs(args.seed) if args.stage == "prior" else None
             print("data:", toydata.build_open(out, args.seed, sizes, pairs))
@@ -275,8 +276,8 @@ STAGE_DEFAULTS = {
 }
 
 # the prior stage: the open stage's, its scenes drawn with partners (toyworld/priors.py)
-STAGE_DEFAULTS["prior"] = dict(STAGE_DEFAULTS["open"], prior_images=100, pair_share=toypriors.PAIR_SHARE,
-                               faint_share=toypriors.FAINT_SHARE, faint=toypriors.FAINT,
+STAGE_DEFAULTS["prior"] = dict(STAGE_DEFAULTS["open"], prior_images=100, prior_pool=400,
+                               pair_share=toypriors.PAIR_SHARE, faint_share=toypriors.FAINT_SHARE, faint=toypriors.FAINT,
                                faint_counted=int(toypriors.FAINT_COUNTED))
 
 
@@ -301,6 +302,8 @@ def parse_args(argv=None):
                                                   "questions, a quarter captions, a quarter descriptions (400)")
     g.add_argument("--prior-images", type=int, help="prior: held-out images per kind of answer (caption, "
                                                     "description) and of image (broken, kept) (100)")
+    g.add_argument("--prior-pool", type=int, help="prior: records of pool-prior.json, a SeVa pool drawn as the held-out "
+                                                  "images are, half breaking the prior (400)")
     g.add_argument("--pair-share", type=float, help="prior: the probability that a unit of a training scene is a "
                                                   "pair of partners (0.7)")
     g.add_argument("--faint-share", type=float, help="prior: the probability that a training pair's partner is "

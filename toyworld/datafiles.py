@@ -236,7 +236,8 @@ def draw(out, scenes, name, rng, word=None, distinct=0, make=toyscenes.make_scen
 def build_open(out, seed, sizes, pairs=None):
     """The open stage's images and files; sizes: sft (images), shares (per subset), pool and unseen (records
     per subset), val (per benchmark), pope (images), prior (the prior stage's held-out images per kind of answer
-    and of image), pair_share, faint_share, faint and faint_counted (the prior stage's scenes). pairs: the prior stage's partner pairs
+    and of image), prior_pool (its pool drawn as those images are), pair_share, faint_share, faint and faint_counted
+    (the prior stage's scenes). pairs: the prior stage's partner pairs
     (toyworld/priors.py), None for the open stage: its SFT, pool, unseen and val images are drawn as its training
     scenes. Returns a summary."""
     make = toyscenes.make_scene if pairs is None else (
@@ -281,6 +282,7 @@ def build_open(out, seed, sizes, pairs=None):
     if pairs is not None:
         write_json(prior_val(out, seed, sizes["prior"], scenes, pairs), os.path.join(out, "val-prior.json"))
         write_json([list(map(list, p)) for p in pairs], os.path.join(out, "partners.json"))
+        write_json(prior_pool(out, seed, sizes["prior_pool"], scenes, pairs), os.path.join(out, "pool-prior.json"))
     # LLaVA's stage 1 (feature alignment) data, LCS-558K's analogue: a caption of every SFT image; the plain
     # template drops the prompt, as the authors' stage 1 does.
     pretrain = [dict(id=f"pretrain-{r['id']}", image=r["image"], conversations=[
@@ -321,6 +323,22 @@ def prior_val(out, seed, size, scenes, pairs):
                              make=lambda rng, word: priors.make_prior_scene(rng, pairs, prior, word))
                 record = val_record(kind, name, scene, rng, index)
                 records.append(dict(record, id=f"prior-{prior}-{record['id']}", prior=prior))
+    return records
+
+
+def prior_pool(out, seed, size, scenes, pairs):
+    """A SeVa pool drawn as the prior stage's held-out images are (study/protocol.md, its fourteenth section of
+    2026-12-03): `size` textvqa caption records, half on images that break the prior and half on images that keep
+    it, none faint, their images under OUT/images/textvqa/ (so seva.py's --subsets textvqa takes them)."""
+    records = []
+    for prior in ("broken", "kept"):
+        for index in range(size // 2):
+            rng = scene_rng(seed, f"prior-pool/{prior}", index)
+            name = f"textvqa/prior-pool-{prior}-{index:06d}.png"
+            scene = draw(out, scenes, name, rng, word=True,
+                         make=lambda rng, word: priors.make_prior_scene(rng, pairs, prior, word))
+            records.append(dict(id=f"textvqa-prior-pool-{prior}-{index:06d}", image=name,
+                                **subset_record("textvqa", scene, rng)))
     return records
 
 

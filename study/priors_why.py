@@ -1,0 +1,158 @@
+"""
+Why no control succeeds on the prior stage, measured (study/protocol.md, its thirteenth section of 2026-12-03).
+
+1. Sensitivity or criterion. For every answer and every object of its scene the answer names, whether it also
+   names that object's partner: present on kept images (a hit), absent on broken ones (a false alarm). From the
+   two shares H and FA, signal detection's sensitivity d' = z(H) - z(FA) and criterion c = -(z(H) + z(FA)) / 2:
+   a model that reads the image better raises d'; one that names partners less often everywhere raises c.
+2. What the pairs teach: how many pool images hold a faint partner, how many true answers name one, and how many
+   chosen and rejected answers of each pair set name an absent partner (the error the test counts).
+
+    python -m study.priors_why                         # study/priors/fit on toy-prior-b5 -> OUT/why.md
+"""
+import argparse
+import os
+import random
+import statistics
+
+import common
+from eval import hallucination, priors, toyvqa
+from toyworld import priors as toypriors
+
+DPO_ARMS = ("dpo-own", "dpo-seva", "seva", "seva-step200", "seva-step800", "seva-rpo", "seva-lr1e-4")
+
+
+def kinds_named(text):
+    """The (colour, shape) kinds an answer names, colour and shape both given."""
+    claims, _ = hallucination.answer_claims(text)
+    return {(c["colour"], c["shape"]) for c in claims if c["colour"] is not None and c["shape"] is not None}
+
+
+def partner_trials(texts, scenes, partner):
+    """One trial per (answer, object of its scene the answer names): (partner present, partner named)."""
+    trials = []
+    for text, scene in zip(texts, scenes):
+        named = kinds_named(text)
+        present = {(o["colour"], o["shape"]) for o in scene["objects"]}
+        trials += [(partner[k] in present, partner[k] in named) for k in present if k in named]
+    return trials
+
+
+def _z(p):
+    return statistics.NormalDist().inv_cdf(p)
+
+
+def detection(trials):
+    """H, FA, d', c and the trial counts of (present, named) trials; shares clipped to [1/2n, 1 - 1/2n]."""
+    hits = [named for present, named in trials if present]
+    alarms = [named for present, named in trials if not present]
+    clip = lambda k, n: min(max(k / n, 0.5 / n), 1 - 0.5 / n)
+    h, fa = clip(sum(hits), len(hits)), clip(sum(alarms), len(alarms))
+    return dict(hit=h, false_alarm=fa, d=_z(h) - _z(fa), c=-(_z(h) + _z(fa)) / 2, present=len(hits),
+                absent=len(alarms))
+
+
+def interval(texts, scenes, partner, draws=1000, seed=0):
+    """The 95% interval of d' over resamples of the answers (with replacement)."""
+    rng, n, values = random.Random(seed), len(texts), []
+    for _ in range(draws):
+        picked = [rng.randrange(n) for _ in range(n)]
+        values.append(detection(partner_trials([texts[i] for i in picked], [scenes[i] for i in picked], partner))["d"])
+    values.sort()
+    return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
+
+
+def answers_of(world, path):
+    """(texts, scenes) of an answer file over WORLD/val-prior.json, in the records' order."""
+    records = common.read_records(os.path.join(world, "val-prior.json"))
+    scenes = common.read_records(os.path.join(world, "scenes.json"))
+    return toyvqa.texts_of(records, common.read_jsonl(path)), [scenes[r["image"]] for r in records]
+
+
+def pair_content(world, pairs, partner):
+    """What a pair set shows DPO: shares of chosen and rejected answers naming an absent partner, over its pairs."""
+    scenes = common.read_records(os.path.join(world, "scenes.json"))
+    out = dict(pairs=len(pairs), chosen=0, rejected=0)
+    for p in pairs:
+        absent = toypriors.absent_partners(scenes[p["image"]], partner)
+        out["chosen"] += bool(kinds_named(p["chosen"]) & absent)
+        out["rejected"] += bool(kinds_named(p["rejected"]) & absent)
+    return out
+
+
+def pool_content(world, pairs, partner):
+    """The instances' images with a faint partner, and their true answers naming it."""
+    scenes = common.read_records(os.path.join(world, "scenes.json"))
+    faint = named = 0
+    for p in pairs:
+        kinds = {(o["colour"], o["shape"]) for o in scenes[p["image"]]["objects"] if "faint" in o}
+        faint += bool(kinds)
+        named += bool(kinds & kinds_named(p["answer"]))
+    return dict(instances=len(pairs), faint=faint, named=named)
+
+
+def why(world, out):
+    partner = priors.partner_map(world)
+    runs = common.read_jsonl(os.path.join(out, "runs.jsonl"), appended=True)
+    texts, scenes = answers_of(world, os.path.join(out, "models", "model-sft-answers", "prior.jsonl"))
+    start = detection(partner_trials(texts, scenes, partner))
+    low, high = interval(texts, scenes, partner)
+    rows = [["SFT model", "-", f"{100 * start['hit']:.1f}", f"{100 * start['false_alarm']:.1f}",
+             f"{start['d']:.2f} [{low:.2f}, {high:.2f}]", f"{start['c']:.2f}", start["present"], start["absent"], "-"]]
+    raised = []
+    for r in runs:
+        setting = r.get("setting", "main")
+        name = f"{r['arm']}-seed{r['seed']}" if setting == "main" else f"{r['arm']}-{setting}-seed{r['seed']}"
+        found = detection(partner_trials(*answers_of(world, os.path.join(out, "runs", name, "answers", "prior.jsonl")),
+                                         partner))
+        above = found["d"] > high
+        if above and r["arm"] in DPO_ARMS and setting == "main":
+            raised.append(name)
+        rows.append([r["arm"] if setting == "main" else f"{r['arm']} ({setting})", r["seed"],
+                     f"{100 * found['hit']:.1f}", f"{100 * found['false_alarm']:.1f}", f"{found['d']:.2f}",
+                     f"{found['c']:.2f}", found["present"], found["absent"], "above" if above else "no"])
+    lines = ["# Why no control succeeds on the prior stage", "",
+             "Made by `python -m study.priors_why` (study/protocol.md, its thirteenth section of 2026-12-03) from "
+             f"the answer files of `{out}` on `{world}`. Exploratory.", "",
+             "## 1. Sensitivity or criterion", "",
+             "A trial is an object an answer names; a hit, its partner named when present (kept images); a false "
+             "alarm, its partner named when absent (broken images). H and FA in percent; d' = z(H) - z(FA), "
+             "c = -(z(H) + z(FA)) / 2; the SFT model's d' with its 95% interval over 1000 resamples of its answers.",
+             ""]
+    lines += common.markdown_table(["model", "seed", "H", "FA", "d'", "c", "trials present", "trials absent",
+                                    "d' above the SFT model's interval"], rows) + [""]
+    lines += [("**Reading:** no DPO run at the main setting raises d' above the SFT model's interval: DPO lowers the "
+               "partners named when absent by naming partners less often everywhere (the criterion), so none of its "
+               "runs can pass a test that keeps Cover.") if not raised else
+              (f"**Reading:** {', '.join(raised)} raise d' above the SFT model's interval: a criterion shift is not the "
+               "whole reason the controls fail."), ""]
+    pairs500 = common.read_jsonl(os.path.join(out, "seva-pairs-step500.jsonl"))
+    pool = pool_content(world, pairs500, partner)
+    lines += ["## 2. What the pairs teach", "",
+              f"Of the {pool['instances']} instances the step-500 pairs keep, {pool['faint']} show a faint partner "
+              f"and {pool['named']} true answers name it: on the pool, drawn as the training scenes are, naming a "
+              "partner on weak evidence is right.", ""]
+    sets = [("seva (step 500)", pairs500)] + [
+        (arm, common.read_jsonl(os.path.join(out, "runs", f"{arm}-seed0", "pairs.jsonl"))) for arm in ("dpo-own", "dpo-seva")]
+    table = []
+    for name, pairs in sets:
+        found = pair_content(world, pairs, partner)
+        table.append([name, found["pairs"], f"{found['chosen']} ({100 * found['chosen'] / found['pairs']:.1f}%)",
+                      f"{found['rejected']} ({100 * found['rejected'] / found['pairs']:.1f}%)"])
+    lines += common.markdown_table(["pairs", "pairs", "chosen names an absent partner", "rejected names an absent partner"],
+                                   table) + [""]
+    common.write_atomic(os.path.join(out, "why.md"), ["\n".join(lines)])
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m study.priors_why", description=__doc__,
+                                formatter_class=common.HelpFormatter)
+    p.add_argument("--world", default="toy-prior-b5", help="the prior stage the runs were made on")
+    p.add_argument("--out", default="study/priors/fit", help="python -m study.priors's OUT: runs.jsonl, runs/, models/")
+    args = p.parse_args(argv)
+    common.run_main(lambda: print(why(args.world, args.out)), "study.priors_why")
+
+
+if __name__ == "__main__":
+    main()
