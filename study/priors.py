@@ -47,6 +47,11 @@ SETTINGS = {  # setting: (its training values, its arms, its order of runs)
     "main": (MAIN, ARMS, ORDER),
     "guarded": ({k: v for k, v in control.SETTINGS["guarded"].items()}, GUARDED,
                 [(a, s) for s in (0, 1, 2) for a in GUARDED])}
+SEARCHED = {"dpo-own": (None, {}), "dpo-seva": (None, {}), "sft": (None, {}), "seva": (500, {})}
+for _lr in (2e-4, 3e-4):  # exploratory: the search between the two (protocol's fifteenth section of 2026-12-03)
+    SETTINGS[f"lr{_lr:.0e}".replace("e-0", "e-")] = (dict(MAIN, lr=_lr), SEARCHED,
+                                                      [(a, s) for s in (0, 1, 2) for a in SEARCHED])
+REGISTERED = ("main", "guarded")  # the settings a run of study.priors makes unless --settings says
 PROTOCOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol.md")
 FALL, COVER_SLACK = 0.03, 0.02  # support: the partner rate down >= 3 points, both Covers no more than 2 points down
 
@@ -196,35 +201,56 @@ def _fall(runs, start):
     return statistics.mean(r["prior"]["broken"]["partner_rate"] for r in runs) - start["broken"]["partner_rate"]
 
 
+def c1_prior(seva, start):
+    """C1-prior (fourth section): SeVa's cell state and verdict from its runs."""
+    state = cell_state(seva, start) if seva else "not run"
+    if state == "succeeds":
+        return state, "supported"
+    if len(seva) >= 3:
+        return state, "refuted (its mean partner rate does not fall)" if _fall(seva, start) >= 0 else "inconclusive"
+    return state, "open (fewer than 3 seeds)"
+
+
 def reading(states, runs_of, start):
     """The fourth section's reading at each setting (eleventh section): the control, then C1-prior where a DPO
-    control succeeds, and the noise-step and likelihood verdicts at the main setting; a list of paragraphs."""
+    control succeeds, and the noise-step and likelihood verdicts at the main setting; at a setting of the search
+    (fifteenth section), a control succeeding in seeds 0-2 works only if seeds 3-5 confirm it. A list of paragraphs."""
     found, works = [], []
+    seeds = lambda setting, arm, confirm: [r for r in runs_of.get((setting, arm), []) if (r["seed"] >= 3) == confirm]
     for setting in SETTINGS:
-        dpo = [a for a in ("dpo-own", "dpo-seva") if states.get((setting, a)) == "succeeds"]
-        decided = all((setting, a) in states and not states[setting, a].startswith("open")
-                      for a in ("dpo-own", "dpo-seva", "sft"))
-        if dpo:
-            works.append(setting)
-            seva = runs_of.get((setting, "seva"), [])
-            state = states.get((setting, "seva"), "not run")
-            if state == "succeeds":
-                verdict = "supported"
-            elif seva and len(seva) >= 3 and _fall(seva, start) >= 0:
-                verdict = "refuted (its mean partner rate does not fall)"
-            elif len(seva) >= 3:
-                verdict = "inconclusive"
+        if not any(key[0] == setting for key in runs_of):
+            continue
+        searched = setting not in REGISTERED
+        cell = lambda arm, confirm=False: cell_state(seeds(setting, arm, confirm), start) if seeds(
+            setting, arm, confirm) else "not run"
+        dpo = [a for a in ("dpo-own", "dpo-seva") if cell(a) == "succeeds"]
+        decided = all(not cell(a).startswith(("open", "not run")) for a in ("dpo-own", "dpo-seva", "sft"))
+        name = f"{setting} (exploratory search)" if searched else setting
+        if dpo and searched:
+            confirmed = [a for a in dpo if cell(a, True) == "succeeds"]
+            if confirmed:
+                works.append(setting)
+                verdicts = [c1_prior(seeds(setting, "seva", c), start) for c in (False, True)]
+                found.append(f"- {name}: a DPO control works ({', '.join(confirmed)}: seeds 0-2, confirmed on seeds "
+                             "3-5). C1-prior (SeVa lowers it), seeds 0-2: "
+                             f"{verdicts[0][1]} (cell {verdicts[0][0]}); seeds 3-5: {verdicts[1][1]} (cell {verdicts[1][0]}).")
+            elif all(cell(a, True) == "not run" for a in dpo):
+                found.append(f"- {name}: {', '.join(dpo)} succeeds in seeds 0-2; it awaits its confirmation on seeds 3-5.")
             else:
-                verdict = "open (fewer than 3 seeds)"
-            found.append(f"- {setting}: a DPO control succeeds ({', '.join(dpo)}), so the stage can show a DPO gain on "
+                found.append(f"- {name}: {', '.join(dpo)} succeeds in seeds 0-2 but not on seeds 3-5: read as chance.")
+        elif dpo:
+            works.append(setting)
+            state, verdict = c1_prior(seeds(setting, "seva", False), start)
+            found.append(f"- {name}: a DPO control succeeds ({', '.join(dpo)}), so the stage can show a DPO gain on "
                          f"prior-driven hallucination. C1-prior (SeVa lowers it; its cell: {state}): {verdict}.")
-        elif states.get((setting, "sft")) == "succeeds":
-            found.append(f"- {setting}: only continual SFT succeeds: a gain, but not by DPO; SeVa's rows are comparisons "
+        elif cell("sft") == "succeeds":
+            found.append(f"- {name}: only continual SFT succeeds: a gain, but not by DPO; SeVa's rows are comparisons "
                          "only.")
         elif decided:
-            found.append(f"- {setting}: no control cell succeeds; SeVa's rows are comparisons only.")
+            found.append(f"- {name}: no control cell succeeds; SeVa's rows are comparisons only.")
         else:
-            found.append(f"- {setting}: not every control cell is decided yet: no reading.")
+            found.append(f"- {name}: not every control cell is decided yet: no reading.")
+    works = [w for w in works if w in REGISTERED]  # the noise step and the likelihood: the registered reading's
     if not works:
         return found
     main = lambda arm: runs_of.get(("main", arm), [])
@@ -259,7 +285,7 @@ def run(argv=None):
     p.add_argument("--out", default="study/priors", help="runs.jsonl, report.md, the pairs, each run's files")
     p.add_argument("--runs", nargs="+", metavar="ARM:SEED",
                    help="only these runs of the first --settings (default: every run of the protocol, in its order)")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+    p.add_argument("--settings", nargs="+", default=list(REGISTERED), choices=list(SETTINGS),
                    help="the training settings whose runs to make, in this order")
     p.add_argument("--pool", default="pool.json", help="the world's pool file SeVa's pairs are made from "
                                                       "(pool-prior.json: drawn as the held-out images are)")

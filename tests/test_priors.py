@@ -179,7 +179,7 @@ def test_the_reading_at_each_setting():
     assert "main: no control" in text and "guarded: a DPO control succeeds (dpo-own)" in text
     assert "C1-prior" in text and ": supported" in text
     text = _read(controls("main", [0.2] * 3) + _rows("main", "seva", [0.31, 0.2, 0.2]))
-    assert "main: a DPO control succeeds" in text and "inconclusive" in text and "guarded: not every" in text
+    assert "main: a DPO control succeeds" in text and "inconclusive" in text and "guarded" not in text  # not run
     assert "refuted" in _read(controls("main", [0.2] * 3) + _rows("main", "seva", [0.31, 0.31, 0.3]))
     assert "open (fewer" in _read(controls("main", [0.2] * 3) + _rows("main", "seva", [0.2]))
     # the noise step and the likelihood, read at the main setting from seed 0
@@ -204,3 +204,15 @@ def test_the_guarded_setting_trains_as_the_open_stage_s():
     assert studypriors.SETTINGS["guarded"][1]["seva"][0] == 800  # SeVa's pairs at the guarded noise step
     sft = studypriors.training_args("m", "i", "f", "d.json", "sft", 0, "guarded")
     assert float(sft[sft.index("--lr") + 1]) == g["lr"] and "--beta" not in sft
+
+
+def test_a_searched_setting_needs_its_confirmation_on_seeds_3_to_5():
+    def arm(name, rates, first=0):
+        return [dict(r, seed=first + i) for i, r in enumerate(_rows("lr2e-4", name, rates))]
+    search = arm("dpo-own", [0.2] * 3) + arm("dpo-seva", [0.3] * 3) + arm("sft", [0.3] * 3) + arm("seva", [0.2] * 3)
+    assert "dpo-own succeeds in seeds 0-2; it awaits its confirmation" in _read(search)
+    assert "read as chance" in _read(search + arm("dpo-own", [0.2, 0.29, 0.2], first=3))
+    text = _read(search + arm("dpo-own", [0.2] * 3, first=3) + arm("seva", [0.31] * 3, first=3))
+    assert "lr2e-4 (exploratory search): a DPO control works (dpo-own" in text
+    assert "seeds 0-2: supported" in text and "seeds 3-5: refuted" in text
+    assert "Noise step" not in text  # read at the registered main setting only
