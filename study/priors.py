@@ -150,7 +150,7 @@ def stage_fit(world):
     return bool(bands) and all(b["ok"] for b in bands.values())
 
 
-def report(out, rows, start, world):
+def report(out, rows, start, world, pool="pool.json"):
     """OUT/report.md: the SFT model and each arm at each setting (mean ± sd over seeds), each run against the
     test, the reading."""
     header = ["model", "seeds"] + [c for _, _, c in COLUMNS] + ["pairs trained", "steps", "chosen log-prob first -> last",
@@ -183,7 +183,10 @@ def report(out, rows, start, world):
              f"on the stage. Scored by `eval/priors.py` on {start['broken captions']['answers']} captions and "
              f"{start['broken descriptions']['answers']} descriptions of prior-broken images, and as many of "
              "prior-kept ones. Percent except positions and words; mean ± sd over seeds. Partner rate: answers naming "
-             "an absent partner. Arms marked (guarded) ran at the open stage's best guarded setting.", ""]
+             "an absent partner. An arm marked with a setting ran at it: guarded, the open stage's best guarded setting "
+             "(eleventh section); lr2e-4 and lr3e-4, the exploratory search between the two (fifteenth section). "
+             f"SeVa's pairs and the controls' instances come from the world's `{pool}`"
+             + (" (fourteenth section)." if pool != "pool.json" else "."), ""]
     if not fit:
         lines += ["**Exploratory.** This build of the stage missed a band (its report.json; protocol.md, sections five "
                   "to eight and eleven), so nothing below is a verdict on the paper's claims; the reading below is the "
@@ -282,7 +285,7 @@ def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.priors", description=__doc__,
                                 formatter_class=common.HelpFormatter)
     p.add_argument("--world", default="toy-prior", help="the prior stage (python -m toyworld --stage prior --out WORLD)")
-    p.add_argument("--out", default="study/priors", help="runs.jsonl, report.md, the pairs, each run's files")
+    p.add_argument("--out", default="study/priors/fit", help="runs.jsonl, report.md, the pairs, each run's files")
     p.add_argument("--runs", nargs="+", metavar="ARM:SEED",
                    help="only these runs of the first --settings (default: every run of the protocol, in its order)")
     p.add_argument("--settings", nargs="+", default=list(REGISTERED), choices=list(SETTINGS),
@@ -318,8 +321,8 @@ def run(argv=None):
         rows.append(row)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
-        report(args.out, rows, start, args.world)
-    report(args.out, rows, start, args.world)
+        report(args.out, rows, start, args.world, args.pool)
+    report(args.out, rows, start, args.world, args.pool)
     print(open(os.path.join(args.out, "report.md")).read())
 
 
