@@ -19,6 +19,7 @@ order; OUT/report.md is rewritten after each.
     python -m study.priors                       # every run, in order (resumes)
     python -m study.priors --runs seva:0 sft:1   # just these
     python -m study.priors --settings main       # the main setting's runs only
+    python -m study.priors --settings lr2e-4 --runs dpo-own:3 dpo-own:4 dpo-own:5   # a search cell's confirmation
     python -m study.priors --pool pool-prior.json --out study/priors/fit-pool   # SeVa's pool drawn as val's
 """
 import argparse
@@ -38,28 +39,46 @@ ARMS = {  # name: (its pairs' noise step, or None for the controls; training ove
     "seva-step200": (200, {}), "seva-step800": (800, {}),
     "seva-rpo": (500, dict(rpo_alpha=1.0)), "seva-lr1e-4": (500, dict(lr=1e-4)),
 }
-MAIN = dict(lr=5e-4, beta=0.1, rpo_alpha=0.0, ld_alpha=None)  # the main command's training setting
+MAIN = dict(control.SETTINGS["main"])  # the main command's training setting
 ORDER = ([(a, 0) for a in ("dpo-own", "dpo-seva", "sft", "seva")]
          + [(a, s) for s in (1, 2) for a in ("dpo-own", "dpo-seva", "sft", "seva")]
          + [(a, 0) for a in ("seva-step200", "seva-step800", "seva-rpo", "seva-lr1e-4")])
 GUARDED = {"dpo-own": (None, {}), "dpo-seva": (None, {}), "sft": (None, {}), "seva": (800, {})}
+SEARCHED = {"dpo-own": (None, {}), "dpo-seva": (None, {}), "sft": (None, {}), "seva": (500, {})}
 SETTINGS = {  # setting: (its training values, its arms, its order of runs)
     "main": (MAIN, ARMS, ORDER),
-    "guarded": ({k: v for k, v in control.SETTINGS["guarded"].items()}, GUARDED,
-                [(a, s) for s in (0, 1, 2) for a in GUARDED])}
-SEARCHED = {"dpo-own": (None, {}), "dpo-seva": (None, {}), "sft": (None, {}), "seva": (500, {})}
-for _lr in (2e-4, 3e-4):  # exploratory: the search between the two (protocol's fifteenth section of 2026-12-03)
-    SETTINGS[f"lr{_lr:.0e}".replace("e-0", "e-")] = (dict(MAIN, lr=_lr), SEARCHED,
-                                                      [(a, s) for s in (0, 1, 2) for a in SEARCHED])
+    "guarded": (dict(control.SETTINGS["guarded"]), GUARDED, [(a, s) for s in (0, 1, 2) for a in GUARDED]),
+    # exploratory, the search between the two (protocol's fifteenth section of 2026-12-03); seeds 3-5 confirm
+    "lr2e-4": (dict(MAIN, lr=2e-4), SEARCHED, [(a, s) for s in (0, 1, 2) for a in SEARCHED]),
+    "lr3e-4": (dict(MAIN, lr=3e-4), SEARCHED, [(a, s) for s in (0, 1, 2) for a in SEARCHED]),
+}
 REGISTERED = ("main", "guarded")  # the settings a run of study.priors makes unless --settings says
+CONFIRM = 3  # at a setting of the search, seeds from this one on are the confirmation's
 PROTOCOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol.md")
 FALL, COVER_SLACK = 0.03, 0.02  # support: the partner rate down >= 3 points, both Covers no more than 2 points down
+TOLERANCE = 1e-9  # shares of 200 answers: 0.145 - 0.115 is 0.03 in points, not in floating point
 
 
 # ----------------------------------------------------------------------------- pairs and runs
 def pairs_path(out, step):
     """The main command's SeVa pairs on this stage at a noise step: OUT/seva-pairs-stepN.jsonl."""
     return os.path.join(out, f"seva-pairs-step{step}.jsonl")
+
+
+def run_name(arm, seed, setting="main"):
+    """A run's folder under OUT/runs/: ARM-seedN at the main setting, else ARM-SETTING-seedN."""
+    return f"{arm}-seed{seed}" if setting == "main" else f"{arm}-{setting}-seed{seed}"
+
+
+def made_pairs(world, out, pool, step):
+    """The main command's pairs from WORLD/POOL at a step (made once, in OUT); refused if OUT's were made from
+    another pool file (a second pool needs its own --out)."""
+    path = pairs_path(out, step)
+    made = control.main_command_pairs(world, pool, path, step)
+    source = common.read_records(path + ".args.json")["args"]["data"]
+    if os.path.basename(source) != pool:
+        raise ValueError(f"{path}: made from {source}, not from --pool {pool}; give this pool its own --out")
+    return made
 
 
 def training_args(start, images, folder, data_path, arm, seed, setting="main"):
@@ -83,10 +102,11 @@ def score(model, processor, world, answers_dir, name, weights):
 def run_once(world, out, arm, seed, setting="main", pool="pool.json"):
     """Train one arm at one seed and score it; returns its row for runs.jsonl."""
     began = time.time()
-    name = f"{arm}-seed{seed}" if setting == "main" else f"{arm}-{setting}-seed{seed}"
-    folder, start, images = os.path.join(out, "runs", name), os.path.join(world, "model-sft"), os.path.join(world, "images")
+    name = run_name(arm, seed, setting)
+    folder, start, images = (os.path.join(out, "runs", name), os.path.join(world, "model-sft"),
+                             os.path.join(world, "images"))
     step = SETTINGS[setting][1][arm][0]
-    made = control.main_command_pairs(world, pool, pairs_path(out, step or 500), step or 500)
+    made = made_pairs(world, out, pool, step or 500)
     if step is None:  # a control: its data from the step-500 pairs' instances
         data_path, dropped = control.write_data(folder, made, arm)
     else:
@@ -98,8 +118,8 @@ def run_once(world, out, arm, seed, setting="main", pool="pool.json"):
     model.eval()
     _, processor = vlm.load(start)
     weights = runner.fingerprint(start, os.path.join(folder, "train", "adapter"))
-    row = dict(arm=arm, seed=seed, setting=setting, training=argv, instances=len(made), trained=trained, dropped=dropped,
-               prior=score(model, processor, world, os.path.join(folder, "answers"), name, weights))
+    row = dict(arm=arm, seed=seed, setting=setting, pool=pool, training=argv, instances=len(made), trained=trained,
+               dropped=dropped, prior=score(model, processor, world, os.path.join(folder, "answers"), name, weights))
     metrics = common.read_jsonl(os.path.join(folder, "train", "metrics.jsonl"), appended=True)
     row["steps"] = len(metrics)
     if arm != "sft":
@@ -113,8 +133,8 @@ def meets(run, start):
     """One run's test (protocol): the broken images' partner rate down by FALL or more, both Covers within
     COVER_SLACK of the SFT model's."""
     r, s = run["prior"], start
-    return (r["broken"]["partner_rate"] <= s["broken"]["partner_rate"] - FALL
-            and all(r[k]["cover"] >= s[k]["cover"] - COVER_SLACK for k in ("broken", "kept")))
+    return (r["broken"]["partner_rate"] <= s["broken"]["partner_rate"] - FALL + TOLERANCE
+            and all(r[k]["cover"] >= s[k]["cover"] - COVER_SLACK - TOLERANCE for k in ("broken", "kept")))
 
 
 def cell_state(runs, start):
@@ -140,62 +160,80 @@ def cells(found):
     return out
 
 
-def label(setting, arm):
-    return arm if setting == "main" else f"{arm} ({setting})"
-
-
 def stage_fit(world):
     """Whether the world's build met every band (WORLD/report.json, toyworld/build.py's PRIOR_BANDS)."""
     bands = common.read_records(os.path.join(world, "report.json")).get("bands", {})
     return bool(bands) and all(b["ok"] for b in bands.values())
 
 
-def report(out, rows, start, world, pool="pool.json"):
-    """OUT/report.md: the SFT model and each arm at each setting (mean ± sd over seeds), each run against the
-    test, the reading."""
-    header = ["model", "seeds"] + [c for _, _, c in COLUMNS] + ["pairs trained", "steps", "chosen log-prob first -> last",
-                                                              "rejected log-prob first -> last"]
-    body = [["SFT model", "-"] + cells([start]) + ["-"] * 4]
-    per_seed, states, runs_of = [], {}, {}
+def groups(rows):
+    """{(setting, arm, confirmation): its runs by seed}, in SETTINGS' order; at a setting of the search, seeds
+    from CONFIRM on are its confirmation, a group of their own."""
+    found = {}
     for setting, (_, arms, _) in SETTINGS.items():
         for arm in arms:
             runs = sorted((r for r in rows if r["arm"] == arm and r.get("setting", "main") == setting),
                           key=lambda r: r["seed"])
-            if not runs:
-                continue
-            runs_of[setting, arm] = runs
-            logp = lambda side: (f"{statistics.mean(r['logps'][side][0] for r in runs):.2f} -> "
-                                 f"{statistics.mean(r['logps'][side][1] for r in runs):.2f}") if arm != "sft" else "-"
-            body.append([label(setting, arm), len(runs)] + cells([r["prior"] for r in runs])
-                        + [f"{statistics.mean(r['trained'] for r in runs):.0f}",
-                           f"{statistics.mean(r['steps'] for r in runs):.0f}", logp("chosen"), logp("rejected")])
-            states[setting, arm] = cell_state(runs, start)
-            deltas = "; ".join(
-                f"seed {r['seed']}: {100 * (r['prior']['broken']['partner_rate'] - start['broken']['partner_rate']):+.1f} / "
-                f"{100 * (r['prior']['broken']['cover'] - start['broken']['cover']):+.1f} / "
-                f"{100 * (r['prior']['kept']['cover'] - start['kept']['cover']):+.1f} ({'meets' if meets(r, start) else 'fails'})"
-                for r in runs)
-            per_seed.append([label(setting, arm), len(runs), deltas, states[setting, arm]])
-    fit = stage_fit(world)
+            for confirm in (False, True):
+                part = [r for r in runs if (setting not in REGISTERED and r["seed"] >= CONFIRM) == confirm]
+                if part:
+                    found[setting, arm, confirm] = part
+    return found
+
+
+def label(setting, arm, confirm=False):
+    if setting == "main":
+        return arm
+    return f"{arm} ({setting}, seeds {CONFIRM}+)" if confirm else f"{arm} ({setting})"
+
+
+def _change(run, start, split, key):
+    return f"{100 * (run['prior'][split][key] - start[split][key]):+.1f}"
+
+
+def _logp(runs, side):
+    return " -> ".join(f"{statistics.mean(r['logps'][side][k] for r in runs):.2f}" for k in (0, 1))
+
+
+def report(out, rows, start, world, pool="pool.json"):
+    """OUT/report.md: the SFT model and each arm at each setting (mean ± sd over seeds), each run against the
+    test, the reading."""
+    header = (["model", "seeds"] + [c for _, _, c in COLUMNS]
+              + ["pairs trained", "steps", "chosen log-prob first -> last", "rejected log-prob first -> last"])
+    body, per_seed, found = [["SFT model", "-"] + cells([start]) + ["-"] * 4], [], groups(rows)
+    for (setting, arm, confirm), runs in found.items():
+        logps = [_logp(runs, "chosen"), _logp(runs, "rejected")] if arm != "sft" else ["-", "-"]
+        body.append([label(setting, arm, confirm), len(runs)] + cells([r["prior"] for r in runs])
+                    + [f"{statistics.mean(r['trained'] for r in runs):.0f}",
+                       f"{statistics.mean(r['steps'] for r in runs):.0f}"] + logps)
+        deltas = "; ".join(f"seed {r['seed']}: {_change(r, start, 'broken', 'partner_rate')} / "
+                           f"{_change(r, start, 'broken', 'cover')} / {_change(r, start, 'kept', 'cover')} "
+                           f"({'meets' if meets(r, start) else 'fails'})" for r in runs)
+        per_seed.append([label(setting, arm, confirm), len(runs), deltas, cell_state(runs, start)])
+    searched = any(setting not in REGISTERED for setting, _, _ in found)
     lines = ["# SeVa on the prior stage: the control and the verdicts", "",
-             f"Made by `python -m study.priors` on `{world}` (`python -m toyworld --stage prior`), registered in "
-             f"[protocol.md]({os.path.relpath(PROTOCOL, out)}), sections \"2026-12-03 (fourth)\" and \"(eleventh)\", before any run "
-             f"on the stage. Scored by `eval/priors.py` on {start['broken captions']['answers']} captions and "
-             f"{start['broken descriptions']['answers']} descriptions of prior-broken images, and as many of "
-             "prior-kept ones. Percent except positions and words; mean ± sd over seeds. Partner rate: answers naming "
-             "an absent partner. An arm marked with a setting ran at it: guarded, the open stage's best guarded setting "
-             "(eleventh section); lr2e-4 and lr3e-4, the exploratory search between the two (fifteenth section). "
-             f"SeVa's pairs and the controls' instances come from the world's `{pool}`"
-             + (" (fourteenth section)." if pool != "pool.json" else "."), ""]
-    if not fit:
+             f"Made by `python -m study.priors` on `{world}` (`python -m toyworld --stage prior`) from its `{pool}`, "
+             f"registered in [protocol.md]({os.path.relpath(PROTOCOL, out)}), sections \"2026-12-03 (fourth)\" and "
+             f"\"(eleventh)\", before any run on the stage. Scored by `eval/priors.py` on "
+             f"{start['broken captions']['answers']} captions and {start['broken descriptions']['answers']} "
+             "descriptions of prior-broken images, and as many of prior-kept ones. Percent except positions and words; "
+             "mean ± sd over seeds. Partner rate: answers naming an absent partner. An arm marked with a setting ran "
+             "at it: guarded, the open stage's best guarded setting (eleventh section); lr2e-4 and lr3e-4, the search "
+             "between the two (fifteenth section), whose seeds 3 and up confirm what seeds 0-2 find.", ""]
+    if not stage_fit(world):
         lines += ["**Exploratory.** This build of the stage missed a band (its report.json; protocol.md, sections five "
                   "to eight and eleven), so nothing below is a verdict on the paper's claims; the reading below is the "
                   "registered rule's, applied to an exploration.", ""]
+    elif pool != "pool.json" or searched:
+        lines += ["**Exploratory" + (" throughout." if pool != "pool.json" else ": the search's rows.") + "** "
+                  + (f"The pool `{pool}` (fourteenth section) " if pool != "pool.json" else "The search ")
+                  + "was registered after the registered runs on the stage were read; its rows are read by the same "
+                  "rule, as an exploration.", ""]
     lines += common.markdown_table(header, body) + [""]
     lines += ["Each run's change against the SFT model (points): partner rate broken / Cover broken / Cover kept, "
               "and the registered test:", ""]
     lines += common.markdown_table(["arm", "seeds", "changes per seed", "cell"], per_seed) + [""]
-    lines += ["## The reading (protocol.md's rule)", ""] + reading(states, runs_of, start) + [""]
+    lines += ["## The reading (protocol.md's rule)", ""] + reading(found, start) + [""]
     common.write_atomic(os.path.join(out, "report.md"), ["\n".join(lines)])
 
 
@@ -214,66 +252,71 @@ def c1_prior(seva, start):
     return state, "open (fewer than 3 seeds)"
 
 
-def reading(states, runs_of, start):
+def confirmation(found, setting, arms, start):
+    """The search's rule for cells that succeed in seeds 0-2: {arm: confirmed, pending or chance}."""
+    state = {}
+    for arm in arms:
+        again = cell_state(found[setting, arm, True], start) if (setting, arm, True) in found else "not run"
+        state[arm] = ("confirmed" if again == "succeeds" else "chance" if again == "fails" else "pending")
+    return state
+
+
+def reading(found, start):
     """The fourth section's reading at each setting (eleventh section): the control, then C1-prior where a DPO
     control succeeds, and the noise-step and likelihood verdicts at the main setting; at a setting of the search
-    (fifteenth section), a control succeeding in seeds 0-2 works only if seeds 3-5 confirm it. A list of paragraphs."""
-    found, works = [], []
-    seeds = lambda setting, arm, confirm: [r for r in runs_of.get((setting, arm), []) if (r["seed"] >= 3) == confirm]
+    (fifteenth section) a control cell succeeding in seeds 0-2 counts only once seeds 3-5 confirm it. found:
+    groups(). A list of paragraphs."""
+    said, works = [], []
     for setting in SETTINGS:
-        if not any(key[0] == setting for key in runs_of):
+        if not any(key[0] == setting for key in found):
             continue
         searched = setting not in REGISTERED
-        cell = lambda arm, confirm=False: cell_state(seeds(setting, arm, confirm), start) if seeds(
-            setting, arm, confirm) else "not run"
-        dpo = [a for a in ("dpo-own", "dpo-seva") if cell(a) == "succeeds"]
-        decided = all(not cell(a).startswith(("open", "not run")) for a in ("dpo-own", "dpo-seva", "sft"))
-        name = f"{setting} (exploratory search)" if searched else setting
-        if dpo and searched:
-            confirmed = [a for a in dpo if cell(a, True) == "succeeds"]
-            if confirmed:
-                works.append(setting)
-                verdicts = [c1_prior(seeds(setting, "seva", c), start) for c in (False, True)]
-                found.append(f"- {name}: a DPO control works ({', '.join(confirmed)}: seeds 0-2, confirmed on seeds "
-                             "3-5). C1-prior (SeVa lowers it), seeds 0-2: "
-                             f"{verdicts[0][1]} (cell {verdicts[0][0]}); seeds 3-5: {verdicts[1][1]} (cell {verdicts[1][0]}).")
-            elif all(cell(a, True) == "not run" for a in dpo):
-                found.append(f"- {name}: {', '.join(dpo)} succeeds in seeds 0-2; it awaits its confirmation on seeds 3-5.")
-            else:
-                found.append(f"- {name}: {', '.join(dpo)} succeeds in seeds 0-2 but not on seeds 3-5: read as chance.")
-        elif dpo:
+        name = setting + (" (exploratory search)" if searched else "")
+        cell = {arm: cell_state(found[setting, arm, False], start) if (setting, arm, False) in found else "not run"
+                for arm in ("dpo-own", "dpo-seva", "sft")}
+        succeeding = [a for a in cell if cell[a] == "succeeds"]
+        if searched and succeeding:
+            state = confirmation(found, setting, succeeding, start)
+            said += [f"- {name}: {a} succeeds in seeds 0-2; on seeds {CONFIRM}-{CONFIRM + 2}: {state[a]}"
+                     + (" (read as chance)." if state[a] == "chance" else ".") for a in succeeding]
+            succeeding = [a for a in succeeding if state[a] == "confirmed"]
+        dpo = [a for a in succeeding if a != "sft"]
+        if dpo:
             works.append(setting)
-            state, verdict = c1_prior(seeds(setting, "seva", False), start)
-            found.append(f"- {name}: a DPO control succeeds ({', '.join(dpo)}), so the stage can show a DPO gain on "
-                         f"prior-driven hallucination. C1-prior (SeVa lowers it; its cell: {state}): {verdict}.")
-        elif cell("sft") == "succeeds":
-            found.append(f"- {name}: only continual SFT succeeds: a gain, but not by DPO; SeVa's rows are comparisons "
-                         "only.")
-        elif decided:
-            found.append(f"- {name}: no control cell succeeds; SeVa's rows are comparisons only.")
+            verdicts = [c1_prior(found.get((setting, "seva", c), []), start)
+                        for c in ((False, True) if searched else (False,))]
+            said.append(f"- {name}: a DPO control succeeds ({', '.join(dpo)}), so the stage can show a DPO gain on "
+                        "prior-driven hallucination. C1-prior (SeVa lowers it): "
+                        + "; ".join(f"{v} (its cell {s})" for s, v in verdicts) + ".")
+        elif succeeding:
+            said.append(f"- {name}: only continual SFT succeeds: a gain, but not by DPO; SeVa's rows are comparisons "
+                        "only.")
+        elif all(not c.startswith(("open", "not run")) for c in cell.values()):
+            said.append(f"- {name}: no control cell " + ("works" if searched else "succeeds")
+                        + "; SeVa's rows are comparisons only.")
         else:
-            found.append(f"- {name}: not every control cell is decided yet: no reading.")
-    works = [w for w in works if w in REGISTERED]  # the noise step and the likelihood: the registered reading's
-    if not works:
-        return found
-    main = lambda arm: runs_of.get(("main", arm), [])
-    seed0 = lambda arm: [r for r in main(arm) if r["seed"] == 0]
+            said.append(f"- {name}: not every control cell is decided yet: no reading.")
+    if "main" not in works and "guarded" not in works:
+        return said
+    def seed0(arm):
+        return [r for r in found.get(("main", arm, False), []) if r["seed"] == 0]
+
     if all(seed0(a) for a in ("seva", "seva-step200", "seva-step800")):
         falls = {a: -100 * _fall(seed0(a), start) for a in ("seva", "seva-step200", "seva-step800")}
         shaped = falls["seva"] >= max(falls["seva-step200"], falls["seva-step800"]) + 2
-        found.append(f"- Noise step (Fig. 6's shape; seed 0, indicative only): the partner rate falls by "
-                     f"{falls['seva-step200']:.1f}, {falls['seva']:.1f} and {falls['seva-step800']:.1f} points at steps "
-                     f"200, 500 and 800: {'the shape holds' if shaped else 'not the shape'} (500 ahead of both by 2 "
-                     "points or more).")
+        said.append(f"- Noise step (Fig. 6's shape; seed 0, indicative only): the partner rate falls by "
+                    f"{falls['seva-step200']:.1f}, {falls['seva']:.1f} and {falls['seva-step800']:.1f} points at steps "
+                    f"200, 500 and 800: {'the shape holds' if shaped else 'not the shape'} (500 ahead of both by 2 "
+                    "points or more).")
     if all(seed0(a) for a in ("seva", "seva-rpo", "seva-lr1e-4")):
         drift = {a: seed0(a)[0]["logps"]["chosen"][1] - seed0(a)[0]["logps"]["chosen"][0]
                  for a in ("seva", "seva-rpo", "seva-lr1e-4")}
         kept = [a for a in ("seva-rpo", "seva-lr1e-4") if drift[a] >= -0.1 and drift["seva"] < -0.1]
-        found.append("- Likelihood (seed 0): the chosen log-prob moves " + ", ".join(
+        said.append("- Likelihood (seed 0): the chosen log-prob moves " + ", ".join(
             f"{drift[a]:+.2f} ({a}, partner rate {-100 * _fall(seed0(a), start):+.1f} points fall)" for a in drift)
             + f" from the first step to the last: {', '.join(kept) if kept else 'neither'} keeps it up where the "
               "default lets it fall by more than 0.1 nat.")
-    return found
+    return said
 
 
 # ----------------------------------------------------------------------------- the command
@@ -284,7 +327,8 @@ def main(argv=None):
 def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.priors", description=__doc__,
                                 formatter_class=common.HelpFormatter)
-    p.add_argument("--world", default="toy-prior", help="the prior stage (python -m toyworld --stage prior --out WORLD)")
+    p.add_argument("--world", default="toy-prior",
+                   help="the prior stage (python -m toyworld --stage prior --out WORLD)")
     p.add_argument("--out", default="study/priors/fit", help="runs.jsonl, report.md, the pairs, each run's files")
     p.add_argument("--runs", nargs="+", metavar="ARM:SEED",
                    help="only these runs of the first --settings (default: every run of the protocol, in its order)")

@@ -18,6 +18,7 @@ import statistics
 
 import common
 from eval import hallucination, priors, toyvqa
+from study import priors as studypriors
 from toyworld import priors as toypriors
 
 DPO_ARMS = ("dpo-own", "dpo-seva", "seva", "seva-step200", "seva-step800", "seva-rpo", "seva-lr1e-4")
@@ -29,14 +30,16 @@ def kinds_named(text):
     return {(c["colour"], c["shape"]) for c in claims if c["colour"] is not None and c["shape"] is not None}
 
 
+def answer_trials(text, scene, partner):
+    """One answer's trials, one per object of its scene the answer names: (partner present, partner named)."""
+    named = kinds_named(text)
+    present = {(o["colour"], o["shape"]) for o in scene["objects"]}
+    return [(partner[k] in present, partner[k] in named) for k in present if k in named]
+
+
 def partner_trials(texts, scenes, partner):
-    """One trial per (answer, object of its scene the answer names): (partner present, partner named)."""
-    trials = []
-    for text, scene in zip(texts, scenes):
-        named = kinds_named(text)
-        present = {(o["colour"], o["shape"]) for o in scene["objects"]}
-        trials += [(partner[k] in present, partner[k] in named) for k in present if k in named]
-    return trials
+    """Every answer's trials, in one list."""
+    return [trial for text, scene in zip(texts, scenes) for trial in answer_trials(text, scene, partner)]
 
 
 def _z(p):
@@ -44,10 +47,15 @@ def _z(p):
 
 
 def detection(trials):
-    """H, FA, d', c and the trial counts of (present, named) trials; shares clipped to [1/2n, 1 - 1/2n]."""
+    """H, FA, d', c and the trial counts of (present, named) trials; shares clipped to [1/2n, 1 - 1/2n]. A side
+    with no trial has no share: ValueError."""
     hits = [named for present, named in trials if present]
     alarms = [named for present, named in trials if not present]
-    clip = lambda k, n: min(max(k / n, 0.5 / n), 1 - 0.5 / n)
+    if not hits or not alarms:
+        raise ValueError(f"no trial with the partner {'present' if not hits else 'absent'}: no d'")
+
+    def clip(k, n):
+        return min(max(k / n, 0.5 / n), 1 - 0.5 / n)
     h, fa = clip(sum(hits), len(hits)), clip(sum(alarms), len(alarms))
     return dict(hit=h, false_alarm=fa, d=_z(h) - _z(fa), c=-(_z(h) + _z(fa)) / 2, present=len(hits),
                 absent=len(alarms))
@@ -55,10 +63,11 @@ def detection(trials):
 
 def interval(texts, scenes, partner, draws=1000, seed=0):
     """The 95% interval of d' over resamples of the answers (with replacement)."""
+    per_answer = [answer_trials(text, scene, partner) for text, scene in zip(texts, scenes)]
     rng, n, values = random.Random(seed), len(texts), []
     for _ in range(draws):
         picked = [rng.randrange(n) for _ in range(n)]
-        values.append(detection(partner_trials([texts[i] for i in picked], [scenes[i] for i in picked], partner))["d"])
+        values.append(detection([trial for i in picked for trial in per_answer[i]])["d"])
     values.sort()
     return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
 
@@ -96,25 +105,29 @@ def why(world, out):
     partner = priors.partner_map(world)
     runs = common.read_jsonl(os.path.join(out, "runs.jsonl"), appended=True)
     texts, scenes = answers_of(world, os.path.join(out, "models", "model-sft-answers", "prior.jsonl"))
+    start_scores = common.read_records(os.path.join(out, "models", "model-sft.prior.json"))
     start = detection(partner_trials(texts, scenes, partner))
     low, high = interval(texts, scenes, partner)
     rows = [["SFT model", "-", f"{100 * start['hit']:.1f}", f"{100 * start['false_alarm']:.1f}",
              f"{start['d']:.2f} [{low:.2f}, {high:.2f}]", f"{start['c']:.2f}", start["present"], start["absent"], "-"]]
-    raised, lowered, main_runs = [], [], 0
+    raised, lowered, main_runs, meeting = [], [], 0, 0
     for r in runs:
         setting = r.get("setting", "main")
-        name = f"{r['arm']}-seed{r['seed']}" if setting == "main" else f"{r['arm']}-{setting}-seed{r['seed']}"
+        name = studypriors.run_name(r["arm"], r["seed"], setting)
+        meeting += r["arm"] != "sft" and studypriors.meets(r, start_scores)
         found = detection(partner_trials(*answers_of(world, os.path.join(out, "runs", name, "answers", "prior.jsonl")),
                                          partner))
         above = found["d"] > high
         if r["arm"] in DPO_ARMS and setting == "main":
             main_runs += 1
-            raised += [name] if above else []
-            lowered += [name] if found["d"] < low else []
+            if above:
+                raised.append(name)
+            if found["d"] < low:
+                lowered.append(name)
         rows.append([r["arm"] if setting == "main" else f"{r['arm']} ({setting})", r["seed"],
                      f"{100 * found['hit']:.1f}", f"{100 * found['false_alarm']:.1f}", f"{found['d']:.2f}",
                      f"{found['c']:.2f}", found["present"], found["absent"], "above" if above else "no"])
-    lines = ["# Why no control succeeds on the prior stage", "",
+    lines = ["# The prior stage's partner naming: sensitivity and criterion, and what the pairs teach", "",
              "Made by `python -m study.priors_why` (study/protocol.md, its thirteenth section of 2026-12-03) from "
              f"the answer files of `{out}` on `{world}`. Exploratory.", "",
              "## 1. Sensitivity or criterion", "",
@@ -124,13 +137,18 @@ def why(world, out):
              ""]
     lines += common.markdown_table(["model", "seed", "H", "FA", "d'", "c", "trials present", "trials absent",
                                     "d' above the SFT model's interval"], rows) + [""]
-    lines += [(f"**Reading:** no DPO run at the main setting raises d' above the SFT model's interval, and {len(lowered)} "
-               f"of its {main_runs} lower it below: DPO lowers the partners named when absent by naming partners less "
-               "often everywhere (the criterion), and where it moves the partner rate most it reads the image worse, so "
-               "none of its runs can pass a test that keeps Cover.") if not raised else
-              (f"**Reading:** {', '.join(raised)} raise d' above the SFT model's interval: a criterion shift is not the "
-               "whole reason the controls fail."), ""]
-    pairs500 = common.read_jsonl(os.path.join(out, "seva-pairs-step500.jsonl"))
+    dpo_runs = sum(r["arm"] != "sft" for r in runs)
+    if raised:
+        verdict = (f"{', '.join(raised)} raise d' above the SFT model's interval: a criterion shift is not the whole "
+                   "reason the controls fail.")
+    else:
+        verdict = (f"no DPO run at the main setting raises d' above the SFT model's interval, and {len(lowered)} of "
+                   f"its {main_runs} lower it below: DPO lowers the partners named when absent by naming partners less "
+                   "often everywhere (the criterion), and where it moves the partner rate most the model tells a "
+                   "present partner from an absent one less well. DPO runs here that meet the one-run test: "
+                   f"{meeting} of {dpo_runs}.")
+    lines += [f"**Reading:** {verdict}", ""]
+    pairs500 = common.read_jsonl(studypriors.pairs_path(out, 500))
     pool = pool_content(world, pairs500, partner)
     lines += ["## 2. What the pairs teach", "",
               f"Of the {pool['instances']} instances the step-500 pairs keep, {pool['faint']} show a faint partner "
@@ -138,14 +156,15 @@ def why(world, out):
                   ": on this pool, drawn as the training scenes are, naming a partner on weak evidence is right."
                   if pool["named"] else "."), ""]
     sets = [("seva (step 500)", pairs500)] + [
-        (arm, common.read_jsonl(os.path.join(out, "runs", f"{arm}-seed0", "pairs.jsonl"))) for arm in ("dpo-own", "dpo-seva")]
+        (arm, common.read_jsonl(os.path.join(out, "runs", studypriors.run_name(arm, 0), "pairs.jsonl")))
+        for arm in ("dpo-own", "dpo-seva")]
     table = []
     for name, pairs in sets:
         found = pair_content(world, pairs, partner)
         table.append([name, found["pairs"], f"{found['chosen']} ({100 * found['chosen'] / found['pairs']:.1f}%)",
                       f"{found['rejected']} ({100 * found['rejected'] / found['pairs']:.1f}%)"])
-    lines += common.markdown_table(["pairs", "pairs", "chosen names an absent partner", "rejected names an absent partner"],
-                                   table) + [""]
+    lines += common.markdown_table(["pairs", "pairs", "chosen names an absent partner",
+                                    "rejected names an absent partner"], table) + [""]
     common.write_atomic(os.path.join(out, "why.md"), ["\n".join(lines)])
     return "\n".join(lines)
 
@@ -153,8 +172,10 @@ def why(world, out):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.priors_why", description=__doc__,
                                 formatter_class=common.HelpFormatter)
-    p.add_argument("--world", default="toy-prior", help="the prior stage the runs were made on (python -m toyworld --stage prior)")
-    p.add_argument("--out", default="study/priors/fit", help="python -m study.priors's OUT: runs.jsonl, runs/, models/")
+    p.add_argument("--world", default="toy-prior",
+                   help="the prior stage the runs were made on (python -m toyworld --stage prior --out WORLD)")
+    p.add_argument("--out", default="study/priors/fit",
+                   help="python -m study.priors's OUT: runs.jsonl, runs/, models/; why.md is written there")
     args = p.parse_args(argv)
     common.run_main(lambda: print(why(args.world, args.out)), "study.priors_why")
 

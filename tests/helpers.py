@@ -2,12 +2,16 @@
 import base64
 import json
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import lora
 import vlm
+from conftest import ROOT
 
 
 def lora_parameters(model):
@@ -107,3 +111,29 @@ def write_mc_files(toy_world, folder):
         f.write(json.dumps(dict(question_id="q2", question="How many?", choice_a="1", choice_b="2", choice_c="3",
                                 answer="A", data_id="val/000001.png", hint="Look.")) + "\n")
     return tsv, jsonl
+
+def env():
+    """A subprocess's environment: one thread, the repository on its path, offline."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+
+
+def lock_holder(out):
+    """Another process holding OUT's lock (it has printed that it holds it); the caller kills it."""
+    holder = ("import sys, time, runcontrol\n"
+              "lock = runcontrol.OutputLock(sys.argv[1]).acquire()\n"
+              "print('held', flush=True)\n"
+              "time.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", holder, out], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    if other.stdout.readline().strip() != "held":
+        other.kill()
+        pytest.fail("the other process could not take the lock")
+    return other
+
+
+def flip(path):
+    """Damage a file in place: 64 bytes a third of the way in, each bit inverted."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 3)
+        block = f.read(64)
+        f.seek(os.path.getsize(path) // 3)
+        f.write(bytes(b ^ 0xFF for b in block))

@@ -1,5 +1,8 @@
 """The prior stage's why (study/priors_why.py) on hand-worked cases, and its pool drawn as the held-out images
 (toyworld/datafiles.py prior_pool)."""
+import filecmp
+import json
+import os
 import statistics
 
 import pytest
@@ -50,11 +53,39 @@ def test_the_prior_pool_is_drawn_as_the_held_out_images(tmp_path):
     assert kinds == ["broken"] * 10 + ["kept"] * 10
     assert not any("faint" in o for s in scenes.values() for o in s["objects"])
     assert all(scenes[r["image"]]["word"] for r in records)  # the caption question's OCR token
-    # the same seed draws the same pool; the held-out images' seeds are not its
     again = toydata.prior_pool(str(tmp_path / "again"), 0, 20, {}, PAIRS)
-    assert again == records
-    held_out = toypriors.make_prior_scene(toydata.scene_rng(0, "prior/broken/caption", 0), PAIRS, "broken", True)
-    assert held_out != scenes[records[0]["image"]]
+    assert again == records  # the same seed draws the same pool
+
+
+def test_the_prior_pool_changes_nothing_else_the_stage_writes(tmp_path):
+    sizes = dict(sft=12, shares=(0.25, 0.25, 0.25, 0.25), pool=2, unseen=1, pope=2, prior=3, prior_pool=0,
+                 val=dict(short=5, sentence=3, caption=2, description=2), pair_share=0.7, faint_share=0.5, faint=0.1,
+                 faint_counted=True)
+    toydata.build_open(str(tmp_path / "without"), 7, sizes, PAIRS)
+    toydata.build_open(str(tmp_path / "with"), 7, dict(sizes, prior_pool=8), PAIRS)
+    compared = 0
+    for root, _, files in os.walk(tmp_path / "without"):
+        for f in files:
+            a = os.path.join(root, f)
+            if f not in ("scenes.json", "pool-prior.json"):
+                assert filecmp.cmp(a, a.replace("without", "with"), shallow=False), a
+                compared += 1
+    assert compared > 30
+    without, with_pool = (json.load(open(tmp_path / name / "scenes.json")) for name in ("without", "with"))
+    added = {name: scene for name, scene in with_pool.items() if name not in without}
+    assert {name: with_pool[name] for name in without} == without and len(added) == 8
+    pool_scenes = [json.dumps(scene, sort_keys=True) for scene in added.values()]
+    held_out = {json.dumps(without[r["image"]], sort_keys=True)
+                for r in json.load(open(tmp_path / "without" / "val-prior.json"))}
+    assert not held_out & set(pool_scenes)  # drawn as the held-out images are, never one of them
+    assert [r["image"] for r in json.load(open(tmp_path / "with" / "pool-prior.json"))] == list(added)
+
+
+def test_detection_needs_trials_on_both_sides():
+    with pytest.raises(ValueError, match="present"):
+        priors_why.detection([(False, True), (False, False)])
+    with pytest.raises(ValueError, match="absent"):
+        priors_why.detection([(True, True)])
 
 
 def test_a_pair_set_s_content(tmp_path):

@@ -20,8 +20,8 @@ import common
 import data
 import runcontrol
 import vlm
-from conftest import ROOT
 from eval import runner
+from helpers import flip, lock_holder
 
 
 # ----------------------------------------------------------------------------- images through their real mode
@@ -129,19 +129,6 @@ def test_judged_answers_with_unknown_ids_are_refused_before_judging(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one owner per output
-def lock_holder(out):
-    """Another process holding OUT's lock (it has printed that it holds it); the caller kills it."""
-    holder = ("import sys, time, runcontrol\n"
-              "lock = runcontrol.OutputLock(sys.argv[1]).acquire()\n"
-              "print('held', flush=True)\n"
-              "time.sleep(60)\n")
-    other = subprocess.Popen([sys.executable, "-c", holder, out], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
-    if other.stdout.readline().strip() != "held":
-        other.kill()
-        pytest.fail("the other process could not take the lock")
-    return other
-
-
 def test_a_second_owner_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
     out = str(tmp_path / "run")
     other = lock_holder(out)
@@ -189,14 +176,6 @@ def fake_checkpoint(out, step, files=SHARDED_FILES):
 def truncate(path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-
-
-def flip(path):
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 3)
-        block = f.read(64)
-        f.seek(os.path.getsize(path) // 3)
-        f.write(bytes(b ^ 0xFF for b in block))
 
 
 @pytest.mark.parametrize("name", [".metadata", "__1_0.distcp", "rng-rank1.pt", "state.json", "manifest.json"])
@@ -259,6 +238,3 @@ def test_the_base_digest_sees_other_weights_under_the_same_path(toy_world, tmp_p
     shutil.copy(os.path.join(toy_world, "model-init", "model.safetensors"), base / "model.safetensors")
     assert checkpoint.base_digest(str(base)) != before
 
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")

@@ -18,7 +18,7 @@ import runcontrol
 import train_ddp
 from conftest import ROOT
 from eval import runner
-from test_reliability import env, flip, lock_holder
+from helpers import env, flip, lock_holder
 from test_train_dpo import adapter, assert_same_adapter, dpo_args, metrics
 
 FLAGS = ("--batch-size", "4", "--max-steps", "6", "--save-every", "2")

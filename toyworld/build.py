@@ -9,6 +9,8 @@ No model or data set can be downloaded here, so SeVa runs end to end on a world 
   toy/sft.json                      the SFT records (LLaVA-665k format; toyworld/datafiles.py says what each subset asks)
   toy/pool.json                     the pool SeVa samples from: SFT records of every subset, as in the paper
   toy/pool-unseen.json              the same on images the model never saw (an ablation)
+  toy/val-prior.json, partners.json, pool-prior.json   the prior stage's (--stage prior): its held-out images
+                                    that break or keep the prior, its partner pairs, a pool drawn as those images
   toy/val.json                      short answers, labeled (eval/toyvqa.py)
   toy/val-{sentences,captions,descriptions}.json   open-ended answers, labeled (eval/hallucination.py)
   toy/pope/{random,popular,adversarial}.jsonl      POPE's yes/no probes
@@ -245,6 +247,7 @@ def build(args):
 
     def measure():
         report = measure_closed(out, args) if args.stage == "closed" else measure_open(out, args)
+        report["args"] = vars(args)  # what built the world, with every default resolved
         toydata.write_json(report, report_path)
 
     exists = lambda name: os.path.exists(os.path.join(out, name))
