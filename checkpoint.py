@@ -53,7 +53,7 @@ def trainable_names(raw_model):
     return [name for name, p in raw_model.named_parameters() if p.requires_grad]
 
 
-def save_checkpoint(model, raw_model, optimizer, scheduler, step, out, config, rank, world_size, keep=2):
+def save_checkpoint(model, optimizer, scheduler, step, out, config, rank, world_size, keep=2):
     """OUT/checkpoint-STEP/ written in a temporary folder with its manifest and renamed, then OUT/latest points
     to it and all but the newest `keep` checkpoints are removed: a crash at any moment leaves the last good
     checkpoints intact. Every rank calls it and writes its own shards. config: the run's resolved arguments."""
@@ -336,7 +336,7 @@ def stop_run(run, out, steps, reason, save_every, saved, keep):
         raise common.Stopped(f"its launcher is gone: stopped after step {steps} of {run.num_steps}, writing "
                              f"nothing more; rerun with --resume (from {latest_checkpoint(out)})", 1)
     if save_every and not saved:
-        save_checkpoint(run.model, run.raw_model, run.optimizer, run.scheduler, steps, out, run.config, run.rank,
+        save_checkpoint(run.model, run.optimizer, run.scheduler, steps, out, run.config, run.rank,
                         run.world_size, keep)
     name = signal.Signals(reason).name
     how = (f"checkpoint {latest_checkpoint(out)} written: rerun the same command with --resume to continue exactly"

@@ -286,7 +286,7 @@ def loop(run, out, seed, accumulation, grad_clip, save_every=0, progress=True, k
         bar.update()
         saved = save_every and (step + 1) % save_every == 0 and step + 1 < run.num_steps
         if saved:
-            checkpoint.save_checkpoint(model, run.raw_model, run.optimizer, run.scheduler, step + 1, out, run.config,
+            checkpoint.save_checkpoint(model, run.optimizer, run.scheduler, step + 1, out, run.config,
                                        rank, world_size, keep)
         reason = stop.check(world_size) if stop and step + 1 < run.num_steps else None
         if reason is not None:

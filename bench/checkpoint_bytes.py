@@ -43,7 +43,7 @@ def gathered(model, optimizer, folder, rank):
 def sharded(model, optimizer, folder, rank, world_size):
     """checkpoint.py's save now (everything but the folder's rename and the keep-N)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint.save_checkpoint(model, model, optimizer, scheduler, 1, folder, {}, rank, world_size)
+    checkpoint.save_checkpoint(model, optimizer, scheduler, 1, folder, {}, rank, world_size)
 
 
 def written_by(folder, rank):

@@ -66,7 +66,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_still_resumes_exactly(toy_wo
 
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
-        if args[4] == 4:
+        if args[3] == 4:
             raise KeyboardInterrupt  # killed right after the checkpoint of step 4
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):

@@ -177,7 +177,7 @@ def test_resumed_equals_uninterrupted(toy_world, toy_pairs, tmp_path, monkeypatc
     save = checkpoint.save_checkpoint
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
-        if args[4] == 4:  # the step: crash right after the second checkpoint
+        if args[3] == 4:  # the step: crash right after the second checkpoint
             raise KeyboardInterrupt
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):

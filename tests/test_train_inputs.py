@@ -224,7 +224,7 @@ def test_a_shard_rank_0_cannot_see_stops_the_save_and_keeps_the_last_checkpoint(
     model(torch.ones(1, 4)).sum().backward()
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint.save_checkpoint(model, model, optimizer, scheduler, 1, str(tmp_path), {}, 0, 1)
+    checkpoint.save_checkpoint(model, optimizer, scheduler, 1, str(tmp_path), {}, 0, 1)
     real = checkpoint.dcp.save
 
     def on_another_node(state, storage_writer, **kwargs):  # the shard lands where rank 0 cannot see it
@@ -233,7 +233,7 @@ def test_a_shard_rank_0_cannot_see_stops_the_save_and_keeps_the_last_checkpoint(
         return written
     monkeypatch.setattr(checkpoint.dcp, "save", on_another_node)
     with pytest.raises(OSError, match="not seen by rank 0: --out must be on a filesystem every node shares"):
-        checkpoint.save_checkpoint(model, model, optimizer, scheduler, 2, str(tmp_path), {}, 0, 1)
+        checkpoint.save_checkpoint(model, optimizer, scheduler, 2, str(tmp_path), {}, 0, 1)
     assert checkpoint.checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-000001")]  # never renamed
     assert checkpoint.checkpoint_problem(str(tmp_path / "checkpoint-000001")) is None
     assert checkpoint.good_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
