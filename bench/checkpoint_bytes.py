@@ -9,7 +9,7 @@ now (torch.distributed.checkpoint: each rank writes its own shards). Run under t
 The model: bench/dpo_step.py's random LLaVA at LLaVA-1.5's proportions (its flags), LoRA on the language model,
 sharded per decoder layer as train_ddp.py does, after one AdamW step (so that its state exists). Per rank:
 the bytes of the files it writes, and the peak of tensor memory the save allocates above what was live before it
-(dpo_step.peak_memory: torch's profiler on CPU; tensors only, host = device on a CPU).
+(bench/measure.py's peak_memory: torch's profiler on CPU; tensors only, host = device on a CPU).
 """
 import os
 import sys
@@ -28,6 +28,7 @@ import checkpoint  # noqa: E402
 import common  # noqa: E402
 import dpo_step  # noqa: E402
 import fsdp  # noqa: E402
+import measure  # noqa: E402
 
 
 def gathered(model, optimizer, folder, rank):
@@ -79,7 +80,7 @@ def main():
             if rank == 0:
                 os.makedirs(folder)
             dist.barrier()
-            peak = dpo_step.peak_memory(lambda: save(folder), device)
+            peak = measure.peak_memory(lambda: save(folder), device)
             size = written_by(folder, rank)
             every = [None] * world_size
             dist.all_gather_object(every, (size, peak))

@@ -24,26 +24,16 @@ Peak memory: on CUDA torch.cuda.max_memory_allocated during the step minus what 
 on CPU the same quantity from torch's profiler (every tensor allocation and free during one profiled step,
 summed in time order). Both count tensors only (no allocator caching, no Python objects).
 
-FLOPs of a step, counted analytically (multiply-add = 2 FLOPs; matmuls and convolutions only), for the tokens
-each variant really computes, padding included:
-  forward  = images * [2 N_vision T_vision + 4 h_v T_vision^2 L_v + 2 N_projector T_image + 2 (3 p^2) h_v T_image]
-           + rows * [2 N_lm L + 4 h L^2 layers] + 2 h V positions
-  backward = rows * [2 N_base L + 4 N_lora L + 8 h L^2 layers] + 2 h V positions   (policy only)
-  step     = reference forward (N_lm = N_base: LoRA disabled; 0 when precomputed) + policy forward + backward
-N_lm = linear weights of the decoder layers (N_base) plus LoRA (N_lora); rows x L the language model's padded
-batch (2B sequences, or B packed ones); positions = where the lm_head runs (every position, or only the scored
-ones with logits_to_keep). The frozen weights get activation gradients only (2 N T, not the 4 N T of a trained
-weight; the first layer's q, k, v need none either: a ~1% over-count kept for simplicity); attention counts the
-full L x L square (an explicit mask skips nothing); the frozen vision tower has no backward. "% matmul peak"
-divides FLOP/s by the best torch.mm throughput of large squares, measured first (fp32 on CPU, bf16 on CUDA): a
-roofline figure. --check-flops prints torch's FlopCounterMode count beside ours (it agrees within ~1% with
---attention eager; it does not count the CPU sdpa kernel).
+FLOPs of a step: counted analytically for the tokens each variant really computes, padding included (the
+formula and what it leaves out: bench/step_flops.py). "% matmul peak" divides FLOP/s by the best torch.mm
+throughput of large squares, measured first (fp32 on CPU, bf16 on CUDA): a roofline figure.
+--check-flops prints torch's FlopCounterMode count beside ours (it agrees within ~1% with --attention eager; it
+does not count the CPU sdpa kernel).
 """
 import argparse
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,6 +47,8 @@ import lora  # noqa: E402
 import train_ddp  # noqa: E402
 import trainable  # noqa: E402
 import vlm  # noqa: E402
+from measure import matmul_peak, peak_memory, timed, torch_flops  # noqa: E402  (bench/measure.py)
+from step_flops import linear_weights, step_flops  # noqa: E402  (bench/step_flops.py)
 
 FORWARDS = ("concatenated", "shared_image", "shared_prefix")
 # --family: the image tokens one 448 x 448 image (one question, SeVa's use) becomes in each family's released
@@ -153,42 +145,6 @@ def with_reference(model, batch, amp_dtype):
     return dict(batch, reference_chosen_logps=chosen.float(), reference_rejected_logps=rejected.float())
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - start, result
-
-
-def peak_memory(fn, device):
-    """Peak bytes of tensors allocated during fn() above those live before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Every allocation (+bytes) and free (-bytes), in time order (kineto's raw events; prof.events() keeps
-    # only those not attributed to an operator).
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def reference_memory(model, batch, device, amp_dtype):
     """Peak tensor memory (bytes) of the reference pass (no grad, LoRA off, the naive forward's call) with the KV
     cache transformers keeps by default (use_cache=True, as before dpo.py passed False) and without it, and the
@@ -249,66 +205,9 @@ def fsdp_load(args):
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def matmul_peak(device, dtype, sizes, repeats=3):
-    """Best dense torch.mm throughput (FLOP/s) over size x size squares of each size."""
-    best = 0.0
-    for size in sizes:
-        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-        a @ b  # warm-up
-        best = max([best] + [2 * size ** 3 / timed(lambda: a @ b, device)[0] for _ in range(repeats)])
-    return best
-
-
-def linear_weights(module):
-    """Sum of in x out over the nn.Linear layers of a module, split into (base, LoRA)."""
-    base = lora = 0
-    for name, layer in module.named_modules():
-        if isinstance(layer, torch.nn.Linear):
-            if ".lora_A" in f".{name}" or ".lora_B" in f".{name}":
-                lora += layer.in_features * layer.out_features
-            else:
-                base += layer.in_features * layer.out_features
-    return base, lora
-
-
-def step_flops(model, batch, forward, reference):
-    """The module docstring's formula for one step of this variant on this batch."""
-    config, text = model.config, model.config.text_config
-    vision = config.vision_config
-    image_tokens = (vision.image_size // vision.patch_size) ** 2
-    vision_tokens = image_tokens + 1  # CLS
-    n_vision = linear_weights(model.model.vision_tower)[0]
-    n_projector = linear_weights(model.model.multi_modal_projector)[0]
-    n_base, n_lora = linear_weights(model.model.language_model)
-    h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
-    pairs = collate.split_rows(batch)[0]
-    if forward == "shared_prefix":
-        packed = dpo.pack_pairs(batch)
-        rows, length = pairs, packed["input_ids"].shape[1]
-        positions = pairs * sum(p.shape[1] for p in packed["positions"])
-    else:
-        rows, length = batch["input_ids"].shape[0], batch["input_ids"].shape[1]  # B chosen + R rejected
-        positions = rows * length
-    images = pairs if forward != "concatenated" else batch["input_ids"].shape[0]
-    vision_forward = images * (2 * n_vision * vision_tokens + 4 * vision.hidden_size * vision_tokens ** 2
-                               * vision.num_hidden_layers + 2 * n_projector * image_tokens
-                               + 2 * 3 * vision.patch_size ** 2 * vision.hidden_size * image_tokens)
-
-    def language_forward(n_linear):
-        return rows * (2 * n_linear * length + 4 * h * length ** 2 * layers) + 2 * h * vocab * positions
-
-    backward = rows * (2 * n_base * length + 4 * n_lora * length + 8 * h * length ** 2 * layers) \
-        + 2 * h * vocab * positions
-    reference_forward = 0 if reference == "precomputed" else vision_forward + language_forward(n_base)
-    return reference_forward + vision_forward + language_forward(n_base + n_lora) + backward
-
-
 def counted_flops(model, optimizer, batch, forward, amp_dtype):
     """torch's own count of one step (FlopCounterMode), to check step_flops."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        dpo_step(model, optimizer, batch, forward, amp_dtype)
-    return counter.get_total_flops()
+    return torch_flops(lambda: dpo_step(model, optimizer, batch, forward, amp_dtype), cpu_attention=False)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -379,8 +278,8 @@ def parse_args(argv=None):
                                                        "(default: 2048,4096 on CPU, 8192 on CUDA)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--flops-only", action="store_true",
-                   help="print each variant's FLOPs (the formula above) and their ratio to the naive forward's, "
-                        "timing nothing: machine-independent, unlike the times; seconds to run")
+                   help="print each variant's FLOPs (bench/step_flops.py's formula) and their ratio to the naive "
+                        "forward's, timing nothing: machine-independent, unlike the times; seconds to run")
     g.add_argument("--family", choices=sorted(FAMILY_IMAGE_TOKENS),
                    help="image tokens per image as this family's (FAMILY_IMAGE_TOKENS; sets --image-size with "
                         "--patch-size 4); default: --image-size and --patch-size as given")

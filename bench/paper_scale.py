@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import dpo_step  # noqa: E402
 import lora  # noqa: E402
+import measure  # noqa: E402
 import plan  # noqa: E402
 import plan_costs  # noqa: E402
 import train_ddp  # noqa: E402
@@ -114,11 +115,11 @@ def train_steps(model, args, device, amp_dtype, batch_size, prompt):
     step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = [dpo_step.timed(step, device)[0] for _ in range(args.steps)]
+    seconds = [measure.timed(step, device)[0] for _ in range(args.steps)]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = live_bytes(model, optimizer) + dpo_step.peak_memory(step, device)
+        peak = live_bytes(model, optimizer) + measure.peak_memory(step, device)
     return sorted(seconds)[len(seconds) // 2], peak, batch
 
 
@@ -142,7 +143,7 @@ def generation(model, args, device, prompt):
                                  pixel_values=pixels[i:i + batch], max_new_tokens=args.new_tokens, do_sample=False,
                                  min_new_tokens=args.new_tokens)
             answers += out[:, ids.shape[1]:].tolist()
-        dpo_step.sync(device)
+        measure.sync(device)
         results[batch] = (args.prompts / (time.perf_counter() - start), answers)
     same = sum(a == b for a, b in zip(results[1][1], results[args.generate_batch][1]))
     return results[1][0], results[args.generate_batch][0], same
@@ -174,7 +175,7 @@ def peak_flops(args, device, amp_dtype):
     for key, value in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A800", 312e12)):
         if key in name:
             return value
-    return dpo_step.matmul_peak(device, amp_dtype or torch.float32, [1024 if args.tiny else 8192])
+    return measure.matmul_peak(device, amp_dtype or torch.float32, [1024 if args.tiny else 8192])
 
 
 def main(argv=None):

@@ -24,8 +24,8 @@ squares.
 The model: a random LLaVA built from configs (no hub): 96 px images in 4 px patches = 576 image tokens, CLIP 128
 wide x 2 layers, Llama 256 wide x 4 layers, LoRA r 16 (as bench/dpo_step.py), the toy world's tokenizer; the
 pairs are made by the model with LoRA off (the SFT model, as seva.py loads it). A random model's answers mean
-nothing and never end, so they are scripted (`Scripted`: a logits processor puts the script's token on top of
-the model's own logits, in generate and in draft.py alike): the questions are the toy world's pool questions
+nothing and never end, so they are scripted (bench/scripted.py: a logits processor puts the script's token on
+top of the model's own logits, in generate and in draft.py alike): the questions are the toy world's pool questions
 (textvqa captions and ocr_vqa reading, seva.py's subsets), each chosen answer the pool's true answer to its
 question, each rejected answer the chosen one again except in --kept percent of the instances (the main command
 keeps ~20%), where its second half is another answer's. Every answer of every way must be identical (checked
@@ -33,7 +33,7 @@ every round).
 
 Measured in this one run: a warm-up pass of every way first (under torch's FlopCounterMode: the FLOPs per kept
 pair, matmuls, convolutions and attention, the CPU's flash-attention kernel counted as torch counts the GPU's),
-then --rounds rounds alternating the order, each after measuring the fp32 matmul peak (bench/dpo_step.py's, on
+then --rounds rounds alternating the order, each after measuring the fp32 matmul peak (bench/measure.py's, on
 2048 squares): wall time per kept pair (median of rounds) of each stage, its share, its time over its FLOPs' time
 at that round's peak ("x FLOP time": 1 would be every FLOP at the peak), and the ratios (medians of the
 per-round ratios); the time spent in generate.py's generate and draft.py's drafted_generate while the pairs are
@@ -42,7 +42,6 @@ DPO stage against the bare step (the same pairs encoded before the epoch, 2 per 
 Not a test: numbers from a shared machine move by +-30%; the ratios much less.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -52,24 +51,22 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # before the imports: bench/ holds a generate.py of its own
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import collate  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import lora  # noqa: E402
-import pool  # noqa: E402
 import seva  # noqa: E402
 from toyworld import model as toymodel  # noqa: E402
 import train_ddp  # noqa: E402
 import vlm  # noqa: E402
-from dpo_step import matmul_peak  # noqa: E402  (bench/dpo_step.py)
+from measure import matmul_peak, timed, torch_flops  # noqa: E402  (bench/measure.py)
+from scripted import Scripted, instances  # noqa: E402  (bench/scripted.py)
 
 
-# ----------------------------------------------------------------------------- the model and the instances
+# ----------------------------------------------------------------------------- the model
 def build(args):
     """(model, processor): a random LLaVA-1.5 at LLaVA's proportions with the toy world's tokenizer; LoRA on
     with B = 0, so that the model with LoRA is the SFT model SeVa starts from."""
@@ -94,73 +91,6 @@ def build(args):
     lora.apply_lora(model, args.lora_r, 2 * args.lora_r)
     vlm.freeze_vision(model)
     return model.eval(), processor
-
-
-def instances(args, folder, tokenizer):
-    """--pairs instances of the pool as seva.py samples them (textvqa and ocr_vqa, seed 0), a random image each
-    (written to `folder`), and the token ids (EOS last) each instance's answers will be: the chosen answer is the
-    pool's true answer to the question; the rejected one is the chosen one again (line 3 drops the pair), except
-    in a seeded --kept percent of the instances, where its second half is the next instance's answer's (the pair
-    is kept: the two answers share a prefix, as kept pairs often do)."""
-    rows = pool.sample_instances(json.load(open(args.pool)), ["textvqa", "ocr_vqa"], args.pairs, 0, args.pool)[0]
-    rng = np.random.default_rng(0)
-    for i, row in enumerate(rows):
-        row["image"] = f"{i:04d}.png"
-        Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)).save(
-            os.path.join(folder, row["image"]))
-    answers = [tokenizer(row["answer"], add_special_tokens=False).input_ids for row in rows]
-    kept = set(rng.permutation(len(rows))[:max(1, round(len(rows) * args.kept / 100))].tolist())
-    chosen, rejected = [a + [tokenizer.eos_token_id] for a in answers], []
-    for i, (answer, other) in enumerate(zip(answers, answers[1:] + answers[:1])):
-        differs = answer[:len(answer) // 2] + other[len(other) // 2:]
-        if differs == answer:  # the same tokens again: one more makes them differ
-            differs = differs + other[:1] if other[:1] != answer[:1] else differs + answer[-1:] * 2
-        rejected.append((differs if i in kept else answer) + [tokenizer.eos_token_id])
-    return rows, chosen, rejected
-
-
-class Scripted:
-    """The model, whose answers follow a script: in every generate call, answer i is the token ids script[i] (EOS
-    last), each forced by a logits processor (the model's own logits are computed, then overruled); `queue` holds
-    the scripts of the coming calls (generate.py's generate and draft.py's drafted_generate), in call order."""
-
-    def __init__(self, model):
-        self.model, self.queue = model, []
-
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def parameters(self):
-        return self.model.parameters()
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forcing(self):
-        """(rows, done, scores) -> scores with the next scripted token of each row on top (draft.py's
-        logits_processor), for the next call's script."""
-        script = self.queue.pop(0)
-        table = torch.tensor([s + s[-1:] * (max(map(len, script)) - len(s)) for s in script])  # (B, longest)
-
-        def force(rows, done, scores):  # (N,), (N,), (N, V)
-            token = table[rows, done.clamp(max=table.shape[1] - 1)]  # (N,)
-            forced = torch.full_like(scores, torch.finfo(scores.dtype).min)
-            return forced.scatter(1, token[:, None], torch.finfo(scores.dtype).max)
-        return force
-
-    def generate(self, **kwargs):
-        from transformers import LogitsProcessorList
-        force, prompt = self.forcing(), kwargs["input_ids"].shape[1]
-
-        def by_step(input_ids, scores):  # (B, prompt + t), (B, V): token t of each answer comes next
-            rows = torch.arange(scores.shape[0])
-            return force(rows, torch.full_like(rows, input_ids.shape[1] - prompt), scores)
-        return self.model.generate(**kwargs, logits_processor=LogitsProcessorList([by_step]))
 
 
 # ----------------------------------------------------------------------------- Alg. 1 lines 1-3, both ways
@@ -231,29 +161,7 @@ def step_batches(encoded, args, budget, micro=None):
     return steps
 
 
-# ----------------------------------------------------------------------------- measurement
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
-def flops(fn):
-    """The FLOPs of fn() as torch's FlopCounterMode counts them (matmuls, convolutions, attention), the CPU's
-    flash-attention kernels counted as torch counts the GPU's (the full L x L square: a mask skips no work)."""
-    from torch.utils import flop_counter
-    aten = torch.ops.aten
-    cpu_attention = {  # FlopCounterMode hands these the arguments' shapes
-        aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda query, key, value, *args, **kwargs: flop_counter.sdpa_flop_count(query, key, value),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad, query, key, value, *args, **kwargs: flop_counter.sdpa_backward_flop_count(grad, query, key,
-                                                                                                  value)}
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
+# ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("model (LLaVA-1.5-7B: image 336 / patch 14, CLIP 1024 x 24, Llama 4096 x 32)")
@@ -291,6 +199,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# ----------------------------------------------------------------------------- measurement
 def answers(made):
     """The (chosen, rejected) answers of made pairs, to check that two ways made the same."""
     return [(r["chosen"], r["rejected"]) for r in made]
@@ -368,7 +277,7 @@ def main(args):
         return
     reference = pairs_of("authors")[2]
     kept = len(encoded_pairs(processor, rows, reference, folder, False))
-    count = flops if args.count_flops else lambda fn: (fn(), 0.0)[1]
+    count = torch_flops if args.count_flops else lambda fn: (fn(), 0.0)[1]
     counted = {}
     warm = {}
     for way in make:  # the warm-up: a pass of each way, FLOPs counted

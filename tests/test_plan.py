@@ -18,6 +18,7 @@ import vlm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import dpo_step  # noqa: E402
+import measure  # noqa: E402
 
 LLAVA_7B = os.path.join(ROOT, "configs", "llava-1.5-7b-hf")
 LLAVA_13B = os.path.join(ROOT, "configs", "llava-1.5-13b-hf")
@@ -129,7 +130,7 @@ def test_activation_estimate_within_20_percent_of_the_profiler(one_thread, width
     for forward in ("concatenated", "shared_image", "shared_prefix", "packed"):
         step = lambda: dpo_step.dpo_step(model, optimizer, batch, forward, None)
         step()
-        measured = dpo_step.peak_memory(step, torch.device("cpu"))
+        measured = measure.peak_memory(step, torch.device("cpu"))
         rejected = answer if pairs > 1 else answer * 3 // 4  # make_batch: 3/4 of the chosen in every other pair
         geometry = plan_costs.geometry(forward, pairs, prompt, answer, rejected)
         estimate = max(plan_costs.activation_bytes(shapes, geometry, False, checkpointing) + 4 * trainable,
