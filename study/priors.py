@@ -70,14 +70,20 @@ def run_name(arm, seed, setting="main"):
     return f"{arm}-seed{seed}" if setting == "main" else f"{arm}-{setting}-seed{seed}"
 
 
+def check_pool(out, pool):
+    """Refuse OUT if its pairs were made from another pool file than POOL (a second pool needs its own --out)."""
+    for step in (200, 500, 800):
+        path = pairs_path(out, step)
+        if os.path.exists(path + ".args.json"):
+            source = common.read_records(path + ".args.json")["args"]["data"]
+            if os.path.basename(source) != pool:
+                raise ValueError(f"{path}: made from {source}, not from --pool {pool}; give this pool its own --out")
+
+
 def made_pairs(world, out, pool, step):
-    """The main command's pairs from WORLD/POOL at a step (made once, in OUT); refused if OUT's were made from
-    another pool file (a second pool needs its own --out)."""
-    path = pairs_path(out, step)
-    made = control.main_command_pairs(world, pool, path, step)
-    source = common.read_records(path + ".args.json")["args"]["data"]
-    if os.path.basename(source) != pool:
-        raise ValueError(f"{path}: made from {source}, not from --pool {pool}; give this pool its own --out")
+    """The main command's pairs from WORLD/POOL at a step, made once in OUT (check_pool first)."""
+    made = control.main_command_pairs(world, pool, pairs_path(out, step), step)
+    check_pool(out, pool)
     return made
 
 
@@ -352,6 +358,7 @@ def run(argv=None):
                 p.error(f"--runs {item!r}: want ARM:SEED, ARM one of {', '.join(arms)} ({setting} setting)")
             order.append((setting, arm, int(seed)))
     os.makedirs(args.out, exist_ok=True)
+    check_pool(args.out, args.pool)
     start = models.once(args.out, os.path.join(args.world, "model-sft"), ".prior.json",
                         lambda model, processor, name, weights: score(
                             model, processor, args.world, os.path.join(args.out, "models", name + "-answers"), name,

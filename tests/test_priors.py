@@ -1,5 +1,6 @@
 """The prior stage: scenes with partner pairs (toyworld/priors.py) and the scoring of prior-driven
 hallucination (eval/priors.py), against hand-worked examples."""
+import json
 import random
 
 import pytest
@@ -240,3 +241,14 @@ def test_a_share_three_points_down_meets_the_test_in_floating_point():
     run = {"prior": {"broken": {"partner_rate": 0.115, "cover": 0.48}, "kept": {"cover": 0.88}}}
     assert 0.115 > 0.145 - 0.03  # what the test must not trip on
     assert studypriors.meets(run, start)
+
+
+def test_pairs_made_from_another_pool_are_refused_before_anything_runs(tmp_path):
+    from study import priors as studypriors
+    studypriors.check_pool(str(tmp_path), "pool.json")  # nothing made yet: nothing to refuse
+    path = studypriors.pairs_path(str(tmp_path), 500) + ".args.json"
+    with open(path, "w") as f:
+        json.dump({"args": {"data": "toy-prior/pool.json"}}, f)
+    studypriors.check_pool(str(tmp_path), "pool.json")
+    with pytest.raises(ValueError, match="made from toy-prior/pool.json, not from --pool pool-prior.json"):
+        studypriors.check_pool(str(tmp_path), "pool-prior.json")
