@@ -129,13 +129,18 @@ def run_name(control, setting, seed):
 
 def training_args(start, images, folder, data_path, control, setting, seed):
     """train_ddp.py's arguments of one run: one process, global batch 16, LoRA r 32 / alpha 64, 1 epoch."""
-    s = SETTINGS[setting]
-    rank = lora_rank(setting)
+    return values_args(start, images, folder, data_path, control == "sft", SETTINGS[setting], seed)
+
+
+def values_args(start, images, folder, data_path, sft, s, seed):
+    """train_ddp.py's arguments from a setting's values `s` (lr, beta, rpo_alpha, ld_alpha; lora_r and epochs if
+    not LORA_R and 1): continual SFT on data_path when sft, else DPO on its pairs."""
+    rank = s.get("lora_r", LORA_R)
     argv = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"), "--seed", str(seed),
             "--lora-r", str(rank), "--lora-alpha", str(2 * rank), "--lr", str(s["lr"]),
             "--batch-size", str(settings.GLOBAL_BATCH), "--no-progress", "--cache-data",
             "--epochs", str(s.get("epochs", 1))]
-    if control == "sft":
+    if sft:
         return argv + ["--objective", "sft", "--data", data_path]
     argv += ["--objective", "dpo", "--pairs", data_path, "--beta", str(s["beta"]), "--rpo-alpha", str(s["rpo_alpha"])]
     return argv + (["--ld-alpha", str(s["ld_alpha"])] if s["ld_alpha"] is not None else [])

@@ -32,7 +32,7 @@ import common
 import train_ddp
 import vlm
 from eval import priors, runner
-from study import analyses, control, models, settings
+from study import analyses, control, models
 
 ARMS = {  # name: (its pairs' noise step, or None for the controls; training overrides)
     "dpo-own": (None, {}), "dpo-seva": (None, {}), "sft": (None, {}), "seva": (500, {}),
@@ -90,14 +90,7 @@ def made_pairs(world, out, pool, step):
 def training_args(start, images, folder, data_path, arm, seed, setting="main"):
     """train_ddp.py's arguments: one process, global batch 16, LoRA r 32 / alpha 64, 1 epoch."""
     values, arms, _ = SETTINGS[setting]
-    s = dict(values, **arms[arm][1])
-    argv = ["--model", start, "--image-folder", images, "--out", os.path.join(folder, "train"), "--seed", str(seed),
-            "--lora-r", str(control.LORA_R), "--lora-alpha", str(2 * control.LORA_R), "--lr", str(s["lr"]),
-            "--batch-size", str(settings.GLOBAL_BATCH), "--no-progress", "--cache-data", "--epochs", "1"]
-    if arm == "sft":
-        return argv + ["--objective", "sft", "--data", data_path]
-    argv += ["--objective", "dpo", "--pairs", data_path, "--beta", str(s["beta"]), "--rpo-alpha", str(s["rpo_alpha"])]
-    return argv + (["--ld-alpha", str(s["ld_alpha"])] if s["ld_alpha"] is not None else [])
+    return control.values_args(start, images, folder, data_path, arm == "sft", dict(values, **arms[arm][1]), seed)
 
 
 def score(model, processor, world, answers_dir, name, weights):
