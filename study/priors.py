@@ -80,13 +80,6 @@ def check_pool(out, pool):
                 raise ValueError(f"{path}: made from {source}, not from --pool {pool}; give this pool its own --out")
 
 
-def made_pairs(world, out, pool, step):
-    """The main command's pairs from WORLD/POOL at a step, made once in OUT (check_pool first)."""
-    made = control.main_command_pairs(world, pool, pairs_path(out, step), step)
-    check_pool(out, pool)
-    return made
-
-
 def training_args(start, images, folder, data_path, arm, seed, setting="main"):
     """train_ddp.py's arguments: one process, global batch 16, LoRA r 32 / alpha 64, 1 epoch."""
     values, arms, _ = SETTINGS[setting]
@@ -105,7 +98,7 @@ def run_once(world, out, arm, seed, setting="main", pool="pool.json"):
     folder, start, images = (os.path.join(out, "runs", name), os.path.join(world, "model-sft"),
                              os.path.join(world, "images"))
     step = SETTINGS[setting][1][arm][0]
-    made = made_pairs(world, out, pool, step or 500)
+    made = control.main_command_pairs(world, pool, pairs_path(out, step or 500), step or 500)  # run(): check_pool
     if step is None:  # a control: its data from the step-500 pairs' instances
         data_path, dropped = control.write_data(folder, made, arm)
     else:

@@ -72,16 +72,14 @@ def interval(texts, scenes, partner, draws=1000, seed=0):
     return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
 
 
-def answers_of(world, path):
-    """(texts, scenes) of an answer file over WORLD/val-prior.json, in the records' order."""
-    records = common.read_records(os.path.join(world, "val-prior.json"))
-    scenes = common.read_records(os.path.join(world, "scenes.json"))
+def answers_of(records, scenes, path):
+    """(texts, scenes) of an answer file over the records (WORLD/val-prior.json), in the records' order; scenes:
+    WORLD/scenes.json."""
     return toyvqa.texts_of(records, common.read_jsonl(path)), [scenes[r["image"]] for r in records]
 
 
-def pair_content(world, pairs, partner):
+def pair_content(scenes, pairs, partner):
     """What a pair set shows DPO: shares of chosen and rejected answers naming an absent partner, over its pairs."""
-    scenes = common.read_records(os.path.join(world, "scenes.json"))
     out = dict(pairs=len(pairs), chosen=0, rejected=0)
     for p in pairs:
         absent = toypriors.absent_partners(scenes[p["image"]], partner)
@@ -90,9 +88,8 @@ def pair_content(world, pairs, partner):
     return out
 
 
-def pool_content(world, pairs, partner):
+def pool_content(scenes, pairs, partner):
     """The instances' images with a faint partner, and their true answers naming it."""
-    scenes = common.read_records(os.path.join(world, "scenes.json"))
     faint = named = 0
     for p in pairs:
         kinds = {(o["colour"], o["shape"]) for o in scenes[p["image"]]["objects"] if "faint" in o}
@@ -103,8 +100,10 @@ def pool_content(world, pairs, partner):
 
 def why(world, out):
     partner = priors.partner_map(world)
+    records = common.read_records(os.path.join(world, "val-prior.json"))
+    all_scenes = common.read_records(os.path.join(world, "scenes.json"))
     runs = common.read_jsonl(os.path.join(out, "runs.jsonl"), appended=True)
-    texts, scenes = answers_of(world, os.path.join(out, "models", "model-sft-answers", "prior.jsonl"))
+    texts, scenes = answers_of(records, all_scenes, os.path.join(out, "models", "model-sft-answers", "prior.jsonl"))
     start_scores = common.read_records(os.path.join(out, "models", "model-sft.prior.json"))
     start = detection(partner_trials(texts, scenes, partner))
     low, high = interval(texts, scenes, partner)
@@ -115,8 +114,8 @@ def why(world, out):
         setting = r.get("setting", "main")
         name = studypriors.run_name(r["arm"], r["seed"], setting)
         meeting += r["arm"] != "sft" and studypriors.meets(r, start_scores)
-        found = detection(partner_trials(*answers_of(world, os.path.join(out, "runs", name, "answers", "prior.jsonl")),
-                                         partner))
+        answers = answers_of(records, all_scenes, os.path.join(out, "runs", name, "answers", "prior.jsonl"))
+        found = detection(partner_trials(*answers, partner))
         above = found["d"] > high
         if r["arm"] in DPO_ARMS and setting == "main":
             main_runs += 1
@@ -124,7 +123,7 @@ def why(world, out):
                 raised.append(name)
             if found["d"] < low:
                 lowered.append(name)
-        rows.append([r["arm"] if setting == "main" else f"{r['arm']} ({setting})", r["seed"],
+        rows.append([studypriors.label(setting, r["arm"]), r["seed"],
                      f"{100 * found['hit']:.1f}", f"{100 * found['false_alarm']:.1f}", f"{found['d']:.2f}",
                      f"{found['c']:.2f}", found["present"], found["absent"], "above" if above else "no"])
     lines = ["# The prior stage's partner naming: sensitivity and criterion, and what the pairs teach", "",
@@ -149,7 +148,7 @@ def why(world, out):
                    f"{meeting} of {dpo_runs}.")
     lines += [f"**Reading:** {verdict}", ""]
     pairs500 = common.read_jsonl(studypriors.pairs_path(out, 500))
-    pool = pool_content(world, pairs500, partner)
+    pool = pool_content(all_scenes, pairs500, partner)
     lines += ["## 2. What the pairs teach", "",
               f"Of the {pool['instances']} instances the step-500 pairs keep, {pool['faint']} show a faint partner "
               f"and {pool['named']} true answers name it" + (
@@ -160,7 +159,7 @@ def why(world, out):
         for arm in ("dpo-own", "dpo-seva")]
     table = []
     for name, pairs in sets:
-        found = pair_content(world, pairs, partner)
+        found = pair_content(all_scenes, pairs, partner)
         table.append([name, found["pairs"], f"{found['chosen']} ({100 * found['chosen'] / found['pairs']:.1f}%)",
                       f"{found['rejected']} ({100 * found['rejected'] / found['pairs']:.1f}%)"])
     lines += common.markdown_table(["pairs", "pairs", "chosen names an absent partner",

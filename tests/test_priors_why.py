@@ -88,12 +88,11 @@ def test_detection_needs_trials_on_both_sides():
         priors_why.detection([(True, True)])
 
 
-def test_a_pair_set_s_content(tmp_path):
+def test_a_pair_set_s_content():
     (a, b), (c, _) = PAIRS[0], PAIRS[1]
     scenes = {"x.png": scene_of(a, c), "y.png": dict(scene_of(a, b), objects=[
         dict(o, faint=0.1) if i == 1 else o for i, o in enumerate(scene_of(a, b)["objects"])])}
-    toydata.write_json(scenes, str(tmp_path / "scenes.json"))
     pairs = [dict(image="x.png", chosen=said(a, c), rejected=said(a, b, c), answer=said(a, c)),
              dict(image="y.png", chosen=said(a, b), rejected=said(a), answer=said(a, b))]
-    assert priors_why.pair_content(str(tmp_path), pairs, PARTNER) == dict(pairs=2, chosen=0, rejected=1)
-    assert priors_why.pool_content(str(tmp_path), pairs, PARTNER) == dict(instances=2, faint=1, named=1)
+    assert priors_why.pair_content(scenes, pairs, PARTNER) == dict(pairs=2, chosen=0, rejected=1)
+    assert priors_why.pool_content(scenes, pairs, PARTNER) == dict(instances=2, faint=1, named=1)
