@@ -42,7 +42,7 @@ def export(model, raw_model, processor, out, rank, model_path, lora_r, merge, sh
     if merge:
         scales = {name: module.scale for name, module in lora.lora_modules(raw_model)}
         checkpoint.save_model_atomic(merged_model(model_path, weights, scales, merge_dtype, device), processor,
-                          os.path.join(out, "merged"))
+                                     os.path.join(out, "merged"))
 
 
 def stored_dtype(model_path, name="auto"):
@@ -64,8 +64,9 @@ def merged_model(model_path, weights, scales, dtype="auto", device="cpu"):
     stored in (never a fp32 copy of a half-precision base), each LoRA layer merged on `device` in fp32 and cast
     once (lora.merge_into), the other trained weights (--train-projector) cast once; one line says how much of the
     update the cast rounds away (lora.rounding_line: a warning where it loses it)."""
-    dtype = stored_dtype(model_path, dtype)
-    merged, _ = vlm.load(model_path, "cpu", stored_dtype(model_path))
+    stored = stored_dtype(model_path)
+    dtype = stored if dtype == "auto" else stored_dtype(model_path, dtype)
+    merged, _ = vlm.load(model_path, "cpu", stored)
     print(lora.rounding_line(lora.merge_into(merged, weights, scales, dtype, device), dtype), flush=True)
     for name, value in weights.items():
         if ".lora_" not in name:
