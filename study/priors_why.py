@@ -21,8 +21,6 @@ from eval import hallucination, priors, toyvqa
 from study import priors as studypriors
 from toyworld import priors as toypriors
 
-DPO_ARMS = ("dpo-own", "dpo-seva", "seva", "seva-step200", "seva-step800", "seva-rpo", "seva-lr1e-4")
-
 
 def kinds_named(text):
     """The (colour, shape) kinds an answer names, colour and shape both given."""
@@ -117,7 +115,7 @@ def why(world, out):
         answers = answers_of(records, all_scenes, os.path.join(out, "runs", name, "answers", "prior.jsonl"))
         found = detection(partner_trials(*answers, partner))
         above = found["d"] > high
-        if r["arm"] in DPO_ARMS and setting == "main":
+        if r["arm"] != "sft" and setting == "main":  # every other arm trains by DPO
             main_runs += 1
             if above:
                 raised.append(name)
